@@ -1,0 +1,789 @@
+"""The homepbx configuration file: schema, validation and round-trip editing.
+
+The file is TOML. It is read with :mod:`tomllib` (strict, and its syntax errors
+carry line numbers) and edited with :mod:`tomlkit` so that comments and layout
+written by the owner survive when the daemon stores generated passwords or a
+user's settings are changed. Every validation error names the file, the line
+and the dotted key, because the person fixing it is looking at a text editor.
+"""
+
+from __future__ import annotations
+
+import bisect
+import datetime
+import difflib
+import ipaddress
+import json
+import os
+import re
+import secrets
+import string
+import tomllib
+from collections.abc import Collection, Mapping, MutableMapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import tomlkit
+import tomlkit.exceptions
+import tomlkit.items
+
+from appliance.fileio import atomic_write
+
+__all__ = [
+    "DECLINE_MODES",
+    "FEATURE_SERVICES",
+    "Config",
+    "ConfigError",
+    "ControlConfig",
+    "ListenAddress",
+    "MediaConfig",
+    "RegistrationConfig",
+    "ServerConfig",
+    "UserConfig",
+    "fill_missing_passwords",
+    "load_config",
+    "parse_config",
+    "update_user",
+]
+
+FEATURE_SERVICES: tuple[str, ...] = ("join",)
+"""Services a feature code may name."""
+
+DECLINE_MODES: tuple[str, ...] = ("this_device", "all_devices")
+"""Values of a user's ``decline`` setting."""
+
+USER_EDITABLE_FIELDS = frozenset(
+    {"name", "one_number", "max_devices", "max_outgoing_calls", "decline", "ring_timeout", "password"}
+)
+"""Fields :func:`update_user` may change (``number`` is the user's identity)."""
+
+_DEFAULT_FEATURE_CODES = {"*74": "join"}
+_PASSWORD_BYTES = 18  # token_urlsafe -> 24 characters, 144 bits
+
+_Key = tuple[str | int, ...]
+"""A key path inside the document, e.g. ("users", 2, "max_devices")."""
+
+
+class ConfigError(Exception):
+    """An unusable config file, located as precisely as possible for a human editor."""
+
+    def __init__(self, path: Path, line: int | None, key: str, message: str) -> None:
+        super().__init__(path, line, key, message)
+        self.path = path
+        self.line = line
+        self.key = key
+        self.message = message
+
+    def __str__(self) -> str:
+        where = f"{self.path}:{self.line}" if self.line is not None else f"{self.path}"
+        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    """One SIP listening socket; ``host`` is a normalised IP literal or "localhost"."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: tuple[ListenAddress, ...]
+    realm: str
+    state_dir: Path
+    """Absolute: a relative value in the file is taken relative to the file's directory."""
+
+
+@dataclass(frozen=True)
+class RegistrationConfig:
+    min_expires: int = 60
+    max_expires: int = 3600
+    default_expires: int = 600
+    qualify_interval: int = 30
+    """Seconds between qualify OPTIONS; 0 disables qualify."""
+    qualify_timeout: int = 5
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    socket: str = ""
+    """Control socket path; "" lets the daemon choose."""
+    group: str = ""
+    """Group allowed to use the socket; "" means the daemon's own group."""
+
+
+@dataclass(frozen=True)
+class MediaConfig:
+    max_calls: int = 8
+    min_idle: int = 1
+    rtp_port_low: int = 10000
+    rtp_port_high: int = 10999
+
+
+@dataclass(frozen=True)
+class UserConfig:
+    number: str
+    name: str = ""
+    password: str = ""
+    """Empty until :func:`fill_missing_passwords` has generated one."""
+    one_number: bool = False
+    max_devices: int = 3
+    max_outgoing_calls: int = 0
+    """0 means unlimited."""
+    decline: str = "this_device"
+    ring_timeout: int = 30
+
+    @property
+    def device_limit(self) -> int:
+        """How many devices may register: several only when they share one number."""
+        return self.max_devices if self.one_number else 1
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    server: ServerConfig
+    registration: RegistrationConfig
+    control: ControlConfig
+    media: MediaConfig
+    feature_codes: Mapping[str, str]
+    """Dialled code -> service name (one of FEATURE_SERVICES)."""
+    users: tuple[UserConfig, ...]
+    _by_number: Mapping[str, UserConfig] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_number", {user.number: user for user in self.users})
+
+    def user(self, number: str) -> UserConfig | None:
+        """The user with this number, if any."""
+        return self._by_number.get(number)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate the config file at ``path``."""
+    return parse_config(_read(path), path)
+
+
+def parse_config(text: str, path: Path) -> Config:
+    """Validate config ``text``; ``path`` is used for error messages and relative paths."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise _syntax_error(path, text, exc) from None
+    return _Validator(path, text).config(data)
+
+
+def fill_missing_passwords(path: Path) -> list[str]:
+    """Give every user whose password is "" a random one, stored in the file.
+
+    Generated at first start rather than shipped, so no two installations share
+    a password. Returns the numbers of the users that got one (file order).
+    """
+    text = _read(path)
+    config = parse_config(text, path)
+    missing = [index for index, user in enumerate(config.users) if user.password == ""]
+    if not missing:
+        return []
+    doc = _parse_for_edit(path, text)
+    tables = _user_tables(doc)
+    for index in missing:
+        _set_key(tables[index], "password", secrets.token_urlsafe(_PASSWORD_BYTES))
+    new_text = doc.as_string()
+    parse_config(new_text, path)  # never write a file we could not load again
+    atomic_write(path, new_text)
+    return [config.users[index].number for index in missing]
+
+
+def update_user(path: Path, number: str, changes: Mapping[str, object]) -> Config:
+    """Change settings of user ``number`` in the file, keeping its comments and layout.
+
+    Nothing is written unless the whole resulting file validates. Line numbers
+    are not given for errors in the result, as that text never reaches the disk.
+    """
+    text = _read(path)
+    config = parse_config(text, path)
+    index = next((i for i, user in enumerate(config.users) if user.number == number), None)
+    if index is None:
+        line = _KeyLines(text).line_of(("users",))
+        raise ConfigError(path, line, "users", f"no user with number {number!r}")
+    for name in changes:
+        if name not in USER_EDITABLE_FIELDS:
+            raise ConfigError(
+                path, None, _format_key(("users", index, name)), "not a field that can be changed"
+            )
+
+    doc = _parse_for_edit(path, text)
+    table = _user_tables(doc)[index]
+    for name, value in changes.items():
+        try:
+            _set_key(table, name, value)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                path, None, _format_key(("users", index, name)), f"cannot store {value!r} in TOML"
+            ) from None
+    new_text = doc.as_string()
+    try:
+        new_config = parse_config(new_text, path)
+    except ConfigError as exc:
+        raise ConfigError(path, None, exc.key, exc.message) from None
+    if new_text != text:
+        atomic_write(path, new_text)
+    return new_config
+
+
+# --------------------------------------------------------------------------- file helpers
+
+
+def _read(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(path, None, "", f"cannot read file: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(path, line, "", "file is not valid UTF-8") from None
+
+
+def _syntax_error(path: Path, text: str, exc: tomllib.TOMLDecodeError) -> ConfigError:
+    """Turn tomllib's "msg (at line N, column M)" into a located ConfigError."""
+    message = str(exc)
+    match = re.search(r"\s*\(at line (\d+), column (\d+)\)$", message)
+    if match:
+        line = int(match[1])
+        message = f"{message[: match.start()]} (column {match[2]})"
+    else:  # "(at end of document)"
+        line = text.count("\n") + (0 if text.endswith("\n") else 1) or 1
+        message = re.sub(r"\s*\(at end of document\)$", " at end of file", message)
+    return ConfigError(path, line, "", f"invalid TOML: {message}")
+
+
+def _parse_for_edit(path: Path, text: str) -> tomlkit.TOMLDocument:
+    try:
+        return tomlkit.parse(text)
+    except tomlkit.exceptions.ParseError as exc:  # tomllib accepted it, so unlikely
+        raise ConfigError(path, exc.line, "", f"cannot edit file: {exc}") from None
+
+
+def _user_tables(doc: tomlkit.TOMLDocument) -> list[MutableMapping[str, Any]]:
+    """The user tables of a validated document, ``[[users]]`` or inline."""
+    return list(doc.get("users", []))
+
+
+def _set_key(table: MutableMapping[str, Any], name: str, value: object) -> None:
+    """Set ``name`` in a user's table, keeping the layout around it.
+
+    tomlkit would append a new key after everything parsed into the table,
+    including the blank lines and comments that introduce the next table. Put
+    it after the table's own last line instead: its keys and the comments
+    directly below them.
+    """
+    if name in table or not isinstance(table, tomlkit.items.Table):
+        table[name] = value
+        return
+    body = table.value.body
+    cut = len(body)
+    while cut > 0 and body[cut - 1][0] is None:  # trailing whitespace and comments
+        cut -= 1
+    while cut < len(body) and isinstance(body[cut][1], tomlkit.items.Comment):
+        cut += 1
+    trailer = body[cut:]
+    del body[cut:]  # keyless items only, so tomlkit's key index stays valid
+    table[name] = value
+    for _, item in trailer:
+        table.value.append(None, item)
+
+
+# --------------------------------------------------------------------------- validation
+
+_TYPE_NAMES: tuple[tuple[type, str], ...] = (
+    (bool, "a boolean"),  # before int: bool is an int subclass in Python, not in TOML
+    (int, "an integer"),
+    (float, "a float"),
+    (str, "a string"),
+    (list, "an array"),
+    (dict, "a table"),
+    (datetime.datetime, "a date-time"),  # before date, its base class
+    (datetime.date, "a date"),
+    (datetime.time, "a time"),
+)
+
+
+def _type_name(value: object) -> str:
+    return next((name for kind, name in _TYPE_NAMES if isinstance(value, kind)), type(value).__name__)
+
+
+def _format_key(key: _Key) -> str:
+    """("users", 2, "max_devices") -> 'users[2].max_devices'; odd names are quoted."""
+    out = ""
+    for part in key:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            name = part if re.fullmatch(r"[A-Za-z0-9_-]+", part) else json.dumps(part, ensure_ascii=False)
+            out += f".{name}" if out else name
+    return out
+
+
+def _between(lo: int, hi: int | None) -> str:
+    return f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+
+
+class _Validator:
+    """Turns the tomllib data of one file into a Config, or raises the first error."""
+
+    def __init__(self, path: Path, text: str) -> None:
+        self.path = path
+        self.text = text
+        self._lines: _KeyLines | None = None
+
+    def error(self, key: _Key, message: str) -> ConfigError:
+        if self._lines is None:  # only scanned when something is wrong
+            self._lines = _KeyLines(self.text)
+        return ConfigError(self.path, self._lines.line_of(key), _format_key(key), message)
+
+    def table(self, key: _Key, value: object, allowed: Collection[str]) -> _Table:
+        if not isinstance(value, dict):
+            raise self.error(key, f"must be a table, not {_type_name(value)}")
+        for name in value:
+            if name not in allowed:
+                hint = difflib.get_close_matches(name, list(allowed), n=1)
+                suffix = f" (did you mean {hint[0]!r}?)" if hint else ""
+                raise self.error((*key, name), f"unknown key{suffix}")
+        return _Table(self, key, value)
+
+    def config(self, data: dict[str, Any]) -> Config:
+        top = self.table((), data, ("server", "registration", "control", "media", "feature_codes", "users"))
+        server = self.server(top.section("server", ("listen", "realm", "state_dir")))
+        registration = self.registration(
+            top.section(
+                "registration",
+                ("min_expires", "max_expires", "default_expires", "qualify_interval", "qualify_timeout"),
+            )
+        )
+        control = self.control(top.section("control", ("socket", "group")))
+        media = self.media(top.section("media", ("max_calls", "min_idle", "rtp_ports")))
+        users = self.users(data.get("users", []))
+        feature_codes = self.feature_codes(data.get("feature_codes", _DEFAULT_FEATURE_CODES), users)
+        return Config(
+            path=self.path,
+            server=server,
+            registration=registration,
+            control=control,
+            media=media,
+            feature_codes=MappingProxyType(feature_codes),
+            users=users,
+        )
+
+    def server(self, t: _Table) -> ServerConfig:
+        raw_listen = t.data.get("listen", ["0.0.0.0:5060"])
+        if not isinstance(raw_listen, list):
+            raise t.error("listen", f"must be an array of strings, not {_type_name(raw_listen)}")
+        if not raw_listen:
+            raise t.error("listen", "must name at least one address")
+        listen: list[ListenAddress] = []
+        for index, item in enumerate(raw_listen):
+            key = (*t.key, "listen", index)
+            if not isinstance(item, str):
+                raise self.error(key, f"must be a string, not {_type_name(item)}")
+            try:
+                address = _parse_listen(item)
+            except ValueError as exc:
+                raise self.error(key, f"{item!r}: {exc}") from None
+            if address in listen:
+                other = listen.index(address)
+                raise self.error(
+                    key, f"duplicate address {str(address)!r} (also {_format_key((*t.key, 'listen', other))})"
+                )
+            listen.append(address)
+
+        realm = t.get_str("realm", "home.arpa")
+        if not realm or any(c.isspace() or c in "\"'\\" or not c.isprintable() for c in realm):
+            raise t.error("realm", "must be non-empty, without whitespace, quotes or backslashes")
+
+        state_dir = t.get_str("state_dir", "state")
+        if not state_dir or "\0" in state_dir:
+            raise t.error("state_dir", "must be a non-empty path")
+        resolved = Path(os.path.normpath(self.path.absolute().parent / state_dir))
+        return ServerConfig(listen=tuple(listen), realm=realm, state_dir=resolved)
+
+    def registration(self, t: _Table) -> RegistrationConfig:
+        d = RegistrationConfig()
+        reg = RegistrationConfig(
+            min_expires=t.get_int("min_expires", d.min_expires, 1),
+            max_expires=t.get_int("max_expires", d.max_expires, 1),
+            default_expires=t.get_int("default_expires", d.default_expires, 1),
+            qualify_interval=t.get_int("qualify_interval", d.qualify_interval, 0),
+            qualify_timeout=t.get_int("qualify_timeout", d.qualify_timeout, 1),
+        )
+        t.ordered("min_expires", reg.min_expires, "default_expires", reg.default_expires)
+        t.ordered("default_expires", reg.default_expires, "max_expires", reg.max_expires)
+        return reg
+
+    def control(self, t: _Table) -> ControlConfig:
+        d = ControlConfig()
+        return ControlConfig(socket=t.get_str("socket", d.socket), group=t.get_str("group", d.group))
+
+    def media(self, t: _Table) -> MediaConfig:
+        d = MediaConfig()
+        max_calls = t.get_int("max_calls", d.max_calls, 1, 64)
+        min_idle = t.get_int("min_idle", d.min_idle, 0)
+        t.ordered("min_idle", min_idle, "max_calls", max_calls)
+        ports = t.get_str("rtp_ports", f"{d.rtp_port_low}-{d.rtp_port_high}")
+        match = re.fullmatch(r"([0-9]{1,5})-([0-9]{1,5})", ports)
+        low, high = (int(match[1]), int(match[2])) if match else (0, 0)
+        if not 1024 <= low < high <= 65535:
+            raise t.error("rtp_ports", f'{ports!r}: must be "LOW-HIGH" with 1024 <= LOW < HIGH <= 65535')
+        return MediaConfig(max_calls=max_calls, min_idle=min_idle, rtp_port_low=low, rtp_port_high=high)
+
+    def feature_codes(self, value: object, users: tuple[UserConfig, ...]) -> dict[str, str]:
+        if not isinstance(value, dict):
+            raise self.error(("feature_codes",), f"must be a table, not {_type_name(value)}")
+        t = _Table(self, ("feature_codes",), value)  # codes are free-form keys
+        numbers = {user.number for user in users}
+        codes: dict[str, str] = {}
+        for code, service in value.items():
+            if not re.fullmatch(r"[0-9*#]{1,16}", code):
+                raise t.error(code, "a feature code must be 1-16 of the characters 0-9 * #")
+            if code in numbers:
+                raise t.error(code, "feature code is also the number of a user")
+            if not isinstance(service, str):
+                raise t.error(code, f"must be a string, not {_type_name(service)}")
+            if service not in FEATURE_SERVICES:
+                raise t.error(code, f"unknown service {service!r} (known: {', '.join(FEATURE_SERVICES)})")
+            codes[code] = service
+        return codes
+
+    def users(self, value: object) -> tuple[UserConfig, ...]:
+        if not isinstance(value, list):
+            raise self.error(("users",), f"must be an array of tables ([[users]]), not {_type_name(value)}")
+        users: list[UserConfig] = []
+        seen: dict[str, int] = {}
+        for index, item in enumerate(value):
+            user = self.user(self.table(("users", index), item, USER_EDITABLE_FIELDS | {"number"}))
+            if user.number in seen:
+                raise self.error(
+                    ("users", index, "number"),
+                    f"duplicate number {user.number!r} (also users[{seen[user.number]}])",
+                )
+            seen[user.number] = index
+            users.append(user)
+        return tuple(users)
+
+    def user(self, t: _Table) -> UserConfig:
+        if "number" not in t.data:
+            raise t.error("number", "missing required key")
+        number = t.data["number"]
+        if isinstance(number, int) and not isinstance(number, bool):
+            raise t.error("number", f'must be a string (number = "{number}"), not an integer')
+        number = t.get_str("number", "")
+        if not re.fullmatch(r"[0-9]{1,15}", number):
+            raise t.error("number", f"{number!r}: must be 1-15 digits")
+        d = UserConfig(number=number)
+        name = t.get_str("name", d.name)
+        if not name.isprintable():
+            raise t.error("name", "must not contain control characters")
+        decline = t.get_str("decline", d.decline)
+        if decline not in DECLINE_MODES:
+            raise t.error("decline", f"{decline!r}: must be one of {', '.join(DECLINE_MODES)}")
+        return UserConfig(
+            number=number,
+            name=name,
+            password=t.get_str("password", d.password),
+            one_number=t.get_bool("one_number", d.one_number),
+            max_devices=t.get_int("max_devices", d.max_devices, 1, 10),
+            max_outgoing_calls=t.get_int("max_outgoing_calls", d.max_outgoing_calls, 0),
+            decline=decline,
+            ring_timeout=t.get_int("ring_timeout", d.ring_timeout, 5, 600),
+        )
+
+
+class _Table:
+    """One table of the file whose keys are known: typed reads with located errors."""
+
+    def __init__(self, validator: _Validator, key: _Key, data: dict[str, Any]) -> None:
+        self.validator = validator
+        self.key = key
+        self.data = data
+
+    def error(self, name: str, message: str) -> ConfigError:
+        return self.validator.error((*self.key, name), message)
+
+    def section(self, name: str, allowed: Collection[str]) -> _Table:
+        return self.validator.table((*self.key, name), self.data.get(name, {}), allowed)
+
+    def _typed(self, name: str, default: Any, kind: type, kind_name: str) -> Any:
+        value = self.data.get(name, default)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise self.error(name, f"must be {kind_name}, not {_type_name(value)}")
+        return value
+
+    def get_str(self, name: str, default: str) -> str:
+        value: str = self._typed(name, default, str, "a string")
+        return value
+
+    def get_bool(self, name: str, default: bool) -> bool:
+        value: bool = self._typed(name, default, bool, "a boolean (true or false)")
+        return value
+
+    def get_int(self, name: str, default: int, lo: int, hi: int | None = None) -> int:
+        value: int = self._typed(name, default, int, "an integer")
+        if value < lo or (hi is not None and value > hi):
+            raise self.error(name, f"must be {_between(lo, hi)}, not {value}")
+        return value
+
+    def ordered(self, low_name: str, low: int, high_name: str, high: int) -> None:
+        """Require low <= high, blaming whichever of the two the file actually sets."""
+        if low <= high:
+            return
+        blamed = high_name if high_name in self.data or low_name not in self.data else low_name
+        raise self.error(blamed, f"{low_name} ({low}) must not be greater than {high_name} ({high})")
+
+
+def _parse_listen(text: str) -> ListenAddress:
+    """Parse "HOST:PORT" / "[IPv6]:PORT"; ValueError says what is wrong."""
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError('missing "]" after the IPv6 address')
+        host, rest = text[1:end], text[end + 1 :]
+        if not rest.startswith(":"):
+            raise ValueError('missing port (write "[IPv6]:PORT")')
+        port_text = rest[1:]
+        try:
+            host = str(ipaddress.IPv6Address(host))
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address") from None
+    else:
+        host, colon, port_text = text.rpartition(":")
+        if not colon:
+            raise ValueError('missing port (write "HOST:PORT")')
+        if ":" in host:
+            raise ValueError('an IPv6 address must be in brackets, e.g. "[::1]:5060"')
+        if host != "localhost":
+            try:
+                host = str(ipaddress.IPv4Address(host))
+            except ValueError:
+                raise ValueError('the host must be an IP address or "localhost"') from None
+    if not re.fullmatch(r"[0-9]{1,5}", port_text) or not 1 <= int(port_text) <= 65535:
+        raise ValueError("the port must be a number from 1 to 65535")
+    return ListenAddress(host, int(port_text))
+
+
+# --------------------------------------------------------------------------- key -> line
+
+_BARE_KEY_CHARS = frozenset(string.ascii_letters + string.digits + "_-")
+
+
+class _KeyLines:
+    """The line on which each key path of a TOML text is defined.
+
+    Neither tomllib nor tomlkit reports positions, so this re-scans the text.
+    It only ever sees text tomllib has accepted, so it can be lenient; it must
+    merely never loop or crash on anything.
+    """
+
+    def __init__(self, text: str) -> None:
+        self.lines: dict[_Key, int] = {}
+        self._text = text
+        self._pos = 0
+        self._newlines = [i for i, c in enumerate(text) if c == "\n"]
+        self._tables_in: dict[_Key, int] = {}  # array-of-tables path -> [[...]] headers so far
+        self._scan()
+
+    def line_of(self, key: _Key) -> int | None:
+        """Line of ``key``, else of the nearest enclosing key or table in the text."""
+        for length in range(len(key), 0, -1):
+            line = self.lines.get(key[:length])
+            if line is not None:
+                return line
+        return None
+
+    # -- scanning
+
+    def _scan(self) -> None:
+        table: _Key = ()
+        while True:
+            self._skip_blank()
+            if self._pos >= len(self._text):
+                return
+            line = self._line()
+            if self._text.startswith("[[", self._pos):
+                self._pos += 2
+                parts = self._key()
+                array = self._resolve(parts[:-1]) + parts[-1:]
+                index = self._tables_in.get(array, 0)
+                self._tables_in[array] = index + 1
+                table = (*array, index)
+                self._define(table, line)
+            elif self._peek() == "[":
+                self._pos += 1
+                table = self._resolve(self._key())
+                self._define(table, line)
+            else:
+                key = table + self._key()
+                self._define(key, line)
+                self._after_equals()
+                self._value(key)
+            self._skip_line()
+
+    def _resolve(self, parts: _Key) -> _Key:
+        """Header names refer to the latest table of an array of tables."""
+        path: _Key = ()
+        for part in parts:
+            path = (*path, part)
+            count = self._tables_in.get(path)
+            if count:
+                path = (*path, count - 1)
+        return path
+
+    def _define(self, key: _Key, line: int) -> None:
+        for length in range(1, len(key)):
+            self.lines.setdefault(key[:length], line)  # implicitly created parents
+        self.lines[key] = line
+
+    def _value(self, key: _Key) -> None:
+        char = self._peek()
+        if char in ('"', "'"):
+            self._string()
+        elif char == "[":
+            self._array(key)
+        elif char == "{":
+            self._inline_table(key)
+        else:
+            while self._pos < len(self._text) and self._text[self._pos] not in ",]}#\n":
+                self._pos += 1
+
+    def _array(self, key: _Key) -> None:
+        self._pos += 1
+        index = 0
+        while True:
+            self._skip_blank()
+            if self._pos >= len(self._text) or self._peek() == "]":
+                self._pos += 1
+                return
+            element = (*key, index)
+            self.lines[element] = self._line()
+            start = self._pos
+            self._value(element)
+            if self._pos == start:
+                self._pos += 1
+            self._skip_blank()
+            if self._peek() == ",":
+                self._pos += 1
+            index += 1
+
+    def _inline_table(self, key: _Key) -> None:
+        self._pos += 1
+        while True:
+            self._skip_blank()
+            if self._pos >= len(self._text) or self._peek() == "}":
+                self._pos += 1
+                return
+            start = self._pos
+            sub = key + self._key()
+            self._define(sub, self._line())
+            self._after_equals()
+            self._value(sub)
+            if self._pos == start:
+                self._pos += 1
+            self._skip_blank()
+            if self._peek() == ",":
+                self._pos += 1
+
+    def _key(self) -> _Key:
+        parts: list[str] = []
+        while True:
+            self._skip_space()
+            start = self._pos
+            if self._peek() in ('"', "'"):
+                self._string()
+                parts.append(_decode_quoted_key(self._text[start : self._pos]))
+            else:
+                while self._peek() in _BARE_KEY_CHARS:
+                    self._pos += 1
+                if self._pos == start:
+                    break
+                parts.append(self._text[start : self._pos])
+            self._skip_space()
+            if self._peek() != ".":
+                break
+            self._pos += 1
+        return tuple(parts)
+
+    def _string(self) -> None:
+        """Skip a string of any of TOML's four kinds."""
+        text = self._text
+        quote = text[self._pos]
+        delim = quote * 3 if text.startswith(quote * 3, self._pos) else quote
+        pos = self._pos + len(delim)
+        while pos < len(text):
+            if quote == '"' and text[pos] == "\\":
+                pos += 2
+            elif text.startswith(delim, pos):
+                pos += len(delim)
+                extra = 0  # a multi-line string may end with up to two quotes of its own
+                while len(delim) == 3 and extra < 2 and text.startswith(quote, pos):
+                    pos += 1
+                    extra += 1
+                break
+            elif len(delim) == 1 and text[pos] == "\n":
+                break
+            else:
+                pos += 1
+        self._pos = min(pos, len(text))
+
+    def _after_equals(self) -> None:
+        self._skip_space()
+        if self._peek() == "=":
+            self._pos += 1
+        self._skip_space()
+
+    def _peek(self) -> str:
+        return self._text[self._pos : self._pos + 1]
+
+    def _line(self) -> int:
+        return bisect.bisect_left(self._newlines, self._pos) + 1
+
+    def _skip_space(self) -> None:
+        while self._peek() in (" ", "\t"):
+            self._pos += 1
+
+    def _skip_line(self) -> None:
+        end = self._text.find("\n", self._pos)
+        self._pos = len(self._text) if end < 0 else end + 1
+
+    def _skip_blank(self) -> None:
+        """Skip whitespace, newlines and comments."""
+        while self._pos < len(self._text):
+            char = self._text[self._pos]
+            if char in " \t\r\n":
+                self._pos += 1
+            elif char == "#":
+                self._skip_line()
+            else:
+                return
+
+
+def _decode_quoted_key(raw: str) -> str:
+    if raw.startswith("'"):
+        return raw[1:-1]
+    try:  # let tomllib apply the escapes of a basic string
+        value = tomllib.loads(f"k = {raw}")["k"]
+    except tomllib.TOMLDecodeError:
+        return raw[1:-1]
+    return value if isinstance(value, str) else raw[1:-1]

@@ -1,0 +1,256 @@
+"""The SIP edge: receives every message, answers what the box answers, keeps the bindings.
+
+This is the wiring between the transports (bytes and flows) and the sans-I/O core
+(parser, digest gate, registrar, transactions). It owns the clocks and the timers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from appliance.config import Config, UserConfig
+from appliance.edge.persistence import BindingStore, load_secret
+from appliance.edge.qualify import Qualifier
+from appliance.edge.transport import Transports
+from appliance.logs import fields
+from appliance.sip.auth import NonceManager
+from appliance.sip.authenticator import Authenticator, Outcome
+from appliance.sip.errors import SipParseError, SipSyntaxError
+from appliance.sip.headers import parse_name_addr, parse_via
+from appliance.sip.message import Request, Response, make_response, parse_message
+from appliance.sip.registrar import DevicePolicy, Flow, Registrar, RegistrarEvent
+from appliance.sip.throttle import FailureThrottle
+from appliance.sip.transaction import ServerTransactions, server_key
+
+log = logging.getLogger("homepbx.edge")
+
+ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, UPDATE, INFO, PRACK"
+# Methods we know but do not serve get 405 with Allow; anything else 501 (§21.4.6, §21.5.2).
+KNOWN_UNSERVED = frozenset({"SUBSCRIBE", "NOTIFY", "PUBLISH", "MESSAGE", "REFER"})
+IN_DIALOG = frozenset({"BYE", "UPDATE", "INFO", "PRACK", "CANCEL"})
+HOUSEKEEPING_INTERVAL = 1.0
+
+EventListener = Callable[[RegistrarEvent], None]
+
+
+def policy_for(user: UserConfig) -> DevicePolicy:
+    return DevicePolicy(limit=user.device_limit, one_number=user.one_number)
+
+
+class Edge:
+    """One process, one event loop: the registrar and (later) the proxy of homepbx."""
+
+    def __init__(self, config: Config, *, monotonic: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.monotonic = monotonic
+        self.wall = wall
+        state_dir = config.server.state_dir
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.nonces = NonceManager(load_secret(state_dir / "nonce.key"))
+        self.throttle = FailureThrottle()
+        self.auth = Authenticator(config.server.realm, self.nonces, self.throttle)
+        reg = config.registration
+        self.registrar = Registrar(reg.min_expires, reg.max_expires, reg.default_expires)
+        self.store = BindingStore(state_dir / "bindings.json", self.registrar)
+        self.transports = Transports(self)
+        self.server_tx = ServerTransactions()
+        self.qualifier = Qualifier(self)
+        self.listeners: list[EventListener] = []
+        self.addresses: list[str] = []
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- life cycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        kept = self.store.load(self.wall())
+        if kept:
+            log.info("event=bindings_restored %s", fields(count=kept))
+        for address in self.config.server.listen:
+            self.addresses.append(await self.transports.listen(address.host, address.port))
+        self._tasks.append(asyncio.create_task(self._housekeeping()))
+        self._tasks.append(asyncio.create_task(self.qualifier.run()))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.store.flush_now()
+        await self.transports.close()
+
+    def apply_config(self, config: Config) -> None:
+        """Take a new, already validated config live (SIGHUP or a control command)."""
+        old = self.config
+        if [str(a) for a in old.server.listen] != [str(a) for a in config.server.listen]:
+            log.warning("event=listen_changed action=restart_needed")
+        self.config = config
+        self.auth.realm = config.server.realm
+        reg = config.registration
+        self.registrar.min_expires = reg.min_expires
+        self.registrar.max_expires = reg.max_expires
+        self.registrar.default_expires = reg.default_expires
+        for number in self.registrar.numbers():
+            user = config.user(number)
+            for event in self.registrar.enforce(number, policy_for(user) if user else None):
+                self.publish(event)
+        self.qualifier.reschedule()
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+            now = self.monotonic()
+            for event in self.registrar.expire(self.wall()):
+                self.publish(event)
+            self.server_tx.expire(now)
+            self.throttle.sweep(now)
+            self.nonces.sweep(now)
+
+    def publish_all(self, events: list[RegistrarEvent]) -> None:
+        for event in events:
+            self.publish(event)
+
+    def publish(self, event: RegistrarEvent) -> None:
+        b = event.binding
+        log.info("event=device_%s %s", event.kind.value, fields(
+            number=b.number, device=b.id, contact=b.contact, flow=f"{b.flow.transport}:{b.flow.host}:"
+            f"{b.flow.port}", ua=b.user_agent, reason=event.reason or "-",
+        ))
+        self.store.mark_dirty()
+        for listener in self.listeners:
+            listener(event)
+
+    # -- receiving -------------------------------------------------------------------------
+    def on_message(self, data: bytes, flow: Flow) -> None:
+        now = self.monotonic()
+        if self.throttle.is_blocked(flow.host, now):
+            return
+        try:
+            message = parse_message(data)
+        except SipParseError as err:
+            self._reject_malformed(err, flow, err.status, err.reason)
+            return
+        if isinstance(message, Response):
+            self.qualifier.on_response(message)
+            return
+        self.on_request(message, flow, now)
+
+    def on_oversize(self, head: bytes, flow: Flow) -> None:
+        if self.throttle.is_blocked(flow.host, self.monotonic()):
+            return
+        try:
+            parse_message(head + b"\r\n\r\n")
+        except SipParseError as err:
+            self._reject_malformed(err, flow, 513, "Message Too Large")
+            return
+        self._reject_malformed(SipParseError("too large"), flow, 513, "Message Too Large")
+
+    def _reject_malformed(self, err: SipParseError, flow: Flow, status: int, reason: str) -> None:
+        log.info("event=malformed %s", fields(peer=f"{flow.host}:{flow.port}", transport=flow.transport,
+                                              reason=err.reason, answered=err.request is not None))
+        request = err.request
+        if request is None or request.method == "ACK":
+            return
+        try:
+            dest = self._stamp_via(request, flow)
+        except SipSyntaxError:
+            return
+        self.transports.send(make_response(request, status, reason).to_bytes(), dest)
+
+    def on_request(self, request: Request, flow: Flow, now: float) -> None:
+        try:
+            dest = self._stamp_via(request, flow)
+        except SipSyntaxError:
+            self._reply_unkeyed(request, flow, 400, "Malformed Via header")
+            return
+        if request.method == "ACK":
+            return  # ACK to one of our non-2xx answers ends nothing we keep
+        key = server_key(request)
+        if key is not None:
+            retransmission, previous = self.server_tx.receive(key, now)
+            if retransmission:
+                if previous is not None:
+                    self.transports.send(previous, dest)
+                return
+        response = self._answer(request, flow, now)
+        data = response.to_bytes()
+        if key is not None:
+            self.server_tx.respond(key, data, response.status >= 200, flow.transport == "tcp", now)
+        self.transports.send(data, dest)
+
+    def _reply_unkeyed(self, request: Request, flow: Flow, status: int, reason: str) -> None:
+        self.transports.send(make_response(request, status, reason).to_bytes(), flow)
+
+    def _answer(self, request: Request, flow: Flow, now: float) -> Response:
+        method = request.method
+        max_forwards = request.get("Max-Forwards")
+        if max_forwards is not None and int(max_forwards) == 0:
+            return make_response(request, 483, "Too Many Hops")
+        if method == "REGISTER":
+            return self._register(request, flow, now)
+        if method == "OPTIONS":
+            return make_response(request, 200, "OK", headers=[
+                ("Allow", ALLOW), ("Accept", "application/sdp"), ("Supported", "path, outbound"),
+            ])
+        if method in IN_DIALOG:
+            return make_response(request, 481, "Call/Transaction Does Not Exist")
+        if method in KNOWN_UNSERVED or method == "INVITE":
+            return make_response(request, 405, "Method Not Allowed", headers=[("Allow", ALLOW)])
+        return make_response(request, 501, "Not Implemented", headers=[("Allow", ALLOW)])
+
+    def _register(self, request: Request, flow: Flow, now: float) -> Response:
+        try:
+            to = parse_name_addr(request.get("To") or "")
+        except SipSyntaxError:
+            return make_response(request, 400, "Malformed To header")
+        number = to.uri.user or ""
+        user = self.config.user(number)
+        result = self.auth.check(request, number, user.password if user else None, flow.host, now)
+        if result.outcome is not Outcome.ACCEPTED:
+            if result.outcome is Outcome.REFUSED:
+                log.warning("event=auth_failed %s", fields(
+                    number=number, peer=f"{flow.host}:{flow.port}", method=request.method))
+            if result.blocked_for is not None:
+                log.warning("event=address_blocked %s", fields(
+                    peer=flow.host, seconds=int(result.blocked_for), reason="auth_failures"))
+            assert result.response is not None
+            return result.response
+        assert user is not None
+        response, events = self.registrar.register(request, number, policy_for(user), flow, self.wall())
+        if response.status >= 300:
+            log.info("event=register_refused %s", fields(
+                number=number, peer=f"{flow.host}:{flow.port}", status=response.status,
+                reason=response.reason))
+        for event in events:
+            self.publish(event)
+        return response
+
+    def _stamp_via(self, request: Request, flow: Flow) -> Flow:
+        """RFC 3261 §18.2.1 and RFC 3581: note received/rport; return where responses go."""
+        top = request.get("Via")
+        if top is None:
+            raise SipSyntaxError("no Via")
+        via = parse_via(top)
+        changed = False
+        if via.host.strip("[]") != flow.host:
+            via.params["received"] = flow.host
+            changed = True
+        if "rport" in via.params:
+            via.params["rport"] = str(flow.port)
+            via.params["received"] = flow.host
+            changed = True
+        if changed:
+            for i, (name, _) in enumerate(request.headers):
+                if name == "Via":
+                    request.headers[i] = ("Via", str(via))
+                    break
+        if flow.transport == "tcp":
+            return flow
+        port = flow.port if "rport" in via.params else (via.port or 5060)
+        return Flow("udp", flow.host, port, flow.local)
+
+    # -- sending requests (qualify) ---------------------------------------------------------
+    def send(self, data: bytes, flow: Flow) -> bool:
+        return self.transports.send(data, flow)
+

@@ -1,0 +1,277 @@
+"""UDP and TCP transports for SIP (RFC 3261 §18), thin asyncio adapters.
+
+They turn bytes on sockets into whole messages plus the Flow they came on, and send bytes
+back along a Flow. TCP is framed by Content-Length; CRLF keep-alives (RFC 5626 §4.4.1)
+are answered. Everything else is the edge's business.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from dataclasses import dataclass, field
+from typing import Protocol, cast
+
+from appliance.sip.message import MAX_MESSAGE_SIZE
+from appliance.sip.registrar import Flow
+
+log = logging.getLogger("homepbx.transport")
+
+
+
+class Receiver(Protocol):
+    """What the transports deliver to: whole messages, or the head of an oversize one."""
+
+    def on_message(self, data: bytes, flow: Flow) -> None: ...
+
+    def on_oversize(self, head: bytes, flow: Flow) -> None: ...
+
+
+_MAX_TCP_BUFFER = MAX_MESSAGE_SIZE * 4
+
+
+def _host_port(sockname: tuple[object, ...]) -> tuple[str, int]:
+    host, port = sockname[0], sockname[1]
+    return str(host), int(str(port))
+
+
+def format_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class UdpEndpoint(asyncio.DatagramProtocol):
+    def __init__(self, receiver: Receiver) -> None:
+        self._receiver = receiver
+        self.transport: asyncio.DatagramTransport | None = None
+        self.local = ""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+        self.local = format_host_port(*_host_port(transport.get_extra_info("sockname")))
+
+    def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
+        if data.strip(b"\r\n") == b"":
+            return  # keep-alive
+        host, port = _host_port(addr)
+        flow = Flow("udp", host, port, self.local)
+        try:
+            if len(data) > MAX_MESSAGE_SIZE:
+                self._receiver.on_oversize(_head(data), flow)
+            else:
+                self._receiver.on_message(data, flow)
+        except Exception:  # one bad message must never take the listener down
+            log.exception("event=handler_error transport=udp peer=%s:%s", host, port)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("event=udp_error error=%s", exc)
+
+
+class TcpConnection(asyncio.Protocol):
+    """One TCP connection: a byte stream cut into messages by Content-Length."""
+
+    def __init__(self, receiver: Receiver, registry: TcpRegistry, local: str) -> None:
+        self._receiver = receiver
+        self._registry = registry
+        self._local = local
+        self._buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.flow: Flow | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        host, port = _host_port(transport.get_extra_info("peername"))
+        self.flow = Flow("tcp", host, port, self._local)
+        self._registry.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._registry.remove(self)
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        try:
+            self._drain()
+        except Exception:
+            log.exception("event=handler_error transport=tcp peer=%s", self.flow)
+            self.close()
+
+    def _drain(self) -> None:
+        buf = self._buffer
+        while buf:
+            if buf[:2] == b"\r\n":
+                if buf[:4] == b"\r\n\r\n":
+                    self.send(b"\r\n")  # RFC 5626 pong
+                    del buf[:4]
+                else:
+                    del buf[:2]
+                continue
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > MAX_MESSAGE_SIZE:
+                    self._oversize(bytes(buf))
+                return
+            length = _content_length(bytes(buf[:end]))
+            if length is None:
+                # No usable length on a stream: hand it over (the parser answers 400), then
+                # the framing is lost and the connection must go.
+                self._deliver(bytes(buf[: end + 4]))
+                self.close()
+                return
+            total = end + 4 + length
+            if total > MAX_MESSAGE_SIZE:
+                self._oversize(bytes(buf[:end]))
+                return
+            if len(buf) < total:
+                return
+            message = bytes(buf[:total])
+            del buf[:total]
+            self._deliver(message)
+
+    def _deliver(self, message: bytes) -> None:
+        assert self.flow is not None
+        self._receiver.on_message(message, self.flow)
+
+    def _oversize(self, head: bytes) -> None:
+        """Answer 513 if we can, then drop the connection: its framing cannot be trusted."""
+        assert self.flow is not None
+        self._receiver.on_oversize(_head(head), self.flow)
+        self._buffer.clear()
+        self.close()
+
+    def send(self, data: bytes) -> bool:
+        if self.transport is None or self.transport.is_closing():
+            return False
+        if self.transport.get_write_buffer_size() > _MAX_TCP_BUFFER:
+            log.warning("event=tcp_backlog peer=%s action=close", self.flow)
+            self.close()
+            return False
+        self.transport.write(data)
+        return True
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _head(data: bytes) -> bytes:
+    """The header block of a message (what a 513 needs), bounded in size."""
+    end = data.find(b"\r\n\r\n")
+    return data[: end if 0 <= end <= MAX_MESSAGE_SIZE else MAX_MESSAGE_SIZE]
+
+
+def _content_length(head: bytes) -> int | None:
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() in (b"content-length", b"l"):
+            value = value.strip()
+            return int(value) if value.isdigit() else None
+    return None
+
+
+@dataclass
+class TcpRegistry:
+    """Live TCP connections by remote address, so a device is reached on its own connection."""
+
+    connections: dict[tuple[str, int], TcpConnection] = field(default_factory=dict)
+
+    def add(self, conn: TcpConnection) -> None:
+        assert conn.flow is not None
+        self.connections[(conn.flow.host, conn.flow.port)] = conn
+
+    def remove(self, conn: TcpConnection) -> None:
+        if conn.flow is not None and self.connections.get((conn.flow.host, conn.flow.port)) is conn:
+            del self.connections[(conn.flow.host, conn.flow.port)]
+
+    def get(self, host: str, port: int) -> TcpConnection | None:
+        return self.connections.get((host, port))
+
+    def close_all(self) -> None:
+        for conn in list(self.connections.values()):
+            conn.close()
+
+
+class Transports:
+    """All listeners of the edge: UDP and TCP on each configured address."""
+
+    def __init__(self, receiver: Receiver) -> None:
+        self._receiver = receiver
+        self.udp: dict[str, UdpEndpoint] = {}
+        self.tcp = TcpRegistry()
+        self._servers: list[asyncio.Server] = []
+        self._local_ip_cache: dict[str, str] = {}
+
+    async def listen(self, host: str, port: int) -> str:
+        """Bind UDP and TCP on host:port (port 0 picks one free for both); returns host:port."""
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        for _attempt in range(20):
+            transport, endpoint = await loop.create_datagram_endpoint(
+                lambda: UdpEndpoint(self._receiver), local_addr=(host, port), family=family
+            )
+            real_port = _host_port(transport.get_extra_info("sockname"))[1]
+            local = format_host_port(host, real_port)
+            try:
+                server = await loop.create_server(
+                    lambda: TcpConnection(self._receiver, self.tcp, local),
+                    host=host, port=real_port, family=family, reuse_address=True,
+                )
+            except OSError:
+                transport.close()
+                if port:
+                    raise
+                continue
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                    try:
+                        sock.setsockopt(socket.SOL_SOCKET, opt, 4 * 1024 * 1024)
+                    except OSError:
+                        pass
+            self.udp[local] = endpoint
+            self._servers.append(server)
+            return local
+        raise OSError(f"no free port pair for {host}")
+
+    def send(self, data: bytes, flow: Flow) -> bool:
+        """Send along a flow: the listener it came in on (UDP) or its own connection (TCP)."""
+        if flow.transport == "tcp":
+            conn = self.tcp.get(flow.host, flow.port)
+            return conn.send(data) if conn is not None else False
+        endpoint = self.udp.get(flow.local) or next(iter(self.udp.values()), None)
+        if endpoint is None or endpoint.transport is None:
+            return False
+        endpoint.transport.sendto(data, (flow.host, flow.port))
+        return True
+
+    def local_address(self, flow: Flow) -> tuple[str, int]:
+        """The address to put in our own Via/Contact when talking along `flow`.
+
+        A wildcard listener does not know its own address; ask the routing table which
+        source address reaches the peer (a connect() on a UDP socket sends nothing).
+        """
+        local = flow.local or (next(iter(self.udp)) if self.udp else "127.0.0.1:5060")
+        host, _, port = local.rpartition(":")
+        host = host.strip("[]")
+        if host in ("0.0.0.0", "::"):
+            cached = self._local_ip_cache.get(flow.host)
+            if cached is None:
+                family = socket.AF_INET6 if ":" in flow.host else socket.AF_INET
+                with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                    try:
+                        probe.connect((flow.host, flow.port or 5060))
+                        cached = str(probe.getsockname()[0])
+                    except OSError:
+                        cached = "127.0.0.1"
+                self._local_ip_cache[flow.host] = cached
+            host = cached
+        return host, int(port)
+
+    async def close(self) -> None:
+        for server in self._servers:
+            server.close()
+        self.tcp.close_all()
+        for endpoint in self.udp.values():
+            if endpoint.transport is not None:
+                endpoint.transport.close()
+        for server in self._servers:
+            await server.wait_closed()

@@ -1,0 +1,329 @@
+"""SIP messages (RFC 3261 §7): parse from bytes, inspect, edit, build and print.
+
+Header values stay text; names are canonicalised (compact forms expanded) so lookups are
+plain string compares. Comma-separated lists of Via, Contact, Route, Record-Route and Path
+are split into one entry each at parse time, because those are the ones the core edits.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from functools import lru_cache
+
+from appliance.sip.errors import SipParseError, SipSyntaxError
+from appliance.sip.headers import parse_cseq
+from appliance.sip.uri import split_quoted
+
+MAX_MESSAGE_SIZE = 16384
+"""Largest message we accept; above it a request gets 513 (RFC 3261 §21.5.14)."""
+
+COMPACT_FORMS = {
+    "i": "Call-ID", "m": "Contact", "e": "Content-Encoding", "l": "Content-Length",
+    "c": "Content-Type", "f": "From", "s": "Subject", "k": "Supported", "t": "To",
+    "v": "Via", "o": "Event", "r": "Refer-To", "b": "Referred-By", "x": "Session-Expires",
+    "u": "Allow-Events", "a": "Accept-Contact", "j": "Reject-Contact",
+    "d": "Request-Disposition", "y": "Identity",
+}
+_KNOWN = [
+    "Accept", "Accept-Encoding", "Accept-Language", "Alert-Info", "Allow", "Allow-Events",
+    "Authentication-Info", "Authorization", "Call-ID", "Call-Info", "Contact",
+    "Content-Disposition", "Content-Encoding", "Content-Language", "Content-Length",
+    "Content-Type", "CSeq", "Date", "Error-Info", "Event", "Expires", "From", "In-Reply-To",
+    "Max-Forwards", "Min-Expires", "MIME-Version", "Organization", "P-Asserted-Identity",
+    "Path", "Priority", "Proxy-Authenticate", "Proxy-Authorization", "Proxy-Require",
+    "RAck", "Reason", "Record-Route", "Refer-To", "Referred-By", "Reply-To", "Require",
+    "Retry-After", "Route", "RSeq", "Server", "Session-Expires", "Subject", "Supported",
+    "Timestamp", "To", "Unsupported", "User-Agent", "Via", "Warning", "WWW-Authenticate",
+]
+_CANONICAL = {name.lower(): name for name in _KNOWN}
+_LIST_HEADERS = frozenset({"Via", "Contact", "Route", "Record-Route", "Path"})
+_TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")
+_REQUIRED = ("Via", "From", "To", "Call-ID", "CSeq")
+
+REASON_PHRASES = {
+    100: "Trying", 180: "Ringing", 181: "Call Is Being Forwarded", 182: "Queued",
+    183: "Session Progress", 200: "OK", 202: "Accepted", 400: "Bad Request",
+    401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+    407: "Proxy Authentication Required", 408: "Request Timeout", 410: "Gone",
+    415: "Unsupported Media Type", 416: "Unsupported URI Scheme", 420: "Bad Extension",
+    423: "Interval Too Brief", 480: "Temporarily Unavailable",
+    481: "Call/Transaction Does Not Exist", 482: "Loop Detected", 483: "Too Many Hops",
+    484: "Address Incomplete", 486: "Busy Here", 487: "Request Terminated",
+    488: "Not Acceptable Here", 491: "Request Pending", 500: "Server Internal Error",
+    501: "Not Implemented", 503: "Service Unavailable", 504: "Server Time-out",
+    505: "Version Not Supported", 513: "Message Too Large", 600: "Busy Everywhere",
+    603: "Decline", 604: "Does Not Exist Anywhere", 606: "Not Acceptable",
+}
+
+
+@lru_cache(maxsize=1024)
+def canonical_name(name: str) -> str:
+    """'v' -> 'Via', 'call-id' -> 'Call-ID', 'x-foo' -> 'X-Foo'."""
+    lower = name.lower()
+    if len(lower) == 1:
+        return COMPACT_FORMS.get(lower, name)
+    known = _CANONICAL.get(lower)
+    if known:
+        return known
+    return "-".join(part.capitalize() for part in lower.split("-"))
+
+
+class Message:
+    """Headers and body shared by requests and responses."""
+
+    __slots__ = ("headers", "body")
+
+    def __init__(self, headers: list[tuple[str, str]] | None = None, body: bytes = b"") -> None:
+        self.headers: list[tuple[str, str]] = headers if headers is not None else []
+        self.body = body
+
+    def get(self, name: str) -> str | None:
+        """First value of a header, or None."""
+        name = canonical_name(name)
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    def get_all(self, name: str) -> list[str]:
+        name = canonical_name(name)
+        return [value for key, value in self.headers if key == name]
+
+    def add(self, name: str, value: str, *, first: bool = False) -> None:
+        entry = (canonical_name(name), value)
+        if first:
+            self.headers.insert(0, entry)
+        else:
+            self.headers.append(entry)
+
+    def set(self, name: str, value: str) -> None:
+        """Replace every value of `name` with one (in place of the first, else appended)."""
+        name = canonical_name(name)
+        out: list[tuple[str, str]] = []
+        placed = False
+        for key, old in self.headers:
+            if key == name:
+                if not placed:
+                    out.append((key, value))
+                    placed = True
+            else:
+                out.append((key, old))
+        if not placed:
+            out.append((name, value))
+        self.headers = out
+
+    def remove(self, name: str) -> None:
+        name = canonical_name(name)
+        self.headers = [(k, v) for k, v in self.headers if k != name]
+
+    def pop_first(self, name: str) -> str | None:
+        name = canonical_name(name)
+        for i, (key, value) in enumerate(self.headers):
+            if key == name:
+                del self.headers[i]
+                return value
+        return None
+
+    @property
+    def call_id(self) -> str:
+        return self.get("Call-ID") or ""
+
+    @property
+    def cseq(self) -> tuple[int, str]:
+        return parse_cseq(self.get("CSeq") or "")
+
+    def start_line(self) -> str:
+        raise NotImplementedError
+
+    def to_bytes(self) -> bytes:
+        lines = [self.start_line()]
+        lines.extend(f"{k}: {v}" for k, v in self.headers if k != "Content-Length")
+        lines.append(f"Content-Length: {len(self.body)}")
+        lines.append("")
+        lines.append("")
+        return "\r\n".join(lines).encode() + self.body
+
+    def __bytes__(self) -> bytes:
+        return self.to_bytes()
+
+
+class Request(Message):
+    __slots__ = ("method", "uri")
+
+    def __init__(
+        self, method: str, uri: str, headers: list[tuple[str, str]] | None = None, body: bytes = b""
+    ) -> None:
+        super().__init__(headers, body)
+        self.method = method
+        self.uri = uri
+
+    def start_line(self) -> str:
+        return f"{self.method} {self.uri} SIP/2.0"
+
+    def __repr__(self) -> str:
+        return f"<Request {self.method} {self.uri}>"
+
+
+class Response(Message):
+    __slots__ = ("status", "reason")
+
+    def __init__(
+        self, status: int, reason: str, headers: list[tuple[str, str]] | None = None, body: bytes = b""
+    ) -> None:
+        super().__init__(headers, body)
+        self.status = status
+        self.reason = reason
+
+    def start_line(self) -> str:
+        return f"SIP/2.0 {self.status} {self.reason}"
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status} {self.reason}>"
+
+
+def parse_message(data: bytes) -> Request | Response:
+    """Parse one whole message (a UDP datagram or one framed TCP message).
+
+    Raises SipParseError; its `request` is set when the fault can be answered with 400.
+    """
+    end = data.find(b"\r\n\r\n")
+    sep_len = 4
+    if end < 0:
+        end = data.find(b"\n\n")
+        sep_len = 2
+        if end < 0:
+            raise SipParseError("no end of headers")
+    try:
+        head = data[:end].decode("utf-8")
+    except UnicodeDecodeError:
+        raise SipParseError("headers are not UTF-8") from None
+    lines = head.split("\r\n") if sep_len == 4 else head.split("\n")
+    message, version = _parse_start_line(lines[0])
+    _parse_headers(lines, message)
+    body = data[end + sep_len :]
+    request = message if isinstance(message, Request) else None
+    length_text = message.get("Content-Length")
+    if length_text is not None:
+        if not length_text.strip().isdigit():
+            raise SipParseError("Bad Content-Length", request=_answerable(request))
+        length = int(length_text)
+        if length > len(body):
+            raise SipParseError("Content-Length exceeds body", request=_answerable(request))
+        body = body[:length]
+    message.body = body
+    if request is not None:
+        if version != "SIP/2.0":
+            raise SipParseError("SIP Version Not Supported", status=505, request=_answerable(request))
+        _validate_request(request)
+    return message
+
+
+def _parse_start_line(line: str) -> tuple[Request | Response, str]:
+    if line.startswith("SIP/"):
+        version, _, rest = line.partition(" ")
+        code, _, reason = rest.partition(" ")
+        if version != "SIP/2.0" or len(code) != 3 or not code.isdigit() or code[0] == "0":
+            raise SipParseError("bad status line")
+        return Response(int(code), reason), version
+    parts = line.split(" ")
+    if len(parts) != 3 or not parts[0] or not parts[1]:
+        raise SipParseError("bad request line")
+    method, uri, version = parts
+    if any(c not in _TOKEN_CHARS for c in method):
+        raise SipParseError("bad method")
+    return Request(method, uri), version
+
+
+def _parse_headers(lines: list[str], message: Request | Response) -> None:
+    headers = message.headers
+    bad: str | None = None
+    pending_name = ""
+    pending_value = ""
+    for line in lines[1:]:
+        if line[:1] in (" ", "\t"):
+            if not pending_name:
+                bad = "folded line without header"
+                continue
+            pending_value += " " + line.strip()
+            continue
+        if pending_name:
+            _store(headers, pending_name, pending_value)
+        name, colon, value = line.partition(":")
+        name = name.rstrip()
+        if not colon or not name or any(c not in _TOKEN_CHARS for c in name):
+            bad = bad or "malformed header line"
+            pending_name = ""
+            continue
+        pending_name = canonical_name(name)
+        pending_value = value.strip()
+    if pending_name:
+        _store(headers, pending_name, pending_value)
+    if bad:
+        raise SipParseError(bad, request=_answerable(message))
+
+
+def _store(headers: list[tuple[str, str]], name: str, value: str) -> None:
+    if name in _LIST_HEADERS and "," in value:
+        try:
+            parts = split_quoted(value, ",")
+        except SipSyntaxError:
+            parts = [value]
+        headers.extend((name, part.strip()) for part in parts if part.strip())
+    else:
+        headers.append((name, value))
+
+
+def _answerable(message: Request | Response | None) -> Request | None:
+    """The request, if a response can be routed back to its sender (it has a Via)."""
+    if not isinstance(message, Request) or message.get("Via") is None:
+        return None
+    return message
+
+
+def _validate_request(request: Request) -> None:
+    for name in _REQUIRED:
+        if request.get(name) is None:
+            raise SipParseError(f"Missing {name} header", request=_answerable(request))
+    try:
+        _, method = parse_cseq(request.get("CSeq") or "")
+    except SipSyntaxError:
+        raise SipParseError("Bad CSeq", request=request) from None
+    if method != request.method:
+        raise SipParseError("CSeq method does not match", request=request)
+    max_forwards = request.get("Max-Forwards")
+    if max_forwards is not None and (not max_forwards.isdigit() or int(max_forwards) > 255):
+        raise SipParseError("Bad Max-Forwards", request=request)
+
+
+def new_tag() -> str:
+    """A random token for tags, branches and Call-IDs."""
+    return os.urandom(6).hex()
+
+
+def make_response(
+    request: Request,
+    status: int,
+    reason: str | None = None,
+    *,
+    to_tag: str | None = None,
+    headers: Iterable[tuple[str, str]] = (),
+    body: bytes = b"",
+) -> Response:
+    """A response carrying the request's Via, From, To, Call-ID and CSeq (§8.2.6.2).
+
+    A To-tag is added when the request's To has none (never on 100 Trying): the one given,
+    else a fresh one (§8.2.6.2).
+    """
+    if to_tag is None and status > 100:
+        to_tag = new_tag()
+    copied: list[tuple[str, str]] = []
+    for key, value in request.headers:
+        if key == "To" and to_tag and status > 100 and ";tag=" not in value.replace(" ", ""):
+            value = f"{value};tag={to_tag}"
+        if key in ("Via", "From", "To", "Call-ID", "CSeq") or (
+            key == "Record-Route" and 100 < status < 300
+        ):
+            copied.append((key, value))
+    copied.extend((canonical_name(k), v) for k, v in headers)
+    return Response(status, reason or REASON_PHRASES.get(status, "Unknown"), copied, body)
