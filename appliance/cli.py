@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import logging
 import os
 import signal
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         return check_config(args.config)
     setup_logging(args.log_level)
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1` dumps every thread's stack
     return asyncio.run(run_daemon(args.config))
 
 

@@ -98,6 +98,8 @@ class ListenAddress:
 
 @dataclass(frozen=True)
 class ServerConfig:
+    """Where SIP is served and under which digest realm."""
+
     listen: tuple[ListenAddress, ...]
     realm: str
     state_dir: Path
@@ -106,6 +108,8 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class RegistrationConfig:
+    """Bounds on REGISTER expiry, and how often registered devices are probed."""
+
     min_expires: int = 60
     max_expires: int = 3600
     default_expires: int = 600
@@ -116,6 +120,8 @@ class RegistrationConfig:
 
 @dataclass(frozen=True)
 class ControlConfig:
+    """The local control socket used by the management UI."""
+
     socket: str = ""
     """Control socket path; "" lets the daemon choose."""
     group: str = ""
@@ -124,6 +130,8 @@ class ControlConfig:
 
 @dataclass(frozen=True)
 class MediaConfig:
+    """Media relay capacity and the UDP port range it may use."""
+
     max_calls: int = 8
     min_idle: int = 1
     rtp_port_low: int = 10000
@@ -132,6 +140,8 @@ class MediaConfig:
 
 @dataclass(frozen=True)
 class UserConfig:
+    """One extension: a number that rings one device, or several with one_number."""
+
     number: str
     name: str = ""
     password: str = ""
@@ -151,6 +161,8 @@ class UserConfig:
 
 @dataclass(frozen=True)
 class Config:
+    """A validated config file; immutable, so it can be shared and swapped whole."""
+
     path: Path
     server: ServerConfig
     registration: RegistrationConfig
@@ -430,8 +442,9 @@ class _Validator:
             qualify_interval=t.get_int("qualify_interval", d.qualify_interval, 0),
             qualify_timeout=t.get_int("qualify_timeout", d.qualify_timeout, 1),
         )
-        t.ordered("min_expires", reg.min_expires, "default_expires", reg.default_expires)
-        t.ordered("default_expires", reg.default_expires, "max_expires", reg.max_expires)
+        blame = "default_expires"  # the value that must fit between the other two
+        t.ordered("min_expires", reg.min_expires, "default_expires", reg.default_expires, blame=blame)
+        t.ordered("default_expires", reg.default_expires, "max_expires", reg.max_expires, blame=blame)
         return reg
 
     def control(self, t: _Table) -> ControlConfig:
@@ -442,7 +455,7 @@ class _Validator:
         d = MediaConfig()
         max_calls = t.get_int("max_calls", d.max_calls, 1, 64)
         min_idle = t.get_int("min_idle", d.min_idle, 0)
-        t.ordered("min_idle", min_idle, "max_calls", max_calls)
+        t.ordered("min_idle", min_idle, "max_calls", max_calls, blame="min_idle")
         ports = t.get_str("rtp_ports", f"{d.rtp_port_low}-{d.rtp_port_high}")
         match = re.fullmatch(r"([0-9]{1,5})-([0-9]{1,5})", ports)
         low, high = (int(match[1]), int(match[2])) if match else (0, 0)
@@ -546,12 +559,13 @@ class _Table:
             raise self.error(name, f"must be {_between(lo, hi)}, not {value}")
         return value
 
-    def ordered(self, low_name: str, low: int, high_name: str, high: int) -> None:
-        """Require low <= high, blaming whichever of the two the file actually sets."""
+    def ordered(self, low_name: str, low: int, high_name: str, high: int, *, blame: str) -> None:
+        """Require low <= high, blaming ``blame`` unless the file leaves it at its default."""
         if low <= high:
             return
-        blamed = high_name if high_name in self.data or low_name not in self.data else low_name
-        raise self.error(blamed, f"{low_name} ({low}) must not be greater than {high_name} ({high})")
+        if blame not in self.data:
+            blame = high_name if blame == low_name else low_name
+        raise self.error(blame, f"{low_name} ({low}) must not be greater than {high_name} ({high})")
 
 
 def _parse_listen(text: str) -> ListenAddress:

@@ -49,8 +49,11 @@ class Qualifier:
             if deadline is not None:
                 wake_at = min(wake_at, deadline)
             self._wake.clear()
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
+            # that races with the event being set, and then stop() would hang.
             try:
-                await asyncio.wait_for(self._wake.wait(), max(0.01, wake_at - self.edge.monotonic()))
+                async with asyncio.timeout(max(0.01, wake_at - self.edge.monotonic())):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
             if self._wake.is_set() and interval != self.edge.config.registration.qualify_interval:

@@ -21,7 +21,7 @@ from appliance.sip.authenticator import Authenticator, Outcome
 from appliance.sip.errors import SipParseError, SipSyntaxError
 from appliance.sip.headers import parse_name_addr, parse_via
 from appliance.sip.message import Request, Response, make_response, parse_message
-from appliance.sip.registrar import DevicePolicy, Flow, Registrar, RegistrarEvent
+from appliance.sip.registrar import DevicePolicy, EventKind, Flow, Registrar, RegistrarEvent
 from appliance.sip.throttle import FailureThrottle
 from appliance.sip.transaction import ServerTransactions, server_key
 
@@ -112,11 +112,15 @@ class Edge:
             self.publish(event)
 
     def publish(self, event: RegistrarEvent) -> None:
-        b = event.binding
-        log.info("event=device_%s %s", event.kind.value, fields(
-            number=b.number, device=b.id, contact=b.contact, flow=f"{b.flow.transport}:{b.flow.host}:"
-            f"{b.flow.port}", ua=b.user_agent, reason=event.reason or "-",
-        ))
+        # Refreshes are routine (every device, every few minutes): debug, not info.
+        level = logging.DEBUG if event.kind is EventKind.REFRESHED else logging.INFO
+        if log.isEnabledFor(level):
+            b = event.binding
+            log.log(level, "event=device_%s %s", event.kind.value, fields(
+                number=b.number, device=b.id, contact=b.contact,
+                flow=f"{b.flow.transport}:{b.flow.host}:{b.flow.port}", ua=b.user_agent,
+                reason=event.reason or "-",
+            ))
         self.store.mark_dirty()
         for listener in self.listeners:
             listener(event)

@@ -212,7 +212,7 @@ class Transports:
             local = format_host_port(host, real_port)
             try:
                 server = await loop.create_server(
-                    lambda: TcpConnection(self._receiver, self.tcp, local),
+                    lambda local=local: TcpConnection(self._receiver, self.tcp, local),  # type: ignore[misc]
                     host=host, port=real_port, family=family, reuse_address=True,
                 )
             except OSError:

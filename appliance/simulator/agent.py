@@ -10,11 +10,20 @@ alternates ``libHandleEvents`` with draining a queue filled by a stdin reader
 thread.  Every ``Call`` is strongly referenced until it is disconnected and
 dropped on a later loop pass, because pjsua2 aborts the process when a call
 object dies at the wrong time.
+
+Commands (any may carry "id"; call_created, media_stopped, pong and error
+echo it): register, unregister, set_registration, call, answer, hangup,
+hangup_all, hold, unhold, transfer, transfer_mode, auto_answer, play_tone,
+record, stop_media, dtmf, calls, ping, quit.  Events: ready, reg_state,
+call_created, incoming_call, call_state, call_request, media, dtmf,
+media_stopped, recorded, transfer_request, transfer_status, replace_request,
+call_replaced, sip (with --trace), error, bye.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -29,10 +38,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-import pjsua2 as pj  # type: ignore[import-untyped]
+import pjsua2 as pj
 
 LOOPBACK = "127.0.0.1"
 POLL_MSEC = 10
+DEFAULT_CODECS = "PCMU,PCMA,G722"
 
 _STATE_NAMES = {
     pj.PJSIP_INV_STATE_NULL: "NULL",
@@ -52,9 +62,20 @@ _MEDIA_STATUS = {
 }
 # RFC 3261 compact header forms, so parsed headers use one spelling.
 _COMPACT = {
-    "i": "Call-ID", "m": "Contact", "e": "Content-Encoding", "l": "Content-Length",
-    "c": "Content-Type", "f": "From", "s": "Subject", "k": "Supported", "t": "To",
-    "v": "Via", "o": "Event", "r": "Refer-To", "b": "Referred-By", "x": "Session-Expires",
+    "i": "Call-ID",
+    "m": "Contact",
+    "e": "Content-Encoding",
+    "l": "Content-Length",
+    "c": "Content-Type",
+    "f": "From",
+    "s": "Subject",
+    "k": "Supported",
+    "t": "To",
+    "v": "Via",
+    "o": "Event",
+    "r": "Refer-To",
+    "b": "Referred-By",
+    "x": "Session-Expires",
     "u": "Allow-Events",
 }
 _LOG_MSG_RE = re.compile(
@@ -182,8 +203,8 @@ class AgentLogWriter(pj.LogWriter):  # type: ignore[misc]
             if entry.level <= self.level:
                 sys.stderr.write(msg if msg.endswith("\n") else msg + "\n")
                 sys.stderr.flush()
-        except Exception:  # noqa: BLE001 - must never raise into pjsua
-            pass
+        except Exception:
+            pass  # an exception here would surface inside pjsua's logging
 
 
 class AgentAccount(pj.Account):  # type: ignore[misc]
@@ -196,11 +217,12 @@ class AgentAccount(pj.Account):  # type: ignore[misc]
         self.registrar = ""
         self.domain = ""
         self.proxy = ""
+        self.aor = ""
 
-    def onRegState(self, prm: Any) -> None:  # noqa: N802 - pjsua2 API
+    def onRegState(self, prm: Any) -> None:
         self.agent.guard("onRegState", self.agent.on_reg_state, self, prm)
 
-    def onIncomingCall(self, prm: Any) -> None:  # noqa: N802 - pjsua2 API
+    def onIncomingCall(self, prm: Any) -> None:
         self.agent.guard("onIncomingCall", self.agent.on_incoming_call, self, prm)
 
 
@@ -216,7 +238,6 @@ class AgentCall(pj.Call):  # type: ignore[misc]
         self.acc_ref = acc
         self.cid = cid
         self.disconnected = False
-        self.reaped = False
         self.disconnect_pass = -1
         self.remote_tag: str | None = None
         self.end_request: str | None = None
@@ -228,22 +249,22 @@ class AgentCall(pj.Call):  # type: ignore[misc]
         self.media_active = False
 
     # callbacks -----------------------------------------------------------
-    def onCallState(self, prm: Any) -> None:  # noqa: N802
+    def onCallState(self, prm: Any) -> None:
         self.agent.guard("onCallState", self.agent.on_call_state, self, prm)
 
-    def onCallTsxState(self, prm: Any) -> None:  # noqa: N802
+    def onCallTsxState(self, prm: Any) -> None:
         self.agent.guard("onCallTsxState", self.agent.on_call_tsx_state, self, prm)
 
-    def onCallMediaState(self, prm: Any) -> None:  # noqa: N802
+    def onCallMediaState(self, prm: Any) -> None:
         self.agent.guard("onCallMediaState", self.agent.on_call_media_state, self, prm)
 
-    def onDtmfDigit(self, prm: Any) -> None:  # noqa: N802
+    def onDtmfDigit(self, prm: Any) -> None:
         self.agent.out.emit("dtmf", call=self.cid, digit=prm.digit, method=int(prm.method))
 
-    def onCallTransferRequest(self, prm: Any) -> None:  # noqa: N802
+    def onCallTransferRequest(self, prm: Any) -> None:
         self.agent.guard("onCallTransferRequest", self.agent.on_transfer_request, self, prm)
 
-    def onCallTransferStatus(self, prm: Any) -> None:  # noqa: N802
+    def onCallTransferStatus(self, prm: Any) -> None:
         self.agent.out.emit(
             "transfer_status",
             call=self.cid,
@@ -252,10 +273,10 @@ class AgentCall(pj.Call):  # type: ignore[misc]
             final=bool(prm.finalNotify),
         )
 
-    def onCallReplaceRequest(self, prm: Any) -> None:  # noqa: N802
+    def onCallReplaceRequest(self, prm: Any) -> None:
         self.agent.guard("onCallReplaceRequest", self.agent.on_replace_request, self, prm)
 
-    def onCallReplaced(self, prm: Any) -> None:  # noqa: N802
+    def onCallReplaced(self, prm: Any) -> None:
         new = self.agent.call_by_object(prm.newCall)
         self.agent.out.emit("call_replaced", call=self.cid, new_call=new.cid if new else None)
 
@@ -300,7 +321,7 @@ class AgentCall(pj.Call):  # type: ignore[misc]
 
     def stop_recorder(self) -> str | None:
         """Detach and destroy the recorder; returns its path (file finalised
-        shortly after, see Agent.finish_recording)."""
+        shortly after, see Agent.check_recordings)."""
         if self.recorder is None:
             return None
         rec, self.recorder = self.recorder, None
@@ -353,7 +374,7 @@ class Agent:
         escaping into the SWIG director (which could abort the process)."""
         try:
             fn(*args)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self.out.emit("error", cmd=where, message=pj_error_text(exc))
 
     def new_cid(self) -> str:
@@ -361,10 +382,11 @@ class Agent:
         return f"c{self.call_seq}"
 
     def call_by_object(self, obj: Any) -> AgentCall | None:
+        found: AgentCall | None = None
         for call in self.calls.values():
             if call is obj:
-                return call
-        return None
+                found = call
+        return found
 
     def account(self) -> AgentAccount:
         acc = self.reg_acc or self.local_acc
@@ -424,7 +446,7 @@ class Agent:
         tp_type = pj.PJSIP_TRANSPORT_TCP if self.transport == "tcp" else pj.PJSIP_TRANSPORT_UDP
         self.tid = ep.transportCreate(tp_type, tcfg)
         ep.libStart()
-        if args.codecs:
+        if args.codecs and args.codecs != "all":
             self.set_codecs([c for c in args.codecs.split(",") if c])
         local = ep.transportGetInfo(self.tid).localName
         self.port = int(str(local).rsplit(":", 1)[1])
@@ -447,9 +469,7 @@ class Agent:
 
     def run(self) -> int:
         threading.Thread(target=self.read_stdin, name="stdin", daemon=True).start()
-        self.out.emit(
-            "ready", port=self.port, transport=self.transport, name=self.name, pid=os.getpid()
-        )
+        self.out.emit("ready", port=self.port, transport=self.transport, name=self.name, pid=os.getpid())
         while self.stop_reason is None:
             self.ep.libHandleEvents(POLL_MSEC)
             self.loop_pass += 1
@@ -487,47 +507,60 @@ class Agent:
 
     def shutdown(self) -> None:
         """Hang up, unregister, drop every pjsua2 object, then destroy the
-        library; a Call alive at libDestroy aborts the process."""
-        ep = self.ep
+        library.  A Call (or Account) still referenced at libDestroy aborts
+        the process when it is finally freed, so the steps live in helper
+        methods whose locals are gone before libDestroy runs."""
         try:
-            live = [c for c in self.calls.values() if not c.disconnected]
-            for call in live:
-                try:
-                    prm = pj.CallOpParam(True)
-                    call.hangup(prm)
-                except pj.Error:
-                    pass
-            if live:
-                self.pump(2.0, lambda: all(c.disconnected for c in self.calls.values()))
-            for call in list(self.calls.values()):
-                self.finish_call_media(call)
-            self.check_recordings(force=True)
-            if self.reg_acc is not None:
-                acc = self.reg_acc
-                try:
-                    if acc.getInfo().regIsActive:
-                        acc.setRegistration(False)
-                        self.pump(1.5, lambda: not acc.getInfo().regIsActive)
-                except pj.Error:
-                    pass
-            self.pump(0.05)
-            self.calls.clear()
-            accounts = [a for a in (self.reg_acc, self.local_acc) if a is not None]
-            accounts += self.retired_accounts
-            self.reg_acc = self.local_acc = None
-            self.retired_accounts = []
-            for acc in accounts:
-                try:
-                    acc.shutdown()
-                except pj.Error:
-                    pass
-            del accounts
+            self._end_calls()
+            self._end_registration()
+            self._drop_objects()
             gc.collect()
             self.pump(0.05)
-            ep.libDestroy(pj.PJSUA_DESTROY_NO_RX_MSG)
-        except Exception as exc:  # noqa: BLE001
+            self.ep.libDestroy(pj.PJSUA_DESTROY_NO_RX_MSG)
+        except Exception as exc:
             self.out.emit("error", cmd="shutdown", message=pj_error_text(exc))
         self.out.emit("bye", reason=self.stop_reason)
+
+    def _end_calls(self) -> None:
+        self.timers.clear()  # closures may hold calls
+        pending = False
+        for call in self.calls.values():
+            if not call.disconnected:
+                pending = True
+                with contextlib.suppress(pj.Error):
+                    call.hangup(pj.CallOpParam(True))
+        if pending:
+            self.pump(2.0, self._all_disconnected)
+        for call in self.calls.values():
+            self.finish_call_media(call)
+        self.check_recordings(force=True)
+
+    def _all_disconnected(self) -> bool:
+        return all(c.disconnected for c in self.calls.values())
+
+    def _reg_inactive(self) -> bool:
+        try:
+            return self.reg_acc is None or not self.reg_acc.getInfo().regIsActive
+        except pj.Error:
+            return True
+
+    def _end_registration(self) -> None:
+        if self._reg_inactive():
+            return
+        assert self.reg_acc is not None
+        with contextlib.suppress(pj.Error):
+            self.reg_acc.setRegistration(False)
+            self.pump(1.5, self._reg_inactive)
+
+    def _drop_objects(self) -> None:
+        self.pump(0.05)
+        self.calls.clear()
+        for acc in (self.reg_acc, self.local_acc, *self.retired_accounts):
+            if acc is not None:
+                with contextlib.suppress(pj.Error):
+                    acc.shutdown()
+        self.reg_acc = self.local_acc = None
+        self.retired_accounts = []
 
     # -- main-loop chores ----------------------------------------------------
     def drain_commands(self) -> None:
@@ -599,7 +632,7 @@ class Agent:
             if handler is None:
                 raise ValueError(f"unknown command {cmd_name!r}")
             handler(cmd)
-        except Exception as exc:  # noqa: BLE001 - a bad command never kills us
+        except Exception as exc:
             fields: dict[str, Any] = {"cmd": cmd_name, "message": pj_error_text(exc)}
             if req_id is not None:
                 fields["id"] = req_id
@@ -643,7 +676,10 @@ class Agent:
         if cmd.get("instance"):
             cfg.regConfig.contactParams = f';+sip.instance="<{cmd["instance"]}>"'
         cred = pj.AuthCredInfo(
-            "digest", str(cmd.get("realm", "*")), str(cmd.get("username") or number), 0,
+            "digest",
+            str(cmd.get("realm", "*")),
+            str(cmd.get("username") or number),
+            0,
             str(cmd.get("password", "")),
         )
         cfg.sipConfig.authCreds.append(cred)
@@ -660,6 +696,7 @@ class Agent:
         acc.registrar = registrar
         acc.domain = domain
         acc.proxy = proxy or ""
+        acc.aor = f"sip:{number}@{domain}"
         self.reg_acc = acc
         acc.create(cfg, True)
 
@@ -697,6 +734,7 @@ class Agent:
                 contacts = [c.strip() for c in re.split(r",(?=\s*<)", contact)]
         self.out.emit(
             "reg_state",
+            aor=acc.aor,
             code=int(prm.code),
             reason=prm.reason,
             expires=int(prm.expiration),
@@ -810,8 +848,11 @@ class Agent:
             entry: dict[str, Any] = {"call": call.cid, "disconnected": call.disconnected}
             try:
                 info = call.getInfo()
-                entry.update(state=_STATE_NAMES.get(info.state, str(info.state)),
-                             remote=info.remoteUri, call_id=info.callIdString)
+                entry.update(
+                    state=_STATE_NAMES.get(info.state, str(info.state)),
+                    remote=info.remoteUri,
+                    call_id=info.callIdString,
+                )
             except pj.Error:
                 pass
             snapshot.append(entry)
@@ -858,14 +899,15 @@ class Agent:
         call.connect_media()
 
     def cmd_stop_media(self, cmd: dict[str, Any]) -> None:
+        """Stop tone and recorder: `media_stopped` now, and `recorded` once
+        the WAV file is complete (pjmedia finishes it asynchronously)."""
         call = self.get_call(cmd)
         had_tone = call.tone is not None
         call.stop_tone()
         path = call.stop_recorder()
         if path is not None:
             self.pending_recordings.append((call.cid, path, time.monotonic() + 2.0))
-        if path is None and had_tone:
-            self.out.emit("media_stopped", call=call.cid)
+        self.out.emit("media_stopped", call=call.cid, tone=had_tone, recording=path, id=cmd.get("id"))
 
     # callbacks -------------------------------------------------------------------
     def on_incoming_call(self, acc: AgentAccount, prm: Any) -> None:
@@ -955,7 +997,7 @@ class Agent:
                 return str(e.body.tsxState.src.rdata.wholeMsg)
             if e.type == pj.PJSIP_EVENT_RX_MSG:
                 return str(e.body.rxMsg.rdata.wholeMsg)
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
         return ""
 
@@ -1033,7 +1075,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--user-agent", default=None)
     parser.add_argument("--trace", action="store_true")
     parser.add_argument("--log-level", type=int, default=3)
-    parser.add_argument("--codecs", default="", help="comma-separated codec id prefixes, in order")
+    parser.add_argument(
+        "--codecs",
+        default=DEFAULT_CODECS,
+        help="comma-separated codec id prefixes in preference order, or 'all' for pjsua's"
+        " defaults (speex garbles tones when both ends transmit, so it is off by default)",
+    )
     return parser.parse_args(argv)
 
 
@@ -1050,7 +1097,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, lambda s, _f: agent.request_stop(signal.Signals(s).name))
     try:
         agent.start()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         out.emit("error", cmd="start", message=pj_error_text(exc))
         out.emit("bye", reason="start failed")
         os._exit(1)

@@ -100,8 +100,17 @@ class Handset:
         self._ids = itertools.count(1)
         self._log: IO[bytes] | None = None
 
-        argv = [python, "-m", "appliance.simulator.agent", "--transport", transport,
-                "--port", str(port), "--log-level", str(log_level)]
+        argv = [
+            python,
+            "-m",
+            "appliance.simulator.agent",
+            "--transport",
+            transport,
+            "--port",
+            str(port),
+            "--log-level",
+            str(log_level),
+        ]
         if name:
             argv += ["--name", name]
         if user_agent:
@@ -111,9 +120,7 @@ class Handset:
         if codecs:
             argv += ["--codecs", ",".join(codecs)]
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
-        )
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
         env["PYTHONUNBUFFERED"] = "1"
         stderr: IO[bytes] | int = subprocess.DEVNULL
         if log_path is not None:
@@ -189,9 +196,7 @@ class Handset:
     def _recent(self) -> str:
         with self._cond:
             tail = self.events[-_RECENT:]
-        return "\n  ".join(
-            json.dumps({k: v for k, v in e.items() if k != "t"})[:400] for e in tail
-        )
+        return "\n  ".join(json.dumps({k: v for k, v in e.items() if k != "t"})[:400] for e in tail)
 
     def _take(self, pred: Callable[[Event], bool], timeout: float, what: str) -> Event:
         deadline = time.monotonic() + timeout
@@ -210,6 +215,8 @@ class Handset:
                         + self._recent_locked()
                     )
                 self._cond.wait(remaining)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=1.0)  # stdout closed: exit is imminent
         raise HandsetGone(
             f"{self!r}: agent exited (rc={self.proc.poll()}) while waiting for {what}; "
             f"recent events:\n  {self._recent()}"
@@ -217,8 +224,7 @@ class Handset:
 
     def _recent_locked(self) -> str:
         return "\n  ".join(
-            json.dumps({k: v for k, v in e.items() if k != "t"})[:400]
-            for e in self.events[-_RECENT:]
+            json.dumps({k: v for k, v in e.items() if k != "t"})[:400] for e in self.events[-_RECENT:]
         )
 
     def wait_for(self, event: str, timeout: float = 5.0, **match: object) -> Event:
@@ -278,13 +284,20 @@ class Handset:
         """Create the registering account; returns the first reg_state event
         (or {} when wait is False)."""
         self.send(
-            "register", registrar=registrar, number=number, password=password,
-            realm=realm, domain=domain, expires=expires, instance=instance,
-            transport=self.transport, proxy=proxy,
+            "register",
+            registrar=registrar,
+            number=number,
+            password=password,
+            realm=realm,
+            domain=domain,
+            expires=expires,
+            instance=instance,
+            transport=self.transport,
+            proxy=proxy,
         )
         if not wait:
             return {}
-        return self.wait_for("reg_state", timeout=timeout)
+        return self.wait_for("reg_state", timeout=timeout, aor=f"sip:{number}@{domain}")
 
     def unregister(self, *, wait: bool = True, timeout: float = 5.0) -> Event:
         self.send("unregister")
@@ -308,16 +321,19 @@ class Handset:
         created = self.request("call", "call_created", timeout, **fields)
         return str(created["call"])
 
-    def answer(self, call: str, code: int = 200, *, reason: str = "",
-               headers: Mapping[str, str] | None = None) -> None:
+    def answer(
+        self, call: str, code: int = 200, *, reason: str = "", headers: Mapping[str, str] | None = None
+    ) -> None:
         self.send("answer", call=call, code=code, reason=reason, headers=dict(headers or {}))
 
-    def hangup(self, call: str, code: int = 0, *, reason: str = "",
-               headers: Mapping[str, str] | None = None) -> None:
+    def hangup(
+        self, call: str, code: int = 0, *, reason: str = "", headers: Mapping[str, str] | None = None
+    ) -> None:
         self.send("hangup", call=call, code=code, reason=reason, headers=dict(headers or {}))
 
-    def auto_answer(self, mode: str = "answer", code: int | None = None,
-                    delay_ms: int = 0, reason: str = "") -> None:
+    def auto_answer(
+        self, mode: str = "answer", code: int | None = None, delay_ms: int = 0, reason: str = ""
+    ) -> None:
         fields: dict[str, object] = {"mode": mode, "delay_ms": delay_ms, "reason": reason}
         if code is not None:
             fields["code"] = code
@@ -338,15 +354,17 @@ class Handset:
         self.send("record", call=call, path=str(path))
 
     def stop_media(self, call: str, *, wait_recorded: bool = True, timeout: float = 5.0) -> Event:
-        """Stop tone and recorder; returns the `recorded` event if waiting."""
-        self.send("stop_media", call=call)
-        return self.wait_for("recorded", timeout=timeout, call=call) if wait_recorded else {}
+        """Stop tone and recorder.  Returns the `recorded` event when a
+        recording was running (and wait_recorded), else `media_stopped`."""
+        stopped = self.request("stop_media", "media_stopped", timeout, call=call)
+        if stopped.get("recording") is None or not wait_recorded:
+            return stopped
+        return self.wait_for("recorded", timeout=timeout, call=call, path=stopped["recording"])
 
     def dtmf(self, call: str, digits: str) -> None:
         self.send("dtmf", call=call, digits=digits)
 
-    def sip_messages(self, direction: str | None = None,
-                     contains: str | None = None) -> list[str]:
+    def sip_messages(self, direction: str | None = None, contains: str | None = None) -> list[str]:
         """Traced SIP messages (needs trace=True), optionally filtered by
         direction ("rx"/"tx") and substring."""
         out = []
@@ -357,6 +375,15 @@ class Handset:
             if contains is None or contains in msg:
                 out.append(msg)
         return out
+
+    def wait_sip(self, direction: str, prefix: str, timeout: float = 5.0, **match: object) -> str:
+        """Next traced message (needs trace=True) in `direction` ("rx"/"tx")
+        starting with `prefix`, e.g. wait_sip("tx", "CANCEL ").  The trace
+        of a message can arrive after the state change it caused."""
+        event = self.wait_for(
+            "sip", timeout=timeout, dir=direction, msg=lambda m: str(m).startswith(prefix), **match
+        )
+        return str(event["msg"])
 
     # -- lifecycle -------------------------------------------------------------
     def kill(self) -> None:

@@ -40,8 +40,23 @@ SILENCE_DB = -120.0
 """Level reported for a silent or empty signal."""
 
 TELEPHONY_TONES: tuple[float, ...] = (
-    350.0, 400.0, 425.0, 440.0, 450.0, 480.0, 620.0,
-    697.0, 770.0, 852.0, 941.0, 1000.0, 1209.0, 1336.0, 1477.0, 1633.0, 2000.0,
+    350.0,
+    400.0,
+    425.0,
+    440.0,
+    450.0,
+    480.0,
+    620.0,
+    697.0,
+    770.0,
+    852.0,
+    941.0,
+    1000.0,
+    1209.0,
+    1336.0,
+    1477.0,
+    1633.0,
+    2000.0,
 )
 """Default candidates for dominant_tones: dial/ring/busy tones, DTMF, 1 kHz."""
 

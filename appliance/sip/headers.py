@@ -6,6 +6,7 @@ a proxy that just relays a header never pays for parsing it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from appliance.sip.errors import SipSyntaxError
@@ -32,16 +33,22 @@ class Via:
         return f"SIP/2.0/{self.transport} {self.host}{port}{format_params(self.params)}"
 
 
+# sent-protocol allows whitespace around each '/' (RFC 3261 §25.1 SLASH; RFC 4475 §3.1.1.1).
+_VIA_PROTOCOL = re.compile(r"\s*([^/\s]+)\s*/\s*([^/\s]+)\s*/\s*([^/\s]+)\s+(.*)", re.DOTALL)
+
+
 def parse_via(value: str) -> Via:
-    protocol, _, rest = value.strip().partition(" ")
-    parts = protocol.split("/")
-    if len(parts) != 3 or parts[0].strip().upper() != "SIP" or parts[1].strip() != "2.0":
+    match = _VIA_PROTOCOL.fullmatch(value)
+    if match is None:
+        raise SipSyntaxError("bad Via protocol")
+    name, version, transport, rest = match.groups()
+    if name.upper() != "SIP" or version != "2.0":
         raise SipSyntaxError("bad Via protocol")
     rest = rest.strip()
     sent_by, semi, param_text = rest.partition(";")
     host, port = parse_host_port(sent_by.strip())
     params = parse_params(param_text) if semi else {}
-    return Via(parts[2].strip().upper(), host, port, params)
+    return Via(transport.upper(), host, port, params)
 
 
 @dataclass(slots=True)
@@ -88,7 +95,7 @@ def parse_name_addr(value: str) -> NameAddr:
 def parse_cseq(value: str) -> tuple[int, str]:
     number, _, method = value.strip().partition(" ")
     method = method.strip()
-    if not number.isdigit() or len(number) > 10 or not method:
+    if not (number.isascii() and number.isdigit()) or len(number) > 10 or not method:
         raise SipSyntaxError("bad CSeq")
     seq = int(number)
     if seq >= 2**31:

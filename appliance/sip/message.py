@@ -62,7 +62,7 @@ def canonical_name(name: str) -> str:
     """'v' -> 'Via', 'call-id' -> 'Call-ID', 'x-foo' -> 'X-Foo'."""
     lower = name.lower()
     if len(lower) == 1:
-        return COMPACT_FORMS.get(lower, name)
+        return COMPACT_FORMS.get(lower, lower.upper())  # one case, so lookups ignore it
     known = _CANONICAL.get(lower)
     if known:
         return known
@@ -72,7 +72,7 @@ def canonical_name(name: str) -> str:
 class Message:
     """Headers and body shared by requests and responses."""
 
-    __slots__ = ("headers", "body")
+    __slots__ = ("body", "headers")
 
     def __init__(self, headers: list[tuple[str, str]] | None = None, body: bytes = b"") -> None:
         self.headers: list[tuple[str, str]] = headers if headers is not None else []
@@ -166,7 +166,7 @@ class Request(Message):
 
 
 class Response(Message):
-    __slots__ = ("status", "reason")
+    __slots__ = ("reason", "status")
 
     def __init__(
         self, status: int, reason: str, headers: list[tuple[str, str]] | None = None, body: bytes = b""
@@ -205,7 +205,7 @@ def parse_message(data: bytes) -> Request | Response:
     request = message if isinstance(message, Request) else None
     length_text = message.get("Content-Length")
     if length_text is not None:
-        if not length_text.strip().isdigit():
+        if not _is_digits(length_text.strip()):
             raise SipParseError("Bad Content-Length", request=_answerable(request))
         length = int(length_text)
         if length > len(body):
@@ -223,14 +223,14 @@ def _parse_start_line(line: str) -> tuple[Request | Response, str]:
     if line.startswith("SIP/"):
         version, _, rest = line.partition(" ")
         code, _, reason = rest.partition(" ")
-        if version != "SIP/2.0" or len(code) != 3 or not code.isdigit() or code[0] == "0":
+        if version != "SIP/2.0" or len(code) != 3 or not _is_digits(code) or code[0] == "0":
             raise SipParseError("bad status line")
         return Response(int(code), reason), version
     parts = line.split(" ")
     if len(parts) != 3 or not parts[0] or not parts[1]:
         raise SipParseError("bad request line")
     method, uri, version = parts
-    if any(c not in _TOKEN_CHARS for c in method):
+    if not _is_token(method):
         raise SipParseError("bad method")
     return Request(method, uri), version
 
@@ -245,13 +245,13 @@ def _parse_headers(lines: list[str], message: Request | Response) -> None:
             if not pending_name:
                 bad = "folded line without header"
                 continue
-            pending_value += " " + line.strip()
+            pending_value = f"{pending_value} {line.strip()}".strip()
             continue
         if pending_name:
             _store(headers, pending_name, pending_value)
         name, colon, value = line.partition(":")
         name = name.rstrip()
-        if not colon or not name or any(c not in _TOKEN_CHARS for c in name):
+        if not colon or not _is_token(name):
             bad = bad or "malformed header line"
             pending_name = ""
             continue
@@ -263,6 +263,11 @@ def _parse_headers(lines: list[str], message: Request | Response) -> None:
         raise SipParseError(bad, request=_answerable(message))
 
 
+@lru_cache(maxsize=1024)
+def _is_token(name: str) -> bool:
+    return bool(name) and all(c in _TOKEN_CHARS for c in name)
+
+
 def _store(headers: list[tuple[str, str]], name: str, value: str) -> None:
     if name in _LIST_HEADERS and "," in value:
         try:
@@ -272,6 +277,11 @@ def _store(headers: list[tuple[str, str]], name: str, value: str) -> None:
         headers.extend((name, part.strip()) for part in parts if part.strip())
     else:
         headers.append((name, value))
+
+
+def _is_digits(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also accepts '²', which int() then rejects."""
+    return text.isascii() and text.isdigit()
 
 
 def _answerable(message: Request | Response | None) -> Request | None:
@@ -292,7 +302,7 @@ def _validate_request(request: Request) -> None:
     if method != request.method:
         raise SipParseError("CSeq method does not match", request=request)
     max_forwards = request.get("Max-Forwards")
-    if max_forwards is not None and (not max_forwards.isdigit() or int(max_forwards) > 255):
+    if max_forwards is not None and (not _is_digits(max_forwards) or int(max_forwards) > 255):
         raise SipParseError("Bad Max-Forwards", request=request)
 
 

@@ -7,6 +7,7 @@ URI comparison follows §19.1.4 exactly rather than comparing strings.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from appliance.sip.errors import SipSyntaxError
 
@@ -123,7 +124,7 @@ def parse_host_port(text: str) -> tuple[str, int | None]:
         raise SipSyntaxError("bad host")
     port: int | None = None
     if port_text:
-        if not port_text.isdigit() or len(port_text) > 5:
+        if not (port_text.isascii() and port_text.isdigit()) or len(port_text) > 5:
             raise SipSyntaxError("bad port")
         port = int(port_text)
         if not 0 < port < 65536:
@@ -156,7 +157,9 @@ def parse_uri(text: str) -> SipUri:
 
 def uri_equal(a: SipUri, b: SipUri) -> bool:
     """URI equivalence by RFC 3261 §19.1.4."""
-    if a.scheme != b.scheme or a.user != b.user or a.password != b.password:
+    if a.scheme != b.scheme or _unescape(a.user) != _unescape(b.user):
+        return False
+    if _unescape(a.password) != _unescape(b.password):
         return False
     if a.host != b.host or a.port != b.port:
         return False
@@ -164,12 +167,35 @@ def uri_equal(a: SipUri, b: SipUri) -> bool:
         va, vb = a.params.get(name, ...), b.params.get(name, ...)
         if va is ... and vb is ...:
             continue
-        if va is ... or vb is ... or _lower(va) != _lower(vb):
+        if va is ... or vb is ... or _lower(_unescape(va)) != _lower(_unescape(vb)):
             return False
     for name in a.params.keys() & b.params.keys():
-        if _lower(a.params[name]) != _lower(b.params[name]):
+        if _lower(_unescape(a.params[name])) != _lower(_unescape(b.params[name])):
             return False
     return _header_set(a.headers) == _header_set(b.headers)
+
+
+_RESERVED = frozenset(";/?:@&=+$,")
+
+
+def _unescape(value: Any) -> Any:
+    """Decode %HH escapes of unreserved characters, which §19.1.4 makes equivalent to the
+    characters themselves; escapes of reserved ones stay (in upper case)."""
+    if not isinstance(value, str) or "%" not in value:
+        return value
+    out: list[str] = []
+    i, n = 0, len(value)
+    while i < n:
+        ch = value[i]
+        hex_text = value[i + 1 : i + 3]
+        if ch == "%" and len(hex_text) == 2 and all(c in "0123456789abcdefABCDEF" for c in hex_text):
+            decoded = chr(int(hex_text, 16))
+            out.append(f"%{hex_text.upper()}" if decoded in _RESERVED or decoded == "%" else decoded)
+            i += 3
+        else:
+            out.append(ch)
+            i += 1
+    return "".join(out)
 
 
 def _lower(value: object) -> object:
@@ -180,5 +206,5 @@ def _header_set(headers: str) -> frozenset[tuple[str, str]]:
     items = set()
     for part in headers.split("&") if headers else ():
         name, _, value = part.partition("=")
-        items.add((name.lower(), value))
+        items.add((name.lower(), _unescape(value)))
     return frozenset(items)

@@ -368,9 +368,16 @@ ERROR_CASES = [
     (
         "default above max",
         "[registration]\ndefault_expires = 4000\nmax_expires = 3000\n",
-        3,
-        "registration.max_expires",
+        2,
+        "registration.default_expires",
         "default_expires (4000) must not be greater than max_expires (3000)",
+    ),
+    (
+        "max below the default default_expires",
+        "[registration]\nmax_expires = 300\n",
+        2,
+        "registration.max_expires",
+        "default_expires (600) must not be greater than max_expires (300)",
     ),
     (
         "qualify_interval negative",
@@ -440,7 +447,8 @@ ERROR_CASES = [
     ),
     (
         "multi-line strings are not headers",
-        "[control]\nsocket = \"\"\"\n[server]\nfoo = 1\n\"\"\"\ngroup = '''\n[media]\n'''\n[server]\nfoo = 1\n",
+        '[control]\nsocket = """\n[server]\nfoo = 1\n"""\n'
+        "group = '''\n[media]\n'''\n[server]\nfoo = 1\n",
         10,
         "server.foo",
         "unknown key",

@@ -1,0 +1,53 @@
+# homepbx: the two set-up commands are `make run` and `make test` (see README.md).
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CONFIG ?= config.toml
+# Debian packages the PBX and its tests need (python3-venv for the venv, tmux for the
+# terminal test of the TUI, procps for process checks).
+DEB_PACKAGES := python3 python3-venv tmux procps
+
+.PHONY: run test lint unit e2e bench deps venv clean
+
+run: venv
+	$(BIN)/homepbx run --config $(CONFIG)
+
+test: venv lint
+	$(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check appliance tui tests bench
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+unit: venv
+	$(BIN)/python -m pytest -q tests/unit
+
+e2e: venv
+	$(BIN)/python -m pytest -q tests/e2e
+
+bench: venv
+	$(BIN)/python bench/parse.py
+	$(BIN)/python bench/register.py
+
+# Installs missing Debian packages (as root, or through sudo) on a fresh machine.
+deps:
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml | deps
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) state .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,142 @@
+"""Start the real homepbx daemon as a process on loopback ports, for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    """A port free for both UDP and TCP on 127.0.0.1."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            tcp.bind(("127.0.0.1", 0))
+            port = int(tcp.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free port")
+
+
+def user_block(number: str, password: str = "secret", **fields: object) -> str:
+    lines = ["[[users]]", f'number = "{number}"', f'password = "{password}"']
+    for key, value in fields.items():
+        if isinstance(value, bool):
+            lines.append(f"{key} = {'true' if value else 'false'}")
+        elif isinstance(value, int):
+            lines.append(f"{key} = {value}")
+        else:
+            lines.append(f'{key} = "{value}"')
+    return "\n".join(lines) + "\n"
+
+
+def write_config(
+    directory: Path, port: int, users: Iterable[str], *, qualify_interval: int = 30,
+    qualify_timeout: int = 2, min_expires: int = 60, extra: str = "",
+) -> Path:
+    path = directory / "config.toml"
+    path.write_text(
+        "# test config\n"
+        "[server]\n"
+        f'listen = ["127.0.0.1:{port}"]\n'
+        'realm = "home.arpa"\n'
+        'state_dir = "state"\n\n'
+        "[registration]\n"
+        f"min_expires = {min_expires}\n"
+        f"qualify_interval = {qualify_interval}\n"
+        f"qualify_timeout = {qualify_timeout}\n\n"
+        + extra
+        + "\n".join(users)
+    )
+    return path
+
+
+class Daemon:
+    """`homepbx run` in a child process; its log is collected for assertions."""
+
+    def __init__(self, config: Path, port: int) -> None:
+        self.config = config
+        self.port = port
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self.proc: subprocess.Popen[str] | None = None
+
+    @property
+    def registrar(self) -> str:
+        return f"sip:127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> Daemon:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", HOMEPBX_LOG_LEVEL="DEBUG")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "appliance", "run", "--config", str(self.config)],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
+        self.wait_log("event=ready", timeout=timeout)
+        return self
+
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+
+    def wait_log(self, pattern: str, timeout: float = 5.0, start: int = 0) -> str:
+        """The first log line (from index `start`) matching the regex `pattern`."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.lines[start:]:
+                    if rx.search(line):
+                        return line
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc is not None and self.proc.poll() is not None and not left):
+                    tail = "\n".join(self.lines[-30:])
+                    raise TimeoutError(f"no log line matching {pattern!r}; last lines:\n{tail}")
+                self._cond.wait(min(left, 0.2))
+
+    def log_matches(self, pattern: str) -> list[str]:
+        rx = re.compile(pattern)
+        with self._cond:
+            return [line for line in self.lines if rx.search(line)]
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.send_signal(signal.SIGUSR1)  # stack dump into the log, then kill
+                time.sleep(0.5)
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
