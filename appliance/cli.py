@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
 
 from appliance.config import ConfigError, fill_missing_passwords, load_config
@@ -32,7 +33,16 @@ def main(argv: list[str] | None = None) -> int:
         return check_config(args.config)
     setup_logging(args.log_level)
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1` dumps every thread's stack
-    return asyncio.run(run_daemon(args.config))
+    return run_event_loop(run_daemon(args.config))
+
+
+def run_event_loop(main: Coroutine[object, object, int]) -> int:
+    """Run on uvloop (libuv): it halves the per-datagram cost of the default loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 def check_config(path: Path) -> int:
@@ -75,8 +85,16 @@ async def run_daemon(path: Path) -> int:
 
 
 def fill_missing_passwords_logged(path: Path) -> None:
-    for number in fill_missing_passwords(path):
-        log.warning("event=password_generated %s", fields(number=number, config=path))
+    """Generate passwords for users that have none, and log each one once, so the owner can
+    read it (journal, console) and type it into the handset."""
+    changed = fill_missing_passwords(path)
+    if not changed:
+        return
+    config = load_config(path)
+    for number in changed:
+        user = config.user(number)
+        password = user.password if user else ""
+        log.warning("event=password_generated %s", fields(number=number, password=password, config=path))
 
 
 def reload(edge: object, path: Path) -> None:

@@ -18,7 +18,7 @@ from appliance.sip.registrar import Registrar
 
 log = logging.getLogger("homepbx.state")
 
-FLUSH_DELAY = 0.2
+FLUSH_DELAY = 1.0
 FORMAT_VERSION = 1
 
 

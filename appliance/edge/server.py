@@ -24,6 +24,7 @@ from appliance.sip.message import Request, Response, make_response, parse_messag
 from appliance.sip.registrar import DevicePolicy, EventKind, Flow, Registrar, RegistrarEvent
 from appliance.sip.throttle import FailureThrottle
 from appliance.sip.transaction import ServerTransactions, server_key
+from appliance.state import LiveState
 
 log = logging.getLogger("homepbx.edge")
 
@@ -32,8 +33,6 @@ ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, UPDATE, INFO, PRACK"
 KNOWN_UNSERVED = frozenset({"SUBSCRIBE", "NOTIFY", "PUBLISH", "MESSAGE", "REFER"})
 IN_DIALOG = frozenset({"BYE", "UPDATE", "INFO", "PRACK", "CANCEL"})
 HOUSEKEEPING_INTERVAL = 1.0
-
-EventListener = Callable[[RegistrarEvent], None]
 
 
 def policy_for(user: UserConfig) -> DevicePolicy:
@@ -59,7 +58,7 @@ class Edge:
         self.transports = Transports(self)
         self.server_tx = ServerTransactions()
         self.qualifier = Qualifier(self)
-        self.listeners: list[EventListener] = []
+        self.state = LiveState(self.registrar, config)
         self.addresses: list[str] = []
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -86,6 +85,7 @@ class Edge:
         if [str(a) for a in old.server.listen] != [str(a) for a in config.server.listen]:
             log.warning("event=listen_changed action=restart_needed")
         self.config = config
+        self.state.config = config
         self.auth.realm = config.server.realm
         reg = config.registration
         self.registrar.min_expires = reg.min_expires
@@ -96,6 +96,7 @@ class Edge:
             for event in self.registrar.enforce(number, policy_for(user) if user else None):
                 self.publish(event)
         self.qualifier.reschedule()
+        self.state.emit({"event": "config_changed"})
 
     async def _housekeeping(self) -> None:
         while True:
@@ -122,8 +123,7 @@ class Edge:
                 reason=event.reason or "-",
             ))
         self.store.mark_dirty()
-        for listener in self.listeners:
-            listener(event)
+        self.state.device_event(event)
 
     # -- receiving -------------------------------------------------------------------------
     def on_message(self, data: bytes, flow: Flow) -> None:

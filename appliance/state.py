@@ -1,0 +1,200 @@
+"""Live state of the exchange (devices, calls) and the event bus that reports its changes.
+
+The edge sees every message, so it is the single source of truth; the proxy and the
+registrar tell this model what happened, and listeners (the control socket, hence the TUI)
+get one event per change. Events are plain dicts ready for JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from appliance.config import Config
+from appliance.sip.registrar import Binding, EventKind, Registrar, RegistrarEvent
+
+log = logging.getLogger("homepbx.state")
+
+Event = dict[str, Any]
+Listener = Callable[[Event], None]
+
+
+class DeviceState(Enum):
+    IDLE = "idle"
+    RINGING = "ringing"
+    TALKING = "talking"
+    CONFERENCE = "conference"
+
+
+class CallPhase(Enum):
+    RINGING = "ringing"
+    ANSWERED = "answered"
+    ENDED = "ended"
+
+
+@dataclass
+class CallView:
+    """What a person wants to know about one call."""
+
+    id: str
+    caller: str  # number of the caller
+    callee: str  # dialled number
+    caller_device: str | None  # binding id of the calling handset, if one of ours
+    phase: CallPhase = CallPhase.RINGING
+    ringing: set[str] = field(default_factory=set)  # binding ids ringing now
+    answered_by: str | None = None
+    joined: list[str] = field(default_factory=list)
+    started_at: float = field(default_factory=time.time)
+    answered_at: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "caller": self.caller, "callee": self.callee,
+            "caller_device": self.caller_device, "phase": self.phase.value,
+            "ringing": sorted(self.ringing), "answered_by": self.answered_by,
+            "joined": list(self.joined), "started_at": self.started_at,
+            "answered_at": self.answered_at,
+        }
+
+
+class LiveState:
+    def __init__(self, registrar: Registrar, config: Config) -> None:
+        self.registrar = registrar
+        self.config = config
+        self.calls: dict[str, CallView] = {}
+        self._listeners: list[Listener] = []
+        self.started_at = time.time()
+
+    # -- listeners ----------------------------------------------------------------------
+    def subscribe(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def unsubscribe(self, listener: Listener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def emit(self, event: Event) -> None:
+        event.setdefault("time", time.time())
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:  # a listener's bug must not break call handling
+                log.exception("event=listener_failed")
+
+    # -- devices ------------------------------------------------------------------------
+    def device_event(self, event: RegistrarEvent) -> None:
+        kind = {
+            EventKind.REGISTERED: "device_registered", EventKind.REFRESHED: "device_refreshed",
+            EventKind.REMOVED: "device_removed", EventKind.UNREACHABLE: "device_unreachable",
+            EventKind.REACHABLE: "device_reachable",
+        }[event.kind]
+        payload: Event = {"event": kind, "device": self.device_json(event.binding)}
+        if event.reason:
+            payload["reason"] = event.reason
+        self.emit(payload)
+
+    def device_state(self, binding_id: str) -> DeviceState:
+        for call in self.calls.values():
+            if call.phase is CallPhase.ENDED:
+                continue
+            if binding_id in call.joined:
+                return DeviceState.CONFERENCE
+            if binding_id == call.answered_by or (
+                binding_id == call.caller_device and call.phase is CallPhase.ANSWERED
+            ):
+                return DeviceState.CONFERENCE if call.joined else DeviceState.TALKING
+            if binding_id in call.ringing:
+                return DeviceState.RINGING
+        return DeviceState.IDLE
+
+    def device_json(self, b: Binding) -> dict[str, Any]:
+        return {
+            "id": b.id, "number": b.number, "contact": b.contact, "user_agent": b.user_agent,
+            "transport": b.flow.transport, "address": f"{b.flow.host}:{b.flow.port}",
+            "registered_at": b.registered_at, "expires_at": b.expires_at,
+            "reachable": b.reachable, "state": self.device_state(b.id).value,
+        }
+
+    # -- calls (told by the proxy) --------------------------------------------------------
+    def call_started(self, call_id: str, caller: str, callee: str, caller_device: str | None) -> None:
+        call = CallView(call_id, caller, callee, caller_device)
+        self.calls[call_id] = call
+        self._call_changed("call_started", call)
+
+    def device_ringing(self, call_id: str, binding_id: str) -> None:
+        call = self.calls.get(call_id)
+        if call is None or binding_id in call.ringing or call.phase is not CallPhase.RINGING:
+            return
+        call.ringing.add(binding_id)
+        self._call_changed("device_ringing", call, device=binding_id)
+
+    def device_stopped(self, call_id: str, binding_id: str) -> None:
+        call = self.calls.get(call_id)
+        if call is None or binding_id not in call.ringing:
+            return
+        call.ringing.discard(binding_id)
+        self._call_changed("device_stopped", call, device=binding_id)
+
+    def call_answered(self, call_id: str, binding_id: str | None) -> None:
+        call = self.calls.get(call_id)
+        if call is None or call.phase is not CallPhase.RINGING:
+            return
+        call.phase = CallPhase.ANSWERED
+        call.answered_by = binding_id
+        call.answered_at = time.time()
+        call.ringing.clear()
+        self._call_changed("call_answered", call, device=binding_id)
+
+    def call_joined(self, call_id: str, binding_id: str) -> None:
+        call = self.calls.get(call_id)
+        if call is None:
+            return
+        call.joined.append(binding_id)
+        self._call_changed("call_joined", call, device=binding_id)
+
+    def call_left(self, call_id: str, binding_id: str) -> None:
+        call = self.calls.get(call_id)
+        if call is None or binding_id not in call.joined:
+            return
+        call.joined.remove(binding_id)
+        self._call_changed("call_left", call, device=binding_id)
+
+    def call_ended(self, call_id: str, reason: str) -> None:
+        call = self.calls.pop(call_id, None)
+        if call is None:
+            return
+        call.phase = CallPhase.ENDED
+        call.ringing.clear()
+        self._call_changed("call_ended", call, reason=reason)
+
+    def _call_changed(self, kind: str, call: CallView, **extra: Any) -> None:
+        event: Event = {"event": kind, "call": call.to_json(), **extra}
+        self.emit(event)
+
+    # -- snapshot ---------------------------------------------------------------------------
+    def outgoing_in_use(self, number: str) -> int:
+        return sum(1 for c in self.calls.values() if c.caller == number and c.caller_device)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything a freshly connected client needs to draw the screen."""
+        numbers = []
+        for user in self.config.users:
+            devices = [self.device_json(b) for b in self.registrar.bindings(user.number)]
+            numbers.append({
+                "number": user.number, "name": user.name, "one_number": user.one_number,
+                "max_devices": user.max_devices, "device_limit": user.device_limit,
+                "max_outgoing_calls": user.max_outgoing_calls,
+                "outgoing_in_use": self.outgoing_in_use(user.number),
+                "decline": user.decline, "ring_timeout": user.ring_timeout,
+                "devices": devices,
+            })
+        server = self.config.server
+        return {
+            "event": "snapshot", "time": time.time(), "started_at": self.started_at,
+            "realm": server.realm, "listen": [str(a) for a in server.listen],
+            "numbers": numbers, "calls": [c.to_json() for c in self.calls.values()],
+        }
