@@ -11,9 +11,14 @@ import signal
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from appliance import sdnotify
 from appliance.config import ConfigError, fill_missing_passwords, load_config
 from appliance.logs import fields, setup_logging
+
+if TYPE_CHECKING:
+    from appliance.edge.server import Edge
 
 log = logging.getLogger("homepbx")
 
@@ -77,8 +82,12 @@ async def run_daemon(path: Path) -> int:
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: reload(edge, path))
     log.info("event=ready %s", fields(listen=",".join(edge.addresses), config=path, pid=os.getpid()))
+    sdnotify.notify(f"READY=1\nSTATUS=listening on {', '.join(edge.addresses)}\nMAINPID={os.getpid()}")
+    watchdog = asyncio.create_task(sdnotify.watchdog())
     await stop.wait()
     log.info("event=stopping")
+    sdnotify.notify("STOPPING=1")
+    watchdog.cancel()
     await edge.stop()
     log.info("event=stopped")
     return 0
@@ -97,10 +106,15 @@ def fill_missing_passwords_logged(path: Path) -> None:
         log.warning("event=password_generated %s", fields(number=number, password=password, config=path))
 
 
-def reload(edge: object, path: Path) -> None:
-    from appliance.edge.server import Edge
+def reload(edge: Edge, path: Path) -> None:
+    sdnotify.notify("RELOADING=1")
+    try:
+        _reload(edge, path)
+    finally:
+        sdnotify.notify("READY=1")
 
-    assert isinstance(edge, Edge)
+
+def _reload(edge: Edge, path: Path) -> None:
     try:
         fill_missing_passwords_logged(path)
         config = load_config(path)
