@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 
 from appliance.config import Config, UserConfig
+from appliance.edge.calls import CallRouter
 from appliance.edge.persistence import BindingStore, load_secret
 from appliance.edge.qualify import Qualifier
 from appliance.edge.transport import Transports
@@ -32,6 +33,7 @@ ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, UPDATE, INFO, PRACK"
 # Methods we know but do not serve get 405 with Allow; anything else 501 (§21.4.6, §21.5.2).
 KNOWN_UNSERVED = frozenset({"SUBSCRIBE", "NOTIFY", "PUBLISH", "MESSAGE", "REFER"})
 IN_DIALOG = frozenset({"BYE", "UPDATE", "INFO", "PRACK", "CANCEL"})
+CALL_METHODS = frozenset({"INVITE", "ACK", "CANCEL"})
 HOUSEKEEPING_INTERVAL = 1.0
 
 
@@ -59,6 +61,7 @@ class Edge:
         self.server_tx = ServerTransactions()
         self.qualifier = Qualifier(self)
         self.state = LiveState(self.registrar, config)
+        self.calls = CallRouter(self)
         self.addresses: list[str] = []
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -72,7 +75,11 @@ class Edge:
         self._tasks.append(asyncio.create_task(self._housekeeping()))
         self._tasks.append(asyncio.create_task(self.qualifier.run()))
 
+    def call_later(self, delay: float, callback: Callable[..., object], *args: object) -> None:
+        asyncio.get_running_loop().call_later(delay, callback, *args)
+
     async def stop(self) -> None:
+        self.calls.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -136,7 +143,8 @@ class Edge:
             self._reject_malformed(err, flow, err.status, err.reason)
             return
         if isinstance(message, Response):
-            self.qualifier.on_response(message)
+            if not self.calls.on_response(message, flow, now):
+                self.qualifier.on_response(message)
             return
         self.on_request(message, flow, now)
 
@@ -168,8 +176,11 @@ class Edge:
         except SipSyntaxError:
             self._reply_unkeyed(request, flow, 400, "Malformed Via header")
             return
+        in_dialog = ";tag=" in (request.get("To") or "").replace(" ", "")
+        if (request.method in CALL_METHODS or in_dialog) and self.calls.on_request(request, flow, dest, now):
+            return
         if request.method == "ACK":
-            return  # ACK to one of our non-2xx answers ends nothing we keep
+            return  # ACK to one of our own non-2xx answers ends nothing we keep
         key = server_key(request)
         if key is not None:
             retransmission, previous = self.server_tx.receive(key, now)
@@ -199,7 +210,7 @@ class Edge:
             ])
         if method in IN_DIALOG:
             return make_response(request, 481, "Call/Transaction Does Not Exist")
-        if method in KNOWN_UNSERVED or method == "INVITE":
+        if method in KNOWN_UNSERVED:
             return make_response(request, 405, "Method Not Allowed", headers=[("Allow", ALLOW)])
         return make_response(request, 501, "Not Implemented", headers=[("Allow", ALLOW)])
 
@@ -245,14 +256,23 @@ class Edge:
             via.params["received"] = flow.host
             changed = True
         if changed:
-            for i, (name, _) in enumerate(request.headers):
-                if name == "Via":
-                    request.headers[i] = ("Via", str(via))
-                    break
+            self._replace_top_via(request, str(via))
         if flow.transport == "tcp":
+            # Always note where a TCP request came from: a response relayed statelessly
+            # later finds its connection by these two values.
+            via.params["received"] = flow.host
+            via.params["rport"] = str(flow.port)
+            self._replace_top_via(request, str(via))
             return flow
         port = flow.port if "rport" in via.params else (via.port or 5060)
         return Flow("udp", flow.host, port, flow.local)
+
+    @staticmethod
+    def _replace_top_via(request: Request, value: str) -> None:
+        for i, (name, _) in enumerate(request.headers):
+            if name == "Via":
+                request.headers[i] = ("Via", value)
+                return
 
     # -- sending requests (qualify) ---------------------------------------------------------
     def send(self, data: bytes, flow: Flow) -> bool:

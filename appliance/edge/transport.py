@@ -266,6 +266,11 @@ class Transports:
             host = cached
         return host, int(port)
 
+    def local_ips(self) -> set[str]:
+        """Addresses we answer to: the listeners' and those the routing table gave us."""
+        hosts = {local.rpartition(":")[0].strip("[]") for local in self.udp}
+        return hosts | set(self._local_ip_cache.values())
+
     async def close(self) -> None:
         for server in self._servers:
             server.close()

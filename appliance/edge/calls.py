@@ -1,0 +1,385 @@
+"""Call routing in the edge: INVITE in, forks out, dialogs relayed, limits and live state.
+
+Initial INVITEs are challenged (407), checked against the caller's outgoing limit and
+routed to the dialled number's reachable devices through a `Fork` (sans-I/O). Requests
+inside a dialog follow our Record-Route back here and are relayed statelessly (§16.11) to
+the other party over the flow that party uses, so a handset behind NAT or on its own TCP
+connection is always reached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from appliance.edge.timers import Timed, TimerWheel
+from appliance.edge.transport import format_host_port
+from appliance.logs import fields
+from appliance.sip.authenticator import Outcome
+from appliance.sip.errors import SipSyntaxError
+from appliance.sip.headers import parse_name_addr, parse_via
+from appliance.sip.invite_transaction import Send
+from appliance.sip.message import Request, Response, make_response, new_tag
+from appliance.sip.proxy import Fork, ForkEvent, ForkSettings, SendRequest, Target
+from appliance.sip.registrar import Binding, Flow
+from appliance.sip.transaction import ClientTransactions, Retransmit, server_key
+
+if TYPE_CHECKING:
+    from appliance.edge.server import Edge
+
+log = logging.getLogger("homepbx.calls")
+
+STATELESS_PREFIX = "z9hG4bKsl"
+DIALOG_LINGER = 32.0
+
+
+@dataclass
+class Call:
+    """One call as the edge follows it, from INVITE to BYE."""
+
+    token: str
+    call_id: str
+    caller: str
+    callee: str
+    caller_tag: str
+    caller_flow: Flow
+    caller_device: str | None
+    counts_outgoing: bool
+    fork: Fork[Flow] | None = None
+    callee_flow: Flow | None = None
+    answered_by: str | None = None
+    ended: bool = False
+    branch_devices: dict[str, str] = field(default_factory=dict)
+
+
+class CallRouter:
+    def __init__(self, edge: Edge) -> None:
+        self.edge = edge
+        self.timers = TimerWheel(edge.monotonic, self._fire)
+        self.client_tx: ClientTransactions[Flow] = ClientTransactions()
+        self._forks: dict[str, Call] = {}  # server transaction key of the INVITE -> call
+        self._branches: dict[str, Call] = {}  # our branch id -> call
+        self._dialogs: dict[str, Call] = {}  # Call-ID -> call
+        self._by_fork: dict[int, Call] = {}  # id(fork) -> call, for its timers
+        self.outgoing: dict[str, int] = {}  # number -> calls placed now
+
+    # -- requests ----------------------------------------------------------------------------
+    def on_request(self, request: Request, flow: Flow, dest: Flow, now: float) -> bool:
+        """Handle call-related requests; False if this is not ours to handle."""
+        method = request.method
+        to_tag = _tag(request.get("To"))
+        key = server_key(request)
+        invite_key = key.rsplit("|", 1)[0] + "|INVITE" if key else None
+        if method == "INVITE" and to_tag is None:
+            call = self._forks.get(key) if key else None
+            if call is not None and call.fork is not None:
+                self._apply(call, call.fork.on_request_retransmission())
+                return True
+            self._new_call(request, flow, dest, key, now)
+            return True
+        if method == "ACK":
+            # An ACK with the INVITE's branch acknowledges our non-2xx final (hop by hop);
+            # the ACK of a 2xx is a new transaction that belongs to the dialog.
+            call = self._forks.get(invite_key) if invite_key else None
+            if call is not None and call.fork is not None:
+                self._apply(call, call.fork.on_ack(now))
+                return True
+            self._relay_in_dialog(request, flow)
+            return True
+        if method == "CANCEL":
+            call = self._forks.get(invite_key) if invite_key else None
+            if call is None or call.fork is None:
+                self._reply(request, dest, 481, "Call/Transaction Does Not Exist")
+                return True
+            self._reply(request, dest, 200, "OK")
+            self._apply(call, call.fork.cancel(now, request.get("Reason")))
+            return True
+        if to_tag is not None and method in ("BYE", "INVITE", "UPDATE", "INFO", "PRACK", "NOTIFY", "REFER",
+                                             "MESSAGE", "OPTIONS"):
+            if request.call_id not in self._dialogs:
+                self._reply(request, dest, 481, "Call/Transaction Does Not Exist")
+                return True
+            self._relay_in_dialog(request, flow)
+            return True
+        return False
+
+    def _reply(self, request: Request, dest: Flow, status: int, reason: str,
+               headers: list[tuple[str, str]] | None = None) -> None:
+        self.edge.send(make_response(request, status, reason, headers=headers or []).to_bytes(), dest)
+
+    def _new_call(self, request: Request, flow: Flow, dest: Flow, key: str | None, now: float) -> None:
+        edge = self.edge
+        try:
+            from_addr = parse_name_addr(request.get("From") or "")
+            dialled = _dialled_number(request.uri)
+        except SipSyntaxError:
+            self._reply(request, dest, 400, "Malformed From or Request-URI")
+            return
+        caller = from_addr.uri.user or ""
+        user = edge.config.user(caller)
+        result = edge.auth.check(request, caller, user.password if user else None, flow.host, now, proxy=True)
+        if result.outcome is not Outcome.ACCEPTED:
+            if result.outcome is Outcome.REFUSED:
+                log.warning("event=auth_failed %s", fields(number=caller, peer=f"{flow.host}:{flow.port}",
+                                                           method="INVITE"))
+            assert result.response is not None
+            edge.send(result.response.to_bytes(), dest)
+            return
+        assert user is not None
+        max_forwards = request.get("Max-Forwards")
+        if max_forwards is not None and int(max_forwards) <= 0:
+            self._reply(request, dest, 483, "Too Many Hops")
+            return
+        callee = edge.config.user(dialled) if dialled else None
+        if callee is None:
+            self._reply(request, dest, 404, "Not Found")
+            return
+        limit = user.max_outgoing_calls
+        in_use = self.outgoing.get(caller, 0)
+        if limit and in_use >= limit:
+            log.info("event=call_refused %s", fields(caller=caller, callee=dialled, reason="outgoing_limit"))
+            self._reply(request, dest, 403, f"Outgoing call limit reached ({in_use} of {limit})")
+            return
+        caller_device = self._device_of(caller, flow)
+        targets = [
+            Target(b.id, str(b.name_addr.uri), b.flow, b.flow.transport == "tcp")
+            for b in edge.registrar.bindings(callee.number)
+            if b.reachable and b.id != caller_device and self._flow_usable(b)
+        ]
+        if not targets:
+            self._reply(request, dest, 480, "Temporarily Unavailable")
+            return
+        token = new_tag()
+        call = Call(token, request.call_id, caller, callee.number, _tag(request.get("From")) or "",
+                    flow, caller_device, counts_outgoing=True)
+        self.outgoing[caller] = in_use + 1
+        settings = ForkSettings(float(callee.ring_timeout), decline_all=callee.decline == "all_devices")
+        identity = f'"{user.name or caller}" <sip:{caller}@{edge.config.server.realm}>'
+        fork: Fork[Flow] = Fork(
+            request, dest, flow.transport == "tcp", settings, now,
+            via_for=self._via_for, record_route=lambda t: self._record_route(flow, t),
+            extra_headers=[("P-Asserted-Identity", identity)],
+        )
+        call.fork = fork
+        self._by_fork[id(fork)] = call
+        if key:
+            self._forks[key] = call
+        self._dialogs[call.call_id] = call
+        edge.state.call_started(token, caller, callee.number, caller_device)
+        log.info("event=call_started %s", fields(call=token, caller=caller, callee=callee.number,
+                                                 devices=len(targets)))
+        actions = fork.start(targets, now)
+        for branch_id, branch in fork.branches.items():
+            self._branches[branch_id] = call
+            call.branch_devices[branch_id] = branch.target.binding_id
+        self._apply(call, actions)
+
+    def _device_of(self, number: str, flow: Flow) -> str | None:
+        for b in self.edge.registrar.bindings(number):
+            if b.flow.host == flow.host and b.flow.port == flow.port and b.flow.transport == flow.transport:
+                return b.id
+        return None
+
+    def _flow_usable(self, binding: Binding) -> bool:
+        flow = binding.flow
+        return flow.transport != "tcp" or self.edge.transports.tcp.get(flow.host, flow.port) is not None
+
+    def _via_for(self, target: Target[Flow], branch: str) -> str:
+        host, port = self.edge.transports.local_address(target.dest)
+        proto = target.dest.transport.upper()
+        return f"SIP/2.0/{proto} {format_host_port(host, port)};branch={branch};rport"
+
+    def _record_route(self, caller_flow: Flow, target: Target[Flow]) -> str:
+        """Record-Route so in-dialog requests come back here; doubled when transports differ."""
+        out = self._rr_uri(target.dest)
+        if caller_flow.transport != target.dest.transport:
+            return f"{out}, {self._rr_uri(caller_flow)}"  # RFC 5658 double record-routing
+        return out
+
+    def _rr_uri(self, flow: Flow) -> str:
+        host, port = self.edge.transports.local_address(flow)
+        transport = ";transport=tcp" if flow.transport == "tcp" else ""
+        return f"<sip:{format_host_port(host, port)}{transport};lr>"
+
+    # -- responses ---------------------------------------------------------------------------
+    def on_response(self, response: Response, flow: Flow, now: float) -> bool:
+        top = response.get("Via")
+        if top is None:
+            return False
+        try:
+            via = parse_via(top)
+        except SipSyntaxError:
+            return False
+        branch = via.branch or ""
+        call = self._branches.get(branch)
+        if call is not None and call.fork is not None:
+            self._apply(call, call.fork.on_response(branch, response, now))
+            return True
+        if self.client_tx.receive(response) is not None:
+            return True  # a CANCEL or BYE of ours, answered
+        if branch.startswith(STATELESS_PREFIX):
+            self._relay_response(response)
+            return True
+        return False
+
+    # -- fork actions -------------------------------------------------------------------------
+    def _apply(self, call: Call, actions: list[Send[Flow] | SendRequest[Flow] | ForkEvent]) -> None:
+        state = self.edge.state
+        for action in actions:
+            if isinstance(action, Send):
+                self.edge.send(action.data, action.dest)
+            elif isinstance(action, SendRequest):
+                self._send_request(action.request, action.dest, action.reliable)
+            elif action.kind == "ringing" and action.binding_id:
+                state.device_ringing(call.token, action.binding_id)
+            elif action.kind == "stopped" and action.binding_id:
+                state.device_stopped(call.token, action.binding_id)
+            elif action.kind == "answered":
+                call.answered_by = action.binding_id
+                fork = call.fork
+                if fork is not None and fork.answered is not None:
+                    call.callee_flow = fork.answered.target.dest
+                state.call_answered(call.token, action.binding_id)
+                log.info("event=call_answered %s", fields(call=call.token, device=action.binding_id))
+            elif action.kind == "failed":
+                self._end(call, f"status_{action.status}")
+        if call.fork is not None:
+            if call.fork.done:
+                self._forget_fork(call)
+            else:
+                self.timers.arm(call.fork)
+
+    def _send_request(self, request: Request, dest: Flow, reliable: bool) -> None:
+        via = parse_via(request.get("Via") or "")
+        data = request.to_bytes()
+        self.client_tx.start(via.branch or new_tag(), request.method, data, dest, reliable, self.edge.monotonic())
+        self.edge.send(data, dest)
+        self.timers.arm(self.client_tx)
+
+    def _fire(self, obj: Timed, now: float) -> None:
+        if obj is self.client_tx:
+            for action in self.client_tx.on_timer(now):
+                if isinstance(action, Retransmit):
+                    self.edge.send(action.data, action.dest)
+            return
+        call = self._by_fork.get(id(obj))
+        if call is not None and call.fork is obj:
+            self._apply(call, call.fork.on_timer(now))
+
+    def _forget_fork(self, call: Call) -> None:
+        fork = call.fork
+        if fork is None:
+            return
+        for branch_id in fork.branches:
+            self._branches.pop(branch_id, None)
+        for key, other in list(self._forks.items()):
+            if other is call:
+                del self._forks[key]
+        self._by_fork.pop(id(fork), None)
+        call.fork = None
+
+    def _end(self, call: Call, reason: str) -> None:
+        if call.ended:
+            return
+        call.ended = True
+        if call.counts_outgoing:
+            left = self.outgoing.get(call.caller, 1) - 1
+            if left > 0:
+                self.outgoing[call.caller] = left
+            else:
+                self.outgoing.pop(call.caller, None)
+        # Keep the dialog a while (64*T1) so a retransmitted BYE still finds its way.
+        self.edge.call_later(DIALOG_LINGER, self._forget_dialog, call)
+        self.edge.state.call_ended(call.token, reason)
+        log.info("event=call_ended %s", fields(call=call.token, caller=call.caller, callee=call.callee,
+                                               reason=reason))
+
+    def _forget_dialog(self, call: Call) -> None:
+        if self._dialogs.get(call.call_id) is call:
+            del self._dialogs[call.call_id]
+
+    # -- in-dialog relay (stateless, §16.11) -----------------------------------------------------
+    def _relay_in_dialog(self, request: Request, flow: Flow) -> None:
+        call = self._dialogs.get(request.call_id)
+        if call is None or call.callee_flow is None or (call.ended and request.method not in ("BYE", "ACK")):
+            if request.method != "ACK":
+                self._reply(request, flow, 481, "Call/Transaction Does Not Exist")
+            return
+        from_tag = _tag(request.get("From"))
+        towards_callee = from_tag == call.caller_tag
+        dest = call.callee_flow if towards_callee else call.caller_flow
+        self._pop_own_routes(request)
+        max_forwards = int(request.get("Max-Forwards") or "70")
+        if max_forwards <= 0:
+            if request.method != "ACK":
+                self._reply(request, flow, 483, "Too Many Hops")
+            return
+        request.set("Max-Forwards", str(max_forwards - 1))
+        incoming_branch = ""
+        top = request.get("Via")
+        if top is not None:
+            incoming_branch = parse_via(top).branch or ""
+        digest = hashlib.sha1(f"{incoming_branch}|{request.call_id}|{request.method}".encode()).hexdigest()[:20]
+        host, port = self.edge.transports.local_address(dest)
+        request.add("Via", f"SIP/2.0/{dest.transport.upper()} {format_host_port(host, port)};"
+                           f"branch={STATELESS_PREFIX}{digest};rport", first=True)
+        self.edge.send(request.to_bytes(), dest)
+        if request.method == "BYE":
+            self._end(call, "bye_from_caller" if towards_callee else "bye_from_callee")
+
+    def _pop_own_routes(self, request: Request) -> None:
+        while True:
+            route = request.get("Route")
+            if route is None:
+                return
+            try:
+                uri = parse_name_addr(route).uri
+            except SipSyntaxError:
+                return
+            if not self._is_ours(uri.host, uri.port):
+                return
+            request.pop_first("Route")
+
+    def _is_ours(self, host: str, port: int | None) -> bool:
+        ports = {int(a.rsplit(":", 1)[1]) for a in self.edge.addresses}
+        if (port or 5060) not in ports:
+            return False
+        host = host.strip("[]")
+        listening = {a.rsplit(":", 1)[0].strip("[]") for a in self.edge.addresses}
+        return host in listening or host in self.edge.transports.local_ips() or "0.0.0.0" in listening
+
+    def _relay_response(self, response: Response) -> None:
+        """Stateless response relay: drop our Via, send to the next one's address (§16.11)."""
+        response.pop_first("Via")
+        top = response.get("Via")
+        if top is None:
+            return
+        try:
+            via = parse_via(top)
+        except SipSyntaxError:
+            return
+        host = via.params.get("received") or via.host
+        rport = via.params.get("rport")
+        port = int(rport) if rport and rport.isdigit() else (via.port or 5060)
+        transport = "tcp" if via.transport == "TCP" else "udp"
+        self.edge.send(response.to_bytes(), Flow(transport, host.strip("[]"), port))
+
+    def close(self) -> None:
+        self.timers.cancel()
+
+
+def _tag(value: str | None) -> str | None:
+    if not value or ";tag=" not in value.replace(" ", ""):
+        return None
+    try:
+        return parse_name_addr(value).tag
+    except SipSyntaxError:
+        return None
+
+
+def _dialled_number(uri: str) -> str:
+    from appliance.sip.uri import parse_uri
+
+    return parse_uri(uri).user or ""

@@ -1,0 +1,364 @@
+"""Stateful forking proxy core (RFC 3261 §16), sans-I/O: one `Fork` per incoming INVITE.
+
+A Fork rings every target at once (one INVITE client transaction per device), relays
+provisional responses, forwards the first 2xx and CANCELs the other branches with
+`Reason: SIP;cause=200;text="Call completed elsewhere"` so their handsets log no missed
+call. A second 2xx that loses the race is ACKed and BYEd here, so no handset is left in
+a ghost call. Without an answer it sends the best final response (§16.7) upstream.
+Timers are data: `next_deadline()` / `on_timer(now)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Generic, TypeVar
+
+from appliance.sip.headers import parse_name_addr
+from appliance.sip.invite_transaction import InviteClient, InviteServer, PassUp, Send, TimedOut
+from appliance.sip.message import Request, Response, make_response, new_tag
+
+Dest = TypeVar("Dest")
+
+ANSWERED_ELSEWHERE = 'SIP;cause=200;text="Call completed elsewhere"'
+DECLINE_CODES = frozenset({486, 600, 603})
+
+
+@dataclass(frozen=True, slots=True)
+class Target(Generic[Dest]):
+    """One device to ring: its registered binding, Contact URI and the flow to reach it."""
+
+    binding_id: str
+    uri: str
+    dest: Dest
+    reliable: bool
+
+
+class BranchState(Enum):
+    TRYING = "trying"
+    RINGING = "ringing"
+    ANSWERED = "answered"
+    FAILED = "failed"
+
+
+@dataclass
+class Branch(Generic[Dest]):
+    target: Target[Dest]
+    tx: InviteClient[Dest]
+    state: BranchState = BranchState.TRYING
+    cancel_wanted: str | None = None  # Reason to send once a provisional arrives
+    cancelled: bool = False
+    final: Response | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SendRequest(Generic[Dest]):
+    """A new non-INVITE request (CANCEL, BYE) for the edge's client transactions."""
+
+    request: Request
+    dest: Dest
+    reliable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ForkEvent:
+    """What a person would see: a device rings, stops, answers; the call fails."""
+
+    kind: str  # "ringing" | "stopped" | "answered" | "failed"
+    binding_id: str | None = None
+    status: int | None = None
+
+
+ForkAction = Send[Dest] | SendRequest[Dest] | ForkEvent
+
+
+@dataclass
+class ForkSettings:
+    ring_timeout: float
+    decline_all: bool = False
+
+
+class Fork(Generic[Dest]):
+    """One INVITE from a caller, forked in parallel to every target."""
+
+    def __init__(
+        self,
+        request: Request,
+        upstream: Dest,
+        upstream_reliable: bool,
+        settings: ForkSettings,
+        now: float,
+        *,
+        via_for: Callable[[Target[Dest], str], str],
+        record_route: Callable[[Target[Dest]], str] | None = None,
+        extra_headers: list[tuple[str, str]] | None = None,
+    ) -> None:
+        self.request = request
+        self.settings = settings
+        self.server: InviteServer[Dest] = InviteServer(upstream, upstream_reliable)
+        self.branches: dict[str, Branch[Dest]] = {}
+        self._via_for = via_for
+        self._record_route = record_route
+        self._extra = extra_headers or []
+        self.ring_deadline: float | None = now + settings.ring_timeout
+        self.answered: Branch[Dest] | None = None
+        self.final_sent = False
+        self._responses: list[Response] = []
+
+    # -- start --------------------------------------------------------------------------------
+    def start(self, targets: list[Target[Dest]], now: float) -> list[ForkAction[Dest]]:
+        actions: list[ForkAction[Dest]] = []
+        trying = make_response(self.request, 100, "Trying")
+        actions += self._up(self.server.respond(trying, now))
+        for target in targets:
+            branch_id = "z9hG4bK" + new_tag() + new_tag()
+            outgoing = self._branch_request(target, branch_id)
+            tx: InviteClient[Dest] = InviteClient(outgoing, target.dest, target.reliable, now)
+            self.branches[branch_id] = Branch(target, tx)
+            actions += self._up(tx.start())
+        return actions
+
+    def _branch_request(self, target: Target[Dest], branch_id: str) -> Request:
+        """§16.6: a copy with the device's Contact as Request-URI, our Via, Record-Route."""
+        src = self.request
+        headers: list[tuple[str, str]] = [("Via", self._via_for(target, branch_id))]
+        for name, value in src.headers:
+            if name in ("Proxy-Authorization", "Route"):
+                continue  # our credentials are consumed here; the Route pointed at us
+            if name == "Max-Forwards":
+                value = str(max(0, int(value) - 1))
+            headers.append((name, value))
+        if src.get("Max-Forwards") is None:
+            headers.append(("Max-Forwards", "69"))
+        if self._record_route is not None:
+            headers.insert(1, ("Record-Route", self._record_route(target)))
+        headers.extend(self._extra)
+        return Request("INVITE", target.uri, headers, src.body)
+
+    # -- events ------------------------------------------------------------------------------
+    def on_response(self, branch_id: str, response: Response, now: float) -> list[ForkAction[Dest]]:
+        branch = self.branches.get(branch_id)
+        if branch is None:
+            return []
+        actions: list[ForkAction[Dest]] = []
+        for action in branch.tx.on_response(response, now):
+            if isinstance(action, PassUp):
+                actions += self._handle(branch, action.response, now)
+            elif isinstance(action, Send):
+                actions.append(action)
+        return actions
+
+    def _handle(self, branch: Branch[Dest], response: Response, now: float) -> list[ForkAction[Dest]]:
+        status = response.status
+        binding = branch.target.binding_id
+        actions: list[ForkAction[Dest]] = []
+        if status < 200:
+            if branch.state is BranchState.TRYING:
+                if branch.cancel_wanted is not None:
+                    actions += self._send_cancel(branch, branch.cancel_wanted)
+                    return actions
+                if status > 100:
+                    branch.state = BranchState.RINGING
+                    actions.append(ForkEvent("ringing", binding))
+            if status > 100 and not self.final_sent and not branch.cancelled:
+                actions += self._up(self.server.respond(_upstream(response), now))
+            return actions
+        if status < 300:
+            if self.answered is None and not self.final_sent:
+                branch.state = BranchState.ANSWERED
+                self.answered = branch
+                self.final_sent = True
+                self.ring_deadline = None
+                actions.append(ForkEvent("answered", binding))
+                actions += self._up(self.server.respond(_upstream(response), now))
+                actions += self._cancel_others(branch, ANSWERED_ELSEWHERE)
+            elif self.answered is branch:
+                actions += self._up(self.server.respond(_upstream(response), now))  # 2xx retransmitted
+            elif branch.state is not BranchState.ANSWERED:
+                branch.state = BranchState.ANSWERED
+                actions += self._hang_up_loser(branch, response)
+                actions.append(ForkEvent("stopped", binding))
+            return actions
+        # 3xx-6xx: this branch is over.
+        was_ringing = branch.state is BranchState.RINGING
+        branch.state = BranchState.FAILED
+        branch.final = response
+        if was_ringing or not branch.cancelled:
+            actions.append(ForkEvent("stopped", binding))
+        if branch.cancelled and status == 487:
+            pass
+        else:
+            self._responses.append(response)
+        if (self.settings.decline_all and status in DECLINE_CODES and not self.final_sent
+                and self.answered is None):
+            actions += self._cancel_others(branch, f"SIP;cause={status}")
+            actions += self._final(make_upstream_failure(self.request, response), now)
+            return actions
+        actions += self._maybe_finish(now)
+        return actions
+
+    def cancel(self, now: float, reason: str | None = None) -> list[ForkAction[Dest]]:
+        """The caller CANCELled: cancel every branch and answer the INVITE with 487."""
+        if self.final_sent:
+            return []
+        actions = self._cancel_others(None, reason)
+        actions += self._final(make_response(self.request, 487, "Request Terminated"), now)
+        return actions
+
+    def on_ack(self, now: float) -> list[ForkAction[Dest]]:
+        return self._up(self.server.on_ack(now))
+
+    def on_request_retransmission(self) -> list[ForkAction[Dest]]:
+        return self._up(self.server.on_retransmission())
+
+    # -- timers ---------------------------------------------------------------------------------
+    def next_deadline(self) -> float | None:
+        times = [t for t in (self.ring_deadline, self.server.next_deadline()) if t is not None]
+        times += [t for b in self.branches.values() if (t := b.tx.next_deadline()) is not None]
+        return min(times) if times else None
+
+    def on_timer(self, now: float) -> list[ForkAction[Dest]]:
+        actions: list[ForkAction[Dest]] = []
+        if self.ring_deadline is not None and now >= self.ring_deadline:
+            self.ring_deadline = None
+            if not self.final_sent:
+                actions += self._cancel_others(None, None)
+                actions += self._final(make_response(self.request, 480, "Temporarily Unavailable (no answer)"), now)
+        for branch in list(self.branches.values()):
+            if (deadline := branch.tx.next_deadline()) is not None and now >= deadline:
+                for action in branch.tx.on_timer(now):
+                    if isinstance(action, TimedOut):
+                        actions += self._branch_timed_out(branch, now)
+                    elif isinstance(action, Send):
+                        actions.append(action)
+        if (deadline := self.server.next_deadline()) is not None and now >= deadline:
+            actions += self._up([a for a in self.server.on_timer(now) if isinstance(a, Send)])
+        return actions
+
+    def _branch_timed_out(self, branch: Branch[Dest], now: float) -> list[ForkAction[Dest]]:
+        if branch.state in (BranchState.FAILED, BranchState.ANSWERED):
+            return []
+        branch.state = BranchState.FAILED
+        actions: list[ForkAction[Dest]] = [ForkEvent("stopped", branch.target.binding_id)]
+        if not branch.cancelled:
+            self._responses.append(make_response(self.request, 408, "Request Timeout"))
+        return actions + self._maybe_finish(now)
+
+    @property
+    def done(self) -> bool:
+        """Nothing left to do: final sent and every transaction has ended."""
+        return (self.final_sent and self.server.done and self.ring_deadline is None
+                and all(b.tx.done for b in self.branches.values()))
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _maybe_finish(self, now: float) -> list[ForkAction[Dest]]:
+        if self.final_sent or any(
+            b.state in (BranchState.TRYING, BranchState.RINGING) for b in self.branches.values()
+        ):
+            return []
+        best = best_response(self._responses)
+        if best is None:
+            final = make_response(self.request, 480, "Temporarily Unavailable")
+        else:
+            final = make_upstream_failure(self.request, best)
+        return self._final(final, now)
+
+    def _final(self, response: Response, now: float) -> list[ForkAction[Dest]]:
+        self.final_sent = True
+        self.ring_deadline = None
+        return [ForkEvent("failed", status=response.status), *self._up(self.server.respond(response, now))]
+
+    def _cancel_others(self, keep: Branch[Dest] | None, reason: str | None) -> list[ForkAction[Dest]]:
+        actions: list[ForkAction[Dest]] = []
+        for branch in self.branches.values():
+            if branch is keep or branch.cancelled:
+                continue
+            if branch.state is BranchState.RINGING:
+                actions += self._send_cancel(branch, reason)
+                actions.append(ForkEvent("stopped", branch.target.binding_id))
+            elif branch.state is BranchState.TRYING:
+                # §9.1: no CANCEL before a provisional response; send it when one comes.
+                branch.cancel_wanted = reason or ""
+                branch.cancelled = True
+        return actions
+
+    def _send_cancel(self, branch: Branch[Dest], reason: str | None) -> list[ForkAction[Dest]]:
+        branch.cancelled = True
+        branch.cancel_wanted = None
+        req = branch.tx.request
+        headers = [(n, req.get(n) or "") for n in ("Via", "From", "To", "Call-ID")]
+        headers.append(("CSeq", f"{req.cseq[0]} CANCEL"))
+        headers.extend(("Route", r) for r in req.get_all("Route"))
+        headers.append(("Max-Forwards", "70"))
+        if reason:
+            headers.append(("Reason", reason))
+        cancel = Request("CANCEL", req.uri, headers)
+        return [SendRequest(cancel, branch.target.dest, branch.target.reliable)]
+
+    def _hang_up_loser(self, branch: Branch[Dest], response: Response) -> list[ForkAction[Dest]]:
+        """A 2xx that lost the race: ACK it and BYE it ourselves."""
+        req = branch.tx.request
+        try:
+            target = str(parse_name_addr(response.get("Contact") or "").uri)
+        except ValueError:
+            target = req.uri
+        seq = req.cseq[0]
+        base = [("From", req.get("From") or ""), ("To", response.get("To") or ""),
+                ("Call-ID", req.call_id), ("Max-Forwards", "70")]
+        via = self._via_for(branch.target, "z9hG4bK" + new_tag() + new_tag())
+        ack = Request("ACK", target, [("Via", via), *base, ("CSeq", f"{seq} ACK")])
+        bye_via = self._via_for(branch.target, "z9hG4bK" + new_tag() + new_tag())
+        bye = Request("BYE", target, [("Via", bye_via), *base, ("CSeq", f"{seq + 1} BYE"),
+                                      ("Reason", ANSWERED_ELSEWHERE)])
+        dest, reliable = branch.target.dest, branch.target.reliable
+        return [Send(ack.to_bytes(), dest), SendRequest(bye, dest, reliable)]
+
+    def _up(self, actions: list[Send[Dest] | PassUp | TimedOut]) -> list[ForkAction[Dest]]:
+        return [a for a in actions if isinstance(a, Send)]
+
+
+def _upstream(response: Response) -> Response:
+    """A downstream response as relayed upstream: our Via removed (§16.7 step 9)."""
+    headers = list(response.headers)
+    for i, (name, _) in enumerate(headers):
+        if name == "Via":
+            del headers[i]
+            break
+    return Response(response.status, response.reason, headers, response.body)
+
+
+def make_upstream_failure(request: Request, chosen: Response) -> Response:
+    """The chosen final response, re-based on the caller's request (its Vias and To)."""
+    relayed = _upstream(chosen)
+    keep = [(n, v) for n, v in relayed.headers if n not in ("Via", "From", "Call-ID", "CSeq")]
+    to_value = chosen.get("To") or ""
+    tag = None
+    if ";tag=" in to_value:
+        tag = to_value.split(";tag=", 1)[1].split(";", 1)[0]
+    response = make_response(request, chosen.status, chosen.reason, to_tag=tag,
+                             headers=[(n, v) for n, v in keep if n != "To"])
+    return response
+
+
+def best_response(responses: list[Response]) -> Response | None:
+    """§16.7 step 6: any 6xx wins; else the lowest class; a real answer beats a timeout.
+
+    Within a class, 408 (a device that never answered) and 487 rank last, so a 486 from a
+    busy device beats a silent one.
+    """
+    if not responses:
+        return None
+    six = [r for r in responses if r.status >= 600]
+    if six:
+        return six[0]
+
+    def rank(r: Response) -> tuple[int, int]:
+        weak = 1 if r.status in (408, 487, 480) else 0
+        return (r.status // 100, weak)
+
+    best = min(responses, key=rank)
+    if best.status == 503:
+        return Response(500, "Server Internal Error", best.headers, b"")  # §16.7 step 6
+    return best
+
