@@ -120,7 +120,7 @@ def client(port: int, numbers: list[str], seconds: float, window: int, out: mp.Q
             send(number)
         ready, _, _ = select.select([sock], [], [], 0.05)
         if not ready:
-            for call_id, (number, sent) in list(inflight.items()):
+            for call_id, (_number, sent) in list(inflight.items()):
                 if now - sent > 1.0:
                     del inflight[call_id]
                     failed += 1

@@ -294,7 +294,7 @@ class CallRouter:
         self.edge.call_later(DIALOG_LINGER, self._forget_dialog, call)
         self.edge.state.call_ended(call.token, reason)
         log.info("event=call_ended %s", fields(call=call.token, caller=call.caller, callee=call.callee,
-                                               reason=reason))
+                                               reason=reason, outgoing=self.outgoing.get(call.caller, 0)))
 
     def _forget_dialog(self, call: Call) -> None:
         if self._dialogs.get(call.call_id) is call:

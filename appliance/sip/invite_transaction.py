@@ -109,6 +109,11 @@ class InviteClient(Generic[Dest]):
             return [Send(self._ack, self.dest)]
         return []
 
+    def cancel_sent(self, now: float) -> None:
+        """A CANCEL went out for this INVITE: end it if no final response comes in 64*T1 (§9.1)."""
+        if self.state is State.PROCEEDING:
+            self._deadline = now + TIMER_B
+
     def next_deadline(self) -> float | None:
         candidates = [t for t in (self._retransmit_at, self._deadline) if t is not None]
         return min(candidates) if candidates else None
@@ -119,7 +124,7 @@ class InviteClient(Generic[Dest]):
             previous = self.state
             self.state = State.TERMINATED
             self._deadline = self._retransmit_at = None
-            if previous is State.CALLING:
+            if previous in (State.CALLING, State.PROCEEDING):
                 actions.append(TimedOut())
             return actions
         if self._retransmit_at is not None and now >= self._retransmit_at:

@@ -50,6 +50,7 @@ class Branch(Generic[Dest]):
     cancel_wanted: str | None = None  # Reason to send once a provisional arrives
     cancelled: bool = False
     final: Response | None = None
+    loser_ack: bytes | None = None  # the ACK of a 2xx that lost the race, resent per retransmission
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,9 +157,9 @@ class Fork(Generic[Dest]):
         if status < 200:
             if branch.state is BranchState.TRYING:
                 if branch.cancel_wanted is not None:
-                    actions += self._send_cancel(branch, branch.cancel_wanted)
+                    actions += self._send_cancel(branch, branch.cancel_wanted, now)
                     return actions
-                if status > 100:
+                if status > 100 and not branch.cancelled:
                     branch.state = BranchState.RINGING
                     actions.append(ForkEvent("ringing", binding))
             if status > 100 and not self.final_sent and not branch.cancelled:
@@ -172,13 +173,15 @@ class Fork(Generic[Dest]):
                 self.ring_deadline = None
                 actions.append(ForkEvent("answered", binding))
                 actions += self._up(self.server.respond(_upstream(response), now))
-                actions += self._cancel_others(branch, ANSWERED_ELSEWHERE)
+                actions += self._cancel_others(branch, ANSWERED_ELSEWHERE, now)
             elif self.answered is branch:
                 actions += self._up(self.server.respond(_upstream(response), now))  # 2xx retransmitted
             elif branch.state is not BranchState.ANSWERED:
                 branch.state = BranchState.ANSWERED
                 actions += self._hang_up_loser(branch, response)
                 actions.append(ForkEvent("stopped", binding))
+            elif branch.loser_ack is not None:
+                actions.append(Send(branch.loser_ack, branch.target.dest))  # §13.2.2.4: ACK each 2xx
             return actions
         # 3xx-6xx: this branch is over.
         was_ringing = branch.state is BranchState.RINGING
@@ -192,7 +195,7 @@ class Fork(Generic[Dest]):
             self._responses.append(response)
         if (self.settings.decline_all and status in DECLINE_CODES and not self.final_sent
                 and self.answered is None):
-            actions += self._cancel_others(branch, f"SIP;cause={status}")
+            actions += self._cancel_others(branch, f"SIP;cause={status}", now)
             actions += self._final(make_upstream_failure(self.request, response), now)
             return actions
         actions += self._maybe_finish(now)
@@ -202,7 +205,7 @@ class Fork(Generic[Dest]):
         """The caller CANCELled: cancel every branch and answer the INVITE with 487."""
         if self.final_sent:
             return []
-        actions = self._cancel_others(None, reason)
+        actions = self._cancel_others(None, reason, now)
         actions += self._final(make_response(self.request, 487, "Request Terminated"), now)
         return actions
 
@@ -223,7 +226,7 @@ class Fork(Generic[Dest]):
         if self.ring_deadline is not None and now >= self.ring_deadline:
             self.ring_deadline = None
             if not self.final_sent:
-                actions += self._cancel_others(None, None)
+                actions += self._cancel_others(None, None, now)
                 actions += self._final(make_response(self.request, 480, "Temporarily Unavailable (no answer)"), now)
         for branch in list(self.branches.values()):
             if (deadline := branch.tx.next_deadline()) is not None and now >= deadline:
@@ -269,13 +272,13 @@ class Fork(Generic[Dest]):
         self.ring_deadline = None
         return [ForkEvent("failed", status=response.status), *self._up(self.server.respond(response, now))]
 
-    def _cancel_others(self, keep: Branch[Dest] | None, reason: str | None) -> list[ForkAction[Dest]]:
+    def _cancel_others(self, keep: Branch[Dest] | None, reason: str | None, now: float) -> list[ForkAction[Dest]]:
         actions: list[ForkAction[Dest]] = []
         for branch in self.branches.values():
             if branch is keep or branch.cancelled:
                 continue
             if branch.state is BranchState.RINGING:
-                actions += self._send_cancel(branch, reason)
+                actions += self._send_cancel(branch, reason, now)
                 actions.append(ForkEvent("stopped", branch.target.binding_id))
             elif branch.state is BranchState.TRYING:
                 # §9.1: no CANCEL before a provisional response; send it when one comes.
@@ -283,9 +286,10 @@ class Fork(Generic[Dest]):
                 branch.cancelled = True
         return actions
 
-    def _send_cancel(self, branch: Branch[Dest], reason: str | None) -> list[ForkAction[Dest]]:
+    def _send_cancel(self, branch: Branch[Dest], reason: str | None, now: float) -> list[ForkAction[Dest]]:
         branch.cancelled = True
         branch.cancel_wanted = None
+        branch.tx.cancel_sent(now)  # a device that never answers the CANCEL must not keep the fork alive
         req = branch.tx.request
         headers = [(n, req.get(n) or "") for n in ("Via", "From", "To", "Call-ID")]
         headers.append(("CSeq", f"{req.cseq[0]} CANCEL"))
@@ -312,7 +316,8 @@ class Fork(Generic[Dest]):
         bye = Request("BYE", target, [("Via", bye_via), *base, ("CSeq", f"{seq + 1} BYE"),
                                       ("Reason", ANSWERED_ELSEWHERE)])
         dest, reliable = branch.target.dest, branch.target.reliable
-        return [Send(ack.to_bytes(), dest), SendRequest(bye, dest, reliable)]
+        branch.loser_ack = ack.to_bytes()
+        return [Send(branch.loser_ack, dest), SendRequest(bye, dest, reliable)]
 
     def _up(self, actions: list[Send[Dest] | PassUp | TimedOut]) -> list[ForkAction[Dest]]:
         return [a for a in actions if isinstance(a, Send)]

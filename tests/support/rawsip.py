@@ -90,13 +90,48 @@ class RawClient:
         """REGISTER with the digest round trip; returns the final response."""
         contact = contact or f"<sip:{number}@127.0.0.1:{self.port};transport={self.transport}>"
         headers = [("Contact", contact), ("Expires", str(expires))]
-        self.send(self.request("REGISTER", "sip:home.arpa", number, headers=headers))
-        first = self.recv()
-        if first.status != 401:
+        return self._with_auth("REGISTER", "sip:home.arpa", number, password, headers, b"", None)
+
+    def invite_with_auth(self, to_number: str, number: str, password: str, *, body: bytes = b"") -> Response:
+        """INVITE with the 407 round trip (the 407 ACKed); returns the first final response."""
+        headers = [("Contact", f"<sip:{number}@127.0.0.1:{self.port}>"), ("Content-Type", "application/sdp")]
+        return self._with_auth("INVITE", f"sip:{to_number}@home.arpa", number, password, headers, body,
+                               to_number)
+
+    def final(self) -> Response:
+        response = self.recv()
+        while response.status < 200:
+            response = self.recv()
+        return response
+
+    def ack(self, invite: bytes, response: Response) -> None:
+        """ACK a non-2xx final: same branch as the INVITE (RFC 3261 §17.1.1.3)."""
+        text = invite.decode()
+        head = text.split("\r\n\r\n", 1)[0].split("\r\n")
+        keep = [line for line in head[1:] if line.split(":", 1)[0] in ("Via", "From", "Call-ID", "Max-Forwards")]
+        cseq = int(next(line for line in head if line.startswith("CSeq:")).split()[1])
+        lines = [head[0].replace("INVITE", "ACK", 1), *keep, f"To: {response.get('To')}", f"CSeq: {cseq} ACK",
+                 "Content-Length: 0", "", ""]
+        self.send("\r\n".join(lines).encode())
+
+    def _with_auth(self, method: str, uri: str, number: str, password: str, headers: list[tuple[str, str]],
+                   body: bytes, to_number: str | None) -> Response:
+        proxy = method != "REGISTER"
+        first_request = self.request(method, uri, number, headers=headers, body=body, to_number=to_number)
+        self.send(first_request)
+        first = self.final()
+        if method == "INVITE":
+            self.ack(first_request, first)
+        if first.status not in (401, 407):
             return first
-        challenge = first.get("WWW-Authenticate") or ""
-        auth = authorization_value(challenge, username=number, password=password, method="REGISTER",
-                                   uri="sip:home.arpa", cnonce=os.urandom(4).hex())
-        self.send(self.request("REGISTER", "sip:home.arpa", number,
-                               headers=[*headers, ("Authorization", auth)]))
-        return self.recv()
+        challenge = first.get("Proxy-Authenticate" if proxy else "WWW-Authenticate") or ""
+        auth = authorization_value(challenge, username=number, password=password, method=method,
+                                   uri=uri, cnonce=os.urandom(4).hex())
+        name = "Proxy-Authorization" if proxy else "Authorization"
+        second_request = self.request(method, uri, number, headers=[*headers, (name, auth)], body=body,
+                                      to_number=to_number)
+        self.send(second_request)
+        final = self.final()
+        if method == "INVITE" and final.status >= 300:
+            self.ack(second_request, final)
+        return final

@@ -274,7 +274,7 @@ def test_unknown_method_is_accepted() -> None:
 def test_serialise_round_trip_preserves_everything() -> None:
     msg = parse_message(INVITE)
     again = parse_message(msg.to_bytes())
-    assert isinstance(again, Request)
+    assert isinstance(msg, Request) and isinstance(again, Request)
     assert (again.method, again.uri, again.headers, again.body) == (msg.method, msg.uri, msg.headers, msg.body)
     assert bytes(msg) == msg.to_bytes()
 
