@@ -152,13 +152,14 @@ class Registrar:
                 raise RegisterRefused(400, "Contact * needs Expires: 0 and no other Contact")
             return self._remove_all(number, call_id, cseq)
         changes = [self._plan(text, number, call_id, cseq, header_expires) for text in contacts]
-        events: list[RegistrarEvent] = []
-        for change in changes:
-            if change.expires == 0 and change.existing is not None:
-                self._drop(change.existing)
-                events.append(RegistrarEvent(EventKind.REMOVED, change.existing, "unregistered"))
+        removing = [c.existing for c in changes if c.expires == 0 and c.existing is not None]
         adding = [c for c in changes if c.expires and c.existing is None]
-        events.extend(self._make_room(number, policy, call_id, adding, request))
+        # Decide on room first: a refused request must change nothing at all.
+        victims = self._victims(number, policy, call_id, adding, removing)
+        events = [RegistrarEvent(EventKind.REMOVED, b, "unregistered") for b in removing]
+        events += [RegistrarEvent(EventKind.REMOVED, b, "replaced") for b in victims]
+        for b in [*removing, *victims]:
+            self._drop(b)
         user_agent = request.get("User-Agent") or ""
         for change in changes:
             if not change.expires:
@@ -215,7 +216,9 @@ class Registrar:
             for b in bindings:
                 if b.instance == instance:
                     return b
-        same_uri = [b for b in bindings if uri_equal(b.name_addr.uri, contact.uri)]
+        # RFC 5626: a different instance is a different device, whatever its Contact says.
+        same_uri = [b for b in bindings if uri_equal(b.name_addr.uri, contact.uri)
+                    and not (instance and b.instance and b.instance != instance)]
         same_call = [b for b in bindings if b.call_id == call_id and not (instance and b.instance)]
         for b in same_uri:
             if b in same_call:
@@ -224,13 +227,13 @@ class Registrar:
             return same_call[0]
         return same_uri[0] if same_uri else None
 
-    def _make_room(
-        self, number: str, policy: DevicePolicy, call_id: str, adding: list[_Change], request: Request
-    ) -> list[RegistrarEvent]:
-        """Enforce the device limit for new contacts: replace, or refuse with 403."""
+    def _victims(
+        self, number: str, policy: DevicePolicy, call_id: str, adding: list[_Change], removing: list[Binding]
+    ) -> list[Binding]:
+        """Bindings a new device replaces under the device limit; 403 when none may go."""
         if not adding:
             return []
-        current = self._by_number.get(number, [])
+        current = [b for b in self._by_number.get(number, []) if b not in removing]
         new_keys = {_instance(c.contact) or f"call-id:{call_id}" for c in adding}
         kept_keys = {b.device_key for b in current} - new_keys
         if len(new_keys) > policy.limit:
@@ -238,7 +241,6 @@ class Registrar:
         excess = len(kept_keys) + len(new_keys) - policy.limit
         if excess <= 0:
             return []
-        events: list[RegistrarEvent] = []
         if not policy.one_number:
             victims = [b for b in current if b.device_key not in new_keys]
         else:
@@ -253,10 +255,7 @@ class Registrar:
                 )
             chosen = set(victim_keys[:excess])
             victims = [b for b in current if b.device_key in chosen]
-        for b in victims:
-            self._drop(b)
-            events.append(RegistrarEvent(EventKind.REMOVED, b, "replaced"))
-        return events
+        return victims
 
     def _remove_all(self, number: str, call_id: str, cseq: int) -> list[RegistrarEvent]:
         events = []

@@ -29,10 +29,10 @@ def server_key(request: Request) -> str | None:
     via = request.get("Via")
     if via is None:
         return None
-    idx = via.find("branch=")
+    idx = via.lower().find(";branch=")  # parameter names are case-insensitive
     if idx < 0:
         return None
-    branch = via[idx + 7 :].split(";", 1)[0].strip()
+    branch = via[idx + 8 :].split(";", 1)[0].strip()
     if not branch.startswith(MAGIC_COOKIE):
         return None  # RFC 2543 peer: no reliable key, treat each request as new
     method = "INVITE" if request.method == "ACK" else request.method
