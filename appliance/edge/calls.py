@@ -111,6 +111,9 @@ class CallRouter:
 
     def _new_call(self, request: Request, flow: Flow, dest: Flow, key: str | None, now: float) -> None:
         edge = self.edge
+        if self._looped(request):
+            self._reply(request, dest, 482, "Loop Detected")
+            return
         try:
             from_addr = parse_name_addr(request.get("From") or "")
             dialled = _dialled_number(request.uri)
@@ -175,6 +178,17 @@ class CallRouter:
             self._branches[branch_id] = call
             call.branch_devices[branch_id] = branch.target.binding_id
         self._apply(call, actions)
+
+    def _looped(self, request: Request) -> bool:
+        """§16.3 step 4: one of our own branches in the Via list means this came back to us."""
+        for value in request.get_all("Via")[1:]:
+            try:
+                branch = parse_via(value).branch
+            except SipSyntaxError:
+                continue
+            if branch and (branch in self._branches or branch.startswith(STATELESS_PREFIX)):
+                return True
+        return False
 
     def _device_of(self, number: str, flow: Flow) -> str | None:
         for b in self.edge.registrar.bindings(number):

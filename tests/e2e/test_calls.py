@@ -263,3 +263,30 @@ def test_outgoing_limit_counts_all_devices_and_never_leaks(pbx_factory: DaemonFa
     time.sleep(0.3)
     assert pbx.log_matches("event=call_ended")[-1].endswith("outgoing=0")
     assert len(pbx.log_matches("event=call_ended")) >= 81
+
+
+def test_hold_reinvite_and_info_pass_through(pbx_factory: DaemonFactory, handset_factory: HandsetFactory) -> None:
+    _, caller, phones = family(pbx_factory, handset_factory, devices=1, trace=True)
+    call = caller.call("sip:200@home.arpa")
+    incoming = str(phones[0].wait_incoming()["call"])
+    phones[0].answer(incoming, 200)
+    caller.wait_state(call, "CONFIRMED")
+    caller.send("hold", call=call)  # a re-INVITE inside the dialog, through the proxy
+    reinvite = phones[0].wait_sip("rx", "INVITE ")  # the first was the initial INVITE
+    reinvite = phones[0].wait_sip("rx", "INVITE ", timeout=5)
+    assert "a=sendonly" in reinvite or "a=inactive" in reinvite
+    caller.dtmf(call, "5")  # RFC 4733 in RTP; media flows caller -> callee directly
+    caller.hangup(call)
+    assert phones[0].wait_state(incoming, "DISCONNECTED")["end_request"] == "BYE"
+
+
+def test_loop_is_detected(pbx_factory: DaemonFactory) -> None:
+    """An INVITE whose Via list already holds one of our branches came back to us: 482."""
+    pbx = pbx_factory([user_block("100"), user_block("200")])
+    client = RawClient(pbx.port)
+    looped = f"SIP/2.0/UDP 127.0.0.1:{pbx.port};branch=z9hG4bKsl0123456789abcdef;rport"
+    client.send(client.request("INVITE", "sip:200@home.arpa", "100", to_number="200",
+                               headers=[("Via", looped), ("Contact", f"<sip:100@127.0.0.1:{client.port}>")]))
+    assert client.final().status == 482
+    assert pbx.alive()
+    client.close()
