@@ -227,12 +227,14 @@ class CallRouter:
         except SipSyntaxError:
             return False
         branch = via.branch or ""
+        # First our CANCELs and BYEs: a CANCEL shares its INVITE's branch, and its key
+        # (branch and method) tells the two apart.
+        if self.client_tx.receive(response) is not None:
+            return True
         call = self._branches.get(branch)
         if call is not None and call.fork is not None:
             self._apply(call, call.fork.on_response(branch, response, now))
             return True
-        if self.client_tx.receive(response) is not None:
-            return True  # a CANCEL or BYE of ours, answered
         if branch.startswith(STATELESS_PREFIX):
             self._relay_response(response)
             return True

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Generic, TypeVar
 
+from appliance.sip.errors import SipSyntaxError
 from appliance.sip.headers import parse_name_addr
 from appliance.sip.invite_transaction import InviteClient, InviteServer, PassUp, Send, TimedOut
 from appliance.sip.message import Request, Response, make_response, new_tag
@@ -142,6 +143,12 @@ class Fork(Generic[Dest]):
         branch = self.branches.get(branch_id)
         if branch is None:
             return []
+        try:
+            method = response.cseq[1]
+        except SipSyntaxError:
+            return []
+        if method != "INVITE":
+            return []  # the 200 to our CANCEL shares the INVITE's branch; it is not the INVITE's (§17.1.3)
         actions: list[ForkAction[Dest]] = []
         for action in branch.tx.on_response(response, now):
             if isinstance(action, PassUp):
