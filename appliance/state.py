@@ -87,6 +87,8 @@ class LiveState:
 
     # -- devices ------------------------------------------------------------------------
     def device_event(self, event: RegistrarEvent) -> None:
+        if not self._listeners:
+            return  # nobody watching: don't build the event (refreshes come by thousands)
         kind = {
             EventKind.REGISTERED: "device_registered", EventKind.REFRESHED: "device_refreshed",
             EventKind.REMOVED: "device_removed", EventKind.UNREACHABLE: "device_unreachable",
