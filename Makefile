@@ -6,13 +6,20 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= config.toml
 # Debian packages the PBX and its tests need (python3-venv for the venv, tmux for the
-# terminal test of the TUI, procps for process checks).
-DEB_PACKAGES := python3 python3-venv tmux procps
+# terminal test of the TUI, procps for process checks; systemd, shellcheck, dosfstools, mtools,
+# fdisk and e2fsprogs for the checks of the systemd units and of the disk image recipe).
+DEB_PACKAGES := python3 python3-venv tmux procps systemd shellcheck dosfstools mtools fdisk e2fsprogs
 
-.PHONY: run test lint unit e2e bench deps venv clean
+.PHONY: run demo test lint unit e2e bench deps venv clean
 
+# The daemon on the shipped config with the TUI attached (daemon log: state/daemon.log);
+# quitting the TUI stops the daemon. Without a terminal it runs the daemon alone, in the foreground.
 run: venv
-	$(BIN)/homepbx run --config $(CONFIG)
+	$(BIN)/homepbx run --tui --config $(CONFIG)
+
+# A daemon on a temporary config, four simulated handsets and calls, with the TUI.
+demo: venv
+	$(BIN)/homepbx demo
 
 test: venv lint
 	$(BIN)/python -m pytest -q
@@ -31,6 +38,11 @@ e2e: venv
 bench: venv
 	$(BIN)/python bench/parse.py
 	$(BIN)/python bench/register.py
+
+# The appliance's disk image, build/image/homepbx-<version>-amd64.img (as root; image/README.md).
+.PHONY: image
+image: venv
+	$$([ "$$(id -u)" = 0 ] || echo sudo) image/build.sh
 
 # Installs missing Debian packages (as root, or through sudo) on a fresh machine.
 deps:

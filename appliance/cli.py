@@ -1,10 +1,11 @@
-"""Command line: `homepbx run | check-config` (also `python -m appliance`)."""
+"""Command line: `homepbx run | check-config | tui | demo` (also `python -m appliance`)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import faulthandler
+import gc
 import logging
 import os
 import signal
@@ -31,11 +32,27 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="run the PBX daemon in the foreground")
     run.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG))
     run.add_argument("--log-level", default=os.environ.get("HOMEPBX_LOG_LEVEL", "INFO"))
+    run.add_argument("--tui", action="store_true",
+                     help="run the daemon as a child (log to a file) with the terminal UI attached")
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG))
+    tui = sub.add_parser("tui", help="the terminal UI, attached to a running daemon")
+    tui.add_argument("--socket", type=Path, help="control socket (default: found from the config)")
+    tui.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG))
+    demo = sub.add_parser("demo", help="a daemon on a temporary config, simulated handsets and the TUI")
+    demo.add_argument("--no-tui", action="store_true", help="run without the TUI until Ctrl+C")
+    demo.add_argument("--duration", type=float, default=0.0, help="with --no-tui: stop after SECONDS")
     args = parser.parse_args(argv)
     if args.command == "check-config":
         return check_config(args.config)
+    if args.command == "tui":
+        return exec_tui(socket=args.socket, config=args.config)
+    if args.command == "demo":
+        from appliance.demo import run_demo
+
+        return run_demo(tui=not args.no_tui, duration=args.duration)
+    if args.tui and sys.stdin.isatty() and sys.stdout.isatty():
+        return run_with_tui(args.config, args.log_level)
     setup_logging(args.log_level)
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1` dumps every thread's stack
     return run_event_loop(run_daemon(args.config))
@@ -69,7 +86,7 @@ async def run_daemon(path: Path) -> int:
     except ConfigError as err:
         log.error("event=config_invalid %s", fields(error=str(err)))
         return 2
-    edge = Edge(config)
+    edge = Edge(config, config_path=path)
     try:
         await edge.start()
     except OSError as err:
@@ -81,6 +98,10 @@ async def run_daemon(path: Path) -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: reload(edge, path))
+    # Everything loaded so far lives as long as the process: keep it out of the collector's
+    # way, and collect young objects less often (calls make many short-lived ones).
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
     log.info("event=ready %s", fields(listen=",".join(edge.addresses), config=path, pid=os.getpid()))
     sdnotify.notify(f"READY=1\nSTATUS=listening on {', '.join(edge.addresses)}\nMAINPID={os.getpid()}")
     watchdog = asyncio.create_task(sdnotify.watchdog())
@@ -106,23 +127,85 @@ def fill_missing_passwords_logged(path: Path) -> None:
         log.warning("event=password_generated %s", fields(number=number, password=password, config=path))
 
 
-def reload(edge: Edge, path: Path) -> None:
+def reload(edge: Edge, path: Path) -> ConfigError | None:
+    """Re-read the config (SIGHUP, or the control socket's reload); the error if refused."""
     sdnotify.notify("RELOADING=1")
     try:
-        _reload(edge, path)
+        return _reload(edge, path)
     finally:
         sdnotify.notify("READY=1")
 
 
-def _reload(edge: Edge, path: Path) -> None:
+def _reload(edge: Edge, path: Path) -> ConfigError | None:
     try:
         fill_missing_passwords_logged(path)
         config = load_config(path)
     except ConfigError as err:
         log.error("event=reload_refused %s", fields(error=str(err), action="keeping_last_good_config"))
-        return
+        return err
     edge.apply_config(config)
     log.info("event=config_reloaded %s", fields(users=len(config.users)))
+    return None
+
+
+# -- the terminal UI, always in its own process: the daemon never imports it -------------------
+def tui_argv(socket: Path | None = None, config: Path | None = None, daemon_log: Path | None = None) -> list[str]:
+    argv = [sys.executable, "-m", "tui"]
+    if socket is not None:
+        argv += ["--socket", str(socket)]
+    if config is not None:
+        argv += ["--config", str(config)]
+    if daemon_log is not None:
+        argv += ["--daemon-log", str(daemon_log)]
+    return argv
+
+
+def exec_tui(socket: Path | None, config: Path | None) -> int:
+    """`homepbx tui`: become `python -m tui` (same terminal, same pid)."""
+    argv = tui_argv(socket, config)
+    os.execv(argv[0], argv)
+    return 1  # not reached
+
+
+def run_with_tui(path: Path, log_level: str) -> int:
+    """`homepbx run --tui` (`make run`): the daemon as a child with its log in the state dir,
+    the TUI in the foreground; quitting the TUI stops the daemon."""
+    import subprocess
+
+    from appliance.control import socket_path
+
+    try:
+        config = load_config(path)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    state_dir = config.server.state_dir
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    log_path = state_dir / "daemon.log"
+    with open(log_path, "ab") as daemon_log:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "appliance", "run", "--config", str(path), "--log-level", log_level],
+            stdin=subprocess.DEVNULL, stdout=daemon_log, stderr=subprocess.STDOUT,
+            start_new_session=True,  # the terminal's signals are the TUI's, not the daemon's
+        )
+    tui = subprocess.Popen(tui_argv(socket_path(config), path, log_path))
+
+    def stop_tui(signum: int, frame: object) -> None:
+        if tui.poll() is None:
+            tui.terminate()
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop_tui)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the TUI handles Ctrl+C as a key
+    code = tui.wait()
+    daemon.terminate()
+    try:
+        daemon_code = daemon.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        daemon.kill()
+        daemon_code = daemon.wait()
+    print(f"homepbx stopped (daemon exit {daemon_code}); its log: {log_path}")
+    return code or (0 if daemon_code in (0, -signal.SIGTERM) else daemon_code)
 
 
 if __name__ == "__main__":

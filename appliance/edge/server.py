@@ -10,8 +10,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from appliance.config import Config, UserConfig
+from appliance.control import ControlServer
 from appliance.edge.calls import CallRouter
 from appliance.edge.persistence import BindingStore, load_secret
 from appliance.edge.qualify import Qualifier
@@ -45,8 +47,9 @@ class Edge:
     """One process, one event loop: the registrar and (later) the proxy of homepbx."""
 
     def __init__(self, config: Config, *, monotonic: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time) -> None:
+                 wall: Callable[[], float] = time.time, config_path: Path | None = None) -> None:
         self.config = config
+        self.config_path = config_path
         self.monotonic = monotonic
         self.wall = wall
         state_dir = config.server.state_dir
@@ -64,6 +67,7 @@ class Edge:
         self.calls = CallRouter(self)
         self.addresses: list[str] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self.control: ControlServer | None = None
 
     # -- life cycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -74,11 +78,16 @@ class Edge:
             self.addresses.append(await self.transports.listen(address.host, address.port))
         self._tasks.append(asyncio.create_task(self._housekeeping()))
         self._tasks.append(asyncio.create_task(self.qualifier.run()))
+        if self.config_path is not None:  # the control socket edits this file
+            self.control = ControlServer(self, self.config_path)
+            await self.control.start()
 
     def call_later(self, delay: float, callback: Callable[..., object], *args: object) -> None:
         asyncio.get_running_loop().call_later(delay, callback, *args)
 
     async def stop(self) -> None:
+        if self.control is not None:
+            await self.control.stop()
         self.calls.close()
         for task in self._tasks:
             task.cancel()

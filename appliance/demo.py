@@ -1,0 +1,225 @@
+"""`homepbx demo`: a whole small house on one machine, so a newcomer sees every state live.
+
+A daemon on a temporary config and loopback port, four simulated pjsua2 handsets (three
+share number 200 "Family", one is Grandpa's 100), and a scene that repeats: Grandpa
+calls, the family's phones ring, one answers, another joins with *74, Grandpa hangs up.
+The TUI runs in the foreground as its own process (the daemon never imports it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import IO
+
+from appliance.simulator.handset import Handset, HandsetError, close_all
+
+log = logging.getLogger("homepbx.demo")
+
+DEMO_CONFIG = """\
+# homepbx demo configuration (temporary; removed when the demo ends).
+[server]
+listen = ["127.0.0.1:{port}"]
+realm = "home.arpa"
+state_dir = "state"
+
+[registration]
+min_expires = 60
+qualify_interval = 15
+qualify_timeout = 2
+
+[control]
+socket = "control.sock"
+
+[feature_codes]
+"*74" = "join"
+
+[[users]]
+number = "100"
+name = "Grandpa"
+password = "demo-100"
+
+[[users]]
+number = "200"
+name = "Family"
+password = "demo-200"
+one_number = true   # the three family handsets ring together
+max_devices = 3
+max_outgoing_calls = 2
+
+[[users]]
+number = "300"
+name = "Office"
+password = "demo-300"
+"""
+
+FAMILY = ("Living room", "Kitchen", "Bathroom")
+READY_TIMEOUT = 15.0
+
+
+def free_port() -> int:
+    """A loopback port free for both UDP and TCP."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            tcp.bind(("127.0.0.1", 0))
+            port = int(tcp.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free port")
+
+
+class Demo:
+    """The daemon, the handsets and the scene; :meth:`close` undoes it all."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.config = directory / "config.toml"
+        self.config.write_text(DEMO_CONFIG.format(port=self.port))
+        self.socket = directory / "control.sock"
+        self.log_path = directory / "demo.log"
+        self.daemon: subprocess.Popen[bytes] | None = None
+        self.phones: list[Handset] = []
+        self.stop = threading.Event()
+        self._scene: threading.Thread | None = None
+        self._log: IO[str] = open(self.log_path, "a", buffering=1)  # noqa: SIM115 - closed in close()
+
+    def say(self, message: str) -> None:
+        self._log.write(f"{time.strftime('%H:%M:%S')} {message}\n")
+
+    @property
+    def registrar(self) -> str:
+        return f"sip:127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        with open(self.directory / "daemon.log", "ab") as daemon_log:
+            self.daemon = subprocess.Popen(
+                [sys.executable, "-m", "appliance", "run", "--config", str(self.config)],
+                stdin=subprocess.DEVNULL, stdout=daemon_log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not self.socket.exists():
+            if self.daemon.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the demo daemon did not start; see {self.directory / 'daemon.log'}")
+            time.sleep(0.05)
+        for label in FAMILY:
+            phone = Handset(name=label.lower().replace(" ", "-"), user_agent=label,
+                            log_path=self.directory / f"{label.lower().replace(' ', '-')}.log")
+            self.phones.append(phone)
+        grandpa = Handset(name="grandpa", user_agent="Grandpa's phone", log_path=self.directory / "grandpa.log")
+        self.phones.append(grandpa)
+        for phone in self.phones[:3]:
+            phone.register(self.registrar, "200", "demo-200", expires=120)
+        grandpa.register(self.registrar, "100", "demo-100", expires=120)
+        self.say("registered: 3 family handsets on 200, Grandpa on 100")
+        self._scene = threading.Thread(target=self._scene_loop, name="demo-scene", daemon=True)
+        self._scene.start()
+
+    # -- the scene --------------------------------------------------------------------------
+    def _scene_loop(self) -> None:
+        family, grandpa = self.phones[:3], self.phones[3]
+        round_ = 0
+        while not self.stop.is_set():
+            try:
+                self._one_call(grandpa, family, round_)
+            except (TimeoutError, HandsetError, OSError) as err:
+                self.say(f"scene: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+                with contextlib.suppress(Exception):
+                    for phone in self.phones:
+                        phone.send("hangup_all")
+                self.stop.wait(5.0)
+            round_ += 1
+
+    def _one_call(self, grandpa: Handset, family: list[Handset], round_: int) -> None:
+        answerer, joiner = family[round_ % 3], family[(round_ + 1) % 3]
+        for phone in (*family, grandpa):
+            phone.drain()
+        for phone in family:
+            phone.auto_answer("ring")
+        self.say(f"scene: Grandpa calls 200; {answerer.name} will answer, {joiner.name} will join")
+        call = grandpa.call("sip:200@home.arpa")
+        incoming = answerer.wait_incoming(timeout=5.0)
+        if self.stop.wait(3.0):
+            return
+        answerer.answer(str(incoming["call"]))
+        grandpa.wait_state(call, "CONFIRMED", timeout=5.0)
+        if self.stop.wait(3.0):
+            return
+        joined = joiner.call("sip:*74@home.arpa")
+        with contextlib.suppress(TimeoutError):
+            joiner.wait_state(joined, "CONFIRMED", timeout=5.0)
+        if self.stop.wait(5.0):
+            return
+        grandpa.hangup(call)
+        with contextlib.suppress(TimeoutError):
+            grandpa.wait_state(call, "DISCONNECTED", timeout=5.0)
+        for phone in family:
+            phone.send("hangup_all")
+        self.stop.wait(4.0)
+
+    # -- the end -------------------------------------------------------------------------------
+    def close(self) -> None:
+        self.stop.set()
+        if self._scene is not None:
+            self._scene.join(timeout=10.0)
+        close_all(self.phones)
+        if self.daemon is not None and self.daemon.poll() is None:
+            self.daemon.terminate()
+            try:
+                self.daemon.wait(timeout=10.0)
+            except subprocess.TimeoutExpired:
+                self.daemon.kill()
+                self.daemon.wait()
+        self._log.close()
+
+
+def run_demo(*, tui: bool = True, duration: float = 0.0, keep: bool = False) -> int:
+    directory = Path(tempfile.mkdtemp(prefix="homepbx-demo-"))
+    demo = Demo(directory)
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stopping.set()
+
+    try:
+        print(f"homepbx demo: starting a daemon on 127.0.0.1:{demo.port} and four handsets ({directory})",
+              flush=True)
+        demo.start()
+        if tui:
+            from appliance.cli import tui_argv
+
+            child = subprocess.Popen(tui_argv(demo.socket, daemon_log=directory / "daemon.log"))
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C is the TUI's key
+            signal.signal(signal.SIGTERM, lambda s, f: child.terminate())
+            signal.signal(signal.SIGHUP, lambda s, f: child.terminate())
+            code = child.wait()
+        else:
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, on_signal)
+            print(f"control socket: {demo.socket}\nattach with: homepbx tui --socket {demo.socket}", flush=True)
+            stopping.wait(duration if duration > 0 else None)
+            code = 0
+    except (RuntimeError, OSError, TimeoutError, HandsetError) as err:
+        print(f"homepbx demo: {err}", file=sys.stderr)
+        code = 1
+    finally:
+        demo.close()
+        if keep or os.environ.get("HOMEPBX_DEMO_KEEP"):
+            print(f"demo files kept in {directory}")
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
+    return code

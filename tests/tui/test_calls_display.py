@@ -1,0 +1,74 @@
+"""Every call state on screen: the daemon's real LiveState and ControlServer in-process, the
+events they emit reaching the TUI over the real socket (only SIP is left out, so joins and
+conferences show even before the daemon routes *74)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from appliance.config import load_config
+from appliance.control import ControlServer
+from appliance.edge.server import Edge
+from tests.support.control import control_block
+from tests.support.pbx import free_port, write_config
+from tests.tui.conftest import wait_screen
+from tests.tui.fixtures import DEVICES, _binding
+from tui.app import HomePbxApp
+
+pytestmark = [pytest.mark.tui, pytest.mark.timeout(60)]
+
+USERS = [
+    '[[users]]\nnumber = "100"\nname = "Grandpa"\npassword = "x"\n',
+    '[[users]]\nnumber = "200"\nname = "Family"\npassword = "y"\none_number = true\nmax_devices = 3\n',
+]
+
+
+def test_ringing_answered_joined_left_ended(tmp_path: Path) -> None:
+    config_path = write_config(tmp_path, free_port(), USERS, extra=control_block())
+    edge = Edge(load_config(config_path), config_path=config_path)
+    now = time.time()
+    edge.registrar.load([{**_binding(*d), "expires_at": now + 300, "registered_at": now - 60} for d in DEVICES],
+                        now)
+    state = edge.state
+
+    async def scenario() -> None:
+        server = ControlServer(edge, config_path)
+        await server.start()
+        try:
+            app = HomePbxApp(tmp_path / "ctl.sock")
+            async with app.run_test(size=(80, 24)) as pilot:
+                await wait_screen(app, lambda t: "Living room" in t and "no calls" in t)
+                state.call_started("c1", "100", "200", "d4")
+                for device in ("d1", "d2", "d3"):
+                    state.device_ringing("c1", device)
+                text = await wait_screen(app, lambda t: t.count("◉ ringing · 100 Grandpa · 00:0") == 3)
+                assert "100 Grandpa → 200 Family · ringing: Living room, Kitchen, Bathroom" in text
+                assert "1/∞" in text  # Grandpa's outgoing call counts
+
+                state.call_answered("c1", "d1")
+                text = await wait_screen(app, lambda t: "● talking with 100 Grandpa" in t)
+                assert "answered by Living room" in text
+                assert "○ idle · reachable" in text  # Kitchen stopped ringing
+                assert "○ idle · ✗ unreachable" in text  # Bathroom, which stopped answering pings
+
+                state.call_joined("c1", "d2")
+                text = await wait_screen(app, lambda t: t.count("◍ in conference · 100 Grandpa · 00:0") == 2)
+                assert "answered by Living room · Kitchen joined" in text
+
+                state.call_left("c1", "d2")
+                await wait_screen(app, lambda t: "● talking with 100" in t and "in conference" not in t)
+
+                await pilot.press("up")  # select 100: Grandpa's phone is the caller, talking with 200
+                await wait_screen(app, lambda t: "● talking with 200 Family" in t)
+
+                state.call_ended("c1", "caller_hung_up")
+                text = await wait_screen(app, lambda t: "no calls" in t and "○ idle" in t)
+                assert "0/∞" in text
+        finally:
+            await server.stop()
+
+    asyncio.run(scenario())

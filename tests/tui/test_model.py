@@ -1,0 +1,82 @@
+"""The TUI's model: the daemon's snapshot and events, applied; device states derived from calls."""
+
+from __future__ import annotations
+
+import pytest
+
+from appliance.state import LiveState
+from tests.tui import fixtures
+from tui.messages import ModelChanged
+from tui.model import DeviceState, PbxModel, ProtocolError
+
+pytestmark = pytest.mark.tui
+
+
+def record(state: LiveState) -> list[dict[str, object]]:
+    events: list[dict[str, object]] = []
+    state.subscribe(events.append)
+    return events
+
+
+def test_states_follow_the_daemons_rules() -> None:
+    _, _, state = fixtures.house()
+    events = record(state)
+    model = PbxModel()
+    model.load_snapshot(fixtures.snapshot(state))
+    assert [d.label for d in model.devices_of("200")] == ["Living room", "Kitchen", "Bathroom"]
+    assert model.numbers["200"].device_limit == 3 and model.numbers["100"].device_limit == 1
+
+    fixtures.in_conference(state)
+    for event in events:
+        model.apply(event)
+    for device in ("d1", "d2", "d3", "d4"):  # the client derives what the daemon computes
+        assert model.device_state(device).value == state.device_state(device).value
+    assert model.device_state("d1") is DeviceState.CONFERENCE
+    assert model.device_state("d3") is DeviceState.IDLE
+    assert model.outgoing_in_use("100") == 1 and model.outgoing_in_use("300") == 0  # c2 has no device of ours
+
+    state.call_ended("c1", "hangup")
+    model.apply(events[-1])
+    assert model.device_state("d1") is DeviceState.IDLE
+    assert list(model.calls) == ["c2"]
+
+
+def test_events_are_idempotent_and_a_snapshot_replaces_all() -> None:
+    _, _, state = fixtures.house()
+    events = record(state)
+    state.call_started("c1", "100", "200", "d4")
+    state.device_ringing("c1", "d1")
+    model = PbxModel()
+    model.load_snapshot(fixtures.snapshot(state))
+    before = (dict(model.calls), dict(model.devices))
+    model.apply(events[-1])  # the latest event, already in the snapshot: no change
+    model.apply(events[-1])
+    assert (model.calls, model.devices) == before
+    model.apply({"event": "snapshot", "numbers": [], "calls": []})
+    assert not model.devices and not model.calls and not model.numbers
+
+
+@pytest.mark.parametrize("event", [
+    {"event": "device_registered", "device": "d1"},
+    {"event": "device_registered", "device": {"id": 3}},
+    {"event": "call_started", "call": {"id": "c", "ringing": "d1"}},
+    {"event": "snapshot", "numbers": {"200": {}}},
+    {"event": "snapshot", "numbers": [{"number": "200", "one_number": "yes"}]},
+    {"event": 5},
+])
+def test_malformed_events_raise_protocol_error(event: dict[str, object]) -> None:
+    with pytest.raises(ProtocolError):
+        PbxModel().apply(event)
+
+
+def test_unknown_events_are_ignored() -> None:
+    model = PbxModel()
+    assert model.apply({"event": "voicemail_left", "box": "200"}) == "voicemail_left"
+
+
+def test_redraw_messages_coalesce_keeping_every_kind_and_the_oldest_time() -> None:
+    handled_first = ModelChanged({"device_ringing"}, 10.0)
+    waiting = ModelChanged({"call_answered"}, 11.0)
+    assert handled_first.can_replace(waiting)
+    assert waiting.kinds == {"device_ringing", "call_answered"}
+    assert waiting.first_event_time == 10.0

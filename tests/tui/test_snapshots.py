@@ -1,0 +1,117 @@
+"""SVG snapshots of the main screens (pytest-textual-snapshot): 80x24, larger, 16 colours.
+
+Update after an intended change of the look with `pytest tests/tui/test_snapshots.py
+--snapshot-update`, and look at the SVGs in __snapshots__/ before committing them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from textual.pilot import Pilot
+
+from appliance.state import LiveState
+from tests.tui import fixtures
+from tui.app import HomePbxApp
+from tui.messages import CommandDone, Disconnected
+
+pytestmark = [pytest.mark.tui, pytest.mark.timeout(60)]
+
+SnapCompare = Callable[..., bool]
+
+
+@pytest.fixture(autouse=True)
+def utc() -> Iterator[None]:
+    """"since 10:42" is local time: pin the zone so snapshots match everywhere."""
+    old = os.environ.get("TZ")
+    os.environ["TZ"] = "UTC"
+    time.tzset()
+    yield
+    if old is None:
+        del os.environ["TZ"]
+    else:
+        os.environ["TZ"] = old
+    time.tzset()
+
+
+def make_app(theme_name: str = "textual-dark") -> HomePbxApp:
+    return HomePbxApp(Path("/run/homepbx/control.sock"), connect=False, clock=fixtures.fixed_clock,
+                      theme_name=theme_name)
+
+
+def with_house(*scenes: Callable[[LiveState], None], then: Callable[[Pilot[None]], Any] | None = None
+               ) -> Callable[[Pilot[None]], Any]:
+    """run_before: feed the app the snapshot of a house in the given state."""
+    async def run_before(pilot: Pilot[None]) -> None:
+        _, _, state = fixtures.house()
+        for scene in scenes:
+            scene(state)
+        app = pilot.app
+        assert isinstance(app, HomePbxApp)
+        app.feed(fixtures.snapshot(state))
+        await pilot.pause()
+        if then is not None:
+            await then(pilot)
+            await pilot.pause()
+
+    return run_before
+
+
+def test_idle_house_80x24(snap_compare: SnapCompare) -> None:
+    assert snap_compare(make_app(), run_before=with_house())
+
+
+def test_ringing_80x24(snap_compare: SnapCompare) -> None:
+    assert snap_compare(make_app(), run_before=with_house(fixtures.ringing))
+
+
+def test_conference_80x24(snap_compare: SnapCompare) -> None:
+    assert snap_compare(make_app(), run_before=with_house(fixtures.in_conference))
+
+
+def test_conference_120x36(snap_compare: SnapCompare) -> None:
+    assert snap_compare(make_app(), terminal_size=(120, 36), run_before=with_house(fixtures.in_conference))
+
+
+def test_sixteen_colours(snap_compare: SnapCompare) -> None:
+    """The theme a 16-colour terminal gets: the terminal's own ANSI colours."""
+    assert snap_compare(make_app(theme_name="ansi-dark"), run_before=with_house(fixtures.in_conference))
+
+
+def test_other_number_selected(snap_compare: SnapCompare) -> None:
+    assert snap_compare(make_app(), press=["down"], run_before=with_house(fixtures.in_conference))
+
+
+def test_daemon_not_running(snap_compare: SnapCompare) -> None:
+    async def run_before(pilot: Pilot[None]) -> None:
+        pilot.app.post_message(Disconnected("/run/homepbx/control.sock", "no such socket", 2.0))
+        await pilot.pause()
+
+    assert snap_compare(make_app(), run_before=run_before)
+
+
+def test_limit_dialog(snap_compare: SnapCompare) -> None:
+    async def press(pilot: Pilot[None]) -> None:
+        await pilot.press("d")
+
+    assert snap_compare(make_app(), run_before=with_house(then=press))
+
+
+def test_password_dialog(snap_compare: SnapCompare) -> None:
+    async def reveal(pilot: Pilot[None]) -> None:
+        pilot.app.post_message(CommandDone("show_password", True, "", {"number": "200", "password": "Jx3-demo"}))
+
+    assert snap_compare(make_app(), run_before=with_house(then=reveal))
+
+
+def test_refused_command(snap_compare: SnapCompare) -> None:
+    async def refuse(pilot: Pilot[None]) -> None:
+        pilot.app.post_message(CommandDone(
+            "set_user", False, "200 max devices 11 refused: max_devices: must be between 1 and 10, not 11"))
+
+    assert snap_compare(make_app(), run_before=with_house(then=refuse))
