@@ -159,10 +159,16 @@ class LiveState:
         self._call_changed("call_joined", call, device=binding_id)
 
     def call_left(self, call_id: str, binding_id: str) -> None:
+        """A device left a call that goes on: a joiner, or the device that answered."""
         call = self.calls.get(call_id)
-        if call is None or binding_id not in call.joined:
+        if call is None:
             return
-        call.joined.remove(binding_id)
+        if binding_id in call.joined:
+            call.joined.remove(binding_id)
+        elif binding_id == call.answered_by:
+            call.answered_by = None
+        else:
+            return
         self._call_changed("call_left", call, device=binding_id)
 
     def call_ended(self, call_id: str, reason: str) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from appliance.config import Config, UserConfig
 from appliance.control import ControlServer
 from appliance.edge.calls import CallRouter
+from appliance.edge.media_link import MediaLink
 from appliance.edge.persistence import BindingStore, load_secret
 from appliance.edge.qualify import Qualifier
 from appliance.edge.transport import Transports
@@ -78,6 +79,9 @@ class Edge:
             self.addresses.append(await self.transports.listen(address.host, address.port))
         self._tasks.append(asyncio.create_task(self._housekeeping()))
         self._tasks.append(asyncio.create_task(self.qualifier.run()))
+        host, _, port = self.addresses[0].rpartition(":")
+        self.calls.media = MediaLink(self.calls, self.config.media, host.strip("[]"), int(port))
+        await self.calls.media.start()
         if self.config_path is not None:  # the control socket edits this file
             self.control = ControlServer(self, self.config_path)
             await self.control.start()
@@ -88,6 +92,8 @@ class Edge:
     async def stop(self) -> None:
         if self.control is not None:
             await self.control.stop()
+        if self.calls.media is not None:
+            await self.calls.media.stop()  # workers BYE their calls and exit
         self.calls.close()
         for task in self._tasks:
             task.cancel()

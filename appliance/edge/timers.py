@@ -59,8 +59,11 @@ class TimerWheel:
             deadline = obj.next_deadline()
             if deadline is not None and deadline <= now:
                 self._fire(obj, now)
-            self.arm(obj)
-        if self._heap and self._handle is None:
+            deadline = obj.next_deadline()
+            if deadline is not None:
+                heapq.heappush(self._heap, (deadline, next(self._seq), obj))
+        # Re-arm for the earliest entry of all, not for whichever object fired last.
+        if self._heap and (self._handle_at is None or self._heap[0][0] < self._handle_at):
             self._schedule(self._heap[0][0])
 
     def cancel(self) -> None:

@@ -24,6 +24,8 @@ Dest = TypeVar("Dest")
 
 ANSWERED_ELSEWHERE = 'SIP;cause=200;text="Call completed elsewhere"'
 DECLINE_CODES = frozenset({486, 600, 603})
+INTERNAL_PREFIX = "X-Homepbx-"
+"""Headers between the edge and its media workers; stripped from all that leaves the box."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +53,7 @@ class Branch(Generic[Dest]):
     cancel_wanted: str | None = None  # Reason to send once a provisional arrives
     cancelled: bool = False
     final: Response | None = None
+    answer: Response | None = None  # the 2xx that won: its Contact and To-tag name the dialog
     loser_ack: bytes | None = None  # the ACK of a 2xx that lost the race, resent per retransmission
 
 
@@ -126,8 +129,10 @@ class Fork(Generic[Dest]):
         src = self.request
         headers: list[tuple[str, str]] = [("Via", self._via_for(target, branch_id))]
         for name, value in src.headers:
-            if name in ("Proxy-Authorization", "Route"):
-                continue  # our credentials are consumed here; the Route pointed at us
+            if name in ("Proxy-Authorization", "Route") or name.startswith(INTERNAL_PREFIX):
+                # Our credentials are consumed here, the Route pointed at us, and internal
+                # headers are ours to set: never relayed from outside.
+                continue
             if name == "Max-Forwards":
                 value = str(max(0, int(value) - 1))
             headers.append((name, value))
@@ -176,6 +181,7 @@ class Fork(Generic[Dest]):
             if self.answered is None and not self.final_sent:
                 branch.state = BranchState.ANSWERED
                 self.answered = branch
+                branch.answer = response
                 self.final_sent = True
                 self.ring_deadline = None
                 actions.append(ForkEvent("answered", binding))
@@ -331,8 +337,9 @@ class Fork(Generic[Dest]):
 
 
 def _upstream(response: Response) -> Response:
-    """A downstream response as relayed upstream: our Via removed (§16.7 step 9)."""
-    headers = list(response.headers)
+    """A downstream response as relayed upstream: our Via removed (§16.7 step 9), and no
+    internal header."""
+    headers = [(n, v) for n, v in response.headers if not n.startswith(INTERNAL_PREFIX)]
     for i, (name, _) in enumerate(headers):
         if name == "Via":
             del headers[i]

@@ -1,0 +1,87 @@
+"""The edge's side of the media workers: which worker anchors which call, and their news.
+
+The pool (`appliance.media.pool`) runs the processes; this maps them onto calls: a new
+call acquires a worker, the worker's SIP address is recognised as trusted, and the
+worker's `call_ended` or death reaches the call router.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from appliance.config import MediaConfig
+from appliance.logs import fields
+from appliance.media import protocol as P
+from appliance.media.pool import Worker, WorkerPool
+from appliance.sip.registrar import Flow
+
+if TYPE_CHECKING:
+    from appliance.edge.calls import Call, CallRouter
+
+log = logging.getLogger("homepbx.media")
+
+
+class MediaLink:
+    def __init__(self, router: CallRouter, media: MediaConfig, edge_host: str, edge_port: int) -> None:
+        self.router = router
+        host = "127.0.0.1" if edge_host in ("0.0.0.0", "::", "localhost") else edge_host
+        self.edge_address = f"{host}:{edge_port}"
+        self.pool = WorkerPool(
+            media.min_idle, media.max_calls, (media.rtp_port_low, media.rtp_port_high),
+            self.edge_address, on_event=self._on_event, worker_died=self._died,
+            # One call at a time uses at most ~8 of pjlib's 64 socket slots, which come back
+            # 500 ms after a call; a short rest is enough to never run out.
+            cooldown=0.1,
+        )
+        self._by_token: dict[str, Worker] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        await self.pool.start()
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await self.pool.stop()
+
+    def worker_at(self, flow: Flow) -> Worker | None:
+        """The worker sending from `flow`, if it is one of ours."""
+        if flow.host != P.LOOPBACK or flow.transport != "udp":
+            return None
+        for worker in self.pool.workers:
+            if worker.sip_port == flow.port and worker.pid:
+                return worker
+        return None
+
+    def anchor(self, call: Call, then: Callable[[int | None], None]) -> None:
+        """Find a worker for `call` and continue with its SIP port (None: all busy)."""
+        async def acquire() -> None:
+            worker = await self.pool.acquire(call.token)
+            if worker is not None:
+                self._by_token[call.token] = worker
+            then(worker.sip_port if worker is not None else None)
+
+        task = asyncio.get_running_loop().create_task(acquire())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def call_over(self, token: str) -> None:
+        """The edge is done with a call: a worker that never got it goes back to the pool."""
+        worker = self._by_token.pop(token, None)
+        if worker is not None:
+            self.pool.release(worker, token)
+
+    def _on_event(self, worker: Worker, event: dict[str, Any]) -> None:
+        if event.get("event") == P.EV_CALL_ENDED:
+            token = str(event.get("token") or "")
+            self._by_token.pop(token, None)
+            self.router.worker_call_ended(token, str(event.get("reason") or "ended"))
+
+    def _died(self, worker: Worker, tokens: list[str]) -> None:
+        log.warning("event=media_worker_lost %s", fields(pid=worker.pid, calls=",".join(tokens) or "-"))
+        for token in tokens:
+            self._by_token.pop(token, None)
+            self.router.worker_died(token)

@@ -1,0 +1,114 @@
+#!/bin/bash
+# shellcheck source-path=SCRIPTDIR
+# mmdebstrap customize hook of build.sh: turns the Debian tree in $1 into the homepbx
+# appliance. Runs on the build machine, as root, with /proc, /sys and /dev mounted in the
+# tree; commands for the image run in it through chroot. Idempotent: every step replaces
+# what a previous run left.
+set -euo pipefail
+
+ROOT=${1:?usage: customize.sh ROOT_TREE}
+IMAGE_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=lib.sh
+. "$IMAGE_DIR/lib.sh"
+for var in HOMEPBX_REPO HOMEPBX_ESP_TREE HOMEPBX_WHEELS HOMEPBX_CONFIG HOMEPBX_VERSION HOMEPBX_ROOT_PARTUUID HOMEPBX_ESP_PARTUUID; do
+    [ -n "${!var:-}" ] || die "customize.sh: $var is not set (run image/build.sh, not this script)"
+done
+SYSTEMD_SRC=$HOMEPBX_REPO/systemd
+ROOTFS_SRC=$IMAGE_DIR/rootfs
+
+# in_root CMD...: CMD inside the image, with a clean environment (nothing of the build
+# machine's pip or locale settings leaks in).
+in_root() {
+    chroot "$ROOT" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+        HOME=/root LC_ALL=C.UTF-8 SYSTEMD_RELAX_ESP_CHECKS=1 "$@"
+}
+
+log "customize: files of the appliance"
+cp -a --no-preserve=ownership "$ROOTFS_SRC/." "$ROOT/"
+install -D -m 0644 -t "$ROOT/usr/lib/systemd/system" \
+    "$SYSTEMD_SRC/homepbx.service" "$SYSTEMD_SRC/homepbx-firstboot.service" "$SYSTEMD_SRC/homepbx-console.service"
+install -D -m 0644 "$SYSTEMD_SRC/sysusers.d/homepbx.conf" "$ROOT/usr/lib/sysusers.d/homepbx.conf"
+install -D -m 0644 "$SYSTEMD_SRC/tmpfiles.d/homepbx.conf" "$ROOT/usr/lib/tmpfiles.d/homepbx.conf"
+install -D -m 0644 "$SYSTEMD_SRC/sshd_config.d/homepbx.conf" "$ROOT/etc/ssh/sshd_config.d/homepbx.conf"
+install -D -m 0755 "$SYSTEMD_SRC/bin/pbx-shell" "$ROOT/opt/homepbx/bin/pbx-shell"
+install -D -m 0755 "$SYSTEMD_SRC/bin/homepbx-firstboot" "$ROOT/opt/homepbx/bin/homepbx-firstboot"
+install -D -m 0755 "$SYSTEMD_SRC/bin/homepbx_console.py" "$ROOT/opt/homepbx/bin/homepbx-console"
+install -D -m 0644 "$HOMEPBX_REPO/README.md" "$ROOT/opt/homepbx/README.md"
+grep -qx /opt/homepbx/bin/pbx-shell "$ROOT/etc/shells" || echo /opt/homepbx/bin/pbx-shell >>"$ROOT/etc/shells"
+
+log "customize: homepbx $HOMEPBX_VERSION in /opt/homepbx/venv (Debian's python3.11)"
+rm -rf "$ROOT/opt/homepbx/venv" "$ROOT/tmp/wheels"
+cp -r "$HOMEPBX_WHEELS" "$ROOT/tmp/wheels"
+in_root python3 -m venv /opt/homepbx/venv
+in_root /opt/homepbx/venv/bin/pip install --quiet --no-cache-dir --no-index --find-links /tmp/wheels \
+    "homepbx==$HOMEPBX_VERSION"
+rm -rf "$ROOT/tmp/wheels"
+in_root /opt/homepbx/venv/bin/python -c 'import appliance.cli, pjsua2, uvloop, tomlkit'
+
+log "customize: users, /etc/homepbx, units"
+in_root systemd-sysusers
+in_root systemd-tmpfiles --create /usr/lib/tmpfiles.d/homepbx.conf
+install -m 0600 "$HOMEPBX_CONFIG" "$ROOT/etc/homepbx/config.toml"
+in_root chown homepbx:homepbx /etc/homepbx/config.toml
+in_root /opt/homepbx/venv/bin/homepbx check-config --config /etc/homepbx/config.toml
+in_root systemctl enable homepbx.service homepbx-firstboot.service homepbx-console.service \
+    systemd-networkd.service systemd-resolved.service systemd-timesyncd.service ssh.service
+# The root account stays locked; the family logs in as pbx, whose shell is the terminal UI.
+in_root passwd --lock root >/dev/null
+
+log "customize: sshd drop-in check"
+keydir=$(mktemp -d "$ROOT/tmp/sshkey.XXXXXX")
+in_root ssh-keygen -q -t ed25519 -N '' -f "/tmp/${keydir##*/}/key"
+mkdir -p "$ROOT/run/sshd"
+sshd_pbx=$(in_root /usr/sbin/sshd -T -h "/tmp/${keydir##*/}/key" -C user=pbx,host=client,addr=192.0.2.1)
+rm -rf "$keydir" "$ROOT/run/sshd"
+grep -qx 'forcecommand /opt/homepbx/bin/pbx-shell' <<<"$sshd_pbx" || die "sshd: pbx is not forced into the TUI"
+grep -qx 'allowtcpforwarding no' <<<"$sshd_pbx" || die "sshd: pbx may forward TCP"
+
+log "customize: boot loader (systemd-boot) and kernel"
+cat >"$ROOT/etc/fstab" <<EOF
+# <file system> <mount point> <type> <options> <dump> <pass>
+PARTUUID=$HOMEPBX_ROOT_PARTUUID / ext4 defaults,errors=remount-ro,x-systemd.growfs 0 1
+PARTUUID=$HOMEPBX_ESP_PARTUUID /boot/efi vfat umask=0077,nofail 0 2
+EOF
+echo homepbx >"$ROOT/etc/kernel/entry-token"
+# The screen (tty0) is the main console; the serial port gets the kernel log and the banner.
+echo "root=PARTUUID=$HOMEPBX_ROOT_PARTUUID ro rootwait console=ttyS0,115200 console=tty0" >"$ROOT/etc/kernel/cmdline"
+# bootctl and kernel-install want the ESP to be a file system of its own: a tmpfs stands in
+# for it (no loop device), and its contents go to build.sh, which makes the FAT32 ESP of them.
+mountpoint -q "$ROOT/boot/efi" && umount "$ROOT/boot/efi"
+rm -rf "$ROOT/boot/efi"
+mkdir -p "$ROOT/boot/efi"
+mount -t tmpfs -o mode=0755,size=512m homepbx-esp "$ROOT/boot/efi"
+trap 'umount "$ROOT/boot/efi" 2>/dev/null || true' EXIT
+in_root bootctl install --esp-path=/boot/efi --no-variables --make-entry-directory=yes \
+    --entry-token=literal:homepbx --graceful
+cat >"$ROOT/boot/efi/loader/loader.conf" <<EOF
+default homepbx-*
+timeout 2
+editor no
+EOF
+for kernel in "$ROOT"/boot/vmlinuz-*; do
+    kver=${kernel##*/vmlinuz-}
+    in_root kernel-install add "$kver" "/boot/vmlinuz-$kver" "/boot/initrd.img-$kver"
+done
+
+# systemd-boot's random seed is made on the box (systemd-boot-random-seed), never shipped.
+rm -f "$ROOT/boot/efi/loader/random-seed"
+rm -rf "$HOMEPBX_ESP_TREE"
+mkdir -p "$HOMEPBX_ESP_TREE"
+cp -r "$ROOT/boot/efi/." "$HOMEPBX_ESP_TREE/"
+umount "$ROOT/boot/efi"
+trap - EXIT
+
+log "customize: nothing secret, nothing machine-specific"
+rm -f "$ROOT"/etc/ssh/ssh_host_*
+: >"$ROOT/etc/machine-id"
+rm -f "$ROOT/var/lib/dbus/machine-id" "$ROOT/var/lib/systemd/random-seed" "$ROOT/var/lib/systemd/credential.secret"
+rm -rf "$ROOT/var/lib/homepbx-firstboot" "$ROOT/root/.cache" "$ROOT"/tmp/* "$ROOT"/var/tmp/*
+find "$ROOT/var/log" -type f -delete
+# Downloaded packages and package lists (build.sh keeps its own copy of the packages).
+find "$ROOT/var/cache/apt" "$ROOT/var/lib/apt/lists" -type f -delete
+if grep -Eq '^[[:space:]]*password[[:space:]]*=[[:space:]]*"[^"]' "$ROOT/etc/homepbx/config.toml"; then
+    die "a SIP password is set in the image's config"
+fi

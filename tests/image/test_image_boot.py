@@ -1,0 +1,404 @@
+"""The disk image, built and booted: QEMU with TCG (no KVM), OVMF (UEFI), user networking.
+
+Opt-in, as it builds a Debian system and boots it emulated (tens of minutes on 2 cores):
+
+    HOMEPBX_IMAGE_TEST=1 .venv/bin/python -m pytest -s -m image tests/image
+
+As root, with image/build.sh's tools plus qemu-system-x86, ovmf, qemu-utils, sshpass and
+openssh-client. HOMEPBX_IMAGE=path/to/homepbx-*.img boots an image already built instead of
+building one. The guest's network is QEMU's user mode with port forwards, inside a network
+namespace that has nothing but a loopback interface: the guest reaches nothing else.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import termios
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+READY_TIMEOUT = float(os.environ.get("HOMEPBX_IMAGE_BOOT_TIMEOUT", "1200"))
+READY_LINE = re.compile(r"homepbx\.service: ready \(([^)]*)\)")
+FAILED_LINE = re.compile(r"homepbx\.service: (failed|inactive)|Kernel panic|end Kernel panic")
+
+pytestmark = [
+    pytest.mark.image,
+    pytest.mark.timeout(7200),
+    pytest.mark.skipif(os.environ.get("HOMEPBX_IMAGE_TEST") != "1",
+                       reason="builds and boots the disk image: set HOMEPBX_IMAGE_TEST=1"),
+]
+
+
+def need(*tools: str) -> None:
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        pytest.fail(f"the image test needs {', '.join(missing)} (apt-get install qemu-system-x86 ovmf "
+                    "qemu-utils sshpass openssh-client, and image/build.sh --check)")
+
+
+@dataclass
+class Built:
+    path: Path
+    seconds: float | None
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    given = os.environ.get("HOMEPBX_IMAGE")
+    if given:
+        return Built(Path(given), None)
+    if os.geteuid() != 0:
+        pytest.fail("building the image needs root (image/build.sh)")
+    out = tmp_path_factory.mktemp("image")
+    start = time.monotonic()
+    result = subprocess.run([str(REPO / "image" / "build.sh"), "--output", str(out)], capture_output=True,
+                            text=True, timeout=3600)
+    seconds = time.monotonic() - start
+    assert result.returncode == 0, result.stderr[-5000:]
+    path = Path(result.stdout.strip().splitlines()[-1])
+    size = path.stat().st_size
+    print(f"\nimage build: {seconds:.0f} s, {path.name} {size / 2**20:.0f} MiB "
+          f"({int(subprocess.run(['du', '-k', path], capture_output=True, text=True).stdout.split()[0]) // 1024}"
+          " MiB on disk)")
+    return Built(path, seconds)
+
+
+# --------------------------------------------------------------------------- the image, not booted
+
+
+def partitions(path: Path) -> list[dict[str, object]]:
+    out = subprocess.run(["sfdisk", "--json", str(path)], capture_output=True, text=True, check=True).stdout
+    parts: list[dict[str, object]] = json.loads(out)["partitiontable"]["partitions"]
+    return parts
+
+
+@pytest.fixture(scope="module")
+def root_fs(image: Built, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = next(p for p in partitions(image.path) if str(p["type"]).upper() == "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709")
+    out = tmp_path_factory.mktemp("rootfs") / "root.img"
+    subprocess.run(["dd", f"if={image.path}", f"of={out}", "bs=512", f"skip={root['start']}",
+                    f"count={root['size']}", "conv=sparse", "status=none"], check=True)
+    return out
+
+
+def debugfs(fs: Path, command: str) -> str:
+    return subprocess.run(["debugfs", "-R", command, str(fs)], capture_output=True, text=True, check=True).stdout
+
+
+def test_image_is_a_uefi_gpt_disk(image: Built) -> None:
+    parts = partitions(image.path)
+    assert [str(p["type"]).upper() for p in parts] == [
+        "C12A7328-F81F-11D2-BA4B-00A0C93EC93B", "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"]
+    assert re.fullmatch(r"homepbx-\d+\.\d+\.\d+.*-amd64\.img", image.path.name)
+
+
+def test_nothing_secret_is_baked_in(root_fs: Path) -> None:
+    listing = debugfs(root_fs, "ls -l /etc/ssh")
+    assert "ssh_host_" not in listing
+    config = debugfs(root_fs, "cat /etc/homepbx/config.toml")
+    passwords = re.findall(r'^\s*password\s*=\s*"(.*)"', config, re.M)
+    assert passwords and all(p == "" for p in passwords)
+    assert debugfs(root_fs, "cat /etc/machine-id").strip() == ""
+    shadow = {line.split(":")[0]: line.split(":")[1] for line in debugfs(root_fs, "cat /etc/shadow").splitlines()}
+    for user in ("root", "pbx", "homepbx"):
+        assert shadow[user].startswith(("!", "*")), f"{user} has a password in the image"
+    assert "pbx-password" not in debugfs(root_fs, "ls /var/lib")
+
+
+def test_esp_has_no_random_seed(image: Built, tmp_path: Path) -> None:
+    """systemd-boot's seed is made on the box; a shipped one would be the same on every box."""
+    esp = partitions(image.path)[0]
+    out = tmp_path / "esp.img"
+    subprocess.run(["dd", f"if={image.path}", f"of={out}", "bs=512", f"skip={esp['start']}", f"count={esp['size']}",
+                    "status=none"], check=True)
+    listing = subprocess.run(["mdir", "-/", "-b", "-i", str(out), "::/"], capture_output=True, text=True,
+                             env={**os.environ, "MTOOLS_SKIP_CHECK": "1"}, check=True).stdout
+    assert "::/EFI/BOOT/BOOTX64.EFI" in listing
+    assert "random-seed" not in listing
+
+
+def test_no_package_cache_in_the_image(root_fs: Path) -> None:
+    assert ".deb" not in debugfs(root_fs, "ls /var/cache/apt/archives")
+
+
+def test_units_are_enabled(root_fs: Path) -> None:
+    wants = debugfs(root_fs, "ls /etc/systemd/system/multi-user.target.wants")
+    for unit in ("homepbx.service", "homepbx-firstboot.service", "homepbx-console.service",
+                 "ssh.service", "systemd-networkd.service"):
+        assert unit in wants
+
+
+# --------------------------------------------------------------------------- the image, booted
+
+
+@dataclass
+class VM:
+    """QEMU in a network namespace of its own that has only a loopback interface: the guest
+    reaches nothing outside (its NTP or apt attempts fail at once), and the ports forwarded
+    from that namespace's 127.0.0.1 are reached with nsenter."""
+
+    process: subprocess.Popen[bytes]
+    work: Path
+    boot_seconds: float = 0.0
+    status: str = ""
+    stopped: bool = False
+
+    @property
+    def serial(self) -> Path:
+        return self.work / "serial.log"
+
+    def console(self) -> str:
+        return self.serial.read_bytes().decode("utf-8", "replace").replace("\r", "")
+
+    def netns(self, *command: str) -> list[str]:
+        return ["nsenter", f"--net=/proc/{self.process.pid}/ns/net", "--", *command]
+
+    def probe(self, *args: str) -> dict[str, object]:
+        result = subprocess.run(self.netns(sys.executable, "-m", "tests.image.probe", *args), cwd=REPO,
+                                capture_output=True, text=True, timeout=120)
+        assert result.stdout.strip(), result.stderr
+        answer: dict[str, object] = json.loads(result.stdout.strip().splitlines()[-1])
+        return answer
+
+    def shutdown(self, timeout: float = 300) -> None:
+        """A clean power-off (ACPI button through the QEMU monitor), so the journal is on disk."""
+        if self.stopped:
+            return
+        self.stopped = True
+        with socket.socket(socket.AF_UNIX) as monitor:
+            monitor.connect(str(self.work / "monitor.sock"))
+            monitor.sendall(b"system_powerdown\n")
+            time.sleep(1)
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError("the guest did not power off") from None
+
+
+SIP_PORT, SSH_PORT = 5060, 2222  # in the VM's own network namespace: nothing else uses them
+
+
+@pytest.fixture(scope="module")
+def vm(image: Built, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VM]:
+    need("qemu-system-x86_64", "qemu-img", "unshare", "nsenter", "ip")
+    if not OVMF_CODE.exists():
+        pytest.fail(f"{OVMF_CODE} is missing: apt-get install ovmf")
+    if os.geteuid() != 0:
+        pytest.fail("the boot test needs root (a network namespace for the guest)")
+    work = tmp_path_factory.mktemp("vm")
+    # A copy-on-write overlay, bigger than the image: the image stays as built, and the
+    # first boot grows the root partition into the extra room.
+    disk = work / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(image.path), str(disk), "4G"],
+                   check=True)
+    shutil.copy(OVMF_VARS, work / "vars.fd")
+    (work / "serial.log").touch()
+    qemu = [
+        "qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-m", "1536", "-smp", "2",
+        "-display", "none", "-serial", f"file:{work / 'serial.log'}",
+        "-monitor", f"unix:{work / 'monitor.sock'},server,nowait",
+        "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+        "-drive", f"if=pflash,format=raw,unit=1,file={work / 'vars.fd'}",
+        "-drive", f"if=virtio,format=qcow2,file={disk}",
+        "-nic", ("user,model=virtio-net-pci,"
+                 f"hostfwd=udp:127.0.0.1:{SIP_PORT}-:5060,hostfwd=tcp:127.0.0.1:{SIP_PORT}-:5060,"
+                 f"hostfwd=tcp:127.0.0.1:{SSH_PORT}-:22"),
+    ]
+    # unshare execs: the Popen's pid is QEMU's, and /proc/PID/ns/net its namespace.
+    command = ["unshare", "--net", "--", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *qemu]
+    start = time.monotonic()
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    machine = VM(process, work)
+    try:
+        while True:
+            text = machine.console()
+            found = READY_LINE.search(text)
+            if found:
+                machine.boot_seconds = time.monotonic() - start
+                machine.status = found.group(1)
+                break
+            if FAILED_LINE.search(text):
+                pytest.fail("the appliance did not come up; serial console:\n" + text[-6000:])
+            if process.poll() is not None:
+                output = process.stdout.read().decode() if process.stdout else ""
+                pytest.fail(f"qemu exited ({process.returncode}): {output}\nserial console:\n{text[-6000:]}")
+            if time.monotonic() - start > READY_TIMEOUT:
+                pytest.fail(f"no ready line within {READY_TIMEOUT:.0f} s; serial console:\n" + text[-6000:])
+            time.sleep(1)
+        time.sleep(2)  # the banner follows the ready line in the same write
+        print(f"\nboot to ready under TCG: {machine.boot_seconds:.0f} s ({machine.status})")
+        yield machine
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        (REPO / "build").mkdir(exist_ok=True)
+        shutil.copy(work / "serial.log", REPO / "build" / "image-test-serial.log")
+
+
+def first_boot_credentials(console: str) -> tuple[str, dict[str, str]]:
+    pbx = re.search(r"password: ([a-z2-9]{4}(?:-[a-z2-9]{4}){3})\s*$", console, re.M)
+    sip = dict(re.findall(r"SIP (\d+)\s+.*?password: (\S+)\s*$", console, re.M))
+    assert pbx and sip, "no credentials on the console:\n" + console[-4000:]
+    return pbx.group(1), sip
+
+
+def test_ready_line_on_the_serial_console(vm: VM) -> None:
+    assert "listening on" in vm.status
+    assert vm.boot_seconds > 0
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_sip_options_gets_200(vm: VM, transport: str) -> None:
+    assert vm.probe("options", str(SIP_PORT), transport) == {"status": 200, "reason": "OK"}
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_register_with_first_boot_credential(vm: VM, transport: str) -> None:
+    _, sip = first_boot_credentials(vm.console())
+    password = sip["200"]
+    assert len(password) >= 16
+    assert vm.probe("register", str(SIP_PORT), transport, "200", password + "x")["status"] == 403
+    answer = vm.probe("register", str(SIP_PORT), transport, "200", password)
+    assert answer["status"] == 200, answer
+
+
+def ssh_command(password: str, *remote: str) -> list[str]:
+    return ["sshpass", "-p", password, "ssh", "-p", str(SSH_PORT), "-o", "StrictHostKeyChecking=no",
+            "-o", "UserKnownHostsFile=/dev/null", "-o", "PubkeyAuthentication=no", "-o", "LogLevel=ERROR",
+            "-o", "PreferredAuthentications=password", "-o", "ConnectTimeout=60", "pbx@127.0.0.1", *remote]
+
+
+ANSI = re.compile(r"\x1b(\[[0-9;?<>=$]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[@-Z\\-_])")
+
+
+def in_pty(command: list[str], until: re.Pattern[str], seconds: float, keys: bytes = b"q") -> str:
+    """Run `command` on a terminal (120x40) until `until` shows in its screen output, then
+    type `keys`; the output with escape sequences removed."""
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    process = subprocess.Popen(command, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+                               env={**os.environ, "TERM": "xterm-256color"})
+    os.close(slave)
+    raw = b""
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            ready, _, _ = select.select([master], [], [], 1)
+            if ready:
+                try:
+                    raw += os.read(master, 65536)
+                except OSError:
+                    break
+                if until.search(ANSI.sub("", raw.decode("utf-8", "replace"))):
+                    os.write(master, keys)
+                    time.sleep(3)
+                    break
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+        os.close(master)
+    return ANSI.sub("", raw.decode("utf-8", "replace"))
+
+
+def test_ssh_host_keys_were_made_at_first_boot_and_shown(vm: VM) -> None:
+    need("ssh-keyscan", "ssh-keygen")
+    scan = subprocess.run(vm.netns("ssh-keyscan", "-T", "60", "-t", "ed25519", "-p", str(SSH_PORT), "127.0.0.1"),
+                          capture_output=True, text=True, timeout=120)
+    assert scan.stdout.strip(), scan.stderr
+    fingerprint = subprocess.run(["ssh-keygen", "-l", "-f", "-"], input=scan.stdout, capture_output=True,
+                                 text=True, check=True).stdout.split()[1]
+    assert f"ED25519 {fingerprint}" in vm.console()
+
+
+def test_ssh_pbx_with_a_wrong_password_is_refused(vm: VM) -> None:
+    need("sshpass", "ssh")
+    pbx_password, _ = first_boot_credentials(vm.console())
+    wrong = subprocess.run(vm.netns(*ssh_command(pbx_password + "x", "id")), capture_output=True, text=True,
+                           timeout=180)
+    assert wrong.returncode == 5, wrong.stderr  # sshpass: the password was refused
+
+
+def test_ssh_pbx_opens_the_tui_on_the_control_socket(vm: VM) -> None:
+    """`ssh pbx@box` shows the TUI, connected (it lists the numbers of the config)."""
+    pbx_password, _ = first_boot_credentials(vm.console())
+    screen = in_pty(vm.netns(*ssh_command(pbx_password, "-tt")), re.compile(r"Grandpa.*Family|Family.*Grandpa", re.S),
+                    seconds=300)
+    assert "Grandpa" in screen and "Family" in screen, screen[-3000:]
+
+
+def test_ssh_pbx_runs_nothing_but_the_tui(vm: VM) -> None:
+    """A command given to ssh is not run: the forced command (the TUI) runs instead."""
+    pbx_password, _ = first_boot_credentials(vm.console())
+    screen = in_pty(vm.netns(*ssh_command(pbx_password, "-tt", "id; echo SHELL-ESCAPE-$((6*7))")),
+                    re.compile(r"Grandpa"), seconds=300)
+    assert "Grandpa" in screen, screen[-3000:]
+    assert "uid=" not in screen and "SHELL-ESCAPE-42" not in screen, screen[-3000:]
+
+
+# --------------------------------------------------------------------------- after a clean power-off
+
+
+@pytest.fixture(scope="module")
+def journal(vm: VM, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The guest's persistent journal, read from its disk after a clean power-off."""
+    need("journalctl", "debugfs", "qemu-img")
+    vm.shutdown()
+    out = tmp_path_factory.mktemp("journal")
+    raw = out / "disk.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(vm.work / "disk.qcow2"), str(raw)], check=True)
+    root = partitions(raw)[1]
+    fs = out / "root.img"
+    subprocess.run(["dd", f"if={raw}", f"of={fs}", "bs=512", f"skip={root['start']}", f"count={root['size']}",
+                    "conv=sparse", "status=none"], check=True)
+    raw.unlink()
+    subprocess.run(["debugfs", "-R", f"rdump /var/log/journal {out}", str(fs)], capture_output=True, check=True)
+    return out / "journal"
+
+
+def journal_entries(directory: Path, *args: str) -> list[dict[str, str]]:
+    out = subprocess.run(["journalctl", "-D", str(directory), "-o", "json", "--no-pager", *args],
+                         capture_output=True, text=True, check=True).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def test_journal_has_the_daemon_logs_with_levels(journal: Path) -> None:
+    entries = journal_entries(journal, "-u", "homepbx.service")
+    daemon = [e for e in entries if e.get("SYSLOG_IDENTIFIER") == "homepbx" and isinstance(e.get("MESSAGE"), str)]
+    priorities = {re.search(r"event=(\w+)", e["MESSAGE"]).group(1): e["PRIORITY"]  # type: ignore[union-attr]
+                  for e in daemon if "event=" in e["MESSAGE"]}
+    assert priorities.get("password_generated") == "4"  # warning
+    assert priorities.get("ready") == "6"  # info
+    assert "stopped" in priorities  # the power-off stopped it cleanly
+    errors = [e["MESSAGE"] for e in daemon if int(e["PRIORITY"]) <= 3 or "Traceback" in e["MESSAGE"]]
+    assert not errors, "\n".join(errors)
+
+
+def test_first_boot_grew_the_root_file_system(journal: Path) -> None:
+    messages = [str(e.get("MESSAGE")) for e in journal_entries(journal, "-u", "systemd-growfs@-.service")]
+    assert any("Successfully resized" in m for m in messages), messages
+
+
+def test_no_unit_failed(journal: Path) -> None:
+    failed = [str(e.get("MESSAGE")) for e in journal_entries(journal, "-p", "err", "_PID=1")]
+    assert not failed, "\n".join(failed)

@@ -1,0 +1,41 @@
+"""TimerWheel: one asyncio timer drives many state machines, earliest deadline first."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from appliance.edge.timers import TimerWheel
+
+
+class Machine:
+    def __init__(self, deadlines: list[float]) -> None:
+        self.deadlines = deadlines
+        self.fired: list[float] = []
+
+    def next_deadline(self) -> float | None:
+        return self.deadlines[0] if self.deadlines else None
+
+
+def test_a_later_rearm_never_hides_an_earlier_deadline() -> None:
+    async def main() -> tuple[Machine, Machine]:
+        start = time.monotonic()
+        # `fast` fires soon and then wants a late deadline; `slow` waits in between.
+        fast = Machine([start + 0.02, start + 5.0])
+        slow = Machine([start + 0.1])
+
+        def fire(obj: object, now: float) -> None:
+            assert isinstance(obj, Machine)
+            obj.fired.append(now - start)
+            obj.deadlines.pop(0)
+
+        wheel = TimerWheel(time.monotonic, fire)
+        wheel.arm(slow)
+        wheel.arm(fast)
+        await asyncio.sleep(0.3)
+        wheel.cancel()
+        return fast, slow
+
+    fast, slow = asyncio.run(main())
+    assert len(fast.fired) == 1 and fast.fired[0] < 0.1
+    assert len(slow.fired) == 1 and 0.09 < slow.fired[0] < 0.25
