@@ -62,6 +62,8 @@ class MediaLink:
             worker = await self.pool.acquire(call.token)
             if worker is not None:
                 self._by_token[call.token] = worker
+                log.info("event=media_worker_call %s", fields(token=call.token, pid=worker.pid,
+                                                              port=worker.sip_port))
             then(worker.sip_port if worker is not None else None)
 
         task = asyncio.get_running_loop().create_task(acquire())

@@ -1,0 +1,197 @@
+"""The contract between the edge and a media worker: command line, SIP headers, JSON lines.
+
+Pure stdlib and free of pjsua2, so the edge and the pool can import it without loading
+the media library.  Every name here is used by both sides; change them together.
+
+Process
+-------
+``python -m appliance.media.worker --sip-port 0 --rtp-ports LOW-HIGH --edge HOST:PORT``
+
+The worker binds one UDP SIP transport on 127.0.0.1 (port 0 = ephemeral), RTP/RTCP
+pairs inside LOW-HIGH only, and takes one call at a time.  It writes JSON events to
+stdout, one per line, and reads JSON commands from stdin, one per line.  pjsua logs go
+to stderr.  Stdin EOF, ``{"cmd": "quit"}``, SIGTERM, SIGINT and SIGHUP all mean a clean
+shutdown: BYE/CANCEL/503 every leg, ``libDestroy``, exit status 0.
+
+Events (worker -> edge, stdout)
+-------------------------------
+- ``{"event": "ready", "sip_port": N, "pid": P, "rtp_ports": "LOW-HIGH"}``: once, first.
+- ``{"event": "call_started", "token": T, "call_id": ..., "caller": ..., "target": ...}``:
+  an A-leg INVITE was accepted and the B-leg INVITE sent.
+- ``{"event": "call_ringing", "token": T, "code": 180}``: first 18x on the B-leg, relayed
+  to A as 180 (extra event; the edge may ignore it).
+- ``{"event": "call_answered", "token": T, "answered_by": ..., "codecs": {...}}``: the
+  B-leg answered, A has been answered with 200.
+- ``{"event": "leg_joined", "token": T, "leg": "j1", "from": ...}``: a join leg was answered.
+- ``{"event": "leg_left", "token": T, "leg": "a"|"b"|"j1"..., "code": N}``: a leg that had
+  been answered is gone; the call may go on (see "hang-up rules").
+- ``{"event": "call_ended", "token": T, "reason": R, "code": N, "duration": S}``: every leg
+  is gone; the worker is idle again.  R is one of the ``REASON_*`` values.
+- ``{"event": "pong", "seq": N, "busy": bool, "calls": N}``: reply to ``ping`` (calls =
+  calls finished so far).
+- ``{"event": "error", "message": ...}``: a bad command or an unexpected failure (logged,
+  never fatal).
+- ``{"event": "bye", "reason": ...}``: last line before a clean exit.
+
+Commands (edge -> worker, stdin)
+--------------------------------
+``{"cmd": "ping", "seq": N}``, ``{"cmd": "end_all"}``, ``{"cmd": "quit"}``.
+
+SIP (edge -> worker)
+--------------------
+- A-leg: the caller's INVITE relayed to ``sip:<dialled>@127.0.0.1:<sip_port>`` with
+  ``X-Homepbx-Token`` (random, names the call), ``X-Homepbx-Target`` (where the B-leg
+  goes, ``sip:<number>@<edge host:port>``; default ``sip:<dialled>@<--edge>``) and
+  ``X-Homepbx-Caller`` (``"Name" <sip:100@realm>``, the identity the callee sees; default:
+  the A-leg's From).  A second call while one is up gets 486.
+- B-leg: ``INVITE <X-Homepbx-Target>`` sent straight to the edge, From = X-Homepbx-Caller,
+  with ``X-Homepbx-Token``.  B-leg 18x -> 180 to A (once); B-leg 2xx -> 200 to A carrying
+  ``P-Asserted-Identity`` (the B-leg 2xx's own P-Asserted-Identity if the edge put one
+  there, else its To without tag) and ``X-Homepbx-Token``; a B-leg final failure -> the
+  same code and phrase to A (a local failure without a code becomes 500).
+- Join: an INVITE with ``X-Homepbx-Token`` of the call in this worker and
+  ``X-Homepbx-Join: 1``: answered at once and added to the bridge.  Refused with 486
+  when the call is not answered yet or already has ``MAX_LEGS`` legs, 481 when the token
+  is not this worker's call.
+- Hang-up rules: A leaving ends the call (BYE to everyone else).  B or a joiner leaving
+  leaves the rest talking as long as A and at least one other leg are up; once A is
+  alone it is hung up too.  A cancelling before the answer CANCELs the B-leg.
+- Refusals: 403 when the source host is not the ``--edge`` host, 400 without a token,
+  486 while busy with another call, 503 while shutting down.
+- The B-leg has no credentials: the edge must not challenge it (it trusts the worker by
+  source address 127.0.0.1:<sip_port of a pool worker> plus the token).
+- In-dialog requests follow the route set, so the edge must Record-Route both the A-leg
+  relay and the B-leg fork to keep seeing BYEs and re-INVITEs.
+
+What the edge does with it
+--------------------------
+``WorkerPool.acquire(token)`` -> relay the INVITE to ``worker.address`` (None: answer
+``503`` with ``Retry-After``); fork the B-leg INVITE that comes back with the token;
+optionally put ``P-Asserted-Identity`` naming the answering device on the 2xx it forwards
+to the worker (the worker copies it into its 200 to A); strip ``X-Homepbx-*`` from
+everything that leaves the box; relay joins to ``pool.worker_for(token)``.  The pool
+frees the worker on ``call_ended`` (after a short cool-down); ``release(worker, token)``
+is for an INVITE that never reached it.  ``worker_died(worker, tokens)``: BYE the parties
+of those calls from the dialog state the edge saw.  Workers are forked from a zygote
+(``worker --zygote``, see :func:`appliance.media.worker.zygote_main`).
+
+Figures behind the design choices are in ``bench/media.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Final
+
+# --- SIP headers --------------------------------------------------------------------------
+HDR_TOKEN: Final = "X-Homepbx-Token"
+HDR_TARGET: Final = "X-Homepbx-Target"
+HDR_CALLER: Final = "X-Homepbx-Caller"
+HDR_JOIN: Final = "X-Homepbx-Join"
+INTERNAL_HEADER_PREFIX: Final = "X-Homepbx-"
+"""The edge strips every header with this prefix from anything that leaves the box."""
+HDR_PAI: Final = "P-Asserted-Identity"
+
+# --- limits -----------------------------------------------------------------------------
+MAX_LEGS: Final = 3
+"""A, B and one joiner.  The stock pjsua2 wheel allows 4 calls per process, so a
+4th INVITE can still be received and refused."""
+PORTS_PER_LEG: Final = 2
+"""RTP and RTCP."""
+MIN_PORTS_PER_WORKER: Final = (MAX_LEGS + 1) * PORTS_PER_LEG
+"""Enough for every leg plus a refused 4th join (pjsua creates its media transport
+before we can refuse it)."""
+LOOPBACK: Final = "127.0.0.1"
+CODECS: Final = ("PCMU/8000", "PCMA/8000", "G722/16000")
+"""Enabled codecs; the rest (speex, iLBC, GSM, L16) are off so transcoding stays cheap."""
+
+# --- events -----------------------------------------------------------------------------
+EV_READY: Final = "ready"
+EV_CALL_STARTED: Final = "call_started"
+EV_CALL_RINGING: Final = "call_ringing"
+EV_CALL_ANSWERED: Final = "call_answered"
+EV_LEG_JOINED: Final = "leg_joined"
+EV_LEG_LEFT: Final = "leg_left"
+EV_CALL_ENDED: Final = "call_ended"
+EV_PONG: Final = "pong"
+EV_ERROR: Final = "error"
+EV_BYE: Final = "bye"
+
+# --- commands ---------------------------------------------------------------------------
+CMD_PING: Final = "ping"
+CMD_END_ALL: Final = "end_all"
+CMD_QUIT: Final = "quit"
+
+# --- leg names --------------------------------------------------------------------------
+LEG_A: Final = "a"
+LEG_B: Final = "b"
+JOIN_LEG_PREFIX: Final = "j"
+
+# --- call_ended reasons -----------------------------------------------------------------
+REASON_CALLER_HANGUP: Final = "caller_hangup"
+"""A hung up after the answer."""
+REASON_CALLEE_HANGUP: Final = "callee_hangup"
+"""The last non-A leg hung up, so A was hung up too."""
+REASON_CANCELLED: Final = "cancelled"
+"""A gave up before the answer; the B-leg was cancelled."""
+REASON_REJECTED: Final = "rejected"
+"""The B-leg failed (code = its final status), A got the same code."""
+REASON_END_ALL: Final = "end_all"
+REASON_SHUTDOWN: Final = "shutdown"
+REASON_ERROR: Final = "error"
+"""The worker could not place the B-leg or answer A (code says what A got)."""
+
+
+def encode(kind: str, name: str, **fields: Any) -> bytes:
+    """One JSON line: ``encode("cmd", "ping", seq=1)`` or ``encode("event", "pong", ...)``."""
+    return (json.dumps({kind: name, **fields}, separators=(",", ":"), default=str) + "\n").encode()
+
+
+def decode(line: bytes | str) -> dict[str, Any]:
+    """Parse one JSON line into a dict; raises ValueError for anything else."""
+    value = json.loads(line)
+    if not isinstance(value, dict):
+        raise ValueError("expected a JSON object")
+    return value
+
+
+def parse_port_range(text: str) -> tuple[int, int]:
+    """``"10000-10999"`` -> (10000, 10999); raises ValueError when malformed or empty."""
+    low_text, sep, high_text = text.partition("-")
+    if not sep:
+        raise ValueError(f"port range {text!r}: expected LOW-HIGH")
+    low, high = int(low_text), int(high_text)
+    if not 1 <= low <= high <= 65535:
+        raise ValueError(f"port range {text!r}: need 1 <= LOW <= HIGH <= 65535")
+    return low, high
+
+
+def format_port_range(ports: tuple[int, int]) -> str:
+    return f"{ports[0]}-{ports[1]}"
+
+
+def split_port_range(ports: tuple[int, int], slots: int) -> list[tuple[int, int]]:
+    """Cut a range into `slots` disjoint sub-ranges, each starting on an even port and
+    holding an even number of ports (RTP even, RTCP odd), so workers never collide.
+
+    Raises ValueError when a slice would be smaller than MIN_PORTS_PER_WORKER.
+    """
+    low, high = ports
+    if low % 2:
+        low += 1
+    size = (high - low + 1) // max(slots, 1)
+    size -= size % 2
+    if slots < 1 or size < MIN_PORTS_PER_WORKER:
+        raise ValueError(
+            f"rtp port range {ports[0]}-{ports[1]} is too small for {slots} media workers"
+            f" ({MIN_PORTS_PER_WORKER} ports each)"
+        )
+    return [(low + i * size, low + (i + 1) * size - 1) for i in range(slots)]
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """``"127.0.0.1:5060"`` or ``"[::1]:5060"`` -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{text!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)

@@ -1,0 +1,963 @@
+"""Media worker: a pjsua2 B2BUA that anchors one call at a time in its conference bridge.
+
+Run as ``python -m appliance.media.worker --sip-port 0 --rtp-ports LOW-HIGH --edge HOST:PORT``;
+the contract with the edge (headers, events, commands) is in :mod:`.protocol`.
+
+Why it is built this way (figures in ``bench/media.py``):
+
+- pjsua2 runs on the main thread only (``threadCnt = 0``, ``mainThreadOnly``) and the
+  media endpoint shares the SIP ioqueue (``hasIoqueue = False``, media ``threadCnt = 0``):
+  pjmedia's own ioqueue thread polls every 10 ms, which alone costs ~0.2 % of a core in
+  an idle worker.  Here the main thread sleeps in ``libHandleEvents(1000)`` and wakes on
+  SIP, RTP or a timer; an idle worker then costs ~0.01 %.
+- Commands and signals are read by two small threads that never touch pjsua2: they queue
+  the work and wake the main loop by sending a CRLF keep-alive (RFC 5626 §4.4.1, which
+  pjsip ignores) to the worker's own SIP port.  No polling anywhere.
+- The conference bridge is clocked by the null sound device, which pjsua opens when the
+  first port is connected and closes one second after the last call (``sndAutoCloseTime``).
+- Every ``Call`` is strongly referenced until DISCONNECTED and dropped after
+  ``libHandleEvents`` returns, never inside a callback.  Automatic garbage collection is
+  off (a collection started by a helper thread could run a pjsua2 destructor on an
+  unregistered thread, which aborts); the main loop collects when a call ends.
+- pjsua2 callbacks only record facts and queue jobs; jobs run right after
+  ``libHandleEvents`` returns, so no pjsua2 operation is nested inside a callback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import gc
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import pjsua2 as pj
+
+from appliance.media import protocol as P
+from appliance.sip.errors import SipParseError
+from appliance.sip.message import Request, Response, parse_message
+
+IDLE_WAIT_MS = 1000
+"""Longest sleep in libHandleEvents; SIP, RTP, pjsip timers and the wake datagram all
+end it early, so this only bounds the damage of a lost wake-up."""
+SHUTDOWN_PUMP_S = 2.0
+"""How long shutdown waits for BYE/CANCEL transactions before destroying the library."""
+SHUTDOWN_WATCHDOG_S = 8.0
+"""A shutdown that takes longer than this exits hard (status 3) rather than hang."""
+WAKE = b"\r\n\r\n"
+"""A SIP keep-alive: pjsip drops it silently, and it ends libHandleEvents at once."""
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_STATIC_PT = {"0": "PCMU/8000", "8": "PCMA/8000", "9": "G722/16000"}
+
+
+# ------------------------------------------------------------------------------------------
+# small helpers
+
+
+class Emitter:
+    """JSON events on the private stdout descriptor, one per line."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+
+    def emit(self, event: str, **fields: Any) -> None:
+        line = json.dumps({"event": event, **fields}, default=str)
+        with self._lock:
+            try:
+                self._stream.write(line + "\n")
+                self._stream.flush()
+            except (OSError, ValueError):
+                pass  # parent gone: stdin EOF ends us shortly
+
+
+def pj_error_text(exc: BaseException) -> str:
+    if isinstance(exc, pj.Error):
+        return f"{exc.title}: {exc.reason} (status {exc.status})"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def parse_sip(text: str) -> Request | Response | None:
+    """The project's parser over pjsua2's message text; None when it refuses it."""
+    try:
+        return parse_message(text.encode("utf-8", "surrogateescape"))
+    except (SipParseError, ValueError):
+        return None
+
+
+def strip_tag(value: str) -> str:
+    """A From/To value without its tag parameter (the identity, not the dialog)."""
+    head, sep, _ = value.partition(">")
+    if sep:
+        return head + sep
+    return value.split(";", 1)[0].strip()
+
+
+def offered_codecs(sdp: str) -> list[str]:
+    """Our codec ids ("PCMU/8000", ...) in the order the first m=audio line offers them."""
+    payloads: list[str] = []
+    rtpmap: dict[str, str] = {}
+    in_audio = False
+    for raw in sdp.splitlines():
+        line = raw.strip()
+        if line.startswith("m="):
+            if payloads:
+                break
+            parts = line[2:].split()
+            in_audio = bool(parts) and parts[0] == "audio"
+            if in_audio:
+                payloads = parts[3:]
+        elif in_audio and line.startswith("a=rtpmap:"):
+            pt, _, encoding = line[len("a=rtpmap:") :].partition(" ")
+            name, _, rate = encoding.partition("/")
+            rtpmap[pt] = f"{name.upper()}/{rate.split('/')[0]}"
+    ours = {c.upper(): c for c in P.CODECS}
+    result: list[str] = []
+    for pt in payloads:
+        codec = ours.get(rtpmap.get(pt, _STATIC_PT.get(pt, "")).upper())
+        if codec is not None and codec not in result:
+            result.append(codec)
+    return result
+
+
+def host_of(address: str) -> str:
+    """"127.0.0.1:5060" / "[::1]:5060" -> the host."""
+    if address.startswith("["):
+        return address[1:].split("]", 1)[0]
+    return address.rsplit(":", 1)[0] if address.count(":") == 1 else address
+
+
+def sip_headers(pairs: dict[str, str]) -> Any:
+    vec = pj.SipHeaderVector()
+    for name, value in pairs.items():
+        h = pj.SipHeader()
+        h.hName = name
+        h.hValue = value
+        vec.append(h)
+    return vec
+
+
+# ------------------------------------------------------------------------------------------
+# pjsua2 subclasses: callbacks record facts and queue jobs, nothing more
+
+
+class LogWriter(pj.LogWriter):  # type: ignore[misc]
+    """pjsua log lines to stderr (fd 1 belongs to the JSON events)."""
+
+    def write(self, entry: Any) -> None:
+        try:
+            msg = str(entry.msg)
+            sys.stderr.write(msg if msg.endswith("\n") else msg + "\n")
+            sys.stderr.flush()
+        except Exception:
+            pass
+
+
+class WorkerAccount(pj.Account):  # type: ignore[misc]
+    """The worker's one local account: receives the A-leg and joins, places the B-leg
+    (From is set per call through SipTxOption.localUri, so no account per caller)."""
+
+    def __init__(self, worker: Worker) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def onIncomingCall(self, prm: Any) -> None:
+        self.worker.guard("onIncomingCall", self.worker.on_incoming_call, self, prm)
+
+
+class Leg(pj.Call):  # type: ignore[misc]
+    """One call leg of the session ("a", "b", "j1"...), or a refused stray INVITE."""
+
+    def __init__(self, worker: Worker, acc: WorkerAccount, call_id: int | None = None) -> None:
+        if call_id is None:
+            super().__init__(acc)
+        else:
+            super().__init__(acc, call_id)
+        self.worker = worker
+        self.name = ""
+        self.session: Session | None = None
+        self.disconnected = False
+        self.confirmed = False
+        self.media_active = False
+        self.code = 0
+        self.reason = ""
+        self.identity = ""
+        """For the B-leg: who answered (P-Asserted-Identity or To of its 2xx)."""
+        self.remote = ""
+
+    def onCallState(self, prm: Any) -> None:
+        self.worker.guard("onCallState", self.worker.on_call_state, self, prm)
+
+    def onCallMediaState(self, prm: Any) -> None:
+        self.worker.guard("onCallMediaState", self.worker.on_call_media_state, self)
+
+    def onDtmfDigit(self, prm: Any) -> None:
+        self.worker.guard("onDtmfDigit", self.worker.on_dtmf, self, str(prm.digit))
+
+    def alive(self) -> bool:
+        return not self.disconnected
+
+    def audio_media(self) -> Any:
+        """The active audio stream's bridge port, or None."""
+        if self.disconnected:
+            return None
+        try:
+            info = self.getInfo()
+        except pj.Error:
+            return None
+        for media in info.media:
+            if media.type == pj.PJMEDIA_TYPE_AUDIO and media.status == pj.PJSUA_CALL_MEDIA_ACTIVE:
+                return self.getAudioMedia(media.index)
+        return None
+
+    def codec(self) -> str | None:
+        if self.disconnected:
+            return None
+        try:
+            info = self.getInfo()
+            for media in info.media:
+                if media.type == pj.PJMEDIA_TYPE_AUDIO and media.status == pj.PJSUA_CALL_MEDIA_ACTIVE:
+                    stream = self.getStreamInfo(media.index)
+                    return f"{stream.codecName}/{stream.codecClockRate}"
+        except pj.Error:
+            pass
+        return None
+
+
+@dataclass(eq=False)
+class Session:
+    """The one call this worker anchors: its token and legs."""
+
+    token: str
+    caller: str
+    target: str
+    a: Leg | None
+    b: Leg | None = None
+    joiners: list[Leg] = field(default_factory=list)
+    links: set[tuple[str, int, str, int]] = field(default_factory=set)
+    """Bridge connections made: (source leg, its port, sink leg, its port)."""
+    join_seq: int = 0
+    ringing_sent: bool = False
+    answered: bool = False
+    answered_at: float = 0.0
+    ending: bool = False
+    reason: str = ""
+    code: int = 0
+
+    def legs(self) -> list[Leg]:
+        return [leg for leg in (self.a, self.b, *self.joiners) if leg is not None]
+
+    def a_alive(self) -> bool:
+        return self.a is not None and self.a.alive()
+
+    def forget(self, leg: Leg) -> None:
+        """Drop a reaped leg.  pjsua2's ~Call clears the user data of its call id, so a
+        Call object kept after its id is reused would orphan the new call."""
+        if self.a is leg:
+            self.a = None
+        if self.b is leg:
+            self.b = None
+        if leg in self.joiners:
+            self.joiners.remove(leg)
+        leg.session = None
+
+    def set_reason(self, reason: str, code: int = 0) -> None:
+        """The first cause of the end wins (a reject, a cancel, a hang-up...)."""
+        if not self.reason:
+            self.reason = reason
+            self.code = code
+
+
+# ------------------------------------------------------------------------------------------
+# the worker
+
+
+class Worker:
+    """Owns the endpoint, the transport, the account, the session and every Leg."""
+
+    def __init__(self, args: argparse.Namespace, out: Emitter) -> None:
+        self.args = args
+        self.out = out
+        self.rtp_ports = P.parse_port_range(args.rtp_ports)
+        self.edge_host, self.edge_port = P.parse_hostport(args.edge)
+        self.commands: collections.deque[dict[str, Any] | None] = collections.deque()
+        self.jobs: collections.deque[Callable[[], None]] = collections.deque()
+        self.legs: list[Leg] = []
+        self.session: Session | None = None
+        self.stop_reason: str | None = None
+        self.dirty = False
+        self.calls_done = 0
+        self.ep: Any = None
+        self.acc: WorkerAccount | None = None
+        self.writer: LogWriter | None = None
+        self.sip_port = 0
+        self.wake_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+    # -- plumbing --------------------------------------------------------------------------
+    def guard(self, where: str, fn: Callable[..., None], *args: Any) -> None:
+        """Run a callback or job body; an exception becomes an error event instead of
+        escaping into the SWIG director (which could abort the process)."""
+        try:
+            fn(*args)
+        except Exception as exc:
+            self.out.emit(P.EV_ERROR, where=where, message=pj_error_text(exc))
+
+    def later(self, fn: Callable[[], None]) -> None:
+        self.jobs.append(fn)
+
+    def wake(self) -> None:
+        """Any thread: end the main thread's libHandleEvents now."""
+        with contextlib.suppress(OSError):
+            self.wake_sock.sendto(WAKE, (P.LOOPBACK, self.sip_port))
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        ep = pj.Endpoint()
+        # libCreate logs a banner at full verbosity before any config applies: hide it.
+        saved = os.dup(1)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        try:
+            ep.libCreate()
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+            os.close(devnull)
+        self.ep = ep
+        cfg = pj.EpConfig()
+        ua = cfg.uaConfig
+        ua.threadCnt = 0
+        ua.mainThreadOnly = True
+        ua.maxCalls = 4  # the wheel's compiled-in maximum
+        ua.userAgent = "homepbx-media"
+        ua.stunIgnoreFailure = True
+        med = cfg.medConfig
+        # Share the SIP ioqueue: no pjmedia thread polling every 10 ms (--media-thread
+        # brings it back, for comparison).
+        med.hasIoqueue = bool(self.args.media_thread)
+        med.threadCnt = 1 if self.args.media_thread else 0
+        med.noVad = True
+        med.ecTailLen = 0  # no echo canceller: nothing here has a speaker
+        med.clockRate = int(self.args.clock_rate)
+        med.sndClockRate = int(self.args.clock_rate)
+        med.quality = int(self.args.quality)
+        med.sndAutoCloseTime = 1
+        level = int(self.args.log_level)
+        self.writer = LogWriter()
+        cfg.logConfig.writer = self.writer
+        cfg.logConfig.level = level
+        cfg.logConfig.consoleLevel = level
+        cfg.logConfig.msgLogging = level >= 4
+        cfg.logConfig.decor = pj.PJ_LOG_HAS_TIME | pj.PJ_LOG_HAS_MICRO_SEC | pj.PJ_LOG_HAS_SENDER
+        ep.libInit(cfg)
+        ep.audDevManager().setNullDev()
+
+        tcfg = pj.TransportConfig()
+        tcfg.port = int(self.args.sip_port)
+        tcfg.boundAddress = P.LOOPBACK
+        tcfg.publicAddress = P.LOOPBACK
+        tid = ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, tcfg)
+        ep.libStart()
+        self.set_codec_order(list(P.CODECS))
+        self.sip_port = int(str(ep.transportGetInfo(tid).localName).rsplit(":", 1)[1])
+
+        acfg = pj.AccountConfig()
+        acfg.idUri = f"sip:media@{P.LOOPBACK}:{self.sip_port}"
+        acfg.sipConfig.transportId = tid
+        nat = acfg.natConfig
+        nat.sipOutboundUse = 0
+        nat.contactRewriteUse = 0
+        nat.viaRewriteUse = 0
+        nat.sdpNatRewriteUse = 0
+        nat.sipStunUse = pj.PJSUA_STUN_USE_DISABLED
+        nat.mediaStunUse = pj.PJSUA_STUN_USE_DISABLED
+        nat.iceEnabled = False
+        nat.udpKaIntervalSec = 0
+        mt = acfg.mediaConfig.transportConfig
+        mt.boundAddress = P.LOOPBACK
+        mt.publicAddress = P.LOOPBACK
+        mt.port = self.rtp_ports[0]
+        mt.portRange = self.rtp_ports[1] - self.rtp_ports[0]
+        self.acc = WorkerAccount(self)
+        self.acc.create(acfg, True)
+
+    def set_codec_order(self, order: list[str]) -> None:
+        """Enable only our codecs, `order` first: the B-leg offer then leads with the
+        A-leg's codec, so the common case needs no transcoding."""
+        ranked = order + [c for c in P.CODECS if c not in order]
+        for info in self.ep.codecEnum2():
+            cid = str(info.codecId)
+            base = cid.rsplit("/", 1)[0] if cid.count("/") == 2 else cid
+            prio = 255 - ranked.index(base) if base in ranked else 0
+            if int(info.priority) != prio:
+                self.ep.codecSetPriority(cid, prio)
+
+    def run(self) -> int:
+        threading.Thread(target=self.read_stdin, name="stdin", daemon=True).start()
+        threading.Thread(target=self.wait_signals, name="signals", daemon=True).start()
+        self.out.emit(
+            P.EV_READY, sip_port=self.sip_port, pid=os.getpid(), rtp_ports=P.format_port_range(self.rtp_ports)
+        )
+        ep = self.ep
+        while self.stop_reason is None:
+            ep.libHandleEvents(0 if self.jobs or self.commands else IDLE_WAIT_MS)
+            if self.commands:
+                self.drain_commands()
+            if self.jobs:
+                self.run_jobs()
+            if self.dirty:
+                self.reap()
+        self.shutdown()
+        return 0
+
+    def read_stdin(self) -> None:
+        """Reader thread: never touches pjsua2, only queues and wakes."""
+        try:
+            # A fresh reader on fd 0: in a worker forked by the zygote, sys.stdin is the
+            # zygote's object, while fd 0 is now this worker's own channel.
+            for raw in open(0, "rb", closefd=False):  # noqa: SIM115 - lives as long as the thread
+                line = raw.strip()
+                if not line:
+                    continue
+                try:
+                    cmd = P.decode(line)
+                except ValueError as exc:
+                    self.out.emit(P.EV_ERROR, where="stdin", message=f"bad command line: {exc}")
+                    continue
+                self.commands.append(cmd)
+                self.wake()
+        except (OSError, ValueError):
+            pass
+        self.commands.append(None)  # EOF: the edge is gone
+        self.wake()
+
+    def wait_signals(self) -> None:
+        """Signal thread: the signals are blocked everywhere and taken here, so a
+        SIGTERM wakes the main loop at once instead of after its sleep."""
+        signum = signal.sigwait(set(_SIGNALS))
+        self.commands.append({"cmd": P.CMD_QUIT, "reason": signal.Signals(signum).name})
+        self.wake()
+
+    def request_stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            timer = threading.Timer(SHUTDOWN_WATCHDOG_S, lambda: os._exit(3))
+            timer.daemon = True
+            timer.start()
+
+    def pump(self, seconds: float, until: Callable[[], bool]) -> None:
+        """Handle events (and jobs, and reaping) for a while, outside the main loop."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not until():
+            self.ep.libHandleEvents(10)
+            self.run_jobs()
+            self.reap()
+
+    def shutdown(self) -> None:
+        """End every call, then drop every pjsua2 object, then destroy the library.
+        The steps are methods so their locals are gone before libDestroy runs: a Call
+        still referenced at libDestroy aborts the process when it is finally freed."""
+        try:
+            self.end_everything(P.REASON_SHUTDOWN)
+            self.pump(SHUTDOWN_PUMP_S, lambda: not self.legs and self.session is None)
+            self.drop_objects()
+            gc.collect()
+            self.ep.libHandleEvents(20)
+            self.ep.libDestroy(pj.PJSUA_DESTROY_NO_RX_MSG)
+        except Exception as exc:
+            self.out.emit(P.EV_ERROR, where="shutdown", message=pj_error_text(exc))
+        self.out.emit(P.EV_BYE, reason=self.stop_reason)
+
+    def drop_objects(self) -> None:
+        self.jobs.clear()
+        if self.session is not None:
+            self.finish_session()
+        for leg in self.legs:
+            leg.session = None
+        self.legs.clear()
+        if self.acc is not None:
+            with contextlib.suppress(pj.Error):
+                self.acc.shutdown()
+        self.acc = None
+
+    # -- main-loop chores ------------------------------------------------------------------
+    def drain_commands(self) -> None:
+        while self.commands and self.stop_reason is None:
+            cmd = self.commands.popleft()
+            if cmd is None:
+                self.request_stop("stdin closed")
+                return
+            self.guard("command", self.handle_command, cmd)
+
+    def handle_command(self, cmd: dict[str, Any]) -> None:
+        name = cmd.get("cmd")
+        if name == P.CMD_PING:
+            self.out.emit(P.EV_PONG, seq=cmd.get("seq"), busy=self.session is not None, calls=self.calls_done)
+        elif name == P.CMD_END_ALL:
+            self.end_everything(P.REASON_END_ALL)
+        elif name == P.CMD_QUIT:
+            self.request_stop(str(cmd.get("reason") or "quit"))
+        else:
+            self.out.emit(P.EV_ERROR, where="command", message=f"unknown command {name!r}")
+
+    def run_jobs(self) -> None:
+        while self.jobs:
+            self.guard("job", self.jobs.popleft())
+
+    def reap(self) -> None:
+        """Drop disconnected legs (after libHandleEvents returned, never in a callback)
+        and close the session once all its legs are gone."""
+        self.dirty = False
+        gone = [leg for leg in self.legs if leg.disconnected]
+        if not gone:
+            return
+        self.legs = [leg for leg in self.legs if not leg.disconnected]
+        session = self.session
+        for leg in gone:
+            if session is not None:
+                session.forget(leg)
+            leg.session = None
+        del gone
+        if session is not None and not session.legs():
+            self.finish_session()
+
+    def finish_session(self) -> None:
+        session = self.session
+        if session is None:
+            return
+        self.session = None
+        self.calls_done += 1
+        duration = time.monotonic() - session.answered_at if session.answered else 0.0
+        for leg in session.legs():
+            session.forget(leg)
+        self.out.emit(
+            P.EV_CALL_ENDED,
+            token=session.token,
+            reason=session.reason or P.REASON_CALLEE_HANGUP,
+            code=session.code,
+            duration=round(duration, 3),
+        )
+        if self.stop_reason is None:
+            gc.collect()  # here, on the pj thread, between calls
+
+    # -- call control ----------------------------------------------------------------------
+    def answer(self, leg: Leg, code: int, reason: str = "", headers: dict[str, str] | None = None) -> None:
+        if leg.disconnected:
+            return
+        prm = pj.CallOpParam(True)
+        prm.statusCode = code
+        if reason:
+            prm.reason = reason
+        if headers:
+            prm.txOption.headers = sip_headers(headers)
+        leg.answer(prm)
+
+    def hangup(self, leg: Leg | None, code: int = 0, reason: str = "") -> None:
+        """BYE (answered), CANCEL (our early B-leg) or a final `code` (unanswered A)."""
+        if leg is None or leg.disconnected:
+            return
+        prm = pj.CallOpParam(True)
+        if code:
+            prm.statusCode = code
+        if reason:
+            prm.reason = reason
+        try:
+            leg.hangup(prm)
+        except pj.Error as exc:
+            self.out.emit(P.EV_ERROR, where="hangup", leg=leg.name, message=pj_error_text(exc))
+
+    def end_everything(self, reason: str) -> None:
+        session = self.session
+        if session is not None:
+            session.set_reason(reason)
+            session.ending = True
+        for leg in list(self.legs):
+            self.hangup(leg, 503 if not leg.confirmed else 0, "Service Unavailable")
+        self.dirty = True
+
+    def refuse(self, leg: Leg, code: int, reason: str) -> None:
+        leg.name = "refused"
+        self.answer(leg, code, reason)
+
+    # -- callbacks (record facts, queue jobs) ----------------------------------------------
+    def on_incoming_call(self, acc: WorkerAccount, prm: Any) -> None:
+        leg = Leg(self, acc, prm.callId)
+        self.legs.append(leg)
+        msg = parse_sip(str(prm.rdata.wholeMsg))
+        source = str(prm.rdata.srcAddress)
+        self.later(lambda: self.route_incoming(leg, msg, source))
+
+    def route_incoming(self, leg: Leg, msg: Request | Response | None, source: str) -> None:
+        if leg.disconnected:
+            return
+        if not isinstance(msg, Request):
+            self.refuse(leg, 400, "Unreadable INVITE")
+            return
+        if self.edge_host not in ("", "0.0.0.0", "::") and host_of(source) != self.edge_host:
+            self.refuse(leg, 403, "Not From Edge")
+            return
+        if self.stop_reason is not None:
+            self.refuse(leg, 503, "Shutting Down")
+            return
+        token = (msg.get(P.HDR_TOKEN) or "").strip()
+        if (msg.get(P.HDR_JOIN) or "").strip() == "1":
+            self.join(leg, token, msg)
+        else:
+            self.start_session(leg, token, msg)
+
+    def start_session(self, a: Leg, token: str, msg: Request) -> None:
+        if self.session is not None:
+            self.refuse(a, 486, "Busy Here")
+            return
+        if not token:
+            self.refuse(a, 400, f"Missing {P.HDR_TOKEN}")
+            return
+        dialled = msg.uri.split(":", 1)[-1].split("@", 1)[0] if "@" in msg.uri else ""
+        target = (msg.get(P.HDR_TARGET) or "").strip() or f"sip:{dialled}@{self.args.edge}"
+        caller = (msg.get(P.HDR_CALLER) or "").strip() or strip_tag(msg.get("From") or "")
+        a.name = P.LEG_A
+        a.remote = strip_tag(msg.get("From") or "")
+        session = Session(token=token, caller=caller, target=target, a=a)
+        a.session = session
+        self.session = session
+        self.set_codec_order(offered_codecs(msg.body.decode("utf-8", "replace")))
+        self.out.emit(
+            P.EV_CALL_STARTED, token=token, call_id=msg.get("Call-ID"), caller=caller, target=target
+        )
+        assert self.acc is not None
+        b = Leg(self, self.acc)
+        b.name = P.LEG_B
+        b.session = session
+        session.b = b
+        self.legs.append(b)
+        prm = pj.CallOpParam(True)
+        if caller:
+            prm.txOption.localUri = caller
+        prm.txOption.headers = sip_headers({P.HDR_TOKEN: token})
+        try:
+            b.makeCall(target, prm)
+        except pj.Error as exc:
+            b.disconnected = True
+            self.out.emit(P.EV_ERROR, where="makeCall", target=target, message=pj_error_text(exc))
+            session.set_reason(P.REASON_ERROR, 500)
+            session.ending = True
+            self.answer(a, 500, "B-leg Failed")
+            self.dirty = True
+
+    def join(self, leg: Leg, token: str, msg: Request) -> None:
+        session = self.session
+        if session is None or not token or token != session.token:
+            self.refuse(leg, 481, "No Such Call Here")
+            return
+        live = [x for x in session.legs() if x.alive()]
+        if not session.answered or session.ending or len(live) >= P.MAX_LEGS:
+            self.refuse(leg, 486, "Busy Here")
+            return
+        session.join_seq += 1
+        leg.name = f"{P.JOIN_LEG_PREFIX}{session.join_seq}"
+        leg.remote = strip_tag(msg.get("From") or "")
+        leg.session = session
+        session.joiners.append(leg)
+        self.answer(leg, 200, headers={P.HDR_TOKEN: token})
+
+    def on_call_state(self, leg: Leg, prm: Any) -> None:
+        info = leg.getInfo()
+        state = info.state
+        code = int(info.lastStatusCode)
+        reason = str(info.lastReason)
+        if leg.name == P.LEG_B and state in (pj.PJSIP_INV_STATE_CONNECTING, pj.PJSIP_INV_STATE_CONFIRMED):
+            rx = rx_message(prm.e)
+            if isinstance(rx, Response) and 200 <= rx.status < 300 and not leg.identity:
+                leg.identity = rx.get(P.HDR_PAI) or strip_tag(rx.get("To") or "")
+        if state == pj.PJSIP_INV_STATE_DISCONNECTED:
+            leg.disconnected = True
+            leg.code = code
+            leg.reason = reason
+            self.dirty = True
+        elif state == pj.PJSIP_INV_STATE_CONFIRMED:
+            leg.confirmed = True
+        session = leg.session
+        if session is not None:
+            self.later(lambda: self.leg_state(session, leg, state, code, reason))
+
+    def leg_state(self, s: Session, leg: Leg, state: int, code: int, reason: str) -> None:
+        if leg.session is not s:
+            return
+        if leg is s.b:
+            self.b_state(s, leg, state, code, reason)
+        elif leg is s.a:
+            if state == pj.PJSIP_INV_STATE_DISCONNECTED:
+                if s.answered:
+                    self.out.emit(P.EV_LEG_LEFT, token=s.token, leg=leg.name, code=code)
+                    s.set_reason(P.REASON_CALLER_HANGUP)
+                else:
+                    s.set_reason(P.REASON_CANCELLED, code)
+                s.ending = True
+                for other in s.legs():
+                    self.hangup(other)
+        elif state == pj.PJSIP_INV_STATE_CONFIRMED:
+            self.out.emit(P.EV_LEG_JOINED, token=s.token, leg=leg.name, **{"from": leg.remote})
+            self.connect_bridge(s)
+        elif state == pj.PJSIP_INV_STATE_DISCONNECTED:
+            if leg.confirmed:
+                self.out.emit(P.EV_LEG_LEFT, token=s.token, leg=leg.name, code=code)
+            self.check_alone(s)
+
+    def b_state(self, s: Session, b: Leg, state: int, code: int, reason: str) -> None:
+        a = s.a
+        if a is None:
+            self.hangup(b)
+            return
+        if state == pj.PJSIP_INV_STATE_EARLY:
+            if not s.ringing_sent and a.alive() and not s.ending:
+                s.ringing_sent = True
+                self.answer(a, 180, headers={P.HDR_TOKEN: s.token})
+                self.out.emit(P.EV_CALL_RINGING, token=s.token, code=code)
+        elif state == pj.PJSIP_INV_STATE_CONFIRMED:
+            if s.answered:
+                return
+            if not a.alive() or s.ending:
+                self.hangup(b)
+                return
+            s.answered = True
+            s.answered_at = time.monotonic()
+            headers = {P.HDR_TOKEN: s.token}
+            if b.identity:
+                headers[P.HDR_PAI] = b.identity
+            self.answer(a, 200, headers=headers)
+            self.connect_bridge(s)
+            self.out.emit(
+                P.EV_CALL_ANSWERED,
+                token=s.token,
+                answered_by=b.identity,
+                codecs={P.LEG_A: a.codec(), P.LEG_B: b.codec()},
+            )
+        elif state == pj.PJSIP_INV_STATE_DISCONNECTED:
+            if not s.answered:
+                if a.alive():
+                    final = code if 300 <= code <= 699 else 500
+                    phrase = reason if 300 <= code <= 699 else "B-leg Failed"
+                    s.set_reason(P.REASON_REJECTED, final)
+                    s.ending = True
+                    self.answer(a, final, phrase, headers={P.HDR_TOKEN: s.token})
+                return
+            if b.confirmed:
+                self.out.emit(P.EV_LEG_LEFT, token=s.token, leg=b.name, code=code)
+            self.check_alone(s)
+
+    def check_alone(self, s: Session) -> None:
+        """A with nobody else left is hung up: the call is over."""
+        if s.a is not None and s.a.alive() and not any(leg.alive() for leg in s.legs() if leg is not s.a):
+            s.set_reason(P.REASON_CALLEE_HANGUP)
+            s.ending = True
+            self.hangup(s.a)
+
+    def on_call_media_state(self, leg: Leg) -> None:
+        leg.media_active = leg.audio_media() is not None
+        session = leg.session
+        if session is not None:
+            # A re-INVITE may have re-created the stream (and its bridge port, maybe
+            # under the same port number): forget this leg's links and connect anew.
+            session.links = {k for k in session.links if leg.name not in (k[0], k[2])}
+            if leg.media_active:
+                self.later(lambda: self.connect_bridge(session))
+
+    def connect_bridge(self, s: Session) -> None:
+        """Everyone hears everyone else (not themselves): both directions of every pair
+        of answered legs with active audio.  Re-running it is harmless."""
+        ports = []
+        for leg in s.legs():
+            if leg.alive() and (leg.confirmed or (leg is s.a and s.answered)):
+                port = leg.audio_media()
+                if port is not None:
+                    ports.append((leg.name, port))
+        for src_name, src in ports:
+            for dst_name, dst in ports:
+                key = (src_name, src.getPortId(), dst_name, dst.getPortId())
+                if src_name != dst_name and key not in s.links:
+                    src.startTransmit(dst)
+                    s.links.add(key)
+
+    def on_dtmf(self, leg: Leg, digit: str) -> None:
+        session = leg.session
+        if session is not None:
+            self.later(lambda: self.relay_dtmf(session, leg, digit))
+
+    def relay_dtmf(self, s: Session, source: Leg, digit: str) -> None:
+        """RFC 4733 in on one leg, RFC 4733 out on every other answered leg (SIP INFO
+        when the other side did not negotiate telephone-event)."""
+        for leg in s.legs():
+            if leg is source or not leg.alive() or not leg.media_active:
+                continue
+            try:
+                leg.dialDtmf(digit)
+            except pj.Error:
+                prm = pj.CallSendDtmfParam()
+                prm.method = pj.PJSUA_DTMF_METHOD_SIP_INFO
+                prm.digits = digit
+                with contextlib.suppress(pj.Error):
+                    leg.sendDtmf(prm)
+
+
+def rx_message(e: Any) -> Request | Response | None:
+    """The message received with a SipEvent, parsed, or None."""
+    try:
+        if e.type == pj.PJSIP_EVENT_TSX_STATE and e.body.tsxState.type == pj.PJSIP_EVENT_RX_MSG:
+            return parse_sip(str(e.body.tsxState.src.rdata.wholeMsg))
+        if e.type == pj.PJSIP_EVENT_RX_MSG:
+            return parse_sip(str(e.body.rxMsg.rdata.wholeMsg))
+    except Exception:
+        pass
+    return None
+
+
+# ------------------------------------------------------------------------------------------
+# entry point
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--sip-port", type=int, default=0, help="UDP port on 127.0.0.1; 0 = ephemeral")
+    parser.add_argument("--rtp-ports", required=True, help="LOW-HIGH: RTP/RTCP ports of this worker only")
+    parser.add_argument("--edge", required=True, help="HOST:PORT of the edge (B-leg next hop)")
+    parser.add_argument("--log-level", type=int, default=1, help="pjsua log level to stderr (4 shows SIP)")
+    parser.add_argument("--clock-rate", type=int, default=16000, help="conference bridge rate (Hz)")
+    parser.add_argument(
+        "--quality",
+        type=int,
+        default=2,
+        help="pjmedia quality: 1-2 linear resampler (cheapest; exact for 8 kHz legs on the 16 kHz bridge),"
+        " 3-4 small filter, 5-10 large filter",
+    )
+    parser.add_argument("--media-thread", action="store_true", help="RTP on pjmedia's own 10 ms polling thread")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    raw = sys.argv[1:] if argv is None else argv
+    if raw[:1] == ["--zygote"]:
+        return zygote_main()
+    args = parse_args(raw)
+    # Blocked in every thread (pjsua's included, they inherit the mask): taken by
+    # Worker.wait_signals only.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    gc.disable()
+    # Keep fd 1 for JSON only: anything native code prints goes to stderr.
+    json_fd = os.dup(1)
+    os.dup2(2, 1)
+    out = Emitter(os.fdopen(json_fd, "w", encoding="utf-8", buffering=1))
+    sys.stdout = sys.stderr
+    worker = Worker(args, out)
+    try:
+        worker.start()
+    except Exception as exc:
+        out.emit(P.EV_ERROR, where="start", message=pj_error_text(exc))
+        out.emit(P.EV_BYE, reason="start failed")
+        sys.stderr.flush()
+        os._exit(1)
+    code = worker.run()
+    sys.stderr.flush()
+    # Skip interpreter teardown: SWIG finalisers after libDestroy are not safe.
+    os._exit(code)
+
+
+# ------------------------------------------------------------------------------------------
+# zygote: a fork server, so workers share the ~13 MB of imported pjsua2 bindings
+
+
+def zygote_main() -> int:
+    """``python -m appliance.media.worker --zygote``, stdin a SOCK_SEQPACKET socket.
+
+    Each message on stdin is ``{"cmd": "spawn", "id": N, "argv": [...]}`` carrying one
+    file descriptor (SCM_RIGHTS): the new worker's channel, a stream socket that becomes
+    its stdin and stdout.  The zygote forks, the child runs :func:`main` with `argv`,
+    and the zygote reports ``{"event": "spawned", "id": N, "pid": P}`` and, when a child
+    exits, ``{"event": "exited", "pid": P, "rc": RC}`` (negative for a signal) on stdout.
+    EOF on stdin ends the zygote; its workers live on until their own channels close.
+
+    Why: a worker exec'd from scratch holds ~14 MB private (most of it the SWIG bindings'
+    Python objects); forked from here after ``gc.freeze()`` it shares them, which halves
+    the PSS of a pool with 8 calls and skips ~50 ms of start-up.  Nothing here has
+    created a pjsua2 Endpoint or a thread, so forking is safe.
+    """
+    import selectors
+
+    ctl = socket.socket(fileno=os.dup(0))
+    out = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    gc.collect()
+    gc.freeze()  # the children's gc.collect() then never touches (and copies) these pages
+
+    def emit(**fields: Any) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            out.write(json.dumps(fields) + "\n")
+            out.flush()
+
+    sel = selectors.DefaultSelector()
+    sel.register(ctl, selectors.EVENT_READ)
+    sel.register(wake_r, selectors.EVENT_READ)
+    emit(event=P.EV_READY, pid=os.getpid())
+    while True:
+        for key, _ in sel.select():
+            if key.fileobj is not ctl:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(wake_r, 512)
+                continue
+            msg, fds, _, _ = socket.recv_fds(ctl, 65536, 1)
+            if not msg:
+                return 0
+            try:
+                req = P.decode(msg)
+                argv = [str(a) for a in req["argv"]]
+            except (ValueError, KeyError, TypeError):
+                req, argv = {}, []
+            if not fds or not argv:
+                for fd in fds:
+                    os.close(fd)
+                emit(event=P.EV_ERROR, message="bad spawn request")
+                continue
+            pid = os.fork()
+            if pid == 0:
+                _zygote_child(fds[0], argv)
+            os.close(fds[0])
+            emit(event="spawned", id=req.get("id"), pid=pid)
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            emit(event="exited", pid=pid, rc=os.waitstatus_to_exitcode(status))
+
+
+def _zygote_child(channel: int, argv: list[str]) -> None:
+    """In the forked child: the channel becomes stdin and stdout, every other inherited
+    descriptor is closed, signal state is the default, then the worker runs."""
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        os.dup2(channel, 0)
+        os.dup2(channel, 1)
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+        main(argv)
+    finally:
+        os._exit(1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

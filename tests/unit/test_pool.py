@@ -1,0 +1,250 @@
+"""WorkerPool logic against a fake worker: a tiny script that speaks the JSON-lines
+protocol without pjsua2, so spawning, exhaustion, crashes, hangs, recycling and stop are
+tested in a second, not in a call.  The real worker is covered in tests/e2e."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.media import protocol as P
+from appliance.media.pool import Worker, WorkerPool, WorkerState
+
+pytestmark = pytest.mark.timeout(30)
+
+FAKE_WORKER = r'''
+import json, os, sys
+args = sys.argv[1:]
+rtp = args[args.index("--rtp-ports") + 1]
+def emit(**ev):
+    sys.stdout.write(json.dumps(ev) + "\n"); sys.stdout.flush()
+if os.environ.get("FAKE_CRASH_AT_START"):
+    sys.exit(3)
+emit(event="ready", sip_port=40000 + os.getpid() % 1000, pid=os.getpid(), rtp_ports=rtp)
+token, hang = None, False
+for line in sys.stdin:
+    cmd = json.loads(line)
+    name = cmd["cmd"]
+    if name == "ping" and not hang:
+        emit(event="pong", seq=cmd["seq"], busy=token is not None)
+    elif name == "fake_call":
+        token = cmd["token"]; emit(event="call_started", token=token)
+    elif name in ("fake_end", "end_all") and token:
+        emit(event="call_ended", token=token, reason="end_all" if name == "end_all" else "caller_hangup")
+        token = None
+    elif name == "hang":
+        hang = True
+    elif name == "crash":
+        os._exit(7)
+    elif name == "quit":
+        break
+emit(event="bye", reason="quit")
+'''
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[tuple[Worker, dict[str, Any]]] = []
+        self.died: list[tuple[Worker, list[str]]] = []
+
+    def on_event(self, worker: Worker, event: dict[str, Any]) -> None:
+        self.events.append((worker, event))
+
+    def worker_died(self, worker: Worker, tokens: list[str]) -> None:
+        self.died.append((worker, tokens))
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> list[str]:
+    script = tmp_path / "fake_worker.py"
+    script.write_text(FAKE_WORKER)
+    return [sys.executable, str(script)]
+
+
+def state(worker: Worker) -> WorkerState:
+    """Read afresh (mypy would otherwise keep an earlier narrowing)."""
+    return worker.state
+
+
+async def until(pred: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.02)
+
+
+def run_pool(fake: list[str], body: Callable[[WorkerPool, Recorder], Awaitable[None]], **kw: Any) -> Recorder:
+    """Start a pool of fake workers, run `body`, always stop it and check no process is left."""
+    rec = Recorder()
+
+    async def main() -> None:
+        pool = WorkerPool(
+            rtp_ports=kw.pop("rtp_ports", "10000-10999"), edge_address=("127.0.0.1", 5060),
+            on_event=rec.on_event, worker_died=rec.worker_died, worker_command=fake, **kw,
+        )  # fmt: skip
+        pids: set[int] = set()
+        try:
+            await pool.start()
+            await body(pool, rec)
+        finally:
+            pids = {w.pid for w in pool.workers if w.pid}
+            await pool.stop()
+        assert not pool.workers or all(w.state is WorkerState.DEAD for w in pool.workers)
+        for pid in pids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+
+    asyncio.run(main())
+    return rec
+
+
+def test_acquire_until_exhausted_then_calls_end_and_release(fake: list[str]) -> None:
+    async def body(pool: WorkerPool, rec: Recorder) -> None:
+        assert pool.idle_count == 2
+        first = await pool.acquire("t1")
+        second = await pool.acquire("t2")
+        third = await pool.acquire("t3")  # no idle one left: spawned on demand
+        assert first and second and third and len({first.pid, second.pid, third.pid}) == 3
+        assert await pool.acquire("t4") is None  # max_calls busy: the edge answers 503
+        assert pool.busy_count == 3 and pool.idle_count == 0
+        assert pool.worker_for("t2") is second
+        # The worker reports its call's end: back to idle without the edge's help.
+        first.send("fake_call", token="t1")
+        first.send("fake_end", token="t1")
+        await until(lambda: first.state is WorkerState.COOLING)  # pjlib frees sockets late
+        assert await pool.acquire("t4") is None
+        await until(lambda: first.state is WorkerState.IDLE)
+        assert [e["event"] for w, e in rec.events if w is first] == ["call_started", "call_ended"]
+        # A release naming another call is ignored; a plain one frees the worker.
+        pool.release(second, "t-other")
+        assert state(second) is WorkerState.BUSY
+        pool.release(second, "t2")
+        pool.release(second, "t2")  # idempotent
+        assert state(second) is WorkerState.COOLING
+        # Releasing a worker in a call ends the call first.
+        third.send("fake_call", token="t3")
+        await until(lambda: third.in_call)
+        pool.release(third)
+        await until(lambda: third.state is WorkerState.IDLE)
+        assert rec.events[-1][1]["reason"] == "end_all"
+
+    run_pool(fake, body, min_idle=2, max_calls=3, cooldown=0.3)
+
+
+def test_workers_get_disjoint_rtp_ranges(fake: list[str]) -> None:
+    async def body(pool: WorkerPool, rec: Recorder) -> None:
+        busy = [await pool.acquire(f"t{i}") for i in range(4)]
+        ranges = sorted(w.rtp_ports for w in busy if w is not None)
+        assert len(ranges) == 4
+        for (_, high), (low, _) in itertools.pairwise(ranges):
+            assert high < low
+        assert all(low % 2 == 0 and (high - low + 1) >= P.MIN_PORTS_PER_WORKER for low, high in ranges)
+
+    run_pool(fake, body, min_idle=1, max_calls=4, rtp_ports="10001-10120")
+    with pytest.raises(ValueError, match="too small"):
+        WorkerPool(max_calls=8, rtp_ports="10000-10050")
+
+
+def test_crash_of_a_busy_worker_is_reported_and_replaced(fake: list[str]) -> None:
+    async def body(pool: WorkerPool, rec: Recorder) -> None:
+        worker = await pool.acquire("t-crash")
+        assert worker is not None
+        worker.send("fake_call", token="t-crash")
+        await until(lambda: worker.in_call)
+        worker.send("crash")
+        await until(lambda: bool(rec.died))
+        assert rec.died == [(worker, ["t-crash"])]
+        assert worker.returncode == 7 and worker.state is WorkerState.DEAD
+        await until(lambda: pool.idle_count == 1)
+        # An idle worker dying is replaced too (reported with no tokens).
+        idle = next(w for w in pool.workers if w.state is WorkerState.IDLE)
+        idle.kill()
+        await until(lambda: len(rec.died) == 2)
+        assert rec.died[1] == (idle, [])
+        await until(lambda: pool.idle_count == 1, timeout=8)
+
+    run_pool(fake, body, min_idle=1, max_calls=2)
+
+
+def test_unresponsive_worker_is_killed_and_replaced(fake: list[str]) -> None:
+    async def body(pool: WorkerPool, rec: Recorder) -> None:
+        worker = await pool.acquire("t-hang")
+        assert worker is not None
+        await asyncio.sleep(0.5)
+        assert worker.last_pong > 0  # pings answered so far
+        worker.send("hang")
+        await until(lambda: bool(rec.died), timeout=3)
+        assert rec.died == [(worker, ["t-hang"])]
+        assert worker.exit_reason.startswith("no pong")
+        await until(lambda: pool.idle_count == 1)
+
+    run_pool(fake, body, min_idle=1, max_calls=2, health_interval=0.2)
+
+
+def test_workers_are_recycled_after_n_calls(fake: list[str]) -> None:
+    async def body(pool: WorkerPool, rec: Recorder) -> None:
+        first = await pool.acquire("a")
+        assert first is not None
+        for token in ("a", "b"):
+            if token != "a":
+                again = await pool.acquire(token)
+                assert again is first
+            first.send("fake_call", token=token)
+            first.send("fake_end", token=token)
+            await until(lambda: first.state is not WorkerState.BUSY)
+        await until(lambda: first.state is WorkerState.DEAD)
+        assert not rec.died  # a planned exit is not a death
+        await until(lambda: pool.idle_count == 1)
+        assert (await pool.acquire("c")) is not first
+
+    run_pool(fake, body, min_idle=1, max_calls=2, recycle_after=2, cooldown=0.0)
+
+
+def test_crash_loop_backs_off_and_stop_refuses_new_calls(fake: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_CRASH_AT_START", "1")
+    spawned: list[int] = []
+
+    async def body(pool: WorkerPool, rec: Recorder) -> None:
+        original = pool._spawn
+
+        def counting() -> Worker | None:
+            worker = original()
+            spawned.append(1)
+            return worker
+
+        pool._spawn = counting  # type: ignore[method-assign]
+        assert await pool.acquire("x") is None
+        await asyncio.sleep(1.0)
+        assert len(spawned) <= 4  # backed off, not a fork loop
+
+    run_pool(fake, body, min_idle=1, max_calls=2)
+
+    async def stopped() -> None:
+        pool = WorkerPool(worker_command=fake, rtp_ports="10000-10999")
+        await pool.stop()
+        assert await pool.acquire("late") is None
+
+    monkeypatch.delenv("FAKE_CRASH_AT_START")
+    asyncio.run(stopped())
+
+
+def test_protocol_helpers() -> None:
+    assert P.parse_port_range("10000-10999") == (10000, 10999)
+    for bad in ("10000", "5-1", "0-10", "a-b"):
+        with pytest.raises(ValueError):
+            P.parse_port_range(bad)
+    assert P.split_port_range((10001, 10040), 2) == [(10002, 10019), (10020, 10037)]
+    slices = P.split_port_range((10000, 10999), 10)
+    assert slices[0] == (10000, 10099) and slices[-1] == (10900, 10999)
+    assert P.parse_hostport("[::1]:5060") == ("::1", 5060)
+    assert P.decode(P.encode("cmd", "ping", seq=3)) == {"cmd": "ping", "seq": 3}
+    with pytest.raises(ValueError):
+        P.decode("[1]")
