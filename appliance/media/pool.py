@@ -328,6 +328,7 @@ class WorkerPool:
             "idle": self.idle_count,
             "busy": self.busy_count,
             "starting": sum(1 for w in self.workers if w.state is WorkerState.STARTING),
+            "cooling": sum(1 for w in self.workers if w.state is WorkerState.COOLING),
             "max_calls": self.max_calls,
             "pids": [w.pid for w in self.workers if w.pid],
         }
@@ -466,6 +467,9 @@ class WorkerPool:
                 await asyncio.wait_for(asyncio.shield(zygote.ready), self.ready_timeout)
             except (TimeoutError, RuntimeError) as exc:
                 log.error("event=media_zygote_failed error=%r", exc)
+                zygote.close()
+                return None
+            if self._stopping:  # stop() ran meanwhile: do not leave it behind
                 zygote.close()
                 return None
             self._zygote = zygote

@@ -21,6 +21,15 @@ Why it is built this way (figures in ``bench/media.py``):
   unregistered thread, which aborts); the main loop collects when a call ends.
 - pjsua2 callbacks only record facts and queue jobs; jobs run right after
   ``libHandleEvents`` returns, so no pjsua2 operation is nested inside a callback.
+- A reaped ``Leg`` is dropped everywhere at once: pjsua2's ``~Call`` clears the user data
+  of its call id, so an old object outliving the reuse of its id would orphan a new call.
+- The B-leg's From is set per call with ``SipTxOption.localUri``: one account serves
+  every caller identity.
+- The conference bridge runs at 16 kHz (G.722 stays wideband) with pjmedia's linear
+  resampler (quality 2), which is exact for 8 kHz legs and a quarter cheaper per call
+  than the small filter.
+- ``--zygote`` turns the module into a fork server (:func:`zygote_main`), so workers
+  share the imported bindings.
 """
 
 from __future__ import annotations

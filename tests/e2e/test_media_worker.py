@@ -198,6 +198,16 @@ def test_bridged_call_transcodes_and_relays_dtmf(worker: WorkerProc, handset_fac
     assert ended["reason"] == P.REASON_CALLER_HANGUP
     assert setup < 1.0
 
+    # The same worker, after its null sound device (the bridge's clock) closed when idle:
+    # the next call is bridged again.
+    time.sleep(1.5)
+    b.drain()
+    call_a, call_b = place_call(worker.uri(), a, b, token="tok-2")
+    heard_a, heard_b = listen([(a, call_a, 440), (b, call_b, 1000)], tmp_path, 1.5)
+    assert level(heard_b, 440) > HEARD and level(heard_a, 1000) > HEARD
+    b.hangup(call_b)
+    assert worker.wait_for(P.EV_CALL_ENDED, token="tok-2")["reason"] == P.REASON_CALLEE_HANGUP
+
 
 def test_rejected_cancelled_and_next_call(worker: WorkerProc, handset_factory: HandsetFactory) -> None:
     a = handset_factory("a")
