@@ -453,8 +453,10 @@ class _Validator:
 
     def media(self, t: _Table) -> MediaConfig:
         d = MediaConfig()
-        max_calls = t.get_int("max_calls", d.max_calls, 1, 64)
-        min_idle = t.get_int("min_idle", d.min_idle, 0)
+        # 0: no media workers; calls are routed in the edge only and media flows between
+        # the handsets (no join, no transcoding), for the smallest boxes.
+        max_calls = t.get_int("max_calls", d.max_calls, 0, 64)
+        min_idle = t.get_int("min_idle", d.min_idle if max_calls else 0, 0)
         t.ordered("min_idle", min_idle, "max_calls", max_calls, blame="min_idle")
         ports = t.get_str("rtp_ports", f"{d.rtp_port_low}-{d.rtp_port_high}")
         match = re.fullmatch(r"([0-9]{1,5})-([0-9]{1,5})", ports)

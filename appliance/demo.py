@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 from typing import IO
 
+from appliance.ports import free_port
 from appliance.simulator.handset import Handset, HandsetError, close_all
 
 log = logging.getLogger("homepbx.demo")
@@ -65,21 +65,6 @@ password = "demo-300"
 
 FAMILY = ("Living room", "Kitchen", "Bathroom")
 READY_TIMEOUT = 15.0
-
-
-def free_port() -> int:
-    """A loopback port free for both UDP and TCP."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind(("127.0.0.1", 0))
-            port = int(tcp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free port")
 
 
 class Demo:

@@ -47,6 +47,7 @@ from typing import cast
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from appliance.ports import free_port  # noqa: E402
 from bench.register import (  # noqa: E402
     NONCE_RX,
     PASSWORD,
@@ -57,7 +58,6 @@ from bench.register import (  # noqa: E402
     start_daemon,
     write_config,
 )
-from tests.support.pbx import free_port  # noqa: E402
 
 HOST = "127.0.0.1"
 CALLEE_BASE = 10000  # numbers rung: 10000 .. 10000+numbers-1

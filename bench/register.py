@@ -26,17 +26,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.support.pbx import free_port  # noqa: E402
+from appliance.ports import free_port  # noqa: E402
 
 REALM = "home.arpa"
 PASSWORD = "benchpw"
 NONCE_RX = re.compile(rb'nonce="([^"]+)", algorithm=MD5')
 
 
-def write_config(directory: Path, port: int, users: int) -> Path:
+def write_config(directory: Path, port: int, users: int, *, media_calls: int = 0) -> Path:
+    """A config with `users` numbers; media workers off unless `media_calls` is given."""
     lines = [
         "[server]", f'listen = ["127.0.0.1:{port}"]', f'realm = "{REALM}"', 'state_dir = "state"',
-        "[registration]", "qualify_interval = 0", "max_expires = 3600", "",
+        "[registration]", "qualify_interval = 0", "max_expires = 3600",
+        "[media]", f"max_calls = {media_calls}", f"min_idle = {min(media_calls, 1)}", "",
     ]
     for i in range(users):
         lines += ["[[users]]", f'number = "{10000 + i}"', f'password = "{PASSWORD}"',

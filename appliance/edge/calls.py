@@ -9,13 +9,13 @@ connection is always reached.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING
 
 from appliance.config import UserConfig
+from appliance.edge.relay import STATELESS_PREFIX, StatelessRelay
 from appliance.edge.timers import Timed, TimerWheel
 from appliance.edge.transport import format_host_port
 from appliance.logs import fields
@@ -25,7 +25,7 @@ from appliance.sip.errors import SipSyntaxError
 from appliance.sip.headers import parse_name_addr, parse_via
 from appliance.sip.invite_transaction import Send
 from appliance.sip.message import Request, Response, make_response, new_tag
-from appliance.sip.proxy import INTERNAL_PREFIX, Fork, ForkEvent, ForkSettings, SendRequest, Target
+from appliance.sip.proxy import Fork, ForkEvent, ForkSettings, SendRequest, Target
 from appliance.sip.registrar import Binding, Flow
 from appliance.sip.transaction import ClientTransactions, Retransmit, server_key
 
@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("homepbx.calls")
 
-STATELESS_PREFIX = "z9hG4bKsl"
 DIALOG_LINGER = 32.0
 
 
@@ -89,6 +88,7 @@ class CallRouter:
         self._calls: dict[str, Call] = {}  # token -> the call's first leg (A, or DIRECT)
         self.outgoing: dict[str, int] = {}  # number -> calls placed now
         self.media: MediaLink | None = None  # set by the edge when media workers run
+        self.relay = StatelessRelay(edge, self._is_worker)
 
     # -- requests ----------------------------------------------------------------------------
     def on_request(self, request: Request, flow: Flow, dest: Flow, now: float) -> bool:
@@ -366,7 +366,7 @@ class CallRouter:
             self._apply(call, call.fork.on_response(branch, response, now))
             return True
         if branch.startswith(STATELESS_PREFIX):
-            self._relay_response(response)
+            self.relay.backward(response)
             return True
         return False
 
@@ -523,84 +523,26 @@ class CallRouter:
 
     # -- in-dialog relay (stateless, §16.11) -----------------------------------------------------
     def _relay_in_dialog(self, request: Request, flow: Flow) -> None:
+        """Send a request inside a known dialog to the other party, over its flow."""
         call = self._dialogs.get(request.call_id)
         if call is None or call.callee_flow is None or (call.ended and request.method not in ("BYE", "ACK")):
             if request.method != "ACK":
                 self._reply(request, flow, 481, "Call/Transaction Does Not Exist")
             return
-        from_tag = _tag(request.get("From"))
-        towards_callee = from_tag == call.caller_tag
+        towards_callee = _tag(request.get("From")) == call.caller_tag
         dest = call.callee_flow if towards_callee else call.caller_flow
-        self._pop_own_routes(request)
-        max_forwards = int(request.get("Max-Forwards") or "70")
-        if max_forwards <= 0:
+        if not self.relay.forward(request, dest):
             if request.method != "ACK":
                 self._reply(request, flow, 483, "Too Many Hops")
             return
-        request.set("Max-Forwards", str(max_forwards - 1))
-        incoming_branch = ""
-        top = request.get("Via")
-        if top is not None:
-            incoming_branch = parse_via(top).branch or ""
-        digest = hashlib.sha1(f"{incoming_branch}|{request.call_id}|{request.method}".encode()).hexdigest()[:20]
-        host, port = self.edge.transports.local_address(dest)
-        request.add("Via", f"SIP/2.0/{dest.transport.upper()} {format_host_port(host, port)};"
-                           f"branch={STATELESS_PREFIX}{digest};rport", first=True)
-        if not self._is_worker(dest):
-            _strip_internal(request)
-        self.edge.send(request.to_bytes(), dest)
         if request.method == "BYE":
             self._end(call, "bye_from_caller" if towards_callee else "bye_from_callee")
-
-    def _pop_own_routes(self, request: Request) -> None:
-        while True:
-            route = request.get("Route")
-            if route is None:
-                return
-            try:
-                uri = parse_name_addr(route).uri
-            except SipSyntaxError:
-                return
-            if not self._is_ours(uri.host, uri.port):
-                return
-            request.pop_first("Route")
-
-    def _is_ours(self, host: str, port: int | None) -> bool:
-        ports = {int(a.rsplit(":", 1)[1]) for a in self.edge.addresses}
-        if (port or 5060) not in ports:
-            return False
-        host = host.strip("[]")
-        listening = {a.rsplit(":", 1)[0].strip("[]") for a in self.edge.addresses}
-        return host in listening or host in self.edge.transports.local_ips() or "0.0.0.0" in listening
-
-    def _relay_response(self, response: Response) -> None:
-        """Stateless response relay: drop our Via, send to the next one's address (§16.11)."""
-        response.pop_first("Via")
-        top = response.get("Via")
-        if top is None:
-            return
-        try:
-            via = parse_via(top)
-        except SipSyntaxError:
-            return
-        host = via.params.get("received") or via.host
-        rport = via.params.get("rport")
-        port = int(rport) if rport and rport.isdigit() else (via.port or 5060)
-        transport = "tcp" if via.transport == "TCP" else "udp"
-        dest = Flow(transport, host.strip("[]"), port)
-        if not self._is_worker(dest):
-            _strip_internal(response)
-        self.edge.send(response.to_bytes(), dest)
 
     def _is_worker(self, flow: Flow) -> bool:
         return self.media is not None and self.media.worker_at(flow) is not None
 
     def close(self) -> None:
         self.timers.cancel()
-
-
-def _strip_internal(message: Request | Response) -> None:
-    message.headers = [(n, v) for n, v in message.headers if not n.startswith(INTERNAL_PREFIX)]
 
 
 def _tag(value: str | None) -> str | None:

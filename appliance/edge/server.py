@@ -79,9 +79,10 @@ class Edge:
             self.addresses.append(await self.transports.listen(address.host, address.port))
         self._tasks.append(asyncio.create_task(self._housekeeping()))
         self._tasks.append(asyncio.create_task(self.qualifier.run()))
-        host, _, port = self.addresses[0].rpartition(":")
-        self.calls.media = MediaLink(self.calls, self.config.media, host.strip("[]"), int(port))
-        await self.calls.media.start()
+        if self.config.media.max_calls:
+            host, _, port = self.addresses[0].rpartition(":")
+            self.calls.media = MediaLink(self.calls, self.config.media, host.strip("[]"), int(port))
+            await self.calls.media.start()
         if self.config_path is not None:  # the control socket edits this file
             self.control = ControlServer(self, self.config_path)
             await self.control.start()

@@ -47,10 +47,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any
 
 import pjsua2 as pj
 
+from appliance.jsonlines import Emitter, private_stdout
 from appliance.media import protocol as P
 from appliance.sip.errors import SipParseError
 from appliance.sip.message import Request, Response, parse_message
@@ -71,23 +72,6 @@ _STATIC_PT = {"0": "PCMU/8000", "8": "PCMA/8000", "9": "G722/16000"}
 
 # ------------------------------------------------------------------------------------------
 # small helpers
-
-
-class Emitter:
-    """JSON events on the private stdout descriptor, one per line."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self._stream = stream
-        self._lock = threading.Lock()
-
-    def emit(self, event: str, **fields: Any) -> None:
-        line = json.dumps({"event": event, **fields}, default=str)
-        with self._lock:
-            try:
-                self._stream.write(line + "\n")
-                self._stream.flush()
-            except (OSError, ValueError):
-                pass  # parent gone: stdin EOF ends us shortly
 
 
 def pj_error_text(exc: BaseException) -> str:
@@ -862,10 +846,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     gc.disable()
     # Keep fd 1 for JSON only: anything native code prints goes to stderr.
-    json_fd = os.dup(1)
-    os.dup2(2, 1)
-    out = Emitter(os.fdopen(json_fd, "w", encoding="utf-8", buffering=1))
-    sys.stdout = sys.stderr
+    out = private_stdout()
     worker = Worker(args, out)
     try:
         worker.start()

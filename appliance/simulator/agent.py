@@ -36,9 +36,11 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import pjsua2 as pj
+
+from appliance.jsonlines import Emitter, private_stdout
 
 LOOPBACK = "127.0.0.1"
 POLL_MSEC = 10
@@ -86,23 +88,6 @@ _TAG_RE = re.compile(r";\s*tag=([^;>\s,]+)", re.IGNORECASE)
 
 # --------------------------------------------------------------------------
 # output
-
-
-class Emitter:
-    """Writes JSON events to the private stdout descriptor, one per line."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self._stream = stream
-        self._lock = threading.Lock()
-
-    def emit(self, event: str, **fields: Any) -> None:
-        line = json.dumps({"event": event, **fields}, default=str)
-        with self._lock:
-            try:
-                self._stream.write(line + "\n")
-                self._stream.flush()
-            except (OSError, ValueError):
-                pass  # parent gone; stdin EOF will end us shortly
 
 
 # --------------------------------------------------------------------------
@@ -1087,10 +1072,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Keep fd 1 for JSON only: anything native code prints goes to stderr.
-    json_fd = os.dup(1)
-    os.dup2(2, 1)
-    out = Emitter(os.fdopen(json_fd, "w", encoding="utf-8", buffering=1))
-    sys.stdout = sys.stderr
+    out = private_stdout()
 
     agent = Agent(args, out)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from appliance.ports import free_port
 from appliance.simulator.handset import Handset
-from tests.support.pbx import Daemon, free_port, write_config
+from tests.support.pbx import Daemon, write_config
 
 pytestmark = pytest.mark.e2e
 

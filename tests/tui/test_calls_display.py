@@ -13,8 +13,9 @@ import pytest
 from appliance.config import load_config
 from appliance.control import ControlServer
 from appliance.edge.server import Edge
+from appliance.ports import free_port
 from tests.support.control import control_block
-from tests.support.pbx import free_port, write_config
+from tests.support.pbx import write_config
 from tests.tui.conftest import wait_screen
 from tests.tui.fixtures import DEVICES, _binding
 from tui.app import HomePbxApp

@@ -394,8 +394,8 @@ ERROR_CASES = [
         "at least 1",
     ),
     ("control socket type", "[control]\nsocket = false\n", 2, "control.socket", "must be a string"),
-    ("max_calls 0", "[media]\nmax_calls = 0\n", 2, "media.max_calls", "between 1 and 64"),
-    ("max_calls 65", "[media]\nmax_calls = 65\n", 2, "media.max_calls", "between 1 and 64"),
+    ("max_calls -1", "[media]\nmax_calls = -1\n", 2, "media.max_calls", "between 0 and 64"),
+    ("max_calls 65", "[media]\nmax_calls = 65\n", 2, "media.max_calls", "between 0 and 64"),
     (
         "min_idle above max_calls",
         "[media]\nmax_calls = 2\nmin_idle = 3\n",
@@ -437,7 +437,7 @@ ERROR_CASES = [
     # the line scanner copes with TOML's other ways of writing keys
     ("dotted key", 'server.realm = "a b"\n', 1, "server.realm", "whitespace"),
     ("quoted key", '[server]\n"realm" = 1\n', 2, "server.realm", "must be a string"),
-    ("dotted header", "[server]\n[media]\n# x\n\nmax_calls = 0\n", 5, "media.max_calls", ""),
+    ("dotted header", "[server]\n[media]\n# x\n\nmax_calls = 99\n", 5, "media.max_calls", ""),
     (
         "inline user table",
         'users = [\n  {number = "1"},\n  {number = "2", max_devices = true},\n]\n',
@@ -751,3 +751,8 @@ def test_atomic_write_through_symlink(tmp_path: Path) -> None:
 
 def test_module_exports() -> None:
     assert set(config_module.__all__) >= {"Config", "ConfigError", "load_config", "update_user"}
+
+
+def test_media_workers_can_be_turned_off(tmp_path: Path) -> None:
+    cfg = parse_config("[media]\nmax_calls = 0\n", tmp_path / "c.toml")
+    assert (cfg.media.max_calls, cfg.media.min_idle) == (0, 0)

@@ -20,8 +20,9 @@ import pytest
 from appliance.config import load_config
 from appliance.control import ControlServer, socket_path
 from appliance.edge.server import Edge
+from appliance.ports import free_port
 from tests.support.control import ControlConn, control_block
-from tests.support.pbx import Daemon, free_port, user_block, write_config
+from tests.support.pbx import Daemon, user_block, write_config
 from tests.support.rawsip import RawClient
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
