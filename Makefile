@@ -38,6 +38,8 @@ e2e: venv
 bench: venv
 	$(BIN)/python bench/parse.py
 	$(BIN)/python bench/register.py
+	$(BIN)/python bench/calls.py
+	$(BIN)/python bench/media.py
 
 # The appliance's disk image, build/image/homepbx-<version>-amd64.img (as root; image/README.md).
 .PHONY: image
@@ -58,7 +60,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml | deps
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,bench]'
 	touch $(STAMP)
 
 clean:
