@@ -208,3 +208,33 @@ def _payloads(message: str) -> list[str]:
     """The payload types of the first m=audio line of a message's SDP."""
     line = next(li for li in message.split("\r\n") if li.startswith("m=audio"))
     return line.split()[3:]
+
+
+def test_sigterm_ends_calls_with_bye_and_leaves_no_process(pbx_factory: DaemonFactory,
+                                                           handset_factory: HandsetFactory) -> None:
+    pbx, caller, phones = house(pbx_factory, handset_factory, devices=1)
+    call, answered = connect(caller, phones)
+    assert pbx.proc is not None
+    children = _descendants(pbx.proc.pid)
+    assert children, "the daemon should have media worker processes"
+    assert pbx.stop() == 0
+    assert caller.wait_state(call, "DISCONNECTED")["end_request"] == "BYE"
+    assert phones[0].wait_state(answered, "DISCONNECTED")["end_request"] == "BYE"
+    deadline = time.monotonic() + 5
+    while any(Path(f"/proc/{pid}").exists() for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [pid for pid in children if Path(f"/proc/{pid}/stat").exists()
+            and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"]
+    assert not left, f"processes left behind: {left}"
+
+
+def _descendants(pid: int) -> list[int]:
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        current = todo.pop()
+        for task in Path(f"/proc/{current}/task").iterdir():
+            kids = [int(k) for k in (task / "children").read_text().split()]
+            out += kids
+            todo += kids
+    return out
