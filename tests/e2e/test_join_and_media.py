@@ -65,6 +65,11 @@ def test_two_party_call_each_hears_the_other(pbx_factory: DaemonFactory, handset
     assert tones.tone_level_db(heard[440], 1000) > HEARD  # the caller hears the callee
     assert tones.tone_level_db(heard[1000], 440) > HEARD
     assert tones.tone_level_db(heard[440], 440) < FAINT  # and not itself
+    # DTMF (RFC 4733) end to end, both ways, through the worker.
+    caller.dtmf(call, "12#")
+    assert [phones[0].wait_for("dtmf", call=answered)["digit"] for _ in range(3)] == ["1", "2", "#"]
+    phones[0].dtmf(answered, "9*")
+    assert [caller.wait_for("dtmf", call=call)["digit"] for _ in range(2)] == ["9", "*"]
     caller.hangup(call)
     phones[0].wait_state(answered, "DISCONNECTED")
 
