@@ -1,9 +1,15 @@
 """Media worker figures: idle CPU, CPU per bridged PCMA call at 1/4/8 calls, PSS, setup latency.
 
-The edge is not wired to the pool yet, so this drives the pool directly: calls go from
-a handset (or a raw-socket caller) to a worker's SIP port with the edge's internal
+Two modes:
+
+``--through-edge`` (the default): the real daemon (edge + media workers) with pjsua2
+handsets calling each other through it; figures for the whole PBX.  See
+`bench/media_edge.py` for what is measured and how.
+
+``--pool-only``: drives the worker pool directly, without the edge: calls go from a
+handset (or a raw-socket caller) to a worker's SIP port with the edge's internal
 headers, and the worker's B-leg goes straight to a second handset.  Figures are for
-the workers only; the edge's own CPU and memory are not included.
+the workers only; the edge's own CPU and memory are not included.  In this mode:
 
 - idle: CPU of one warm worker over --seconds, pool health pings included.
 - per call: CPU of all busy workers over --seconds with N bridged PCMA calls, tones
@@ -13,7 +19,9 @@ the workers only; the edge's own CPU and memory are not included.
   answers the B-leg INVITE with 180 at once.  INVITE -> B-leg INVITE and
   INVITE -> 180 at the caller, against a direct INVITE -> 180 baseline.
 
-    .venv/bin/python bench/media.py [--calls 1,4,8] [--seconds 10] [--clock-rate 16000]
+    .venv/bin/python bench/media.py [--through-edge | --pool-only] [--calls 1,4,8] [--seconds 10]
+        [--latency-trials N] [--settle 3] [--slices 5]          (through the edge)
+        [--clock-rate 16000] [--quality N] [--no-zygote]         (pool only)
 """
 
 from __future__ import annotations
@@ -287,13 +295,26 @@ def pct(values: list[float], q: float) -> float:
 # -- main ------------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--through-edge", dest="pool_only", action="store_false",
+                      help="the real daemon, edge and workers, with handsets (default)")
+    mode.add_argument("--pool-only", dest="pool_only", action="store_true",
+                      help="drive the worker pool directly, without the edge")
+    parser.set_defaults(pool_only=False)
     parser.add_argument("--calls", default="1,4,8", help="concurrent call counts to measure")
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--clock-rate", type=int, default=None, help="worker conference clock rate")
-    parser.add_argument("--quality", type=int, default=None, help="worker pjmedia quality")
-    parser.add_argument("--latency-trials", type=int, default=50)
-    parser.add_argument("--no-zygote", action="store_true", help="exec every worker instead of forking")
+    parser.add_argument("--latency-trials", type=int, default=None, help="default 30 through the edge, 50 pool only")
+    parser.add_argument("--clock-rate", type=int, default=None, help="worker conference clock rate (pool only)")
+    parser.add_argument("--quality", type=int, default=None, help="worker pjmedia quality (pool only)")
+    parser.add_argument("--no-zygote", action="store_true", help="exec every worker instead of forking (pool only)")
+    from bench import media_edge
+
+    media_edge.add_arguments(parser)
     args = parser.parse_args()
+    if not args.pool_only:
+        media_edge.run(args)
+        return
+    args.latency_trials = args.latency_trials or 50
     counts = [int(x) for x in args.calls.split(",")]
     worker_args: list[str] = []
     if args.clock_rate:
@@ -301,7 +322,7 @@ def main() -> None:
     if args.quality:
         worker_args += ["--quality", str(args.quality)]
 
-    print("media workers driven directly (edge not wired yet); figures are for the workers only")
+    print("media workers driven directly (--pool-only, no edge); figures are for the workers only")
     print(f"worker args: {' '.join(worker_args) or '(defaults)'}; {os.cpu_count()} CPUs")
     started = time.monotonic()
     pt = PoolThread(min_idle=1, max_calls=max(counts), rtp_ports="30000-30999", edge_address=EDGE,

@@ -78,6 +78,7 @@ class Worker:
         """The call this worker is acquired for (or reported by call_started)."""
         self.in_call = False
         self.calls = 0
+        self.idle_since = time.monotonic()
         self.started_at = time.monotonic()
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.ping_seq = 0
@@ -176,6 +177,7 @@ class WorkerPool:
         cooldown: float = 0.6,
         ready_timeout: float = 10.0,
         recycle_after: int = 200,
+        idle_retire_after: float = 60.0,
         stop_timeout: float = 5.0,
         log_level: int = 1,
         worker_args: Sequence[str] = (),
@@ -196,6 +198,7 @@ class WorkerPool:
         self.cooldown = cooldown
         self.ready_timeout = ready_timeout
         self.recycle_after = recycle_after
+        self.idle_retire_after = idle_retire_after
         self.stop_timeout = stop_timeout
         self.log_level = log_level
         self.worker_args = list(worker_args)
@@ -597,7 +600,17 @@ class WorkerPool:
             self._retire(worker, f"recycled after {worker.calls} calls")
         else:
             worker.state = WorkerState.IDLE
+            worker.idle_since = time.monotonic()
         self._schedule_topup()
+
+    def _shrink(self, now: float) -> None:
+        """Retire workers idle for `idle_retire_after` beyond the `min_idle` kept warm: a
+        burst of calls should not hold 8 MB per worker for good."""
+        idle = sorted((w for w in self.workers if w.state is WorkerState.IDLE and not w.claimed),
+                      key=lambda w: w.idle_since)
+        for worker in idle[: max(0, len(idle) - self.min_idle)]:
+            if now - worker.idle_since >= self.idle_retire_after:
+                self._retire(worker, f"idle for {now - worker.idle_since:.0f}s")
 
     def _cooled(self, worker: Worker) -> None:
         if worker.state is WorkerState.COOLING and not self._stopping:
@@ -648,6 +661,7 @@ class WorkerPool:
         while not self._stopping:
             await asyncio.sleep(self.health_interval)
             now = time.monotonic()
+            self._shrink(now)
             for worker in list(self.workers):
                 if worker.state not in (WorkerState.IDLE, WorkerState.BUSY, WorkerState.COOLING):
                     continue

@@ -208,6 +208,22 @@ def test_workers_are_recycled_after_n_calls(fake: list[str]) -> None:
     run_pool(fake, body, min_idle=1, max_calls=2, recycle_after=2, cooldown=0.0)
 
 
+def test_idle_workers_beyond_min_idle_retire(fake: list[str]) -> None:
+    async def body(pool: WorkerPool, rec: Recorder) -> None:
+        burst = [await pool.acquire(t) for t in ("a", "b", "c")]
+        assert all(burst) and pool.busy_count == 3
+        for worker, token in zip(burst, ("a", "b", "c"), strict=True):
+            assert worker is not None
+            worker.send("fake_call", token=token)
+            worker.send("fake_end", token=token)
+        await until(lambda: pool.idle_count == 3)
+        # After the idle time, only min_idle stay warm; none of it counts as a death.
+        await until(lambda: pool.idle_count == 1 and len(pool.workers) == 1, timeout=5.0)
+        assert not rec.died
+
+    run_pool(fake, body, min_idle=1, max_calls=3, cooldown=0.0, health_interval=0.2, idle_retire_after=0.5)
+
+
 def test_crash_loop_backs_off_and_stop_refuses_new_calls(fake: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKE_CRASH_AT_START", "1")
     spawned: list[int] = []
