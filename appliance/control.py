@@ -184,7 +184,6 @@ class ControlServer:
             log.error("event=control_failed %s", fields(socket=path, error=err, action="running_without_control"))
             return
         self.path = path
-        self.edge.state.subscribe(self._on_event)
         log.info("event=control_listening %s", fields(socket=path, group=self.edge.config.control.group or "-"))
 
     async def _listen(self, path: Path) -> None:
@@ -276,6 +275,10 @@ class ControlServer:
         client = _Client(number, writer, self.queue_limit)
         client.push_reply(_line(self.snapshot("connect")), SNAPSHOT)
         self._clients[number] = client
+        if len(self._clients) == 1:
+            # Listen only while someone is connected: unheard, the live state does not even
+            # build its events (a busy registrar makes one per REGISTER).
+            self.edge.state.subscribe(self._on_event)
         sender = asyncio.create_task(self._send_loop(client))
         self._senders.add(sender)
         this = asyncio.current_task()
@@ -291,6 +294,8 @@ class ControlServer:
             reason = type(err).__name__
         finally:
             self._clients.pop(number, None)
+            if not self._clients:
+                self.edge.state.unsubscribe(self._on_event)
             client.closed = True
             if reason in ("eof", "line_too_long"):
                 # Let the last replies out, then close.

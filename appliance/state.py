@@ -61,6 +61,13 @@ class CallView:
         }
 
 
+_DEVICE_EVENTS = {
+    EventKind.REGISTERED: "device_registered", EventKind.REFRESHED: "device_refreshed",
+    EventKind.REMOVED: "device_removed", EventKind.UNREACHABLE: "device_unreachable",
+    EventKind.REACHABLE: "device_reachable",
+}
+
+
 class LiveState:
     def __init__(self, registrar: Registrar, config: Config) -> None:
         self.registrar = registrar
@@ -89,12 +96,7 @@ class LiveState:
     def device_event(self, event: RegistrarEvent) -> None:
         if not self._listeners:
             return  # nobody watching: don't build the event (refreshes come by thousands)
-        kind = {
-            EventKind.REGISTERED: "device_registered", EventKind.REFRESHED: "device_refreshed",
-            EventKind.REMOVED: "device_removed", EventKind.UNREACHABLE: "device_unreachable",
-            EventKind.REACHABLE: "device_reachable",
-        }[event.kind]
-        payload: Event = {"event": kind, "device": self.device_json(event.binding)}
+        payload: Event = {"event": _DEVICE_EVENTS[event.kind], "device": self.device_json(event.binding)}
         if event.reason:
             payload["reason"] = event.reason
         self.emit(payload)

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 
 from appliance.config import Config, UserConfig
@@ -38,6 +39,14 @@ KNOWN_UNSERVED = frozenset({"SUBSCRIBE", "NOTIFY", "PUBLISH", "MESSAGE", "REFER"
 IN_DIALOG = frozenset({"BYE", "UPDATE", "INFO", "PRACK", "CANCEL"})
 CALL_METHODS = frozenset({"INVITE", "ACK", "CANCEL"})
 HOUSEKEEPING_INTERVAL = 1.0
+# The nonce table drops expired entries as it goes; the full O(n) sweep is only a backstop.
+NONCE_SWEEP_INTERVAL = 60.0
+
+
+@lru_cache(maxsize=1024)  # a device sends the same To on every REGISTER, and twice per challenge
+def _to_number(to: str) -> str:
+    """The user part of a To header value's URI ("" if none); SipSyntaxError if malformed."""
+    return parse_name_addr(to).uri.user or ""
 
 
 def policy_for(user: UserConfig) -> DevicePolicy:
@@ -122,6 +131,7 @@ class Edge:
         self.state.emit({"event": "config_changed"})
 
     async def _housekeeping(self) -> None:
+        next_nonce_sweep = self.monotonic() + NONCE_SWEEP_INTERVAL
         while True:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL)
             now = self.monotonic()
@@ -129,7 +139,9 @@ class Edge:
                 self.publish(event)
             self.server_tx.expire(now)
             self.throttle.sweep(now)
-            self.nonces.sweep(now)
+            if now >= next_nonce_sweep:
+                self.nonces.sweep(now)
+                next_nonce_sweep = now + NONCE_SWEEP_INTERVAL
 
     def publish_all(self, events: list[RegistrarEvent]) -> None:
         for event in events:
@@ -232,10 +244,9 @@ class Edge:
 
     def _register(self, request: Request, flow: Flow, now: float) -> Response:
         try:
-            to = parse_name_addr(request.get("To") or "")
+            number = _to_number(request.get("To") or "")
         except SipSyntaxError:
             return make_response(request, 400, "Malformed To header")
-        number = to.uri.user or ""
         user = self.config.user(number)
         result = self.auth.check(request, number, user.password if user else None, flow.host, now)
         if result.outcome is not Outcome.ACCEPTED:
@@ -281,6 +292,8 @@ class Edge:
             self._replace_top_via(request, str(via))
             return flow
         port = flow.port if "rport" in via.params else (via.port or 5060)
+        if port == flow.port and flow.transport == "udp":
+            return flow  # the same value: a Flow is immutable
         return Flow("udp", flow.host, port, flow.local)
 
     @staticmethod

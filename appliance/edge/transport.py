@@ -19,7 +19,6 @@ from appliance.sip.registrar import Flow
 log = logging.getLogger("homepbx.transport")
 
 
-
 class Receiver(Protocol):
     """What the transports deliver to: whole messages, or the head of an oversize one."""
 
@@ -29,6 +28,7 @@ class Receiver(Protocol):
 
 
 _MAX_TCP_BUFFER = MAX_MESSAGE_SIZE * 4
+_MAX_CACHED_FLOWS = 4096
 
 
 def _host_port(sockname: tuple[object, ...]) -> tuple[str, int]:
@@ -45,23 +45,33 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         self._receiver = receiver
         self.transport: asyncio.DatagramTransport | None = None
         self.local = ""
+        # Peer address -> its Flow. A Flow is an immutable value, so one per peer does for
+        # all its datagrams instead of a new one each; cleared when it grows too big.
+        self._flows: dict[tuple[str | object, ...], Flow] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
         self.local = format_host_port(*_host_port(transport.get_extra_info("sockname")))
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
-        if data.strip(b"\r\n") == b"":
+        # Only a datagram that starts with CR or LF (or is empty) may be all CRLF: a SIP
+        # message is never copied just to check.
+        if data[:1] in b"\r\n" and data.strip(b"\r\n") == b"":
             return  # keep-alive
-        host, port = _host_port(addr)
-        flow = Flow("udp", host, port, self.local)
+        flow = self._flows.get(addr)
+        if flow is None:
+            host, port = _host_port(addr)
+            flow = Flow("udp", host, port, self.local)
+            if len(self._flows) >= _MAX_CACHED_FLOWS:
+                self._flows.clear()
+            self._flows[addr] = flow
         try:
             if len(data) > MAX_MESSAGE_SIZE:
                 self._receiver.on_oversize(_head(data), flow)
             else:
                 self._receiver.on_message(data, flow)
         except Exception:  # one bad message must never take the listener down
-            log.exception("event=handler_error transport=udp peer=%s:%s", host, port)
+            log.exception("event=handler_error transport=udp peer=%s:%s", flow.host, flow.port)
 
     def error_received(self, exc: Exception) -> None:
         log.debug("event=udp_error error=%s", exc)

@@ -19,15 +19,16 @@ half-supported.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
-import os
 import re
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
+from functools import lru_cache
+
+from appliance.sip.entropy import random_bytes
 
 __all__ = [
     "ALGORITHMS",
@@ -53,16 +54,18 @@ _MAX_HEADER_LEN = 8192
 
 # Scheme token followed by whitespace (or end). Linear: disjoint classes.
 _SCHEME_RE = re.compile(r"[ \t\r\n]*([A-Za-z][A-Za-z0-9!#$%&'*+.^_`|~-]*)(?:[ \t\r\n]+|\Z)")
-# One auth-param with its leading separators and trailing comma. The
-# quoted-string uses the "unrolled loop" form and every quantifier is
-# possessive, so each character is examined a bounded number of times and a
-# hostile value (e.g. a missing closing quote) fails in linear time.
+# One auth-param with its leading separators and trailing comma, or else (group 4) all
+# that is left of the value. The quoted-string uses the "unrolled loop" form and every
+# quantifier is possessive, so each character is examined a bounded number of times and
+# a hostile value (e.g. a missing closing quote) fails in linear time. findall() from the
+# end of the scheme thus yields the params back to back, as a match() loop would, then
+# at most one remainder: one pass in C instead of a Python loop over match objects.
 _PARAM_RE = re.compile(
     r"""[\s,]*+([^\s=,"\\]++)[ \t\r\n]*+=[ \t\r\n]*+"""
-    r"""(?:"([^"\\]*+(?:\\.[^"\\]*+)*+)"|([^\s,"\\]*+))[ \t\r\n]*+(?:,|\Z)""",
+    r"""(?:"([^"\\]*+(?:\\.[^"\\]*+)*+)"|([^\s,"\\]*+))[ \t\r\n]*+(?:,|\Z)|(.+)""",
     re.DOTALL,
 )
-_TRAILER_RE = re.compile(r"[\s,]*+\Z")
+_TRAILER_RE = re.compile(r"[\s,]*+")
 _UNESCAPE_RE = re.compile(r"\\(.)", re.DOTALL)
 _HEX8_RE = re.compile(r"[0-9A-Fa-f]{1,8}")
 
@@ -81,26 +84,18 @@ def parse_digest(value: str) -> dict[str, str] | None:
     m = _SCHEME_RE.match(value)
     if m is None or m.group(1).lower() != "digest":
         return None
-    pos = m.end()
-    end = len(value)
-    params: dict[str, str] = {}
-    param_match = _PARAM_RE.match
-    while pos < end:
-        pm = param_match(value, pos)
-        if pm is None:
-            # Only stray separators may be left; anything else is malformed.
-            return params if _TRAILER_RE.match(value, pos) else None
-        key, quoted, bare = pm.groups()
-        key = key.lower()
-        if key in params:
+    found = _PARAM_RE.findall(value, m.end())
+    # Only stray separators may be left after the last param; anything else is malformed.
+    if found and found[-1][3]:
+        rest = found.pop()[3]
+        if _TRAILER_RE.fullmatch(rest) is None:
             return None
-        if quoted is None:
-            params[key] = bare
-        elif "\\" in quoted:
-            params[key] = _UNESCAPE_RE.sub(r"\1", quoted)
-        else:
-            params[key] = quoted
-        pos = pm.end()
+    # A quoted value can be empty like a bare one, and only a quoted one holds a backslash.
+    params = {key.lower(): quoted or bare for key, quoted, bare, _ in found}
+    if len(params) != len(found):
+        return None  # a repeated directive
+    if "\\" in value:
+        params = {key: _UNESCAPE_RE.sub(r"\1", text) for key, text in params.items()}
     return params
 
 
@@ -175,6 +170,10 @@ _MAC_LEN = 16
 _RAW_LEN = _TS.size + _RAND_LEN + _MAC_LEN  # 32 bytes
 _NONCE_LEN = 43  # len(base64url(32 bytes)) without padding
 _NONCE_DOMAIN = b"homepbx-sip-nonce-v1\x00"
+# Canonical spelling: 43 base64url characters, the last of which carries two padding
+# bits that must be zero (so only every fourth letter of the alphabet may end a nonce).
+_NONCE_RE = re.compile(f"[A-Za-z0-9_-]{{{_NONCE_LEN - 1}}}[AEIMQUYcgkosw048]")
+_HMAC_BLOCK = 64  # SHA-256 block size
 # Tolerated clock skew for a nonce that seems issued in the future (e.g. the
 # caller's monotonic clock restarted); beyond it the nonce is treated as stale.
 _FUTURE_SKEW = 1.0
@@ -192,7 +191,7 @@ class NonceManager:
     issued at or before it is answered STALE (the client just re-auths).
     """
 
-    __slots__ = ("_floor", "_lifetime", "_max_tracked", "_secret", "_seen")
+    __slots__ = ("_floor", "_inner", "_lifetime", "_max_tracked", "_outer", "_secret", "_seen")
 
     def __init__(self, secret: bytes, lifetime: float = 300.0, max_tracked: int = 100_000) -> None:
         if not secret:
@@ -202,6 +201,14 @@ class NonceManager:
         if max_tracked < 1:
             raise ValueError("max_tracked must be >= 1")
         self._secret = bytes(secret)
+        # HMAC-SHA256 (RFC 2104) with both keyed pads hashed once here: hmac.digest() would
+        # redo that on every nonce, and nonces are issued and checked on every REGISTER.
+        key = self._secret
+        if len(key) > _HMAC_BLOCK:
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(_HMAC_BLOCK, b"\x00")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
         self._lifetime = float(lifetime)
         self._max_tracked = max_tracked
         # nonce -> (highest accepted nc, issued-at). Insertion order ~ issue order.
@@ -209,31 +216,25 @@ class NonceManager:
         self._floor = float("-inf")
 
     def _mac(self, head: bytes, user: str) -> bytes:
-        msg = _NONCE_DOMAIN + head + user.encode("utf-8", "surrogatepass")
-        return hmac.digest(self._secret, msg, "sha256")[:_MAC_LEN]
+        inner = self._inner.copy()
+        inner.update(_NONCE_DOMAIN + head + user.encode("utf-8", "surrogatepass"))
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()[:_MAC_LEN]
 
     def issue(self, user: str, now: float) -> str:
         """Return a fresh nonce for ``user`` (printable base64url, no padding)."""
-        head = _TS.pack(now) + os.urandom(_RAND_LEN)
+        head = _TS.pack(now) + random_bytes(_RAND_LEN)
         raw = head + self._mac(head, user)
         return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
     @staticmethod
     def _decode(nonce: str) -> bytes | None:
-        # Exact length + strict alphabet make the text <-> bytes mapping 1:1,
-        # so one nonce cannot be re-spelled to dodge replay tracking.
-        if len(nonce) != _NONCE_LEN or not nonce.isascii():
+        # Only the canonical spelling makes the text <-> bytes mapping 1:1, so one
+        # nonce cannot be re-spelled to dodge replay tracking.
+        if _NONCE_RE.fullmatch(nonce) is None:
             return None
-        try:
-            raw = base64.b64decode(nonce + "=", altchars=b"-_", validate=True)
-        except (binascii.Error, ValueError):
-            return None
-        if len(raw) != _RAW_LEN:
-            return None
-        # 43 chars carry 258 bits: reject non-zero padding bits (non-canonical).
-        if base64.urlsafe_b64encode(raw)[:_NONCE_LEN] != nonce.encode("ascii"):
-            return None
-        return raw
+        return base64.urlsafe_b64decode(nonce + "=")
 
     def _issued_at(self, nonce: str, user: str) -> float | None:
         raw = self._decode(nonce)
@@ -262,23 +263,27 @@ class NonceManager:
 
         ``nc`` None (no qop) makes the nonce single-use.
         """
+        return self._classify(nonce, user, nc, now)[0]
+
+    def _classify(self, nonce: str, user: str, nc: str | None, now: float) -> tuple[NonceCheck, int, float]:
+        """check(), plus the parsed nc and issue time that :meth:`_record` needs when VALID."""
         issued = self._issued_at(nonce, user)
         if issued is None:
-            return NonceCheck.INVALID
+            return NonceCheck.INVALID, 0, 0.0
         age = now - issued
         if age > self._lifetime or age < -_FUTURE_SKEW:
-            return NonceCheck.STALE
+            return NonceCheck.STALE, 0, issued
         n = self._parse_nc(nc)
         if n is None:
-            return NonceCheck.INVALID
+            return NonceCheck.INVALID, 0, issued
         entry = self._seen.get(nonce)
         if entry is None:
             if issued <= self._floor:
-                return NonceCheck.STALE
-            return NonceCheck.VALID
+                return NonceCheck.STALE, n, issued
+            return NonceCheck.VALID, n, issued
         if n <= entry[0]:
-            return NonceCheck.REPLAY
-        return NonceCheck.VALID
+            return NonceCheck.REPLAY, n, issued
+        return NonceCheck.VALID, n, issued
 
     def accept(self, nonce: str, nc: str | None, now: float) -> None:
         """Record that ``nc`` was used successfully with ``nonce``.
@@ -290,13 +295,15 @@ class NonceManager:
         raw = self._decode(nonce)
         if n is None or raw is None:
             return
+        self._record(nonce, n, _TS.unpack_from(raw)[0], now)
+
+    def _record(self, nonce: str, n: int, issued: float, now: float) -> None:
         seen = self._seen
         entry = seen.get(nonce)
         if entry is not None:
             if n > entry[0]:
                 seen[nonce] = (n, entry[1])
             return
-        issued: float = _TS.unpack_from(raw)[0]
         seen[nonce] = (n, issued)
         self._trim(now)
 
@@ -382,8 +389,8 @@ def compute_response(
     h = _HASHES.get(algorithm.upper())
     if h is None:
         raise ValueError(f"unsupported digest algorithm: {algorithm!r}")
-    ha1 = h(_enc(f"{username}:{realm}:{password}"))
-    ha2 = h(_enc(f"{method}:{uri}"))
+    ha1 = _cached_hash(h, f"{username}:{realm}:{password}")
+    ha2 = _cached_hash(h, f"{method}:{uri}")
     if qop is None:
         return h(_enc(f"{ha1}:{nonce}:{ha2}"))
     if qop.lower() != "auth":
@@ -391,6 +398,12 @@ def compute_response(
     if nc is None or cnonce is None:
         raise ValueError("qop=auth requires nc and cnonce")
     return h(_enc(f"{ha1}:{nonce}:{nc}:{cnonce}:{qop}:{ha2}"))
+
+
+@lru_cache(maxsize=4096)
+def _cached_hash(h: Callable[[bytes], str], text: str) -> str:
+    """HA1 and HA2 repeat (per user; per method and URI): each is hashed once."""
+    return h(_enc(text))
 
 
 class Verdict(Enum):
@@ -435,7 +448,7 @@ def verify(
     qop = c.qop
     if qop is None or qop.lower() != "auth" or c.nc is None or c.cnonce is None:
         return Verdict.FAILED
-    nonce_state = nonces.check(c.nonce, expected_user, c.nc, now)
+    nonce_state, nc, issued = nonces._classify(c.nonce, expected_user, c.nc, now)
     expected = compute_response(
         algorithm,
         c.username,
@@ -458,7 +471,7 @@ def verify(
         return Verdict.STALE
     if nonce_state is not NonceCheck.VALID:
         return Verdict.FAILED
-    nonces.accept(c.nonce, c.nc, now)
+    nonces._record(c.nonce, nc, issued, now)  # what accept() would do, without decoding again
     return Verdict.OK
 
 

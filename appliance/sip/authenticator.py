@@ -28,6 +28,9 @@ class AuthResult:
     blocked_for: float | None = None  # set when this failure started a cool-off
 
 
+_ACCEPTED = AuthResult(Outcome.ACCEPTED)  # immutable, so one instance serves every request
+
+
 class Authenticator:
     def __init__(self, realm: str, nonces: NonceManager, throttle: FailureThrottle) -> None:
         self.realm = realm
@@ -49,7 +52,7 @@ class Authenticator:
         )
         if verdict is Verdict.OK:
             self.throttle.record_success(source, now)
-            return AuthResult(Outcome.ACCEPTED)
+            return _ACCEPTED
         if verdict is Verdict.STALE:
             return AuthResult(
                 Outcome.CHALLENGED, self.challenge(request, user, now, proxy=proxy, stale=True)

@@ -7,10 +7,10 @@ are split into one entry each at parse time, because those are the ones the core
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from functools import lru_cache
 
+from appliance.sip.entropy import random_bytes
 from appliance.sip.errors import SipParseError, SipSyntaxError
 from appliance.sip.headers import parse_cseq
 from appliance.sip.uri import split_quoted
@@ -37,9 +37,11 @@ _KNOWN = [
     "Timestamp", "To", "Unsupported", "User-Agent", "Via", "Warning", "WWW-Authenticate",
 ]
 _CANONICAL = {name.lower(): name for name in _KNOWN}
+_KNOWN_SET = frozenset(_KNOWN)  # names that are their own canonical form
 _LIST_HEADERS = frozenset({"Via", "Contact", "Route", "Record-Route", "Path"})
 _TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")
 _REQUIRED = ("Via", "From", "To", "Call-ID", "CSeq")
+_ECHOED = frozenset(_REQUIRED)  # what a response copies from its request (§8.2.6.2)
 
 REASON_PHRASES = {
     100: "Trying", 180: "Ringing", 181: "Call Is Being Forwarded", 182: "Queued",
@@ -80,11 +82,16 @@ class Message:
 
     def get(self, name: str) -> str | None:
         """First value of a header, or None."""
-        name = canonical_name(name)
+        if name not in _KNOWN_SET:  # the core asks by canonical name: skip the cache call
+            name = canonical_name(name)
         for key, value in self.headers:
             if key == name:
                 return value
         return None
+
+    def first_values(self) -> dict[str, str]:
+        """The first value of every header, by name: one pass, for code that looks up several."""
+        return dict(reversed(self.headers))  # reversed, so the first occurrence wins
 
     def get_all(self, name: str) -> list[str]:
         name = canonical_name(name)
@@ -137,12 +144,9 @@ class Message:
         raise NotImplementedError
 
     def to_bytes(self) -> bytes:
-        lines = [self.start_line()]
-        lines.extend(f"{k}: {v}" for k, v in self.headers if k != "Content-Length")
-        lines.append(f"Content-Length: {len(self.body)}")
-        lines.append("")
-        lines.append("")
-        return "\r\n".join(lines).encode() + self.body
+        lines = [f"{k}: {v}\r\n" for k, v in self.headers if k != "Content-Length"]
+        head = "".join(lines)
+        return f"{self.start_line()}\r\n{head}Content-Length: {len(self.body)}\r\n\r\n".encode() + self.body
 
     def __bytes__(self) -> bytes:
         return self.to_bytes()
@@ -201,9 +205,10 @@ def parse_message(data: bytes) -> Request | Response:
     lines = head.split("\r\n") if sep_len == 4 else head.split("\n")
     message, version = _parse_start_line(lines[0])
     _parse_headers(lines, message)
+    first = message.first_values()
     body = data[end + sep_len :]
     request = message if isinstance(message, Request) else None
-    length_text = message.get("Content-Length")
+    length_text = first.get("Content-Length")
     if length_text is not None:
         if not _is_digits(length_text.strip()):
             raise SipParseError("Bad Content-Length", request=_answerable(request))
@@ -215,7 +220,7 @@ def parse_message(data: bytes) -> Request | Response:
     if request is not None:
         if version != "SIP/2.0":
             raise SipParseError("SIP Version Not Supported", status=505, request=_answerable(request))
-        _validate_request(request)
+        _validate_request(request, first)
     return message
 
 
@@ -238,29 +243,39 @@ def _parse_start_line(line: str) -> tuple[Request | Response, str]:
 def _parse_headers(lines: list[str], message: Request | Response) -> None:
     headers = message.headers
     bad: str | None = None
-    pending_name = ""
-    pending_value = ""
+    open_entry = False  # the last entry of `headers` may still take folded lines
+    has_list = False  # some list header holds a comma: split after the loop
     for line in lines[1:]:
         if line[:1] in (" ", "\t"):
-            if not pending_name:
+            if not open_entry:
                 bad = "folded line without header"
                 continue
-            pending_value = f"{pending_value} {line.strip()}".strip()
+            name, value = headers[-1]
+            folded = line.strip()
+            headers[-1] = (name, f"{value} {folded}".strip())
+            has_list = has_list or (name in _LIST_HEADERS and "," in folded)
             continue
-        if pending_name:
-            _store(headers, pending_name, pending_value)
         name, colon, value = line.partition(":")
-        name = name.rstrip()
-        if not colon or not _is_token(name):
+        canonical = _header_name(name) if colon else None
+        if canonical is None:
             bad = bad or "malformed header line"
-            pending_name = ""
+            open_entry = False
             continue
-        pending_name = canonical_name(name)
-        pending_value = value.strip()
-    if pending_name:
-        _store(headers, pending_name, pending_value)
+        value = value.strip()
+        headers.append((canonical, value))
+        open_entry = True
+        has_list = has_list or (canonical in _LIST_HEADERS and "," in value)
+    if has_list:
+        headers[:] = [entry for name, value in headers for entry in _entries(name, value)]
     if bad:
         raise SipParseError(bad, request=_answerable(message))
+
+
+@lru_cache(maxsize=1024)
+def _header_name(raw: str) -> str | None:
+    """The canonical name of a header line's name part, or None if it is not a token."""
+    name = raw.rstrip()
+    return canonical_name(name) if _is_token(name) else None
 
 
 @lru_cache(maxsize=1024)
@@ -268,15 +283,15 @@ def _is_token(name: str) -> bool:
     return bool(name) and all(c in _TOKEN_CHARS for c in name)
 
 
-def _store(headers: list[tuple[str, str]], name: str, value: str) -> None:
+def _entries(name: str, value: str) -> list[tuple[str, str]]:
+    """One header line as entries: a list header's comma-separated values split apart."""
     if name in _LIST_HEADERS and "," in value:
         try:
             parts = split_quoted(value, ",")
         except SipSyntaxError:
             parts = [value]
-        headers.extend((name, part.strip()) for part in parts if part.strip())
-    else:
-        headers.append((name, value))
+        return [(name, part.strip()) for part in parts if part.strip()]
+    return [(name, value)]
 
 
 def _is_digits(text: str) -> bool:
@@ -291,24 +306,25 @@ def _answerable(message: Request | Response | None) -> Request | None:
     return message
 
 
-def _validate_request(request: Request) -> None:
+def _validate_request(request: Request, first: dict[str, str]) -> None:
+    """`first`: the first value of each of the request's headers."""
     for name in _REQUIRED:
-        if request.get(name) is None:
+        if name not in first:
             raise SipParseError(f"Missing {name} header", request=_answerable(request))
     try:
-        _, method = parse_cseq(request.get("CSeq") or "")
+        _, method = parse_cseq(first["CSeq"])
     except SipSyntaxError:
         raise SipParseError("Bad CSeq", request=request) from None
     if method != request.method:
         raise SipParseError("CSeq method does not match", request=request)
-    max_forwards = request.get("Max-Forwards")
+    max_forwards = first.get("Max-Forwards")
     if max_forwards is not None and (not _is_digits(max_forwards) or int(max_forwards) > 255):
         raise SipParseError("Bad Max-Forwards", request=request)
 
 
 def new_tag() -> str:
     """A random token for tags, branches and Call-IDs."""
-    return os.urandom(6).hex()
+    return random_bytes(6).hex()
 
 
 def make_response(
@@ -325,15 +341,17 @@ def make_response(
     A To-tag is added when the request's To has none (never on 100 Trying): the one given,
     else a fresh one (§8.2.6.2).
     """
-    if to_tag is None and status > 100:
-        to_tag = new_tag()
+    copy_record_route = 100 < status < 300
     copied: list[tuple[str, str]] = []
     for key, value in request.headers:
-        if key == "To" and to_tag and status > 100 and ";tag=" not in value.replace(" ", ""):
-            value = f"{value};tag={to_tag}"
-        if key in ("Via", "From", "To", "Call-ID", "CSeq") or (
-            key == "Record-Route" and 100 < status < 300
-        ):
+        if key in _ECHOED:
+            if key == "To" and status > 100 and ";tag=" not in value.replace(" ", ""):
+                if to_tag is None:
+                    to_tag = new_tag()  # drawn only when needed
+                if to_tag:
+                    value = f"{value};tag={to_tag}"
             copied.append((key, value))
-    copied.extend((canonical_name(k), v) for k, v in headers)
+        elif key == "Record-Route" and copy_record_route:
+            copied.append((key, value))
+    copied.extend([(canonical_name(k), v) for k, v in headers])
     return Response(status, reason or REASON_PHRASES.get(status, "Unknown"), copied, body)

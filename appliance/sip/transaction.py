@@ -32,11 +32,11 @@ def server_key(request: Request) -> str | None:
     idx = via.lower().find(";branch=")  # parameter names are case-insensitive
     if idx < 0:
         return None
-    branch = via[idx + 8 :].split(";", 1)[0].strip()
+    branch = via[idx + 8 :].partition(";")[0].strip()
     if not branch.startswith(MAGIC_COOKIE):
         return None  # RFC 2543 peer: no reliable key, treat each request as new
     method = "INVITE" if request.method == "ACK" else request.method
-    sent_by = via.split(";", 1)[0].rsplit(" ", 1)[-1]
+    sent_by = via.partition(";")[0].rpartition(" ")[2]
     return f"{branch}|{sent_by}|{method}"
 
 

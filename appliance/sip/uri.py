@@ -7,6 +7,7 @@ URI comparison follows §19.1.4 exactly rather than comparing strings.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from appliance.sip.errors import SipSyntaxError
@@ -70,7 +71,9 @@ def parse_params(text: str) -> dict[str, str | None]:
 
 
 def format_params(params: dict[str, str | None]) -> str:
-    return "".join(f";{k}" if v is None else f";{k}={v}" for k, v in params.items())
+    if not params:
+        return ""
+    return "".join([f";{k}" if v is None else f";{k}={v}" for k, v in params.items()])
 
 
 @dataclass(slots=True)
@@ -105,6 +108,10 @@ class SipUri:
         return f"{self.host}:{self.port}" if self.port is not None else self.host
 
 
+_BAD_HOST_CHARS = frozenset(' \t<>"')
+
+
+@lru_cache(maxsize=4096)  # the same few sent-by and Contact addresses come again and again
 def parse_host_port(text: str) -> tuple[str, int | None]:
     """Parse 'host', 'host:port', '[v6]' or '[v6]:port'."""
     if text.startswith("["):
@@ -120,7 +127,7 @@ def parse_host_port(text: str) -> tuple[str, int | None]:
         host, _, port_text = text.partition(":")
         if _ and not port_text:
             raise SipSyntaxError("empty port")
-    if not host or any(c in host for c in ' \t<>"'):
+    if not host or not _BAD_HOST_CHARS.isdisjoint(host):
         raise SipSyntaxError("bad host")
     port: int | None = None
     if port_text:
@@ -157,6 +164,8 @@ def parse_uri(text: str) -> SipUri:
 
 def uri_equal(a: SipUri, b: SipUri) -> bool:
     """URI equivalence by RFC 3261 §19.1.4."""
+    if a == b:
+        return True  # identical fields (a device refreshing its binding): nothing to compare
     if a.scheme != b.scheme or _unescape(a.user) != _unescape(b.user):
         return False
     if _unescape(a.password) != _unescape(b.password):
