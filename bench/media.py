@@ -46,6 +46,7 @@ sys.path.insert(0, str(REPO))
 from appliance.media import protocol as P  # noqa: E402
 from appliance.media.pool import Worker, WorkerPool  # noqa: E402
 from appliance.simulator.handset import Handset, close_all  # noqa: E402
+from bench.media_edge import memory_kib  # noqa: E402
 
 T = TypeVar("T")
 EDGE = "127.0.0.1:5999"
@@ -75,18 +76,6 @@ def cpu_percent(pids: list[int], seconds: float) -> float:
     time.sleep(seconds)
     after = sum(cpu_ns(p) for p in pids)
     return 100.0 * (after - before) / 1e9 / seconds
-
-
-def memory_kib(pid: int) -> tuple[int, int]:
-    """(PSS, RSS) in KiB."""
-    pss = rss = 0
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            if line.startswith("Pss:"):
-                pss = int(line.split()[1])
-            elif line.startswith("Rss:"):
-                rss = int(line.split()[1])
-    return pss, rss
 
 
 # -- the pool on its own loop thread -----------------------------------------------------
