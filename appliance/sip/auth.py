@@ -23,6 +23,7 @@ import hashlib
 import hmac
 import re
 import struct
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
@@ -125,17 +126,17 @@ def parse_credentials(value: str) -> Credentials | None:
     if p is None:
         return None
     try:
-        return Credentials(
-            username=p["username"],
-            realm=p["realm"],
-            nonce=p["nonce"],
-            uri=p["uri"],
-            response=p["response"],
-            algorithm=p.get("algorithm", "MD5").upper(),
-            qop=p.get("qop"),
-            nc=p.get("nc"),
-            cnonce=p.get("cnonce"),
-            opaque=p.get("opaque"),
+        return Credentials(  # positional: keyword arguments cost more, once per request
+            p["username"],
+            p["realm"],
+            p["nonce"],
+            p["uri"],
+            p["response"],
+            p.get("algorithm", "MD5").upper(),
+            p.get("qop"),
+            p.get("nc"),
+            p.get("cnonce"),
+            p.get("opaque"),
         )
     except KeyError:
         return None
@@ -211,8 +212,10 @@ class NonceManager:
         self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
         self._lifetime = float(lifetime)
         self._max_tracked = max_tracked
-        # nonce -> (highest accepted nc, issued-at). Insertion order ~ issue order.
-        self._seen: dict[str, tuple[int, float]] = {}
+        # nonce -> (highest accepted nc, issued-at). Insertion order ~ issue order. Ordered-
+        # Dict, not dict: entries leave from the front, and a dict then has to skip every
+        # deleted slot to find its first key (O(n) per REGISTER once the table is full).
+        self._seen: OrderedDict[str, tuple[int, float]] = OrderedDict()
         self._floor = float("-inf")
 
     def _mac(self, head: bytes, user: str) -> bytes:
@@ -328,7 +331,7 @@ class NonceManager:
     def sweep(self, now: float) -> None:
         """Drop every expired entry (O(n); run occasionally, e.g. once a minute)."""
         horizon = now - self._lifetime
-        self._seen = {k: v for k, v in self._seen.items() if v[1] >= horizon}
+        self._seen = OrderedDict((k, v) for k, v in self._seen.items() if v[1] >= horizon)
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -464,7 +467,7 @@ def verify(
     given = c.response.lower()
     if not given.isascii():
         given = ""
-    matches = hmac.compare_digest(expected.encode("ascii"), given.encode("ascii"))
+    matches = hmac.compare_digest(expected, given)  # both ASCII (hex, or "" above)
     if password is None or not matches:
         return Verdict.FAILED
     if nonce_state is NonceCheck.STALE:

@@ -38,12 +38,16 @@ _VIA_PROTOCOL = re.compile(r"\s*([^/\s]+)\s*/\s*([^/\s]+)\s*/\s*([^/\s]+)\s+(.*)
 
 
 def parse_via(value: str) -> Via:
-    match = _VIA_PROTOCOL.fullmatch(value)
-    if match is None:
-        raise SipSyntaxError("bad Via protocol")
-    name, version, transport, rest = match.groups()
-    if name.upper() != "SIP" or version != "2.0":
-        raise SipSyntaxError("bad Via protocol")
+    # The usual spelling, "SIP/2.0/UDP sent-by...", is cut without the regular expression
+    # (which reads it the same way); anything else goes through it.
+    transport, space, rest = value[8:].partition(" ") if value.startswith("SIP/2.0/") else ("", "", "")
+    if not (space and transport.isascii() and transport.isalpha()):
+        match = _VIA_PROTOCOL.fullmatch(value)
+        if match is None:
+            raise SipSyntaxError("bad Via protocol")
+        name, version, transport, rest = match.groups()
+        if name.upper() != "SIP" or version != "2.0":
+            raise SipSyntaxError("bad Via protocol")
     rest = rest.strip()
     sent_by, semi, param_text = rest.partition(";")
     host, port = parse_host_port(sent_by.strip())
