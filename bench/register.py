@@ -83,8 +83,8 @@ def client(port: int, numbers: list[str], seconds: float, window: int, out: mp.Q
     """One load generator: `window` registrations in flight, each the full digest exchange.
 
     It shares the machine with the daemon it measures, so it is kept cheap: responses are
-    cut with find() rather than regular expressions, and read in batches (one select() per
-    batch, so the generator wakes up, and takes the daemon's core, as seldom as it can).
+    cut with find() rather than a regular expression and split(), and a cnonce costs no
+    system call.
     """
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)

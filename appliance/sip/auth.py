@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import os
 import re
 import struct
 from collections import OrderedDict
@@ -28,8 +29,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
 from functools import lru_cache
-
-from appliance.sip.entropy import random_bytes
 
 __all__ = [
     "ALGORITHMS",
@@ -227,7 +226,7 @@ class NonceManager:
 
     def issue(self, user: str, now: float) -> str:
         """Return a fresh nonce for ``user`` (printable base64url, no padding)."""
-        head = _TS.pack(now) + random_bytes(_RAND_LEN)
+        head = _TS.pack(now) + os.urandom(_RAND_LEN)
         raw = head + self._mac(head, user)
         return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 

@@ -7,10 +7,10 @@ are split into one entry each at parse time, because those are the ones the core
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from functools import lru_cache
 
-from appliance.sip.entropy import random_bytes
 from appliance.sip.errors import SipParseError, SipSyntaxError
 from appliance.sip.headers import parse_cseq
 from appliance.sip.uri import split_quoted
@@ -324,7 +324,7 @@ def _validate_request(request: Request, first: dict[str, str]) -> None:
 
 def new_tag() -> str:
     """A random token for tags, branches and Call-IDs."""
-    return random_bytes(6).hex()
+    return os.urandom(6).hex()
 
 
 def make_response(
