@@ -49,11 +49,11 @@ sys.path.insert(0, str(REPO))
 
 from appliance.ports import free_port  # noqa: E402
 from bench.register import (  # noqa: E402
-    NONCE_RX,
     PASSWORD,
     REALM,
     cpu_seconds,
     md5,
+    md5_nonce,
     rss_kib,
     start_daemon,
     write_config,
@@ -118,10 +118,10 @@ def register_device(sock: socket.socket, server: tuple[str, int], number: str, d
         sock.settimeout(None)
         if data.startswith(b"SIP/2.0 200"):
             return
-        match = NONCE_RX.search(data)
-        if match is None:
+        nonce = md5_nonce(data)
+        if nonce is None:
             raise RuntimeError(f"registration of {number} failed: {data[:60]!r}")
-        auth = digest("Authorization", number, "REGISTER", f"sip:{REALM}", match.group(1).decode())
+        auth = digest("Authorization", number, "REGISTER", f"sip:{REALM}", nonce)
     raise RuntimeError(f"registration of {number} not accepted")
 
 
@@ -295,9 +295,9 @@ def caller(port: int, numbers: list[str], targets: list[str], seconds: float, wi
                    f"To: {h['to'][0]}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} ACK\r\nContent-Length: 0\r\n\r\n")
             sock.sendto(ack.encode(), server)
             if status == 407 and call.stage == "challenge":
-                match = NONCE_RX.search(data)
-                if match is not None:
-                    auth = digest("Proxy-Authorization", call.number, "INVITE", call.uri, match.group(1).decode())
+                nonce = md5_nonce(data)
+                if nonce is not None:
+                    auth = digest("Proxy-Authorization", call.number, "INVITE", call.uri, nonce)
                     call.stage = "invite"
                     call.sent = time.monotonic()
                     invite(call_id, call, 2, auth)

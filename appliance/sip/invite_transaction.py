@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 from appliance.sip.message import Request, Response
 from appliance.sip.transaction import T1, T2, T4
@@ -32,8 +32,8 @@ class State(Enum):
     TERMINATED = "terminated"
 
 
-@dataclass(frozen=True, slots=True)
-class Send(Generic[Dest]):
+class Send(NamedTuple, Generic[Dest]):
+    # A NamedTuple: see transaction.Retransmit.
     data: bytes
     dest: Dest
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 from appliance.sip.errors import SipSyntaxError
 from appliance.sip.headers import parse_name_addr
@@ -28,8 +28,7 @@ INTERNAL_PREFIX = "X-Homepbx-"
 """Headers between the edge and its media workers; stripped from all that leaves the box."""
 
 
-@dataclass(frozen=True, slots=True)
-class Target(Generic[Dest]):
+class Target(NamedTuple, Generic[Dest]):
     """One device to ring: its registered binding, Contact URI and the flow to reach it."""
 
     binding_id: str
@@ -45,20 +44,23 @@ class BranchState(Enum):
     FAILED = "failed"
 
 
-@dataclass
 class Branch(Generic[Dest]):
-    target: Target[Dest]
-    tx: InviteClient[Dest]
-    state: BranchState = BranchState.TRYING
-    cancel_wanted: str | None = None  # Reason to send once a provisional arrives
-    cancelled: bool = False
-    final: Response | None = None
-    answer: Response | None = None  # the 2xx that won: its Contact and To-tag name the dialog
-    loser_ack: bytes | None = None  # the ACK of a 2xx that lost the race, resent per retransmission
+    """One forked INVITE: the device it rings and how far it got."""
+
+    __slots__ = ("answer", "cancel_wanted", "cancelled", "final", "loser_ack", "state", "target", "tx")
+
+    def __init__(self, target: Target[Dest], tx: InviteClient[Dest]) -> None:
+        self.target = target
+        self.tx = tx
+        self.state = BranchState.TRYING
+        self.cancel_wanted: str | None = None  # Reason to send once a provisional arrives
+        self.cancelled = False
+        self.final: Response | None = None
+        self.answer: Response | None = None  # the 2xx that won: its Contact and To-tag name the dialog
+        self.loser_ack: bytes | None = None  # the ACK of a 2xx that lost the race, resent per retransmission
 
 
-@dataclass(frozen=True, slots=True)
-class SendRequest(Generic[Dest]):
+class SendRequest(NamedTuple, Generic[Dest]):
     """A new non-INVITE request (CANCEL, BYE) for the edge's client transactions."""
 
     request: Request

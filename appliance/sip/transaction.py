@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from dataclasses import dataclass
+from typing import Generic, NamedTuple, TypeVar
 
 from appliance.sip.headers import MAGIC_COOKIE, parse_via
 from appliance.sip.message import Request, Response
@@ -102,19 +102,22 @@ class ServerTransactions:
         return None
 
 
-@dataclass(slots=True)
 class ClientTransaction(Generic[Dest]):
-    key: str
-    data: bytes
-    dest: Dest
-    reliable: bool
-    deadline: float
-    interval: float = T1
-    next_send: float | None = None
+    __slots__ = ("data", "deadline", "dest", "interval", "key", "next_send", "reliable")
+
+    def __init__(self, key: str, data: bytes, dest: Dest, reliable: bool, deadline: float) -> None:
+        self.key = key
+        self.data = data
+        self.dest = dest
+        self.reliable = reliable
+        self.deadline = deadline
+        self.interval = T1
+        self.next_send: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Retransmit(Generic[Dest]):
+class Retransmit(NamedTuple, Generic[Dest]):
+    # Generic value types are NamedTuples, plain classes otherwise: mypyc cannot build a
+    # generic dataclass (mypyc/mypyc#827).
     data: bytes
     dest: Dest
 
@@ -124,13 +127,13 @@ class TimedOut:
     key: str
 
 
-@dataclass
 class ClientTransactions(Generic[Dest]):
     """Non-INVITE client transactions: Timer E retransmissions and Timer F timeout."""
 
-    _live: dict[str, ClientTransaction[Dest]] = field(default_factory=dict)
-    _timers: list[tuple[float, int, str]] = field(default_factory=list)
-    _seq: int = 0
+    def __init__(self) -> None:
+        self._live: dict[str, ClientTransaction[Dest]] = {}
+        self._timers: list[tuple[float, int, str]] = []
+        self._seq = 0
 
     def __len__(self) -> int:
         return len(self._live)
