@@ -5,14 +5,18 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= config.toml
-# Debian packages the PBX and its tests need (python3-venv for the venv, tmux for the
+# Debian packages the PBX and its tests need (python3-venv for the venv, python3-dev and gcc
+# for the modules mypyc compiles, tmux for the
 # terminal test of the TUI, procps for process checks; systemd, shellcheck, dosfstools, mtools,
 # fdisk and e2fsprogs for the checks of the systemd units and of the disk image recipe;
 # mmdebstrap, qemu, OVMF, sshpass and ssh to build the disk image and boot it in the test).
-DEB_PACKAGES := python3 python3-venv tmux procps systemd shellcheck dosfstools mtools fdisk e2fsprogs \
+DEB_PACKAGES := python3 python3-venv python3-dev gcc tmux procps systemd shellcheck dosfstools mtools fdisk e2fsprogs \
 	mmdebstrap qemu-system-x86 qemu-utils ovmf sshpass openssh-client
 
-.PHONY: run demo test lint unit e2e bench deps venv clean
+NATIVE := $(VENV)/.native
+NATIVE_SOURCES := setup.py $(wildcard appliance/sip/*.py appliance/edge/*.py)
+
+.PHONY: run demo test lint unit e2e bench deps venv native clean-native clean
 
 # The daemon on the shipped config with the TUI attached (daemon log: state/daemon.log);
 # quitting the TUI stops the daemon. Without a terminal it runs the daemon alone, in the foreground.
@@ -59,13 +63,28 @@ deps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
 
-venv: $(STAMP)
+venv: $(STAMP) $(NATIVE)
 
 $(STAMP): pyproject.toml | deps
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,bench]'
+	HOMEPBX_NATIVE=0 $(BIN)/pip install -q -e '.[test,bench]'
 	touch $(STAMP)
 
-clean:
+# The SIP core and the edge's hot path compiled in place with mypyc (setup.py), again
+# whenever one of their sources changes (about 45 s). `make clean-native` goes back to
+# plain Python.
+native: $(NATIVE)
+
+$(NATIVE): $(STAMP) $(NATIVE_SOURCES)
+	$(BIN)/python setup.py -q build_ext --inplace 2>&1 | grep -v -e '^gcc ' -e '^copying ' -e '^creating ' -e '^building ' -e 'generator comprehension' -e 'BetaConfiguration' -e 'warnings.warn' || true
+	$(BIN)/python -c 'import appliance.sip.message as m, sys; sys.exit(not m.__file__.endswith(".so"))' || { echo "mypyc build failed" >&2; exit 1; }
+	find appliance -name '*.so' -exec touch {} +  # stamped as built now (tests/conftest.py checks)
+	touch $(NATIVE)
+
+clean-native:
+	rm -rf build/mypyc build/temp.* build/lib.* $(NATIVE)
+	find appliance -name '*.so' -delete; rm -f ./*__mypyc*.so
+
+clean: clean-native
 	rm -rf $(VENV) state .pytest_cache .mypy_cache .ruff_cache

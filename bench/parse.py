@@ -12,6 +12,7 @@ Then a feature check of what each parser accepts, and a one-line verdict.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from collections.abc import Callable
@@ -235,7 +236,9 @@ def feature_row(parse: Callable[[bytes], object], data: bytes, check: Callable[[
 
 
 def main() -> None:
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 5000
+    parser = argparse.ArgumentParser(description="µs per message: our parser against sipmessage")
+    parser.add_argument("iterations", type=int, nargs="?", default=5000)
+    n = parser.parse_args().iterations
     started = time.perf_counter()
     print(f"homepbx parse benchmark: Python {sys.version.split()[0]}, sipmessage "
           f"{sipmessage.__version__}, {n} iterations, best of 3, µs per message\n")

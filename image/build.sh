@@ -92,15 +92,16 @@ cleanup() {
 trap cleanup EXIT
 START=$SECONDS
 
-# 1. The application: a wheel of this repository plus its dependencies, exactly the
-#    versions installed in the tested venv (.venv), as wheels for the image's python3.11.
+# 1. The application: a wheel of this repository (its hot path compiled by mypyc, setup.py)
+#    plus its dependencies, exactly the versions installed in the tested venv (.venv), as
+#    wheels for the image's python3.11.
 log "wheels: homepbx $VERSION and its pinned dependencies"
 WHEELS=$WORK/wheels
 mkdir -p "$WHEELS"
 "$VENV/bin/pip" wheel --quiet --no-deps --wheel-dir "$WHEELS" "$REPO"
 "$VENV/bin/pip" freeze --exclude-editable --local | grep -v '^homepbx' >"$WORK/constraints.txt"
 "$VENV/bin/pip" download --quiet --only-binary=:all: --python-version 3.11 --platform manylinux2014_x86_64 \
-    --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --platform any \
+    --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --platform linux_x86_64 --platform any \
     --constraint "$WORK/constraints.txt" --dest "$WHEELS" "$WHEELS"/homepbx-"$VERSION"-*.whl
 "$VENV/bin/python" "$IMAGE_DIR/appliance_config.py" "$REPO/config.toml" "$WORK/config.toml"
 "$VENV/bin/homepbx" check-config --config "$WORK/config.toml" >/dev/null

@@ -44,6 +44,9 @@ in_root /opt/homepbx/venv/bin/pip install --quiet --no-cache-dir --no-index --fi
     "homepbx==$HOMEPBX_VERSION"
 rm -rf "$ROOT/tmp/wheels"
 in_root /opt/homepbx/venv/bin/python -c 'import appliance.cli, pjsua2, uvloop, tomlkit'
+# The compiled hot path must load on Debian's python3.11, not fall back to the sources.
+in_root /opt/homepbx/venv/bin/python -c \
+    'import sys, appliance.sip.message as m, appliance.edge.calls as c; sys.exit(not all(x.__file__.endswith(".so") for x in (m, c)))'
 
 log "customize: users, /etc/homepbx, units"
 in_root systemd-sysusers

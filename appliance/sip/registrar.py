@@ -343,12 +343,14 @@ class Registrar:
             for b in self._by_id.values()
         ]
 
-    def load(self, items: Iterable[dict[str, Any]], now: float) -> int:
+    def load(self, items: Iterable[object], now: float) -> int:
         """Restore bindings, dropping expired and malformed ones; returns how many were kept."""
         kept = 0
-        for item in items:
+        for raw in items:
+            if not isinstance(raw, dict):
+                continue
             try:
-                item = dict(item)  # a copy: the caller's data stays as it was
+                item = dict(raw)  # a copy: the caller's data stays as it was
                 flow = Flow(**item.pop("flow"))
                 binding = Binding(flow=flow, **item)
                 parse_name_addr(binding.contact)
