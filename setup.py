@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent
 
 # Everything a SIP message goes through between the socket and the reply.
 NATIVE_MODULES = sorted(
-    [str(p.relative_to(ROOT)) for p in (ROOT / "appliance" / "sip").glob("*.py")]
+    [str(p.relative_to(ROOT)) for p in (ROOT / "appliance" / "sip").glob("*.py") if p.name != "__init__.py"]
     + [f"appliance/edge/{name}.py" for name in ("server", "transport", "calls", "relay", "timers", "media_link")]
 )
 
@@ -31,7 +31,12 @@ def ext_modules() -> list[object]:
     from mypyc.build import mypycify  # only the compiled build needs mypy installed
 
     os.chdir(ROOT)  # mypyc resolves module names from the working directory
-    return list(mypycify(NATIVE_MODULES, opt_level="3", debug_level="0", multi_file=True, target_dir="build/mypyc"))
+    # The shared library goes inside the package (appliance/_compiled__mypyc.*.so), not at
+    # the top level where an editable install (`make`) cannot import it from elsewhere.
+    # With that name mypyc cannot split its C into several files (multi_file), nor
+    # compile a package's __init__ (its __path__ comes out wrong): ours are empty.
+    return list(mypycify(NATIVE_MODULES, opt_level="3", debug_level="0", target_dir="build/mypyc",
+                         group_name="appliance._compiled"))
 
 
 setup(ext_modules=ext_modules())

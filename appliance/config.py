@@ -19,17 +19,20 @@ import re
 import secrets
 import string
 import tomllib
-from collections.abc import Collection, Mapping, MutableMapping
+from collections.abc import Callable, Collection, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 import tomlkit
 import tomlkit.exceptions
 import tomlkit.items
 
 from appliance.fileio import atomic_write
+from appliance.sip.auth import ALGORITHMS as DIGEST_ALGORITHMS
+
+T = TypeVar("T")
 
 __all__ = [
     "DECLINE_MODES",
@@ -104,6 +107,8 @@ class ServerConfig:
     realm: str
     state_dir: Path
     """Absolute: a relative value in the file is taken relative to the file's directory."""
+    digest_algorithms: tuple[str, ...] = DIGEST_ALGORITHMS
+    """Offered in this order (RFC 8760: strongest first), and the only ones accepted."""
 
 
 @dataclass(frozen=True)
@@ -380,7 +385,7 @@ class _Validator:
 
     def config(self, data: dict[str, Any]) -> Config:
         top = self.table((), data, ("server", "registration", "control", "media", "feature_codes", "users"))
-        server = self.server(top.section("server", ("listen", "realm", "state_dir")))
+        server = self.server(top.section("server", ("listen", "realm", "state_dir", "digest_algorithms")))
         registration = self.registration(
             top.section(
                 "registration",
@@ -402,26 +407,15 @@ class _Validator:
         )
 
     def server(self, t: _Table) -> ServerConfig:
-        raw_listen = t.data.get("listen", ["0.0.0.0:5060"])
-        if not isinstance(raw_listen, list):
-            raise t.error("listen", f"must be an array of strings, not {_type_name(raw_listen)}")
-        if not raw_listen:
-            raise t.error("listen", "must name at least one address")
-        listen: list[ListenAddress] = []
-        for index, item in enumerate(raw_listen):
-            key = (*t.key, "listen", index)
-            if not isinstance(item, str):
-                raise self.error(key, f"must be a string, not {_type_name(item)}")
-            try:
-                address = _parse_listen(item)
-            except ValueError as exc:
-                raise self.error(key, f"{item!r}: {exc}") from None
-            if address in listen:
-                other = listen.index(address)
-                raise self.error(
-                    key, f"duplicate address {str(address)!r} (also {_format_key((*t.key, 'listen', other))})"
-                )
-            listen.append(address)
+        listen = t.get_unique_list("listen", ["0.0.0.0:5060"], _parse_listen, "address")
+
+        def algorithm(text: str) -> str:
+            name = text.upper()
+            if name not in DIGEST_ALGORITHMS:
+                raise ValueError(f"unsupported: choose from {', '.join(DIGEST_ALGORITHMS)}")
+            return name
+
+        algorithms = t.get_unique_list("digest_algorithms", list(DIGEST_ALGORITHMS), algorithm, "algorithm")
 
         realm = t.get_str("realm", "home.arpa")
         if not realm or any(c.isspace() or c in "\"'\\" or not c.isprintable() for c in realm):
@@ -431,7 +425,9 @@ class _Validator:
         if not state_dir or "\0" in state_dir:
             raise t.error("state_dir", "must be a non-empty path")
         resolved = Path(os.path.normpath(self.path.absolute().parent / state_dir))
-        return ServerConfig(listen=tuple(listen), realm=realm, state_dir=resolved)
+        return ServerConfig(
+            listen=tuple(listen), realm=realm, state_dir=resolved, digest_algorithms=tuple(algorithms)
+        )
 
     def registration(self, t: _Table) -> RegistrationConfig:
         d = RegistrationConfig()
@@ -560,6 +556,28 @@ class _Table:
         if value < lo or (hi is not None and value > hi):
             raise self.error(name, f"must be {_between(lo, hi)}, not {value}")
         return value
+
+    def get_unique_list(self, name: str, default: list[str], parse: Callable[[str], T], what: str) -> list[T]:
+        """A non-empty array of strings, each parsed (ValueError names the fault), no repeats."""
+        raw = self.data.get(name, default)
+        if not isinstance(raw, list):
+            raise self.error(name, f"must be an array of strings, not {_type_name(raw)}")
+        if not raw:
+            raise self.error(name, f"must name at least one {what}")
+        items: list[T] = []
+        for index, text in enumerate(raw):
+            key = (*self.key, name, index)
+            if not isinstance(text, str):
+                raise self.validator.error(key, f"must be a string, not {_type_name(text)}")
+            try:
+                item = parse(text)
+            except ValueError as exc:
+                raise self.validator.error(key, f"{text!r}: {exc}") from None
+            if item in items:
+                other = _format_key((*self.key, name, items.index(item)))
+                raise self.validator.error(key, f"duplicate {what} {str(item)!r} (also {other})")
+            items.append(item)
+        return items
 
     def ordered(self, low_name: str, low: int, high_name: str, high: int, *, blame: str) -> None:
         """Require low <= high, blaming ``blame`` unless the file leaves it at its default."""

@@ -66,7 +66,7 @@ class Edge:
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.nonces = NonceManager(load_secret(state_dir / "nonce.key"))
         self.throttle = FailureThrottle()
-        self.auth = Authenticator(config.server.realm, self.nonces, self.throttle)
+        self.auth = Authenticator(config.server.realm, self.nonces, self.throttle, config.server.digest_algorithms)
         reg = config.registration
         self.registrar = Registrar(reg.min_expires, reg.max_expires, reg.default_expires)
         self.store = BindingStore(state_dir / "bindings.json", self.registrar)
@@ -119,6 +119,7 @@ class Edge:
         self.config = config
         self.state.config = config
         self.auth.realm = config.server.realm
+        self.auth.algorithms = config.server.digest_algorithms
         reg = config.registration
         self.registrar.min_expires = reg.min_expires
         self.registrar.max_expires = reg.max_expires

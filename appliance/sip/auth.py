@@ -340,15 +340,19 @@ def _quote(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def challenge_values(realm: str, nonce: str, stale: bool = False, opaque: str | None = None) -> list[str]:
-    """One WWW-Authenticate/Proxy-Authenticate value per algorithm, strongest first (RFC 8760)."""
+def challenge_values(
+    realm: str, nonce: str, stale: bool = False, opaque: str | None = None,
+    algorithms: tuple[str, ...] = ALGORITHMS,
+) -> list[str]:
+    """One WWW-Authenticate/Proxy-Authenticate value per algorithm, in the order given
+    (RFC 8760: the most preferred first)."""
     tail = ""
     if stale:
         tail += ", stale=true"
     if opaque is not None:
         tail += ", opaque=" + _quote(opaque)
     head = f"Digest realm={_quote(realm)}, nonce={_quote(nonce)}, algorithm="
-    return [f'{head}{alg}, qop="auth"{tail}' for alg in ALGORITHMS]
+    return [f'{head}{alg}, qop="auth"{tail}' for alg in algorithms]
 
 
 def _md5_hex(data: bytes) -> str:
@@ -431,6 +435,7 @@ def verify(
     method: str,
     nonces: NonceManager,
     now: float,
+    algorithms: tuple[str, ...] = ALGORITHMS,
 ) -> Verdict:
     """Check Digest credentials for ``expected_user``; on OK the nc is recorded.
 
@@ -445,7 +450,7 @@ def verify(
     if c.username != expected_user:
         return Verdict.FAILED
     algorithm = c.algorithm.upper()
-    if algorithm not in _HASHES:
+    if algorithm not in algorithms or algorithm not in _HASHES:  # only what we offered
         return Verdict.FAILED
     qop = c.qop
     if qop is None or qop.lower() != "auth" or c.nc is None or c.cnonce is None:

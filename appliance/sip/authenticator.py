@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from appliance.sip.auth import NonceManager, Verdict, challenge_values, find_credentials, verify
+from appliance.sip.auth import ALGORITHMS, NonceManager, Verdict, challenge_values, find_credentials, verify
 from appliance.sip.message import Request, Response, make_response
 from appliance.sip.throttle import FailureThrottle
 
@@ -32,10 +32,14 @@ _ACCEPTED = AuthResult(Outcome.ACCEPTED)  # immutable, so one instance serves ev
 
 
 class Authenticator:
-    def __init__(self, realm: str, nonces: NonceManager, throttle: FailureThrottle) -> None:
+    def __init__(
+        self, realm: str, nonces: NonceManager, throttle: FailureThrottle,
+        algorithms: tuple[str, ...] = ALGORITHMS,
+    ) -> None:
         self.realm = realm
         self.nonces = nonces
         self.throttle = throttle
+        self.algorithms = algorithms  # offered in this order, and the only ones accepted
 
     def check(
         self, request: Request, user: str, password: str | None, source: str, now: float,
@@ -48,7 +52,7 @@ class Authenticator:
             return AuthResult(Outcome.CHALLENGED, self.challenge(request, user, now, proxy=proxy))
         verdict = verify(
             credentials, expected_user=user, password=password, realm=self.realm,
-            method=request.method, nonces=self.nonces, now=now,
+            method=request.method, nonces=self.nonces, now=now, algorithms=self.algorithms,
         )
         if verdict is Verdict.OK:
             self.throttle.record_success(source, now)
@@ -68,6 +72,6 @@ class Authenticator:
     ) -> Response:
         nonce = self.nonces.issue(user, now)
         name = "Proxy-Authenticate" if proxy else "WWW-Authenticate"
-        values = challenge_values(self.realm, nonce, stale=stale)
+        values = challenge_values(self.realm, nonce, stale=stale, algorithms=self.algorithms)
         status = 407 if proxy else 401
         return make_response(request, status, None, headers=[(name, v) for v in values])

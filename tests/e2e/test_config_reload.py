@@ -76,3 +76,24 @@ def test_generated_password_at_first_start(pbx_factory: DaemonFactory) -> None:
     client = RawClient(pbx.port)
     assert client.register("100", password).status == 200
     client.close()
+
+
+def test_sighup_changes_the_digest_algorithms_offered(pbx_factory: DaemonFactory) -> None:
+    pbx = pbx_factory([user_block("200")])
+    client = RawClient(pbx.port)
+
+    def offered() -> list[str]:
+        client.send(client.request("REGISTER", "sip:home.arpa", "200", headers=[("Expires", "300")]))
+        challenge = client.final()
+        assert challenge.status == 401
+        return [v.split("algorithm=")[1].split(",")[0] for v in challenge.get_all("WWW-Authenticate")]
+
+    assert offered() == ["SHA-256", "MD5"]
+    text = pbx.config.read_text().replace('state_dir = "state"\n', 'state_dir = "state"\ndigest_algorithms = ["MD5"]\n')
+    pbx.config.write_text(text)
+    mark = len(pbx.lines)
+    pbx.signal(signal.SIGHUP)
+    pbx.wait_log("event=config_reloaded", start=mark)
+    assert offered() == ["MD5"]
+    assert client.register("200", "secret").status == 200  # answered with MD5, the one offered
+    client.close()

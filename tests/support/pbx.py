@@ -29,7 +29,7 @@ def user_block(number: str, password: str = "secret", **fields: object) -> str:
 
 def write_config(
     directory: Path, port: int, users: Iterable[str], *, qualify_interval: int = 30,
-    qualify_timeout: int = 2, min_expires: int = 60, extra: str = "",
+    qualify_timeout: int = 2, min_expires: int = 60, extra: str = "", server_extra: str = "",
 ) -> Path:
     path = directory / "config.toml"
     path.write_text(
@@ -37,7 +37,9 @@ def write_config(
         "[server]\n"
         f'listen = ["127.0.0.1:{port}"]\n'
         'realm = "home.arpa"\n'
-        'state_dir = "state"\n\n'
+        'state_dir = "state"\n'
+        + server_extra
+        + "\n"
         "[registration]\n"
         f"min_expires = {min_expires}\n"
         f"qualify_interval = {qualify_interval}\n"

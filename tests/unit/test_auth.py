@@ -147,6 +147,28 @@ def test_challenge_values_order_and_shape() -> None:
         assert p["stale"] == "true" and p["opaque"] == 'o"p' and p["qop"] == "auth"
 
 
+def test_challenge_values_follow_the_configured_algorithms() -> None:
+    assert challenge_values(REALM, "N", algorithms=("MD5",)) == [
+        'Digest realm="home.arpa", nonce="N", algorithm=MD5, qop="auth"'
+    ]
+    values = challenge_values(REALM, "N", algorithms=("MD5", "SHA-256"))
+    assert [parse_digest(v)["algorithm"] for v in values] == ["MD5", "SHA-256"]  # type: ignore[index]
+
+
+@pytest.mark.parametrize(("allowed", "used", "verdict"), [
+    (("MD5",), "MD5", Verdict.OK),
+    (("MD5",), "SHA-256", Verdict.FAILED),  # not offered, so not accepted
+    (("SHA-256",), "MD5", Verdict.FAILED),  # an MD5-free box refuses MD5 answers
+    (("SHA-256",), "SHA-256", Verdict.OK),
+])
+def test_verify_accepts_only_offered_algorithms(allowed: tuple[str, ...], used: str, verdict: Verdict) -> None:
+    nonces = make_nonces()
+    creds = answer(nonces.issue("200", T0), algorithm=used)
+    got = verify(creds, expected_user="200", password="s3cret", realm=REALM, method="REGISTER", nonces=nonces,
+                 now=T0 + 1, algorithms=allowed)
+    assert got is verdict
+
+
 # --- round trips and verdicts -------------------------------------------------------------------
 
 

@@ -81,6 +81,7 @@ def test_empty_file_gives_defaults(tmp_path: Path) -> None:
     assert cfg.server.listen == (ListenAddress("0.0.0.0", 5060),)
     assert cfg.server.realm == "home.arpa"
     assert cfg.server.state_dir == tmp_path / "state"
+    assert cfg.server.digest_algorithms == ("SHA-256", "MD5")  # RFC 8760 order
     reg = cfg.registration
     assert (reg.min_expires, reg.max_expires, reg.default_expires) == (60, 3600, 600)
     assert (reg.qualify_interval, reg.qualify_timeout) == (30, 5)
@@ -353,6 +354,23 @@ ERROR_CASES = [
         "server.listen[1]",
         "duplicate address '[::1]:5060' (also server.listen[0])",
     ),
+    (
+        "digest algorithm unknown",
+        '[server]\ndigest_algorithms = ["SHA-256", "SHA-512-256"]\n',
+        2,
+        "server.digest_algorithms[1]",
+        "'SHA-512-256': unsupported: choose from SHA-256, MD5",
+    ),
+    (
+        "digest algorithm twice",
+        '[server]\ndigest_algorithms = ["md5", "MD5"]\n',
+        2,
+        "server.digest_algorithms[1]",
+        "duplicate algorithm 'MD5' (also server.digest_algorithms[0])",
+    ),
+    ("digest algorithms empty", "[server]\ndigest_algorithms = []\n", 2, "server.digest_algorithms", "at least one"),
+    ("digest algorithms not array", '[server]\ndigest_algorithms = "MD5"\n', 2, "server.digest_algorithms",
+     "must be an array"),
     ("realm empty", '[server]\nrealm = ""\n', 2, "server.realm", "non-empty"),
     ("realm space", '[server]\nrealm = "my home"\n', 2, "server.realm", "whitespace"),
     ("realm quote", "[server]\nrealm = 'a\"b'\n", 2, "server.realm", "quotes"),
@@ -756,3 +774,8 @@ def test_module_exports() -> None:
 def test_media_workers_can_be_turned_off(tmp_path: Path) -> None:
     cfg = parse_config("[media]\nmax_calls = 0\n", tmp_path / "c.toml")
     assert (cfg.media.max_calls, cfg.media.min_idle) == (0, 0)
+
+
+def test_digest_algorithms_order_kept_and_case_normalised(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, '[server]\ndigest_algorithms = ["md5", "sha-256"]\n'))
+    assert cfg.server.digest_algorithms == ("MD5", "SHA-256")
