@@ -13,8 +13,12 @@ CONFIG ?= config.toml
 DEB_PACKAGES := python3 python3-venv python3-dev gcc sip-tester baresip-core tmux procps systemd shellcheck dosfstools mtools fdisk e2fsprogs \
 	mmdebstrap qemu-system-x86 qemu-utils ovmf sshpass openssh-client
 
-NATIVE := $(VENV)/.native
-NATIVE_SOURCES := setup.py $(wildcard appliance/sip/*.py appliance/edge/*.py)
+# HOMEPBX_NATIVE=0 (environment or command line): plain Python, nothing compiled.
+HOMEPBX_NATIVE ?= 1
+NATIVE := $(VENV)/.native-$(HOMEPBX_NATIVE)
+# Every module of the daemon: mypyc also bakes constants of the modules it imports into
+# the compiled code.
+NATIVE_SOURCES := setup.py $(shell find appliance -name '*.py')
 
 .PHONY: run demo test lint unit e2e bench deps venv native clean-native clean
 
@@ -48,6 +52,7 @@ bench: venv
 	$(BIN)/python bench/register.py
 	$(BIN)/python bench/calls.py
 	$(BIN)/python bench/media.py
+	$(BIN)/python bench/tui.py
 
 # The appliance's disk image, build/image/homepbx-<version>-amd64.img (as root; image/README.md).
 .PHONY: image
@@ -72,19 +77,27 @@ $(STAMP): pyproject.toml | deps
 	touch $(STAMP)
 
 # The SIP core and the edge's hot path compiled in place with mypyc (setup.py), again
-# whenever one of their sources changes (about 45 s). `make clean-native` goes back to
-# plain Python.
+# whenever a module of the daemon changes (about 45 s). The old build is removed first, so
+# a failed build leaves plain Python and stops make, never stale code.
 native: $(NATIVE)
 
 $(NATIVE): $(STAMP) $(NATIVE_SOURCES)
-	$(BIN)/python setup.py -q build_ext --inplace 2>&1 | grep -v -e '^gcc ' -e '^copying ' -e '^creating ' -e '^building ' -e 'generator comprehension' -e 'BetaConfiguration' -e 'warnings.warn' || true
-	$(BIN)/python -c 'import appliance.sip.message as m, sys; sys.exit(not m.__file__.endswith(".so"))' || { echo "mypyc build failed" >&2; exit 1; }
+	rm -f $(VENV)/.native-*
+	find appliance -name '*.so' -delete
+ifeq ($(HOMEPBX_NATIVE),0)
+	@echo "HOMEPBX_NATIVE=0: plain Python, nothing compiled"
+else
+	set -o pipefail; $(BIN)/python setup.py -q build_ext --inplace 2>&1 | { grep -v -e '^gcc ' -e '^copying ' \
+	  -e '^creating ' -e '^building ' -e 'generator comprehension' -e 'BetaConfiguration' -e 'warnings.warn' || true; }
+	$(BIN)/python -c 'import appliance.sip.message as m, sys; sys.exit(not m.__file__.endswith(".so"))' \
+	  || { echo "mypyc build failed: appliance.sip.message is not the compiled module" >&2; exit 1; }
 	find appliance -name '*.so' -exec touch {} +  # stamped as built now (tests/conftest.py checks)
-	touch $(NATIVE)
+endif
+	touch $@
 
 clean-native:
-	rm -rf build/mypyc build/temp.* build/lib.* $(NATIVE)
-	find appliance -name '*.so' -delete; rm -f ./*__mypyc*.so
+	rm -rf build/mypyc build/temp.* build/lib.* $(VENV)/.native-*
+	find appliance -name '*.so' -delete
 
 clean: clean-native
 	rm -rf $(VENV) state .pytest_cache .mypy_cache .ruff_cache

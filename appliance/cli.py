@@ -100,9 +100,9 @@ async def run_daemon(path: Path) -> int:
     loop.add_signal_handler(signal.SIGHUP, lambda: reload(edge, path))
     # Everything loaded so far lives as long as the process: keep it out of the collector's
     # way, and collect young objects less often (calls make many short-lived ones). The
-    # middle generation is collected every second young collection, so it never holds more
-    # than ~40,000 objects: at 1,000+ calls/s (finished calls linger 32 s for retransmissions)
-    # a middle collection with the default of 20 took ~120 ms, now ~15 ms (bench/calls.py max).
+    # middle generation is collected every fourth young collection, so it holds at most
+    # ~80,000 objects: at 1,000+ calls/s (finished calls linger 32 s for retransmissions) a
+    # middle collection with a threshold of 20 took ~120 ms, now ~15 ms (bench/calls.py max).
     gc.freeze()
     gc.set_threshold(20_000, 2, 20)
     log.info("event=ready %s", fields(listen=",".join(edge.addresses), config=path, pid=os.getpid()))

@@ -97,8 +97,15 @@ START=$SECONDS
 #    wheels for the image's python3.11.
 log "wheels: homepbx $VERSION and its pinned dependencies"
 WHEELS=$WORK/wheels
-mkdir -p "$WHEELS"
-"$VENV/bin/pip" wheel --quiet --no-deps --wheel-dir "$WHEELS" "$REPO"
+mkdir -p "$WHEELS" "$WORK/src"
+# Built from a clean copy of the sources, so nothing of the repository's own build/ (older
+# compiled modules, files this root-run script would leave root-owned) gets in, and with the
+# tested venv's setuptools and mypy (pinned there), which also see every dependency mypyc
+# type-checks against.
+tar -C "$REPO" --exclude=./.git --exclude=./.venv --exclude=./build --exclude=./state --exclude='*.so' \
+    --exclude=__pycache__ --exclude=.mypy_cache --exclude=.pytest_cache --exclude=.ruff_cache \
+    --exclude=.hypothesis -cf - . | tar -C "$WORK/src" -xf -
+"$VENV/bin/pip" wheel --quiet --no-deps --no-build-isolation --wheel-dir "$WHEELS" "$WORK/src"
 "$VENV/bin/pip" freeze --exclude-editable --local | grep -v '^homepbx' >"$WORK/constraints.txt"
 "$VENV/bin/pip" download --quiet --only-binary=:all: --python-version 3.11 --platform manylinux2014_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --platform linux_x86_64 --platform any \

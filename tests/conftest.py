@@ -1,8 +1,9 @@
 """Refuse to test a stale compiled build.
 
 `make` compiles the SIP core and the edge's hot path with mypyc (setup.py). Python imports
-a compiled module in preference to its source, so after an edit to one of those sources the
-tests would silently run the old code: `make` recompiles on its own; a bare `pytest` stops
+a compiled module in preference to its source, and mypyc also bakes constants of the
+modules a compiled one imports into it: after an edit to any module of the daemon the
+tests would silently run old code. `make` recompiles on its own; a bare `pytest` stops
 here and says what to run.
 """
 
@@ -14,24 +15,29 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+SHARED_LIBRARY = "_compiled__mypyc"  # mypyc's runtime for all compiled modules (setup.py)
 
 
-def stale_compiled_modules(root: Path = REPO) -> list[str]:
-    """Sources newer than the extension module that shadows them."""
-    stale = []
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        for compiled in (root / "appliance").rglob(f"*{suffix}"):
-            source = compiled.with_name(compiled.name.removesuffix(suffix) + ".py")
-            if source.exists() and source.stat().st_mtime > compiled.stat().st_mtime:
-                stale.append(str(source.relative_to(root)))
+def stale_build(root: Path = REPO) -> list[str]:
+    """Daemon sources newer than the compiled build, and compiled modules without a source."""
+    package = root / "appliance"
+    compiled = [p for suffix in importlib.machinery.EXTENSION_SUFFIXES for p in package.rglob(f"*{suffix}")]
+    if not compiled:
+        return []  # plain Python: nothing can be stale
+    built = min(p.stat().st_mtime for p in compiled)  # `make native` stamps them all at the end
+    stale = [str(p.relative_to(root)) for p in package.rglob("*.py") if p.stat().st_mtime > built]
+    for p in compiled:
+        name = p.name.split(".", 1)[0]
+        if name != SHARED_LIBRARY and not p.with_name(f"{name}.py").exists():
+            stale.append(f"{p.relative_to(root)} (its source is gone)")
     return sorted(stale)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    stale = stale_compiled_modules()
+    stale = stale_build()
     if stale:
         pytest.exit(
-            f"compiled modules older than their source: {', '.join(stale)}. Run `make native` "
-            "to recompile (or `make clean-native` to test plain Python).",
+            f"the compiled build is older than: {', '.join(stale)}. Run `make native` to recompile "
+            "(or `make native HOMEPBX_NATIVE=0` for plain Python).",
             returncode=4,
         )

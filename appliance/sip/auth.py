@@ -450,8 +450,12 @@ def verify(
     if c.username != expected_user:
         return Verdict.FAILED
     algorithm = c.algorithm.upper()
-    if algorithm not in algorithms or algorithm not in _HASHES:  # only what we offered
+    if algorithm not in _HASHES:
         return Verdict.FAILED
+    if algorithm not in algorithms:
+        # Known but no longer offered (the config changed): a fresh challenge, not a
+        # failure, so a phone answering as before is not throttled for it.
+        return Verdict.MISSING
     qop = c.qop
     if qop is None or qop.lower() != "auth" or c.nc is None or c.cnonce is None:
         return Verdict.FAILED

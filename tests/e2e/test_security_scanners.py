@@ -46,5 +46,5 @@ def test_svcrack_is_stopped_by_the_throttle(pbx_factory: DaemonFactory, tmp_path
     out = scanner("svcrack", pbx, "-u", "200", "-d", str(words))
     assert "right-password" not in out, out
     assert "found nothing" in out, out
-    assert len(pbx.log_matches(r"event=auth_failed number=200")) == 10
     pbx.wait_log(r"event=address_blocked peer=127\.0\.0\.1 seconds=\d+ reason=auth_failures")
+    assert len(pbx.log_matches(r"event=auth_failed number=200")) == 10

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -80,33 +81,48 @@ class Baresip:
         return dump
 
     def stop(self) -> None:
+        """Quit (dumps are complete once baresip has exited); killed if it does not."""
         if self.proc.poll() is None:
-            self.command("q")
             try:
+                self.command("q")
                 self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
+            except (OSError, subprocess.TimeoutExpired):
                 self.proc.kill()
-                self.proc.wait()
+        self.proc.wait()
 
 
-def test_baresip_calls_baresip_and_both_hear_the_other(pbx_factory: DaemonFactory, tmp_path: Path) -> None:
+@pytest.fixture
+def baresip() -> Iterator[Callable[..., Baresip]]:
+    phones: list[Baresip] = []
+
+    def start(*args: object, **kwargs: object) -> Baresip:
+        phone = Baresip(*args, **kwargs)
+        phones.append(phone)
+        return phone
+
+    yield start
+    for phone in phones:
+        phone.stop()
+
+
+def test_baresip_calls_baresip_and_both_hear_the_other(
+    pbx_factory: DaemonFactory, baresip: Callable[..., Baresip], tmp_path: Path
+) -> None:
     pbx = pbx_factory([user_block("200", "pw-200"), user_block("201", "pw-201")],
                       server_extra='digest_algorithms = ["MD5"]\n')
-    callee = Baresip(tmp_path / "callee", pbx, "201", "pw-201", 1000, "40000-40999", auto_answer=True)
-    caller = Baresip(tmp_path / "caller", pbx, "200", "pw-200", 440, "41000-41999")
-    try:
-        for phone in (callee, caller):
-            phone.wait_for("registered successfully")
-        caller.command("d 201")
-        callee.wait_for("Call established")
-        caller.wait_for("Call established")
-        time.sleep(2.0)  # two seconds of both tones
-        caller.command("b")  # hang up
-        callee.wait_for("terminated")
-        pbx.wait_log(r"event=call_ended .*caller=200 callee=201 reason=bye_from_caller")
-    finally:
-        caller.stop()
-        callee.stop()
+    callee = baresip(tmp_path / "callee", pbx, "201", "pw-201", 1000, "40000-40999", auto_answer=True)
+    caller = baresip(tmp_path / "caller", pbx, "200", "pw-200", 440, "41000-41999")
+    for phone in (callee, caller):
+        phone.wait_for("registered successfully")
+    caller.command("d 201")
+    callee.wait_for("Call established")
+    caller.wait_for("Call established")
+    time.sleep(2.0)  # two seconds of both tones
+    caller.command("b")  # hang up
+    callee.wait_for("terminated")
+    pbx.wait_log(r"event=call_ended .*caller=200 callee=201 reason=bye_from_caller")
+    caller.stop()
+    callee.stop()
     assert tones.tone_level_db(callee.heard(), 440) > -6
     assert tones.tone_level_db(caller.heard(), 1000) > -6
     assert tones.tone_level_db(callee.heard(), 1000) < -20  # its own tone does not come back

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,15 +26,31 @@ SCENARIOS = Path(__file__).resolve().parent / "sipp"
 MD5_ONLY = 'digest_algorithms = ["MD5"]\n'
 
 
-def sipp(pbx: Daemon, scenario: str, workdir: Path, port: int, *args: str) -> subprocess.Popen[str]:
-    """Start SIPp on 127.0.0.1:`port` running one call of `scenario` against the daemon."""
+Sipp = Callable[..., "subprocess.Popen[str]"]
+
+
+@pytest.fixture
+def sipp() -> Iterator[Sipp]:
+    """Start SIPp on 127.0.0.1:`port`, one call of `scenario` against the daemon; any SIPp
+    still running at teardown (a test that failed half-way) is killed."""
     assert shutil.which("sipp"), "sipp is not installed: `make deps` installs Debian's sip-tester"
-    return subprocess.Popen(
-        ["sipp", "-sf", str(SCENARIOS / scenario), "-m", "1", "-i", "127.0.0.1", "-p", str(port),
-         "-mp", str(free_port()), "-nostdin", "-trace_msg", "-trace_err", "-timeout", "20s", *args,
-         f"127.0.0.1:{pbx.port}"],
-        cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
+    started: list[subprocess.Popen[str]] = []
+
+    def start(pbx: Daemon, scenario: str, workdir: Path, port: int, *args: str) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            ["sipp", "-sf", str(SCENARIOS / scenario), "-m", "1", "-i", "127.0.0.1", "-p", str(port),
+             "-mp", str(free_port()), "-nostdin", "-trace_msg", "-trace_err", "-timeout", "20s", *args,
+             f"127.0.0.1:{pbx.port}"],
+            cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
 
 
 def finish(proc: subprocess.Popen[str], workdir: Path, scenario: str) -> str:
@@ -45,16 +62,16 @@ def finish(proc: subprocess.Popen[str], workdir: Path, scenario: str) -> str:
     return trace
 
 
-def register(pbx: Daemon, tmp_path: Path, number: str, password: str, port: int) -> str:
+def register(sipp: Sipp, pbx: Daemon, tmp_path: Path, number: str, password: str, port: int) -> str:
     workdir = tmp_path / f"reg-{number}"
     workdir.mkdir()
     return finish(sipp(pbx, "register.xml", workdir, port, "-s", number, "-au", number, "-ap", password),
                   workdir, "register.xml")
 
 
-def test_sipp_registers_when_md5_is_offered(pbx_factory: DaemonFactory, tmp_path: Path) -> None:
+def test_sipp_registers_when_md5_is_offered(pbx_factory: DaemonFactory, sipp: Sipp, tmp_path: Path) -> None:
     pbx = pbx_factory([user_block("200", "pw-200")], server_extra=MD5_ONLY)
-    trace = register(pbx, tmp_path, "200", "pw-200", free_port())
+    trace = register(sipp, pbx, tmp_path, "200", "pw-200", free_port())
     challenge = trace[trace.index("SIP/2.0 401"):]
     challenge = challenge[: challenge.index("\n\n")] if "\n\n" in challenge else challenge
     assert re.findall(r"WWW-Authenticate: Digest .*algorithm=(\S+?),", challenge) == ["MD5"]
@@ -62,10 +79,10 @@ def test_sipp_registers_when_md5_is_offered(pbx_factory: DaemonFactory, tmp_path
     pbx.wait_log(r"event=device_registered number=200 .*ua=SIPp")
 
 
-def test_sipp_calls_sipp_through_the_pbx(pbx_factory: DaemonFactory, tmp_path: Path) -> None:
+def test_sipp_calls_sipp_through_the_pbx(pbx_factory: DaemonFactory, sipp: Sipp, tmp_path: Path) -> None:
     pbx = pbx_factory([user_block("200", "pw-200"), user_block("201", "pw-201")], server_extra=MD5_ONLY)
     callee_port = free_port()
-    register(pbx, tmp_path, "201", "pw-201", callee_port)
+    register(sipp, pbx, tmp_path, "201", "pw-201", callee_port)
     callee_dir = tmp_path / "callee"
     callee_dir.mkdir()
     callee = sipp(pbx, "callee.xml", callee_dir, callee_port, "-aa")  # -aa: 200 to OPTIONS (qualify)

@@ -157,8 +157,8 @@ def test_challenge_values_follow_the_configured_algorithms() -> None:
 
 @pytest.mark.parametrize(("allowed", "used", "verdict"), [
     (("MD5",), "MD5", Verdict.OK),
-    (("MD5",), "SHA-256", Verdict.FAILED),  # not offered, so not accepted
-    (("SHA-256",), "MD5", Verdict.FAILED),  # an MD5-free box refuses MD5 answers
+    (("MD5",), "SHA-256", Verdict.MISSING),  # not offered, so not accepted: challenged again
+    (("SHA-256",), "MD5", Verdict.MISSING),  # an MD5-free box refuses MD5 answers
     (("SHA-256",), "SHA-256", Verdict.OK),
 ])
 def test_verify_accepts_only_offered_algorithms(allowed: tuple[str, ...], used: str, verdict: Verdict) -> None:
