@@ -243,35 +243,32 @@ def invite(target_port: int, local_port: int, token: str, callee_port: int) -> t
     return msg.encode(), h
 
 
+def same_transaction(h: dict[str, str], method: str, to: str) -> bytes:
+    """CANCEL, or ACK of a non-2xx final: the INVITE's Via branch and CSeq number (§9.1, §17.1.1.3)."""
+    return (
+        f"{method} {h['uri']} SIP/2.0\r\nVia: {h['via']}\r\nMax-Forwards: 70\r\nFrom: {h['from']}\r\n"
+        f"To: {to}\r\nCall-ID: {h['call-id']}\r\nCSeq: 1 {method}\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+
+
 def invite_to_ringing(sock: socket.socket, target_port: int, token: str, callee: RawCallee) -> tuple[float, float]:
     """(INVITE -> 180 at the caller, INVITE -> B-leg INVITE at the callee) in ms, then cancel."""
     local_port = int(sock.getsockname()[1])
     data, h = invite(target_port, local_port, token, callee.port)
     sent = time.monotonic()
     sock.sendto(data, ("127.0.0.1", target_port))
-    ringing = 0.0
-    to = h["to"]
     while True:
         text = sock.recv(65535).decode(errors="replace")
         if text.startswith("SIP/2.0 180"):
             ringing = time.monotonic()
-            to = split_headers(text)[1]["to"]
             break
-    cancel = (
-        f"CANCEL {h['uri']} SIP/2.0\r\nVia: {h['via']}\r\nMax-Forwards: 70\r\nFrom: {h['from']}\r\n"
-        f"To: {h['to']}\r\nCall-ID: {h['call-id']}\r\nCSeq: 1 CANCEL\r\nContent-Length: 0\r\n\r\n"
-    )
-    sock.sendto(cancel.encode(), ("127.0.0.1", target_port))
+    sock.sendto(same_transaction(h, "CANCEL", h["to"]), ("127.0.0.1", target_port))  # To as in the INVITE
     while True:
         text = sock.recv(65535).decode(errors="replace")
         if re.match(r"SIP/2\.0 [3-6]\d\d", text):
             to = split_headers(text)[1]["to"]
             break
-    ack = (
-        f"ACK {h['uri']} SIP/2.0\r\nVia: {h['via']}\r\nMax-Forwards: 70\r\nFrom: {h['from']}\r\n"
-        f"To: {to}\r\nCall-ID: {h['call-id']}\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n"
-    )
-    sock.sendto(ack.encode(), ("127.0.0.1", target_port))
+    sock.sendto(same_transaction(h, "ACK", to), ("127.0.0.1", target_port))  # To with the final's tag
     b_leg = callee.invites.get(token, 0.0)
     return 1000 * (ringing - sent), 1000 * (b_leg - sent) if b_leg else float("nan")
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from appliance.ports import free_port  # noqa: E402
 from appliance.simulator.handset import Handset  # noqa: E402
+from bench.register import start_daemon  # noqa: E402
 from tui.app import HomePbxApp  # noqa: E402
 
 CONFIG = """[server]
@@ -46,19 +46,6 @@ number = "100"
 name = "Grandpa"
 password = "secret"
 """
-
-
-def start_daemon(directory: Path, port: int) -> subprocess.Popen[bytes]:
-    config = directory / "config.toml"
-    config.write_text(CONFIG.format(port=port))
-    proc = subprocess.Popen([sys.executable, "-m", "appliance", "run", "--config", str(config)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while not (directory / "ctl.sock").exists():
-        if time.monotonic() > deadline or proc.poll() is not None:
-            raise RuntimeError("the daemon did not start")
-        time.sleep(0.05)
-    return proc
 
 
 async def redrawn(app: HomePbxApp, kind: str, since: int, timeout: float = 5.0) -> None:
@@ -113,7 +100,12 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
-        daemon = start_daemon(Path(tmp), port)
+        config = Path(tmp) / "config.toml"
+        config.write_text(CONFIG.format(port=port))
+        daemon, _ = start_daemon(config)  # answering SIP; the control socket follows the media workers
+        deadline = time.monotonic() + 10
+        while not (Path(tmp) / "ctl.sock").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
         try:
             seen = asyncio.run(measure(Path(tmp) / "ctl.sock", f"sip:127.0.0.1:{port}", args.calls))
         finally:

@@ -219,27 +219,24 @@ class HomePbxApp(App[None]):
                              number=n.number, changes={"one_number": not n.one_number})
 
     def action_max_devices(self) -> None:
-        if (n := self._need_number()) is None:
-            return
-        dialog = ValueDialog(f"{n.title}: devices", "Handsets allowed with one-number on (1-10):", n.max_devices)
-
-        def chosen(value: int | None) -> None:
-            if value is not None:
-                self.run_command(f"{n.number} max devices {value}", "set_user",
-                                 number=n.number, changes={"max_devices": value})
-
-        self.push_screen(dialog, chosen)
+        if (n := self._need_number()) is not None:
+            self._ask_and_set(n, "max_devices", ValueDialog(
+                f"{n.title}: devices", "Handsets allowed with one-number on (1-10):", n.max_devices),
+                lambda value: f"max devices {value}")
 
     def action_outgoing_limit(self) -> None:
-        if (n := self._need_number()) is None:
-            return
-        dialog = ValueDialog(f"{n.title}: outgoing calls", "Simultaneous outgoing calls (0 = unlimited):",
-                             n.max_outgoing_calls)
+        if (n := self._need_number()) is not None:
+            self._ask_and_set(n, "max_outgoing_calls", ValueDialog(
+                f"{n.title}: outgoing calls", "Simultaneous outgoing calls (0 = unlimited):", n.max_outgoing_calls),
+                lambda value: f"outgoing limit {value or 'unlimited'}")
+
+    def _ask_and_set(self, n: Number, field: str, dialog: ValueDialog, describe: Callable[[int], str]) -> None:
+        """Ask for a number in `dialog`; a value given sets `field` of that user (cancel: nothing)."""
 
         def chosen(value: int | None) -> None:
             if value is not None:
-                self.run_command(f"{n.number} outgoing limit {value or 'unlimited'}", "set_user",
-                                 number=n.number, changes={"max_outgoing_calls": value})
+                self.run_command(f"{n.number} {describe(value)}", "set_user", number=n.number,
+                                 changes={field: value})
 
         self.push_screen(dialog, chosen)
 

@@ -10,7 +10,7 @@ connection is always reached.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
 
@@ -66,14 +66,15 @@ class Call:
     answer: Response | None = None
     answered_by: str | None = None
     ended: bool = False
+    caller_tag: str = field(init=False)
+    """The From tag of the INVITE: which way an in-dialog request goes (read once, not per request)."""
+
+    def __post_init__(self) -> None:
+        self.caller_tag = _tag(self.invite.get("From")) or ""
 
     @property
     def call_id(self) -> str:
         return self.invite.call_id
-
-    @property
-    def caller_tag(self) -> str:
-        return _tag(self.invite.get("From")) or ""
 
 
 class CallRouter:

@@ -53,6 +53,7 @@ import pjsua2 as pj
 
 from appliance.jsonlines import Emitter, private_stdout
 from appliance.media import protocol as P
+from appliance.pjerrors import pj_error_text
 from appliance.sip.errors import SipParseError
 from appliance.sip.message import Request, Response, parse_message
 
@@ -72,12 +73,6 @@ _STATIC_PT = {"0": "PCMU/8000", "8": "PCMA/8000", "9": "G722/16000"}
 
 # ------------------------------------------------------------------------------------------
 # small helpers
-
-
-def pj_error_text(exc: BaseException) -> str:
-    if isinstance(exc, pj.Error):
-        return f"{exc.title}: {exc.reason} (status {exc.status})"
-    return f"{type(exc).__name__}: {exc}"
 
 
 def parse_sip(text: str) -> Request | Response | None:

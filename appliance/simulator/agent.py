@@ -41,6 +41,7 @@ from typing import Any
 import pjsua2 as pj
 
 from appliance.jsonlines import Emitter, private_stdout
+from appliance.pjerrors import pj_error_text
 
 LOOPBACK = "127.0.0.1"
 POLL_MSEC = 10
@@ -96,7 +97,9 @@ _TAG_RE = re.compile(r";\s*tag=([^;>\s,]+)", re.IGNORECASE)
 
 def parse_sip(text: str) -> tuple[str, dict[str, str]]:
     """Return (start line, headers) of a SIP message; repeated headers are
-    joined with ', ' and compact names expanded."""
+    joined with ', ' and compact names expanded.  Deliberately not the PBX's own
+    parser: the handset checks what the PBX put on the wire, so it must not share
+    the PBX's reading of it."""
     head = text.split("\r\n\r\n", 1)[0].split("\n\n", 1)[0]
     lines = head.replace("\r\n", "\n").split("\n")
     start = lines[0].strip() if lines else ""
@@ -135,12 +138,6 @@ def header_tag(value: str | None) -> str | None:
         return None
     match = _TAG_RE.search(value)
     return match.group(1) if match else None
-
-
-def pj_error_text(exc: BaseException) -> str:
-    if isinstance(exc, pj.Error):
-        return f"{exc.title}: {exc.reason} (status {exc.status})"
-    return f"{type(exc).__name__}: {exc}"
 
 
 def wav_complete(path: str) -> bool:

@@ -18,7 +18,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -26,14 +25,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Final
 
+from appliance.jsonlines import Event, EventReader, StreamEnded, matches
+
 __all__ = ["Handset", "HandsetError", "HandsetGone", "close_all", "handsets"]
 
-Event = dict[str, Any]
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 READY_TIMEOUT: Final = 10.0
 CLOSE_TIMEOUT: Final = 5.0
-_RECENT = 25
 
 _live: weakref.WeakSet[Handset] = weakref.WeakSet()
 
@@ -53,19 +52,6 @@ def _kill_leftovers() -> None:
 
 
 atexit.register(_kill_leftovers)
-
-
-def _matches(event: Mapping[str, Any], kind: str | None, match: Mapping[str, object]) -> bool:
-    if kind is not None and event.get("event") != kind:
-        return False
-    for key, want in match.items():
-        have = event.get(key)
-        if callable(want):
-            if not want(have):
-                return False
-        elif have != want:
-            return False
-    return True
 
 
 class Handset:
@@ -90,12 +76,8 @@ class Handset:
     ) -> None:
         self.name = name
         self.transport = transport
-        self.events: list[Event] = []
         self.port = 0
         self.pid = 0
-        self._pending: list[Event] = []
-        self._cond = threading.Condition()
-        self._eof = False
         self._closed = False
         self._ids = itertools.count(1)
         self._log: IO[bytes] | None = None
@@ -137,10 +119,8 @@ class Handset:
         )
         self.pid = self.proc.pid
         _live.add(self)
-        self._reader = threading.Thread(
-            target=self._read_events, name=f"handset-{name or self.pid}", daemon=True
-        )
-        self._reader.start()
+        assert self.proc.stdout is not None
+        self._reader = EventReader(self.proc.stdout, f"handset-{name or self.pid}")
         try:
             ready = self.wait_for("ready", timeout=READY_TIMEOUT)
         except BaseException:
@@ -152,26 +132,10 @@ class Handset:
     def __repr__(self) -> str:
         return f"Handset({self.name or '?'} pid={self.pid} port={self.port} {self.transport})"
 
-    def _read_events(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            line = raw.decode("utf-8", "replace").strip()
-            if not line:
-                continue
-            try:
-                event = json.loads(line)
-                if not isinstance(event, dict):
-                    raise ValueError
-            except ValueError:
-                event = {"event": "garbage", "line": line}
-            event["t"] = time.monotonic()
-            with self._cond:
-                self.events.append(event)
-                self._pending.append(event)
-                self._cond.notify_all()
-        with self._cond:
-            self._eof = True
-            self._cond.notify_all()
+    @property
+    def events(self) -> list[Event]:
+        """Every event the agent has sent so far, consumed by a wait or not."""
+        return self._reader.events
 
     @property
     def alive(self) -> bool:
@@ -193,39 +157,18 @@ class Handset:
         except (BrokenPipeError, OSError, ValueError) as exc:
             raise HandsetGone(f"{self!r}: agent not reading ({exc})") from exc
 
-    def _recent(self) -> str:
-        with self._cond:
-            tail = self.events[-_RECENT:]
-        return "\n  ".join(json.dumps({k: v for k, v in e.items() if k != "t"})[:400] for e in tail)
-
     def _take(self, pred: Callable[[Event], bool], timeout: float, what: str) -> Event:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for i, event in enumerate(self._pending):
-                    if pred(event):
-                        del self._pending[i]
-                        return event
-                remaining = deadline - time.monotonic()
-                if self._eof:
-                    break
-                if remaining <= 0:
-                    raise TimeoutError(
-                        f"{self!r}: no {what} within {timeout:.1f}s; recent events:\n  "
-                        + self._recent_locked()
-                    )
-                self._cond.wait(remaining)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=1.0)  # stdout closed: exit is imminent
-        raise HandsetGone(
-            f"{self!r}: agent exited (rc={self.proc.poll()}) while waiting for {what}; "
-            f"recent events:\n  {self._recent()}"
-        )
-
-    def _recent_locked(self) -> str:
-        return "\n  ".join(
-            json.dumps({k: v for k, v in e.items() if k != "t"})[:400] for e in self.events[-_RECENT:]
-        )
+        try:
+            return self._reader.take(pred, timeout, what)
+        except TimeoutError as exc:
+            raise TimeoutError(f"{self!r}: {exc}") from None
+        except StreamEnded:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=1.0)  # stdout closed: exit is imminent
+            raise HandsetGone(
+                f"{self!r}: agent exited (rc={self.proc.poll()}) while waiting for {what}; "
+                f"recent events:\n  {self._reader.recent()}"
+            ) from None
 
     def wait_for(self, event: str, timeout: float = 5.0, **match: object) -> Event:
         """Next not-yet-consumed event of kind `event` whose fields match.
@@ -234,18 +177,15 @@ class Handset:
         (HandsetGone if the agent died) listing the recent events.
         """
         desc = event + (f" {match}" if match else "")
-        return self._take(lambda e: _matches(e, event, match), timeout, desc)
+        return self._take(lambda e: matches(e, event, match), timeout, desc)
 
     def events_of(self, event: str, **match: object) -> list[Event]:
         """All events of that kind seen so far (consumed or not)."""
-        with self._cond:
-            return [e for e in self.events if _matches(e, event, match)]
+        return self._reader.events_of(event, **match)
 
     def drain(self) -> list[Event]:
         """Drop and return every queued (unconsumed) event."""
-        with self._cond:
-            pending, self._pending = self._pending, []
-        return pending
+        return self._reader.drain()
 
     def request(self, cmd: str, reply: str, timeout: float = 5.0, **fields: object) -> Event:
         """Send a command tagged with an id and wait for its reply event;

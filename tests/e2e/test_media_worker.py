@@ -11,7 +11,6 @@ API and the pool's event loop can be used side by side.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -24,6 +23,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from appliance.jsonlines import Event, EventReader
 from appliance.media import protocol as P
 from appliance.media.pool import Worker, WorkerPool
 from appliance.simulator import tones
@@ -35,7 +35,6 @@ REPO = Path(__file__).resolve().parents[2]
 EDGE = "127.0.0.1:5999"  # no edge runs in these tests; only its host is checked
 CALLER = '"Grandpa" <sip:100@home.arpa>'
 T = TypeVar("T")
-Event = dict[str, Any]
 HandsetFactory = Callable[..., Handset]
 
 
@@ -43,9 +42,6 @@ class WorkerProc:
     """One `python -m appliance.media.worker` child with its JSON events collected."""
 
     def __init__(self, rtp_ports: str = "21000-21099", log_path: Path | None = None) -> None:
-        self.events: list[Event] = []
-        self._pending: list[Event] = []
-        self._cond = threading.Condition()
         self._log = open(log_path, "ab") if log_path is not None else None  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "appliance.media.worker", "--sip-port", "0",
@@ -53,32 +49,19 @@ class WorkerProc:
             cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=self._log if self._log is not None else subprocess.DEVNULL,
         )  # fmt: skip
-        threading.Thread(target=self._read, daemon=True).start()
+        assert self.proc.stdout is not None
+        self.reader = EventReader(self.proc.stdout, "worker")
         ready = self.wait_for(P.EV_READY, timeout=10)
         self.port = int(ready["sip_port"])
         self.pid = self.proc.pid
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            event = json.loads(raw)
-            with self._cond:
-                self.events.append(event)
-                self._pending.append(event)
-                self._cond.notify_all()
+    @property
+    def events(self) -> list[Event]:
+        return self.reader.events
 
     def wait_for(self, kind: str, timeout: float = 5.0, **match: object) -> Event:
         """Next unconsumed event of that kind whose fields equal `match`."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for i, ev in enumerate(self._pending):
-                    if ev.get("event") == kind and all(ev.get(k) == v for k, v in match.items()):
-                        return self._pending.pop(i)
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"no {kind} {match}; events: {self.events[-15:]}")
-                self._cond.wait(left)
+        return self.reader.wait_for(kind, timeout, **match)
 
     def send(self, cmd: str, **fields: object) -> None:
         assert self.proc.stdin is not None

@@ -9,9 +9,9 @@ WAV file (sndfile), which is measured with the same Goertzel code as the pjsua2 
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +21,7 @@ import pytest
 from appliance.ports import free_port
 from appliance.simulator import tones
 from tests.e2e.conftest import DaemonFactory
+from tests.support.output import OutputLines
 from tests.support.pbx import Daemon, user_block
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
@@ -49,26 +50,12 @@ class Baresip:
         (workdir / "accounts").write_text(
             f"<sip:{number}@127.0.0.1:{pbx.port}>;auth_pass={password};regint=300{answer}\n"
         )
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
         self.proc = subprocess.Popen(["baresip", "-f", str(workdir)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self._cond:
-                self.lines.append(line)
-                self._cond.notify_all()
+        self.output = OutputLines(self.proc)
 
     def wait_for(self, text: str, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while not any(text in line for line in self.lines):
-                left = deadline - time.monotonic()
-                assert left > 0, f"baresip never said {text!r}:\n{''.join(self.lines[-20:])}"
-                self._cond.wait(left)
+        self.output.wait_for(re.escape(text), timeout)
 
     def command(self, text: str) -> None:
         assert self.proc.stdin is not None

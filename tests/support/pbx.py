@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
+
+from tests.support.output import OutputLines
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -56,9 +56,13 @@ class Daemon:
     def __init__(self, config: Path, port: int) -> None:
         self.config = config
         self.port = port
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
+        self.output: OutputLines | None = None
         self.proc: subprocess.Popen[str] | None = None
+
+    @property
+    def lines(self) -> list[str]:
+        """The log so far (empty before `start`)."""
+        return self.output.lines if self.output is not None else []
 
     @property
     def registrar(self) -> str:
@@ -70,36 +74,17 @@ class Daemon:
             [sys.executable, "-m", "appliance", "run", "--config", str(self.config)],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
-        threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
+        self.output = OutputLines(self.proc)
         self.wait_log("event=ready", timeout=timeout)
         return self
 
-    def _read(self, proc: subprocess.Popen[str]) -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            with self._cond:
-                self.lines.append(line.rstrip("\n"))
-                self._cond.notify_all()
-
     def wait_log(self, pattern: str, timeout: float = 5.0, start: int = 0) -> str:
         """The first log line (from index `start`) matching the regex `pattern`."""
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for line in self.lines[start:]:
-                    if rx.search(line):
-                        return line
-                left = deadline - time.monotonic()
-                if left <= 0 or (self.proc is not None and self.proc.poll() is not None and not left):
-                    tail = "\n".join(self.lines[-30:])
-                    raise TimeoutError(f"no log line matching {pattern!r}; last lines:\n{tail}")
-                self._cond.wait(min(left, 0.2))
+        assert self.output is not None, "the daemon was not started"
+        return self.output.wait_for(pattern, timeout, start)
 
     def log_matches(self, pattern: str) -> list[str]:
-        rx = re.compile(pattern)
-        with self._cond:
-            return [line for line in self.lines if rx.search(line)]
+        return self.output.matches(pattern) if self.output is not None else []
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None
