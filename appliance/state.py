@@ -21,6 +21,8 @@ log = logging.getLogger("homepbx.state")
 
 Event = dict[str, Any]
 Listener = Callable[[Event], None]
+MAX_BLOCKED_SHOWN = 1000
+"""Blocked addresses kept for display; the throttle itself tracks up to 50,000."""
 
 
 class DeviceState(Enum):
@@ -73,6 +75,7 @@ class LiveState:
         self.registrar = registrar
         self.config = config
         self.calls: dict[str, CallView] = {}
+        self.blocked: dict[str, tuple[float, str]] = {}  # address -> (blocked until, wall clock; reason)
         self._listeners: list[Listener] = []
         self.started_at = time.time()
 
@@ -185,6 +188,22 @@ class LiveState:
         event: Event = {"event": kind, "call": call.to_json(), **extra}
         self.emit(event)
 
+    # -- security ---------------------------------------------------------------------------
+    def address_blocked(self, address: str, seconds: float, reason: str) -> None:
+        """An address is ignored for `seconds`: shown until then (clients drop it at `until`)."""
+        now = time.time()
+        self.blocked = {a: v for a, v in self.blocked.items() if v[0] > now}  # bounded by the throttle's own cap
+        until = now + seconds
+        self.blocked.pop(address, None)  # re-inserted: newest last
+        self.blocked[address] = (until, reason)
+        while len(self.blocked) > MAX_BLOCKED_SHOWN:  # a storm of addresses: keep the newest
+            del self.blocked[next(iter(self.blocked))]
+        self.emit({"event": "address_blocked", "address": address, "until": until, "reason": reason})
+
+    def blocked_json(self) -> list[dict[str, Any]]:
+        now = time.time()
+        return [{"address": a, "until": u, "reason": r} for a, (u, r) in sorted(self.blocked.items()) if u > now]
+
     # -- snapshot ---------------------------------------------------------------------------
     def outgoing_in_use(self, number: str) -> int:
         return sum(1 for c in self.calls.values() if c.caller == number and c.caller_device)
@@ -207,4 +226,5 @@ class LiveState:
             "event": "snapshot", "time": time.time(), "started_at": self.started_at,
             "realm": server.realm, "listen": [str(a) for a in server.listen],
             "numbers": numbers, "calls": [c.to_json() for c in self.calls.values()],
+            "blocked": self.blocked_json(),
         }

@@ -25,6 +25,7 @@ from tui.messages import CommandDone, Connected, Disconnected, ModelChanged
 from tui.model import Number, PbxModel, ProtocolError
 from tui.screens.password_dialog import PasswordDialog
 from tui.screens.value_dialog import ValueDialog
+from tui.widgets.blocked_line import BlockedLine
 from tui.widgets.calls_panel import CallsPanel
 from tui.widgets.connection_banner import ConnectionBanner
 from tui.widgets.devices_panel import DevicesPanel
@@ -91,6 +92,7 @@ class HomePbxApp(App[None]):
             yield NumbersTable(id="numbers")
             yield DevicesPanel(id="devices")
         yield CallsPanel(id="calls")
+        yield BlockedLine(id="blocked")
         yield ResultLine(id="result")
         yield Footer()
 
@@ -116,6 +118,7 @@ class HomePbxApp(App[None]):
         numbers.show(self.model)
         self.query_one(DevicesPanel).show(self.model, numbers.selected, now)
         self.query_one(CallsPanel).show(self.model, now)
+        self.query_one(BlockedLine).show(self.model, now)
 
     def tick(self) -> None:
         """Durations and expiry countdowns move every second; nothing is asked of the daemon."""
@@ -124,6 +127,7 @@ class HomePbxApp(App[None]):
             self.query_one(StatusBar).show(self.model, now, self.connected)
             self.query_one(DevicesPanel).show(self.model, self.query_one(NumbersTable).selected, now)
             self.query_one(CallsPanel).show(self.model, now)
+            self.query_one(BlockedLine).show(self.model, now)
 
     # -- the connection --------------------------------------------------------------------
     @work(exclusive=True, group="control", exit_on_error=False)

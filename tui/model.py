@@ -79,6 +79,8 @@ class PbxModel:
     numbers: dict[str, Number] = field(default_factory=dict)
     devices: dict[str, Device] = field(default_factory=dict)
     calls: dict[str, Call] = field(default_factory=dict)
+    blocked: dict[str, float] = field(default_factory=dict)
+    """Addresses the daemon ignores (auth failures), with when each block ends (wall clock)."""
     loaded: bool = False
 
     # -- applying what the daemon says -----------------------------------------------------
@@ -94,6 +96,8 @@ class PbxModel:
         for raw in calls:
             call = _call(raw)
             self.calls[call.id] = call
+        blocked = data.get("blocked", [])
+        self.blocked = {_str(b, "address"): _float(b, "until") for b in blocked if isinstance(b, Mapping)}
         self.loaded = True
 
     def _load_numbers(self, numbers: list[Any]) -> None:
@@ -121,11 +125,18 @@ class PbxModel:
         elif kind.startswith(("call_", "device_")) and "call" in event:
             call = _call(_map(event, "call"))
             self.calls[call.id] = call
+        elif kind == "address_blocked":
+            self.blocked[_str(event, "address")] = _float(event, "until")
         elif kind == "config_changed" and "numbers" in event:
             self._load_numbers(_list(event, "numbers"))
         return kind
 
     # -- questions the screen asks ---------------------------------------------------------
+    def blocked_now(self, now: float) -> list[tuple[str, float]]:
+        """Addresses blocked at `now`, the block ending soonest last; expired ones forgotten."""
+        self.blocked = {a: u for a, u in self.blocked.items() if u > now}
+        return sorted(self.blocked.items(), key=lambda item: -item[1])
+
     def devices_of(self, number: str) -> list[Device]:
         return sorted((d for d in self.devices.values() if d.number == number), key=lambda d: (d.registered_at, d.id))
 

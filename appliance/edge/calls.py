@@ -158,9 +158,7 @@ class CallRouter:
         user = edge.config.user(caller)
         result = edge.auth.check(request, caller, user.password if user else None, flow.host, now, proxy=True)
         if result.outcome is not Outcome.ACCEPTED:
-            if result.outcome is Outcome.REFUSED:
-                log.warning("event=auth_failed %s", fields(number=caller, peer=f"{flow.host}:{flow.port}",
-                                                           method="INVITE"))
+            edge.note_refusal(result, caller, flow, "INVITE")
             assert result.response is not None
             edge.send(result.response.to_bytes(), dest)
             return

@@ -22,7 +22,7 @@ from appliance.edge.qualify import Qualifier
 from appliance.edge.transport import Transports
 from appliance.logs import fields
 from appliance.sip.auth import NonceManager
-from appliance.sip.authenticator import Authenticator, Outcome
+from appliance.sip.authenticator import Authenticator, AuthResult, Outcome
 from appliance.sip.errors import SipParseError, SipSyntaxError
 from appliance.sip.headers import parse_name_addr, parse_via
 from appliance.sip.message import Request, Response, make_response, parse_message
@@ -84,6 +84,7 @@ class Edge:
         kept = self.store.load(self.wall())
         if kept:
             log.info("event=bindings_restored %s", fields(count=kept))
+        self._enforce_users()  # a user removed (or limited) while the daemon was down
         for address in self.config.server.listen:
             self.addresses.append(await self.transports.listen(address.host, address.port))
         self._tasks.append(asyncio.create_task(self._housekeeping()))
@@ -124,12 +125,17 @@ class Edge:
         self.registrar.min_expires = reg.min_expires
         self.registrar.max_expires = reg.max_expires
         self.registrar.default_expires = reg.default_expires
-        for number in self.registrar.numbers():
-            user = config.user(number)
-            for event in self.registrar.enforce(number, policy_for(user) if user else None):
-                self.publish(event)
+        self._enforce_users()
         self.qualifier.reschedule()
         self.state.emit({"event": "config_changed"})
+
+    def _enforce_users(self) -> None:
+        """Bindings follow the config: a number no longer configured loses its devices, and
+        a lowered device limit is applied."""
+        for number in self.registrar.numbers():
+            user = self.config.user(number)
+            for event in self.registrar.enforce(number, policy_for(user) if user else None):
+                self.publish(event)
 
     async def _housekeeping(self) -> None:
         next_nonce_sweep = self.monotonic() + NONCE_SWEEP_INTERVAL
@@ -251,12 +257,7 @@ class Edge:
         user = self.config.user(number)
         result = self.auth.check(request, number, user.password if user else None, flow.host, now)
         if result.outcome is not Outcome.ACCEPTED:
-            if result.outcome is Outcome.REFUSED:
-                log.warning("event=auth_failed %s", fields(
-                    number=number, peer=f"{flow.host}:{flow.port}", method=request.method))
-            if result.blocked_for is not None:
-                log.warning("event=address_blocked %s", fields(
-                    peer=flow.host, seconds=int(result.blocked_for), reason="auth_failures"))
+            self.note_refusal(result, number, flow, request.method)
             assert result.response is not None
             return result.response
         assert user is not None
@@ -268,6 +269,16 @@ class Edge:
         for event in events:
             self.publish(event)
         return response
+
+    def note_refusal(self, result: AuthResult, number: str, flow: Flow, method: str) -> None:
+        """Log a refused digest answer, and the block it started (whatever the method): the
+        one place both REGISTER and INVITE failures are reported, so no block goes unlogged."""
+        if result.outcome is Outcome.REFUSED:
+            log.warning("event=auth_failed %s", fields(number=number, peer=f"{flow.host}:{flow.port}", method=method))
+        if result.blocked_for is not None:
+            log.warning("event=address_blocked %s", fields(
+                peer=flow.host, seconds=int(result.blocked_for), reason="auth_failures", method=method))
+            self.state.address_blocked(flow.host, result.blocked_for, "auth_failures")
 
     def _stamp_via(self, request: Request, flow: Flow) -> Flow:
         """RFC 3261 §18.2.1 and RFC 3581: note received/rport; return where responses go."""

@@ -147,6 +147,10 @@ class FailureThrottle:
                 keep[address] = entry
         self._entries = keep
 
+    def blocked(self, now: float) -> dict[str, float]:
+        """Addresses in a cool-off now, with the time each block ends (for status displays)."""
+        return {a: u for a, u in self._blocked.items() if now < u}
+
     def failure_count(self, address: str, now: float) -> int:
         """Failures of ``address`` inside the current window (for status displays and tests)."""
         entry = self._entries.get(address)

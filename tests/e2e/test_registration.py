@@ -155,3 +155,47 @@ def test_qualify_removes_after_three_misses(pbx_factory: DaemonFactory,
     pbx.wait_log("event=device_unreachable", timeout=6)
     pbx.wait_log("event=device_removed.*reason=unreachable", timeout=10)
     wait_devices(pbx, "200", 0)
+
+
+def test_invite_auth_failures_block_and_the_block_is_logged(pbx_factory: DaemonFactory) -> None:
+    """A password-guessing INVITE storm is blocked like a REGISTER one, and says so once."""
+    from tests.support.rawsip import RawClient
+
+    pbx = pbx_factory([user_block("100"), user_block("200")])
+    client = RawClient(pbx.port)
+    try:
+        for _ in range(12):
+            try:
+                response = client.invite_with_auth("200", "100", "wrong")
+            except TimeoutError:
+                break
+            assert response.status == 403
+        else:
+            raise AssertionError("address never throttled")
+        line = pbx.wait_log(r"event=address_blocked peer=127\.0\.0\.1 ")
+        assert "seconds=60 reason=auth_failures method=INVITE" in line
+        assert len(pbx.log_matches("event=address_blocked")) == 1
+    finally:
+        client.close()
+
+
+def test_bindings_of_a_removed_user_are_dropped_on_load(pbx_factory: DaemonFactory,
+                                                         handset_factory: HandsetFactory) -> None:
+    from tests.support.pbx import Daemon
+
+    pbx = pbx_factory([user_block("200"), user_block("300")])
+    assert handset_factory("p200").register(pbx.registrar, "200", "secret")["code"] == 200
+    assert handset_factory("p300").register(pbx.registrar, "300", "secret")["code"] == 200
+    wait_devices(pbx, "300", 1)
+    time.sleep(1.5)  # past the coalesced state write
+    assert pbx.stop() == 0
+    text = pbx.config.read_text()
+    pbx.config.write_text(text.replace(user_block("300"), ""))  # 300 leaves the config while stopped
+    again = Daemon(pbx.config, pbx.port).start()
+    try:
+        again.wait_log("event=bindings_restored count=2")
+        again.wait_log(r"event=device_removed number=300 .*reason=deleted")
+        wait_devices(again, "300", 0)
+        assert registered_devices(again, "200") == 1
+    finally:
+        again.stop()

@@ -80,3 +80,16 @@ def test_redraw_messages_coalesce_keeping_every_kind_and_the_oldest_time() -> No
     assert handled_first.can_replace(waiting)
     assert waiting.kinds == {"device_ringing", "call_answered"}
     assert waiting.first_event_time == 10.0
+
+
+def test_blocked_addresses_come_from_snapshot_and_events_and_expire() -> None:
+    _, _, state = fixtures.house()
+    events = record(state)
+    state.address_blocked("203.0.113.7", 60.0, "auth_failures")
+    model = PbxModel()
+    model.load_snapshot(fixtures.snapshot(state))
+    until = model.blocked["203.0.113.7"]
+    state.address_blocked("198.51.100.1", 600.0, "auth_failures")
+    model.apply(events[-1])
+    assert [a for a, _ in model.blocked_now(until - 1)] == ["198.51.100.1", "203.0.113.7"]
+    assert [a for a, _ in model.blocked_now(until + 1)] == ["198.51.100.1"]

@@ -115,3 +115,16 @@ def test_refused_command(snap_compare: SnapCompare) -> None:
             "set_user", False, "200 max devices 11 refused: max_devices: must be between 1 and 10, not 11"))
 
     assert snap_compare(make_app(), run_before=with_house(then=refuse))
+
+
+def test_blocked_addresses(snap_compare: SnapCompare) -> None:
+    """A line above the keys names the addresses ignored after failed logins, while they are."""
+    async def block(pilot: Pilot[None]) -> None:
+        app = pilot.app
+        assert isinstance(app, HomePbxApp)
+        now = fixtures.fixed_clock()
+        for i, seconds in enumerate((60, 120, 240, 3600, 3600)):
+            app.feed({"event": "address_blocked", "address": f"203.0.113.{i + 7}", "until": now + seconds,
+                      "reason": "auth_failures"})
+
+    assert snap_compare(make_app(), run_before=with_house(then=block))

@@ -132,3 +132,10 @@ def test_rejects_bad_config() -> None:
         FailureThrottle(max_failures=0)
     with pytest.raises(ValueError):
         FailureThrottle(cooloff=100, max_cooloff=10)
+
+
+def test_blocked_lists_current_blocks_with_their_end() -> None:
+    t = FailureThrottle()
+    fail(t, 10, T0)
+    assert t.blocked(T0 + 1) == {A: T0 + 60}
+    assert t.blocked(T0 + 60) == {}
