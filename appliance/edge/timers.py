@@ -62,7 +62,16 @@ class TimerWheel:
             deadline = obj.next_deadline()
             if deadline is not None:
                 heapq.heappush(self._heap, (deadline, next(self._seq), obj))
-        # Re-arm for the earliest entry of all, not for whichever object fired last.
+        self._rearm()
+
+    def _rearm(self) -> None:
+        """Re-arm for the earliest entry of all, not for whichever object fired last.
+
+        A method of its own on purpose: inside `_run`, mypy narrows `_handle_at` to None
+        after the assignment at the top, although a fired callback may have armed a
+        deadline since; mypyc compiled that narrowing into a check that raised
+        `TypeError: None object expected; got float` whenever a ringing call ended.
+        """
         if self._heap and (self._handle_at is None or self._heap[0][0] < self._handle_at):
             self._schedule(self._heap[0][0])
 

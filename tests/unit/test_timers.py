@@ -39,3 +39,34 @@ def test_a_later_rearm_never_hides_an_earlier_deadline() -> None:
     fast, slow = asyncio.run(main())
     assert len(fast.fired) == 1 and fast.fired[0] < 0.1
     assert len(slow.fired) == 1 and 0.09 < slow.fired[0] < 0.25
+
+
+def test_a_callback_that_arms_while_firing_is_kept() -> None:
+    """A fired object arms another (a fork ending starts a CANCEL's transaction): the wheel
+    must keep both deadlines (the compiled build once raised TypeError here)."""
+    errors: list[object] = []
+
+    async def main() -> tuple[Machine, Machine]:
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, context: errors.append(context))
+        start = time.monotonic()
+        first = Machine([start + 0.01])
+        second = Machine([start + 0.05, start + 0.08])
+        wheel: TimerWheel
+
+        def fire(obj: object, now: float) -> None:
+            assert isinstance(obj, Machine)
+            obj.fired.append(now - start)
+            obj.deadlines.pop(0)
+            if obj is first:
+                wheel.arm(second)
+
+        wheel = TimerWheel(time.monotonic, fire)
+        wheel.arm(first)
+        await asyncio.sleep(0.3)
+        wheel.cancel()
+        return first, second
+
+    first, second = asyncio.run(main())
+    assert errors == []
+    assert len(first.fired) == 1
+    assert len(second.fired) == 2 and second.fired[0] < second.fired[1] < 0.25
