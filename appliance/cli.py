@@ -144,7 +144,8 @@ def _reload(edge: Edge, path: Path) -> ConfigError | None:
         fill_missing_passwords_logged(path)
         config = load_config(path)
     except ConfigError as err:
-        log.error("event=reload_refused %s", fields(error=str(err), action="keeping_last_good_config"))
+        # The user's mistake, answered (file:line: key), not a fault of the daemon: a warning.
+        log.warning("event=reload_refused %s", fields(error=str(err), action="keeping_last_good_config"))
         return err
     edge.apply_config(config)
     log.info("event=config_reloaded %s", fields(users=len(config.users)))

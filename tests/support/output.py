@@ -14,7 +14,8 @@ class OutputLines:
     def __init__(self, proc: subprocess.Popen[str]) -> None:
         self.lines: list[str] = []
         self._cond = threading.Condition()
-        threading.Thread(target=self._read, args=(proc,), daemon=True).start()
+        self._reader = threading.Thread(target=self._read, args=(proc,), daemon=True)
+        self._reader.start()
 
     def _read(self, proc: subprocess.Popen[str]) -> None:
         assert proc.stdout is not None
@@ -37,6 +38,10 @@ class OutputLines:
                     tail = "\n".join(self.lines[-30:])
                     raise TimeoutError(f"no line matching {pattern!r}; last lines:\n{tail}")
                 self._cond.wait(min(left, 0.2))
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Wait (a little) for the last lines of a process that has exited."""
+        self._reader.join(timeout)
 
     def matches(self, pattern: str) -> list[str]:
         rx = re.compile(pattern)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -58,6 +59,8 @@ class Daemon:
         self.port = port
         self.output: OutputLines | None = None
         self.proc: subprocess.Popen[str] | None = None
+        self.allowed_errors: list[str] = []
+        """Regexes of ERROR lines the test provokes on purpose (`allow_errors`)."""
 
     @property
     def lines(self) -> list[str]:
@@ -86,6 +89,24 @@ class Daemon:
     def log_matches(self, pattern: str) -> list[str]:
         return self.output.matches(pattern) if self.output is not None else []
 
+    def allow_errors(self, *patterns: str) -> None:
+        """ERROR lines matching these regexes are what the test provokes, not a fault."""
+        self.allowed_errors.extend(patterns)
+
+    def unexpected_errors(self) -> list[str]:
+        """ERROR/CRITICAL lines and tracebacks in the log that no `allow_errors` pattern covers."""
+        bad = [line for line in self.lines
+               if (" ERROR " in line or " CRITICAL " in line or "Traceback (most recent call last)" in line)
+               and not any(re.search(p, line) for p in self.allowed_errors)]
+        return bad
+
+    def assert_clean_log(self) -> None:
+        """A daemon that logged an unexpected ERROR or traceback fails the test that caused it."""
+        bad = self.unexpected_errors()
+        if bad:
+            at = self.lines.index(bad[0])
+            raise AssertionError("the daemon logged unexpected errors:\n" + "\n".join(self.lines[at:at + 40]))
+
     def signal(self, sig: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)
@@ -105,9 +126,13 @@ class Daemon:
                 time.sleep(0.5)
                 self.proc.kill()
                 self.proc.wait()
+        if self.output is not None:
+            self.output.close()  # every line read before the log is judged
+        self.assert_clean_log()
         return self.proc.returncode
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+            self.assert_clean_log()

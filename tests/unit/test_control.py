@@ -212,6 +212,7 @@ def test_stale_socket_replaced_live_socket_kept(tmp_path: Path) -> None:
         other = write_config(other_dir, other_port, [user_block("300")],
                              extra=control_block(str(tmp_path / "ctl.sock")))
         second = Daemon(other, other_port).start()
+        second.allow_errors("event=control_failed")
         try:
             second.wait_log(r"event=control_failed .*served by another running daemon")
             with connect(first) as conn:
