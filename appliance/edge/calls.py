@@ -113,7 +113,7 @@ class CallRouter:
             if call is not None and call.fork is not None:
                 self._apply(call, call.fork.on_ack(now))
                 return True
-            self._relay_in_dialog(request, flow)
+            self._relay_in_dialog(request, dest, now)
             return True
         if method == "CANCEL":
             call = self._forks.get(invite_key) if invite_key else None
@@ -132,7 +132,7 @@ class CallRouter:
             if request.call_id not in self._dialogs:
                 self._reply(request, dest, 481, "Call/Transaction Does Not Exist")
                 return True
-            self._relay_in_dialog(request, flow)
+            self._relay_in_dialog(request, dest, now)
             return True
         return False
 
@@ -365,7 +365,7 @@ class CallRouter:
             self._apply(call, call.fork.on_response(branch, response, now))
             return True
         if branch.startswith(STATELESS_PREFIX):
-            self.relay.backward(response)
+            self.relay.backward(response, branch, flow, now)
             return True
         return False
 
@@ -521,18 +521,22 @@ class CallRouter:
             del self._dialogs[call.call_id]
 
     # -- in-dialog relay (stateless, §16.11) -----------------------------------------------------
-    def _relay_in_dialog(self, request: Request, flow: Flow) -> None:
-        """Send a request inside a known dialog to the other party, over its flow."""
+    def _relay_in_dialog(self, request: Request, reply_to: Flow, now: float) -> None:
+        """Send a request inside a known dialog to the other party, over its flow.
+
+        `reply_to` is where the edge sends this request's responses: the relay remembers
+        it, and sends the responses there and nowhere else.
+        """
         call = self._dialogs.get(request.call_id)
         if call is None or call.callee_flow is None or (call.ended and request.method not in ("BYE", "ACK")):
             if request.method != "ACK":
-                self._reply(request, flow, 481, "Call/Transaction Does Not Exist")
+                self._reply(request, reply_to, 481, "Call/Transaction Does Not Exist")
             return
         towards_callee = _tag(request.get("From")) == call.caller_tag
         dest = call.callee_flow if towards_callee else call.caller_flow
-        if not self.relay.forward(request, dest):
+        if not self.relay.forward(request, dest, None if request.method == "ACK" else reply_to, now):
             if request.method != "ACK":
-                self._reply(request, flow, 483, "Too Many Hops")
+                self._reply(request, reply_to, 483, "Too Many Hops")
             return
         if request.method == "BYE":
             self._end(call, "bye_from_caller" if towards_callee else "bye_from_callee")

@@ -4,16 +4,25 @@ In-dialog requests follow our Record-Route back to the edge; the call router dec
 where each one goes, and this module does the forwarding itself: our own Route entries
 popped, Max-Forwards decremented, a Via whose branch is derived from the incoming one
 (so a retransmission gets the same branch), internal headers stripped when the message
-leaves the box. Responses come back on that Via and go to the next one's address.
+leaves the box.
+
+A response is only ever sent where the box itself decided, when it relayed the request,
+that the answer belongs: the flow the request came from, remembered under our branch for
+as long as a transaction lives (64*T1). The next Via of a response is never trusted as a
+destination: anyone can send a response with our branch prefix and a victim's address
+there, and trusting it would make the box reflect traffic wherever a stranger chose.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from appliance.edge.transport import format_host_port
+from appliance.logs import PerSourceLimit, log_limited
 from appliance.sip.errors import SipSyntaxError
 from appliance.sip.headers import parse_name_addr, parse_via
 from appliance.sip.message import Request, Response
@@ -26,18 +35,36 @@ if TYPE_CHECKING:
 STATELESS_PREFIX = "z9hG4bKsl"
 """Branch prefix of statelessly relayed requests: their responses are relayed the same way."""
 
+RECORD_LIFETIME = 64 * 0.5
+"""Seconds a relayed request's return flow is kept: 64*T1, the life of a transaction (RFC 3261 §17)."""
+
+MAX_RECORDS = 4096
+"""Return flows kept at most (oldest dropped first): memory stays bounded under a flood."""
+
+log = logging.getLogger("homepbx.relay")
+
 
 def strip_internal(message: Request | Response) -> None:
     message.headers = [(n, v) for n, v in message.headers if not n.startswith(INTERNAL_PREFIX)]
 
 
 class StatelessRelay:
-    def __init__(self, edge: Edge, is_internal: Callable[[Flow], bool]) -> None:
+    def __init__(self, edge: Edge, is_internal: Callable[[Flow], bool], *,
+                 lifetime: float = RECORD_LIFETIME, max_records: int = MAX_RECORDS) -> None:
         self.edge = edge
         self.is_internal = is_internal
+        self.lifetime = lifetime
+        self.max_records = max_records
+        # our branch -> (where its responses go, when the record expires); oldest first
+        self._returns: OrderedDict[str, tuple[Flow, float]] = OrderedDict()
+        self._log_limit = PerSourceLimit()
 
-    def forward(self, request: Request, dest: Flow) -> bool:
-        """Relay `request` to `dest`; False when Max-Forwards is used up (answer 483)."""
+    def forward(self, request: Request, dest: Flow, reply_to: Flow | None, now: float) -> bool:
+        """Relay `request` to `dest`; False when Max-Forwards is used up (answer 483).
+
+        `reply_to` is where its responses go (the flow it came from, as the edge worked it
+        out); None for an ACK, which has none.
+        """
         self.pop_own_routes(request)
         max_forwards = int(request.get("Max-Forwards") or "70")
         if max_forwards <= 0:
@@ -46,31 +73,61 @@ class StatelessRelay:
         top = request.get("Via")
         incoming_branch = (parse_via(top).branch or "") if top is not None else ""
         digest = hashlib.sha1(f"{incoming_branch}|{request.call_id}|{request.method}".encode()).hexdigest()[:20]
+        branch = f"{STATELESS_PREFIX}{digest}"
+        if reply_to is not None:
+            self._remember(branch, reply_to, now)
         host, port = self.edge.transports.local_address(dest)
         request.add("Via", f"SIP/2.0/{dest.transport.upper()} {format_host_port(host, port)};"
-                           f"branch={STATELESS_PREFIX}{digest};rport", first=True)
+                           f"branch={branch};rport", first=True)
         if not self.is_internal(dest):
             strip_internal(request)
         self.edge.send(request.to_bytes(), dest)
         return True
 
-    def backward(self, response: Response) -> None:
-        """Drop our Via and send the response to the address in the next one."""
+    def backward(self, response: Response, branch: str, source: Flow, now: float) -> None:
+        """Drop our Via and send the response where its request came from; unknown: dropped."""
+        self._expire(now)
+        record = self._returns.get(branch)
+        if record is None:
+            self._drop(source, now, "unknown_branch", response)
+            return
         response.pop_first("Via")
-        top = response.get("Via")
-        if top is None:
+        if response.get("Via") is None:
+            self._drop(source, now, "no_via", response)
             return
-        try:
-            via = parse_via(top)
-        except SipSyntaxError:
-            return
-        host = via.params.get("received") or via.host
-        rport = via.params.get("rport")
-        port = int(rport) if rport and rport.isdigit() else (via.port or 5060)
-        dest = Flow("tcp" if via.transport == "TCP" else "udp", host.strip("[]"), port)
+        dest = record[0]
+        self._remember(branch, dest, now)  # the transaction is alive: keep its way back
         if not self.is_internal(dest):
             strip_internal(response)
-        self.edge.send(response.to_bytes(), dest)
+        if not self.edge.send(response.to_bytes(), dest):
+            self._drop(source, now, "unroutable", response, dest)
+
+    def _remember(self, branch: str, reply_to: Flow, now: float) -> None:
+        """Note (or refresh, for a retransmission) where the responses on `branch` go."""
+        self._expire(now)
+        self._returns[branch] = (reply_to, now + self.lifetime)
+        self._returns.move_to_end(branch)
+        while len(self._returns) > self.max_records:
+            self._returns.popitem(last=False)
+
+    def _expire(self, now: float) -> None:
+        # Every record lives equally long and is moved to the end when written: the
+        # oldest is first, so expiry stops at the first one still alive.
+        while self._returns:
+            branch, (_, expires) = next(iter(self._returns.items()))
+            if expires > now:
+                return
+            del self._returns[branch]
+
+    def _drop(self, source: Flow, now: float, reason: str, response: Response, to: Flow | None = None) -> None:
+        """One short line per source per interval: a flood of forged responses cannot flood the log."""
+        peer = f"{source.host}:{source.port}"
+        if to is None:
+            log_limited(log, self._log_limit, source.host, now, "relay_dropped", peer=peer, reason=reason,
+                        status=response.status)
+        else:
+            log_limited(log, self._log_limit, source.host, now, "relay_dropped", peer=peer, reason=reason,
+                        status=response.status, to=f"{to.transport}:{to.host}:{to.port}")
 
     def pop_own_routes(self, request: Request) -> None:
         """Loose routing (§16.4): the Route entries that name us are consumed here."""

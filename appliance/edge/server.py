@@ -20,7 +20,7 @@ from appliance.edge.media_link import MediaLink
 from appliance.edge.persistence import BindingStore, load_secret
 from appliance.edge.qualify import Qualifier
 from appliance.edge.transport import Transports
-from appliance.logs import fields
+from appliance.logs import PerSourceLimit, fields, log_limited
 from appliance.sip.auth import NonceManager
 from appliance.sip.authenticator import Authenticator, AuthResult, Outcome
 from appliance.sip.errors import SipParseError, SipSyntaxError
@@ -72,6 +72,7 @@ class Edge:
         self.store = BindingStore(state_dir / "bindings.json", self.registrar)
         self.transports = Transports(self)
         self.server_tx = ServerTransactions()
+        self.malformed_log = PerSourceLimit()  # a stranger's junk: a line per source per interval
         self.qualifier = Qualifier(self)
         self.state = LiveState(self.registrar, config)
         self.calls = CallRouter(self)
@@ -194,8 +195,10 @@ class Edge:
         self._reject_malformed(SipParseError("too large"), flow, 513, "Message Too Large")
 
     def _reject_malformed(self, err: SipParseError, flow: Flow, status: int, reason: str) -> None:
-        log.info("event=malformed %s", fields(peer=f"{flow.host}:{flow.port}", transport=flow.transport,
-                                              reason=err.reason, answered=err.request is not None))
+        """Answer what can be answered, every time; log it once per source per interval."""
+        log_limited(log, self.malformed_log, flow.host, self.monotonic(), "malformed",
+                    peer=f"{flow.host}:{flow.port}", transport=flow.transport, reason=err.reason,
+                    answered=err.request is not None)
         request = err.request
         if request is None or request.method == "ACK":
             return
