@@ -55,6 +55,7 @@ def test_daemon_killed_mid_call_both_parties_get_bye(pbx_factory: DaemonFactory,
     while _alive(workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(workers), f"processes left behind: {_alive(workers)}"
+    print(f"kill -9 to no worker left: {time.monotonic() - killed:.3f} s")
 
 
 def test_daemon_killed_mid_conference_every_party_gets_bye(pbx_factory: DaemonFactory,
