@@ -10,8 +10,10 @@ Process
 The worker binds one UDP SIP transport on 127.0.0.1 (port 0 = ephemeral), RTP/RTCP
 pairs inside LOW-HIGH only, and takes one call at a time.  It writes JSON events to
 stdout, one per line, and reads JSON commands from stdin, one per line.  pjsua logs go
-to stderr.  Stdin EOF, ``{"cmd": "quit"}``, SIGTERM, SIGINT and SIGHUP all mean a clean
-shutdown: BYE/CANCEL/503 every leg, ``libDestroy``, exit status 0.
+to stderr.  ``{"cmd": "quit"}``, SIGTERM, SIGINT and SIGHUP mean a clean shutdown:
+BYE/CANCEL/503 every leg, ``libDestroy``, exit status 0.  Stdin EOF without a quit first
+means the edge died: the worker BYEs each answered party straight to its address, not
+along the route set through the dead edge (:mod:`.direct_bye`), and exits within ~2 s.
 
 Events (worker -> edge, stdout)
 -------------------------------

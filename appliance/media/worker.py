@@ -28,6 +28,9 @@ Why it is built this way (figures in ``bench/media.py``):
 - The conference bridge runs at 16 kHz (G.722 stays wideband) with pjmedia's linear
   resampler (quality 2), which is exact for 8 kHz legs and a quarter cheaper per call
   than the small filter.
+- Stdin EOF with no quit before it means the edge died: every dialog is Record-Routed
+  through it, so the answered parties are BYEd directly (:mod:`.direct_bye`) and the
+  process exits without pjsua2's teardown, whose BYEs would go to the dead edge.
 - ``--zygote`` turns the module into a fork server (:func:`zygote_main`), so workers
   share the imported bindings.
 """
@@ -52,6 +55,8 @@ from typing import Any
 import pjsua2 as pj
 
 from appliance.jsonlines import Emitter, private_stdout
+from appliance.logs import fields
+from appliance.media import direct_bye
 from appliance.media import protocol as P
 from appliance.pjerrors import pj_error_text
 from appliance.sip.errors import SipParseError
@@ -62,6 +67,8 @@ IDLE_WAIT_MS = 1000
 end it early, so this only bounds the damage of a lost wake-up."""
 SHUTDOWN_PUMP_S = 2.0
 """How long shutdown waits for BYE/CANCEL transactions before destroying the library."""
+EDGE_LOST = "stdin closed"
+"""The stop reason when the command channel ends without a quit: the edge is gone."""
 SHUTDOWN_WATCHDOG_S = 8.0
 """A shutdown that takes longer than this exits hard (status 3) rather than hang."""
 WAKE = b"\r\n\r\n"
@@ -176,12 +183,16 @@ class Leg(pj.Call):  # type: ignore[misc]
         self.session: Session | None = None
         self.disconnected = False
         self.confirmed = False
+        self.established = False
+        """A 2xx went either way (CONNECTING or CONFIRMED): the dialog can take a BYE."""
         self.media_active = False
         self.code = 0
         self.reason = ""
         self.identity = ""
         """For the B-leg: who answered (P-Asserted-Identity or To of its 2xx)."""
         self.remote = ""
+        self.dialog: direct_bye.Dialog | None = None
+        """What a BYE around the edge needs, should the edge die (see direct_bye)."""
 
     def onCallState(self, prm: Any) -> None:
         self.worker.guard("onCallState", self.worker.on_call_state, self, prm)
@@ -454,7 +465,13 @@ class Worker:
     def shutdown(self) -> None:
         """End every call, then drop every pjsua2 object, then destroy the library.
         The steps are methods so their locals are gone before libDestroy runs: a Call
-        still referenced at libDestroy aborts the process when it is finally freed."""
+        still referenced at libDestroy aborts the process when it is finally freed.
+
+        With the edge gone, the calls are ended around it instead (:meth:`end_around_edge`)."""
+        if self.stop_reason == EDGE_LOST:
+            self.end_around_edge()
+            self.out.emit(P.EV_BYE, reason=self.stop_reason)
+            return
         try:
             self.end_everything(P.REASON_SHUTDOWN)
             self.pump(SHUTDOWN_PUMP_S, lambda: not self.legs and self.session is None)
@@ -465,6 +482,20 @@ class Worker:
         except Exception as exc:
             self.out.emit(P.EV_ERROR, where="shutdown", message=pj_error_text(exc))
         self.out.emit(P.EV_BYE, reason=self.stop_reason)
+
+    def end_around_edge(self) -> None:
+        """The edge died: BYE every answered party straight to it (direct_bye), then
+        exit without pjsua2's teardown.  pjsua2's own BYEs would follow the route set to
+        the dead edge's port, where a restarted daemon may already listen and would see
+        BYEs for dialogs it never knew; the process exit frees everything anyway."""
+        started = time.monotonic()
+        legs = [leg for leg in self.legs if leg.established and not leg.disconnected]
+        dialogs = [leg.dialog for leg in legs if leg.dialog is not None and leg.dialog.ready()]
+        results = direct_bye.send_byes(dialogs)
+        sys.stderr.write("event=media_edge_lost " + fields(
+            answered=len(legs), byes=len(dialogs), acked=sum(1 for r in results if r >= 200),
+            ms=round((time.monotonic() - started) * 1000)) + "\n")
+        sys.stderr.flush()
 
     def drop_objects(self) -> None:
         self.jobs.clear()
@@ -483,7 +514,7 @@ class Worker:
         while self.commands and self.stop_reason is None:
             cmd = self.commands.popleft()
             if cmd is None:
-                self.request_stop("stdin closed")
+                self.request_stop(EDGE_LOST)
                 return
             self.guard("command", self.handle_command, cmd)
 
@@ -583,6 +614,8 @@ class Worker:
         self.legs.append(leg)
         msg = parse_sip(str(prm.rdata.wholeMsg))
         source = str(prm.rdata.srcAddress)
+        if isinstance(msg, Request):
+            leg.dialog = direct_bye.incoming(msg)
         self.later(lambda: self.route_incoming(leg, msg, source))
 
     def route_incoming(self, leg: Leg, msg: Request | Response | None, source: str) -> None:
@@ -663,10 +696,10 @@ class Worker:
         state = info.state
         code = int(info.lastStatusCode)
         reason = str(info.lastReason)
-        if leg.name == P.LEG_B and state in (pj.PJSIP_INV_STATE_CONNECTING, pj.PJSIP_INV_STATE_CONFIRMED):
-            rx = rx_message(prm.e)
-            if isinstance(rx, Response) and 200 <= rx.status < 300 and not leg.identity:
-                leg.identity = rx.get(P.HDR_PAI) or strip_tag(rx.get("To") or "")
+        if state in (pj.PJSIP_INV_STATE_EARLY, pj.PJSIP_INV_STATE_CONNECTING, pj.PJSIP_INV_STATE_CONFIRMED):
+            self.note_dialog(leg, rx_message(prm.e) or tx_message(prm.e))
+        if state in (pj.PJSIP_INV_STATE_CONNECTING, pj.PJSIP_INV_STATE_CONFIRMED):
+            leg.established = True
         if state == pj.PJSIP_INV_STATE_DISCONNECTED:
             leg.disconnected = True
             leg.code = code
@@ -677,6 +710,18 @@ class Worker:
         session = leg.session
         if session is not None:
             self.later(lambda: self.leg_state(session, leg, state, code, reason))
+
+    def note_dialog(self, leg: Leg, msg: Request | Response | None) -> None:
+        """Keep what a direct BYE needs: the B-leg's 2xx (tags, the callee's Contact);
+        on a leg we answered, our tag from the 18x/2xx we sent or the ACK we got."""
+        if leg.name == P.LEG_B:
+            if isinstance(msg, Response) and 200 <= msg.status < 300:
+                if not leg.identity:
+                    leg.identity = msg.get(P.HDR_PAI) or strip_tag(msg.get("To") or "")
+                if leg.dialog is None:
+                    leg.dialog = direct_bye.outgoing(msg)
+        elif msg is not None and leg.dialog is not None:
+            direct_bye.learn_local_tag(leg.dialog, msg)
 
     def leg_state(self, s: Session, leg: Leg, state: int, code: int, reason: str) -> None:
         if leg.session is not s:
@@ -804,6 +849,16 @@ def rx_message(e: Any) -> Request | Response | None:
             return parse_sip(str(e.body.tsxState.src.rdata.wholeMsg))
         if e.type == pj.PJSIP_EVENT_RX_MSG:
             return parse_sip(str(e.body.rxMsg.rdata.wholeMsg))
+    except Exception:
+        pass
+    return None
+
+
+def tx_message(e: Any) -> Request | Response | None:
+    """The message sent with a SipEvent (a response pjsua2 sent for us), parsed, or None."""
+    try:
+        if e.type == pj.PJSIP_EVENT_TSX_STATE and e.body.tsxState.type == pj.PJSIP_EVENT_TX_MSG:
+            return parse_sip(str(e.body.tsxState.src.tdata.wholeMsg))
     except Exception:
         pass
     return None
