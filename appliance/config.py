@@ -65,6 +65,8 @@ USER_EDITABLE_FIELDS = frozenset(
 _DEFAULT_FEATURE_CODES = {"*74": "join"}
 _PASSWORD_BYTES = 18  # token_urlsafe -> 24 characters, 144 bits
 
+_TCP_KEYS = ("tcp_max_connections", "tcp_max_per_address", "tcp_header_timeout", "tcp_idle_timeout")
+
 _Key = tuple[str | int, ...]
 """A key path inside the document, e.g. ("users", 2, "max_devices")."""
 
@@ -109,6 +111,19 @@ class ServerConfig:
     """Absolute: a relative value in the file is taken relative to the file's directory."""
     digest_algorithms: tuple[str, ...] = DIGEST_ALGORITHMS
     """Offered in this order (RFC 8760: strongest first), and the only ones accepted."""
+    tcp_max_connections: int = 1024
+    """All TCP connections. A house has tens of handsets, one connection each; 1024 stays
+    well below the descriptor limit (LimitNOFILE=8192), and is further cut to leave 256
+    descriptors for state saves, the control socket and media workers."""
+    tcp_max_per_address: int = 32
+    """From one source (an IPv4 address, an IPv6 /64): a handset needs one connection, a
+    house behind one NAT address a few dozen at most."""
+    tcp_header_timeout: int = 10
+    """Seconds a message (and a new connection's first one) may take to arrive whole: one
+    round trip is enough, 10 s is generous for a slow link and cuts a slowloris short."""
+    tcp_idle_timeout: int = 120
+    """Seconds a connection without a registration binding may stay quiet (an OPTIONS
+    ping, a refused REGISTER). A handset's connection stays as long as its binding."""
 
 
 @dataclass(frozen=True)
@@ -385,7 +400,8 @@ class _Validator:
 
     def config(self, data: dict[str, Any]) -> Config:
         top = self.table((), data, ("server", "registration", "control", "media", "feature_codes", "users"))
-        server = self.server(top.section("server", ("listen", "realm", "state_dir", "digest_algorithms")))
+        server = self.server(top.section("server", ("listen", "realm", "state_dir", "digest_algorithms",
+                                                    *_TCP_KEYS)))
         registration = self.registration(
             top.section(
                 "registration",
@@ -425,8 +441,15 @@ class _Validator:
         if not state_dir or "\0" in state_dir:
             raise t.error("state_dir", "must be a non-empty path")
         resolved = Path(os.path.normpath(self.path.absolute().parent / state_dir))
+        d = ServerConfig(listen=(), realm="", state_dir=resolved)
+        tcp_max = t.get_int("tcp_max_connections", d.tcp_max_connections, 1, 65536)
+        per_address = t.get_int("tcp_max_per_address", d.tcp_max_per_address, 1, 65536)
+        t.ordered("tcp_max_per_address", per_address, "tcp_max_connections", tcp_max, blame="tcp_max_per_address")
         return ServerConfig(
-            listen=tuple(listen), realm=realm, state_dir=resolved, digest_algorithms=tuple(algorithms)
+            listen=tuple(listen), realm=realm, state_dir=resolved, digest_algorithms=tuple(algorithms),
+            tcp_max_connections=tcp_max, tcp_max_per_address=per_address,
+            tcp_header_timeout=t.get_int("tcp_header_timeout", d.tcp_header_timeout, 1, 300),
+            tcp_idle_timeout=t.get_int("tcp_idle_timeout", d.tcp_idle_timeout, 1, 86400),
         )
 
     def registration(self, t: _Table) -> RegistrationConfig:

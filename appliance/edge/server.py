@@ -19,6 +19,7 @@ from appliance.edge.calls import CallRouter
 from appliance.edge.media_link import MediaLink
 from appliance.edge.persistence import BindingStore, load_secret
 from appliance.edge.qualify import Qualifier
+from appliance.edge.tcp_limits import TcpLimits
 from appliance.edge.transport import Transports
 from appliance.logs import PerSourceLimit, fields, log_limited
 from appliance.sip.auth import NonceManager
@@ -70,7 +71,7 @@ class Edge:
         reg = config.registration
         self.registrar = Registrar(reg.min_expires, reg.max_expires, reg.default_expires)
         self.store = BindingStore(state_dir / "bindings.json", self.registrar)
-        self.transports = Transports(self)
+        self.transports = Transports(self, TcpLimits.of(config.server), has_binding=self._tcp_bound)
         self.server_tx = ServerTransactions()
         self.malformed_log = PerSourceLimit()  # a stranger's junk: a line per source per interval
         self.qualifier = Qualifier(self)
@@ -79,6 +80,14 @@ class Edge:
         self.addresses: list[str] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.control: ControlServer | None = None
+
+    def _tcp_bound(self, flow: Flow) -> bool:
+        """A binding lives on this TCP flow: its connection stays however quiet it is.
+
+        Asked only of a connection idle for tcp_idle_timeout, so a scan of the (few) bindings
+        of a home box is cheaper than an index kept up to date on every REGISTER.
+        """
+        return any(binding.flow == flow for binding in self.registrar.all_bindings())
 
     # -- life cycle ------------------------------------------------------------------------
     async def start(self) -> None:

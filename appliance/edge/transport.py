@@ -3,20 +3,35 @@
 They turn bytes on sockets into whole messages plus the Flow they came on, and send bytes
 back along a Flow. TCP is framed by Content-Length; CRLF keep-alives (RFC 5626 §4.4.1)
 are answered. Everything else is the edge's business.
+
+Every accepted socket is closed on every path (a peer that reset before we saw it, a cap,
+a deadline, an exception in a callback): a leaked descriptor is one a stranger keeps.
+Limits and deadlines are decided by `tcp_limits` (sans-I/O); one sweep applies them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, cast
 
+from appliance.edge.tcp_limits import HEADER, OVER_TOTAL, TcpGuard, TcpLimits
+from appliance.logs import PerSourceLimit, fields, log_limited
 from appliance.sip.message import MAX_MESSAGE_SIZE
 from appliance.sip.registrar import Flow
 
 log = logging.getLogger("homepbx.transport")
+
+# Whatever a stranger triggers per packet or per connection: a line per source per 10 s,
+# for each kind of line.
+_errors_limit = PerSourceLimit()
+_refused_limit = PerSourceLimit()
+_timeout_limit = PerSourceLimit()
 
 
 class Receiver(Protocol):
@@ -70,8 +85,8 @@ class UdpEndpoint(asyncio.DatagramProtocol):
                 self._receiver.on_oversize(_head(data), flow)
             else:
                 self._receiver.on_message(data, flow)
-        except Exception:  # one bad message must never take the listener down
-            log.exception("event=handler_error transport=udp peer=%s:%s", flow.host, flow.port)
+        except Exception as exc:  # one bad message must never take the listener down
+            _handler_error("udp", flow, exc)
 
     def error_received(self, exc: Exception) -> None:
         log.debug("event=udp_error error=%s", exc)
@@ -86,27 +101,44 @@ class TcpConnection(asyncio.Protocol):
         self._local = local
         self._buffer = bytearray()
         self.transport: asyncio.Transport | None = None
-        self.flow: Flow | None = None
+        self.flow: Flow | None = None  # set once admitted: None means closed or never served
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        host, port = _host_port(transport.get_extra_info("peername"))
-        self.flow = Flow("tcp", host, port, self._local)
-        self._registry.add(self)
+        try:
+            peer = transport.get_extra_info("peername")
+            if peer is None:  # reset before we got here (uvloop): nothing to serve
+                self.abort()
+                return
+            host, port = _host_port(peer)
+            if self._registry.admit(self, host):
+                self.flow = Flow("tcp", host, port, self._local)
+                self._registry.add(self)
+            else:
+                self.abort()
+        except Exception as exc:
+            _handler_error("tcp", self.flow, exc)
+            self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._registry.remove(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.flow is None:
+            return  # refused, aborting
         self._buffer += data
         try:
-            self._drain()
-        except Exception:
-            log.exception("event=handler_error transport=tcp peer=%s", self.flow)
-            self.close()
+            delivered = self._drain()
+        except Exception as exc:
+            _handler_error("tcp", self.flow, exc)
+            self.abort()
+            return
+        self._registry.received(self, delivered, bool(self._buffer))
 
-    def _drain(self) -> None:
+    def _drain(self) -> int:
+        """Deliver every whole message in the buffer; returns how many."""
         buf = self._buffer
+        delivered = 0
         while buf:
             if buf[:2] == b"\r\n":
                 if buf[:4] == b"\r\n\r\n":
@@ -119,23 +151,27 @@ class TcpConnection(asyncio.Protocol):
             if end < 0:
                 if len(buf) > MAX_MESSAGE_SIZE:
                     self._oversize(bytes(buf))
-                return
+                return delivered
             length = _content_length(bytes(buf[:end]))
             if length is None:
                 # No usable length on a stream: hand it over (the parser answers 400), then
                 # the framing is lost and the connection must go.
-                self._deliver(bytes(buf[: end + 4]))
+                message = bytes(buf[: end + 4])
+                buf.clear()
+                self._deliver(message)
                 self.close()
-                return
+                return delivered + 1
             total = end + 4 + length
             if total > MAX_MESSAGE_SIZE:
                 self._oversize(bytes(buf[:end]))
-                return
+                return delivered
             if len(buf) < total:
-                return
+                return delivered
             message = bytes(buf[:total])
             del buf[:total]
+            delivered += 1
             self._deliver(message)
+        return delivered
 
     def _deliver(self, message: bytes) -> None:
         assert self.flow is not None
@@ -159,8 +195,25 @@ class TcpConnection(asyncio.Protocol):
         return True
 
     def close(self) -> None:
+        """Close after what is queued is written (an answer, a 513); abort if already closing."""
         if self.transport is not None:
-            self.transport.close()
+            if self.transport.is_closing():
+                self.transport.abort()  # a peer that never reads must not hold it open
+            else:
+                self.transport.close()
+
+    def abort(self) -> None:
+        """Close at once, dropping whatever is queued."""
+        if self.transport is not None:
+            self.transport.abort()
+
+
+def _handler_error(transport: str, flow: Flow | None, exc: Exception) -> None:
+    """A callback failed on one message or connection: one line per source, no traceback."""
+    host = flow.host if flow is not None else "?"
+    log_limited(log, _errors_limit, host, time.monotonic(), "handler_error", transport=transport,
+                peer=f"{host}:{flow.port if flow is not None else '?'}", error=type(exc).__name__,
+                detail=str(exc)[:200])
 
 
 def _head(data: bytes) -> bytes:
@@ -178,22 +231,83 @@ def _content_length(head: bytes) -> int | None:
     return None
 
 
+def raise_fd_limit() -> int:
+    """Raise the soft descriptor limit to the hard one (once, at start); returns the soft limit.
+
+    The soft limit is often 1024 while the hard one is far higher: TCP connections, state
+    saves, the control socket and media workers all share it.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    target = max(soft, 65536) if hard == resource.RLIM_INFINITY else hard
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (OSError, ValueError):
+            pass
+    return int(soft)
+
+
 @dataclass
 class TcpRegistry:
-    """Live TCP connections by remote address, so a device is reached on its own connection."""
+    """Live TCP connections by remote address, so a device is reached on its own connection.
 
+    It also admits them (caps) and closes those past a deadline (`sweep`), by `guard`.
+    """
+
+    guard: TcpGuard[TcpConnection] = field(default_factory=lambda: TcpGuard(TcpLimits()))
+    clock: Callable[[], float] = time.monotonic
     connections: dict[tuple[str, int], TcpConnection] = field(default_factory=dict)
+
+    def admit(self, conn: TcpConnection, host: str) -> bool:
+        """Count `conn` in, or log (one line per source) why it must be closed at once."""
+        now = self.clock()
+        refused = self.guard.admit(conn, host, now)
+        if refused is None:
+            return True
+        limits = self.guard.limits
+        cap = limits.max_connections if refused == OVER_TOTAL else limits.max_per_address
+        log_limited(log, _refused_limit, host, now, "tcp_refused", peer=host, over=refused, cap=cap,
+                    open=len(self.guard), from_peer=self.guard.count(host))
+        return False
 
     def add(self, conn: TcpConnection) -> None:
         assert conn.flow is not None
         self.connections[(conn.flow.host, conn.flow.port)] = conn
 
     def remove(self, conn: TcpConnection) -> None:
+        self.guard.release(conn)
         if conn.flow is not None and self.connections.get((conn.flow.host, conn.flow.port)) is conn:
             del self.connections[(conn.flow.host, conn.flow.port)]
 
+    def received(self, conn: TcpConnection, delivered: int, pending: bool) -> None:
+        self.guard.received(conn, self.clock(), delivered > 0, pending)
+
     def get(self, host: str, port: int) -> TcpConnection | None:
         return self.connections.get((host, port))
+
+    def sweep(self, has_binding: Callable[[Flow], bool]) -> int:
+        """Close connections past a deadline; returns how many."""
+        now = self.clock()
+
+        def bound(conn: TcpConnection) -> bool:
+            return conn.flow is not None and has_binding(conn.flow)
+
+        due = self.guard.due(now, bound)
+        for conn, reason in due:
+            flow = conn.flow
+            host = flow.host if flow is not None else "?"
+            if reason == HEADER:  # a stalled or trickled message: a slowloris, or a broken client
+                log_limited(log, _timeout_limit, host, now, "tcp_timeout", peer=host, reason=reason)
+                conn.abort()
+            else:  # routine: a connection nobody registered on went quiet
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("event=tcp_timeout %s", fields(peer=f"{host}:{flow.port if flow else '?'}",
+                                                            reason=reason))
+                conn.close()
+        return len(due)
 
     def close_all(self) -> None:
         for conn in list(self.connections.values()):
@@ -201,14 +315,31 @@ class TcpRegistry:
 
 
 class Transports:
-    """All listeners of the edge: UDP and TCP on each configured address."""
+    """All listeners of the edge: UDP and TCP on each configured address.
 
-    def __init__(self, receiver: Receiver) -> None:
+    `has_binding(flow)` tells whether a registration binding lives on a TCP flow: such a
+    connection is kept however quiet it is (the edge passes in a registrar lookup).
+    """
+
+    def __init__(self, receiver: Receiver, limits: TcpLimits | None = None,
+                 has_binding: Callable[[Flow], bool] | None = None,
+                 fd_limit: int | None = None) -> None:
         self._receiver = receiver
+        self.fd_limit = raise_fd_limit() if fd_limit is None else fd_limit
+        self.limits = (limits or TcpLimits()).capped(self.fd_limit)
+        self._has_binding = has_binding or _no_binding
         self.udp: dict[str, UdpEndpoint] = {}
-        self.tcp = TcpRegistry()
+        self.tcp = TcpRegistry(TcpGuard(self.limits))
         self._servers: list[asyncio.Server] = []
         self._local_ip_cache: dict[str, str] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def _sweep(self) -> None:
+        try:
+            self.tcp.sweep(self._has_binding)
+        except Exception as exc:  # the sweep must go on, or nothing is ever reaped again
+            log.warning("event=tcp_sweep_failed %s", fields(error=repr(exc)[:200]))
+        self._sweeper = asyncio.get_running_loop().call_later(self.limits.sweep_interval(), self._sweep)
 
     async def listen(self, host: str, port: int) -> str:
         """Bind UDP and TCP on host:port (port 0 picks one free for both); returns host:port."""
@@ -239,18 +370,37 @@ class Transports:
                         pass
             self.udp[local] = endpoint
             self._servers.append(server)
+            if self._sweeper is None:
+                lim = self.limits
+                log.info("event=tcp_limits %s", fields(
+                    max_connections=lim.max_connections, max_per_address=lim.max_per_address,
+                    header_timeout=lim.header_timeout, idle_timeout=lim.idle_timeout, fd_limit=self.fd_limit))
+                self._sweeper = loop.call_later(lim.sweep_interval(), self._sweep)
             return local
         raise OSError(f"no free port pair for {host}")
 
     def send(self, data: bytes, flow: Flow) -> bool:
-        """Send along a flow: the listener it came in on (UDP) or its own connection (TCP)."""
+        """Send along a flow: the listener it came in on (UDP) or its own connection (TCP).
+
+        Never raises: a destination taken off the wire (a host name, which would block the
+        loop on DNS, non-ASCII, a port out of range) gives False.
+        """
         if flow.transport == "tcp":
             conn = self.tcp.get(flow.host, flow.port)
             return conn.send(data) if conn is not None else False
         endpoint = self.udp.get(flow.local) or next(iter(self.udp.values()), None)
         if endpoint is None or endpoint.transport is None:
             return False
-        endpoint.transport.sendto(data, (flow.host, flow.port))
+        try:
+            port = flow.port
+            if not 0 < port < 65536:
+                raise ValueError("port out of range")
+            socket.inet_pton(socket.AF_INET6 if ":" in flow.host else socket.AF_INET, flow.host)
+            endpoint.transport.sendto(data, (flow.host, port))
+        except (OSError, ValueError, TypeError, OverflowError) as exc:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("event=send_failed %s", fields(peer=f"{flow.host}:{flow.port}", error=exc))
+            return False
         return True
 
     def local_address(self, flow: Flow) -> tuple[str, int]:
@@ -282,6 +432,8 @@ class Transports:
         return hosts | set(self._local_ip_cache.values())
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for server in self._servers:
             server.close()
         self.tcp.close_all()
@@ -290,3 +442,7 @@ class Transports:
                 endpoint.transport.close()
         for server in self._servers:
             await server.wait_closed()
+
+
+def _no_binding(flow: Flow) -> bool:
+    return False
