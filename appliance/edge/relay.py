@@ -38,7 +38,7 @@ STATELESS_PREFIX = "z9hG4bKsl"
 RECORD_LIFETIME = 64 * 0.5
 """Seconds a relayed request's return flow is kept: 64*T1, the life of a transaction (RFC 3261 §17)."""
 
-MAX_RECORDS = 4096
+MAX_RECORDS = 16384
 """Return flows kept at most (oldest dropped first): memory stays bounded under a flood."""
 
 log = logging.getLogger("homepbx.relay")
