@@ -19,7 +19,7 @@ import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from appliance.edge.transport import format_host_port
 from appliance.logs import PerSourceLimit, log_limited
@@ -28,9 +28,6 @@ from appliance.sip.headers import parse_name_addr, parse_via
 from appliance.sip.message import Request, Response
 from appliance.sip.proxy import INTERNAL_PREFIX
 from appliance.sip.registrar import Flow
-
-if TYPE_CHECKING:
-    from appliance.edge.server import Edge
 
 STATELESS_PREFIX = "z9hG4bKsl"
 """Branch prefix of statelessly relayed requests: their responses are relayed the same way."""
@@ -48,8 +45,26 @@ def strip_internal(message: Request | Response) -> None:
     message.headers = [(n, v) for n, v in message.headers if not n.startswith(INTERNAL_PREFIX)]
 
 
+class LocalAddresses(Protocol):
+    def local_address(self, flow: Flow) -> tuple[str, int]: ...
+
+    def local_ips(self) -> set[str]: ...
+
+
+class RelayHost(Protocol):
+    """What the relay uses of the edge: its listeners, its own addresses, a sender."""
+
+    @property
+    def addresses(self) -> list[str]: ...
+
+    @property
+    def transports(self) -> LocalAddresses: ...
+
+    def send(self, data: bytes, flow: Flow) -> bool: ...
+
+
 class StatelessRelay:
-    def __init__(self, edge: Edge, is_internal: Callable[[Flow], bool], *,
+    def __init__(self, edge: RelayHost, is_internal: Callable[[Flow], bool], *,
                  lifetime: float = RECORD_LIFETIME, max_records: int = MAX_RECORDS) -> None:
         self.edge = edge
         self.is_internal = is_internal

@@ -42,7 +42,7 @@ class FakeEdge:
 
 def make_relay(**kw: Any) -> tuple[StatelessRelay, FakeEdge]:
     edge = FakeEdge()
-    return StatelessRelay(edge, lambda flow: False, **kw), edge  # type: ignore[arg-type]
+    return StatelessRelay(edge, lambda flow: False, **kw), edge
 
 
 def bye(branch: str = "z9hG4bKcaller1", via_host: str = "192.168.1.10:5060", method: str = "BYE") -> Request:
