@@ -15,6 +15,7 @@ from enum import Enum
 from typing import Any
 
 from appliance.config import Config
+from appliance.netaddr import AddressCache
 from appliance.sip.registrar import Binding, EventKind, Registrar, RegistrarEvent
 
 log = logging.getLogger("homepbx.state")
@@ -78,6 +79,7 @@ class LiveState:
         self.blocked: dict[str, tuple[float, str]] = {}  # address -> (blocked until, wall clock; reason)
         self._listeners: list[Listener] = []
         self.started_at = time.time()
+        self.box_addresses = AddressCache()
 
     # -- listeners ----------------------------------------------------------------------
     def subscribe(self, listener: Listener) -> None:
@@ -225,6 +227,7 @@ class LiveState:
         return {
             "event": "snapshot", "time": time.time(), "started_at": self.started_at,
             "realm": server.realm, "listen": [str(a) for a in server.listen],
+            "addresses": self.box_addresses.addresses(server.listen, time.monotonic()),
             "numbers": numbers, "calls": [c.to_json() for c in self.calls.values()],
             "blocked": self.blocked_json(),
         }

@@ -24,6 +24,7 @@ from tui.client import CommandFailed, ControlClient
 from tui.messages import CommandDone, Connected, Disconnected, ModelChanged
 from tui.model import Number, PbxModel, ProtocolError
 from tui.screens.password_dialog import PasswordDialog
+from tui.screens.setup_dialog import SetupDialog
 from tui.screens.value_dialog import ValueDialog
 from tui.widgets.blocked_line import BlockedLine
 from tui.widgets.calls_panel import CallsPanel
@@ -53,6 +54,7 @@ class HomePbxApp(App[None]):
         Binding("o", "toggle_one_number", "One-number"),
         Binding("d", "max_devices", "Devices"),
         Binding("l", "outgoing_limit", "Out limit"),
+        Binding("s", "setup", "Set up"),
         Binding("p", "password", "Password"),
         Binding("r", "reload", "Reload"),
         Binding("q", "quit", "Quit"),
@@ -243,6 +245,11 @@ class HomePbxApp(App[None]):
                                  changes={field: value})
 
         self.push_screen(dialog, chosen)
+
+    def action_setup(self) -> None:
+        """What to type into a handset; its `p` comes back to action_password below."""
+        if (n := self._need_number()) is not None:
+            self.push_screen(SetupDialog(n.title, n.number, self.model.reachable_at))
 
     def action_password(self) -> None:
         if (n := self._need_number()) is not None:

@@ -74,6 +74,8 @@ class PbxModel:
 
     realm: str = ""
     listen: tuple[str, ...] = ()
+    addresses: tuple[str, ...] = ()
+    """The box's real addresses (HOST:PORT) as the daemon found them; empty from an older daemon."""
     started_at: float = 0.0
     config_path: str = ""
     numbers: dict[str, Number] = field(default_factory=dict)
@@ -89,6 +91,7 @@ class PbxModel:
         calls = _list(data, "calls")
         self.realm = _str(data, "realm")
         self.listen = tuple(str(a) for a in _list(data, "listen"))
+        self.addresses = _strs(data, "addresses")
         self.started_at = _float(data, "started_at")
         self.config_path = _str(data, "config")
         self._load_numbers(numbers)
@@ -132,6 +135,11 @@ class PbxModel:
         return kind
 
     # -- questions the screen asks ---------------------------------------------------------
+    @property
+    def reachable_at(self) -> tuple[str, ...]:
+        """Where handsets reach the box: its real addresses, else (older daemon) the config's."""
+        return self.addresses or self.listen
+
     def blocked_now(self, now: float) -> list[tuple[str, float]]:
         """Addresses blocked at `now`, the block ending soonest last; expired ones forgotten."""
         self.blocked = {a: u for a, u in self.blocked.items() if u > now}

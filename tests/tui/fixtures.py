@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from appliance.config import Config, parse_config
+from appliance.netaddr import AddressCache, InterfaceAddress
 from appliance.sip.registrar import Registrar
 from appliance.state import LiveState
 
 NOW = 1_795_000_000.0  # a fixed "now" for the TUI's clock
 CONFIG = """\
 [server]
-listen = ["192.168.1.2:5060"]
+listen = ["0.0.0.0:5060"]
 realm = "home.arpa"
 
 [[users]]
@@ -39,6 +40,11 @@ password = "y"
 max_outgoing_calls = 1
 """
 
+INTERFACES = [  # the box's own, as `ip -j addr` would list them: the wildcard becomes 192.168.1.2
+    InterfaceAddress("lo", "127.0.0.1"), InterfaceAddress("lo", "::1"),
+    InterfaceAddress("eth0", "192.168.1.2"), InterfaceAddress("eth0", "fe80::2"),
+]
+
 DEVICES = [  # id, number, user agent, transport, host, port, registered ago, expires in, reachable
     ("d1", "200", "Living room", "udp", "192.168.1.21", 5060, 7200, 312, True),
     ("d2", "200", "Kitchen", "udp", "192.168.1.22", 5060, 3600, 290, True),
@@ -53,6 +59,7 @@ def house(config_path: Path | None = None) -> tuple[Config, Registrar, LiveState
     registrar.load([_binding(*d) for d in DEVICES], NOW - 100000)
     state = LiveState(registrar, config)
     state.started_at = NOW - (3 * 86400 + 4 * 3600)
+    state.box_addresses = AddressCache(lambda: INTERFACES)
     return config, registrar, state
 
 

@@ -8,6 +8,7 @@ from appliance.state import LiveState
 from tests.tui import fixtures
 from tui.messages import ModelChanged
 from tui.model import DeviceState, PbxModel, ProtocolError
+from tui.screens.setup_dialog import handset_settings
 
 pytestmark = pytest.mark.tui
 
@@ -93,3 +94,32 @@ def test_blocked_addresses_come_from_snapshot_and_events_and_expire() -> None:
     model.apply(events[-1])
     assert [a for a, _ in model.blocked_now(until - 1)] == ["198.51.100.1", "203.0.113.7"]
     assert [a for a, _ in model.blocked_now(until + 1)] == ["198.51.100.1"]
+
+
+def test_the_box_is_reached_at_its_addresses_not_the_wildcard() -> None:
+    _, _, state = fixtures.house()
+    model = PbxModel()
+    model.load_snapshot(fixtures.snapshot(state))
+    assert model.listen == ("0.0.0.0:5060",)
+    assert model.reachable_at == ("192.168.1.2:5060",)
+    model.load_snapshot({"event": "snapshot", "listen": ["0.0.0.0:5060"]})  # an older daemon: no addresses
+    assert model.reachable_at == ("0.0.0.0:5060",)
+    with pytest.raises(ProtocolError):
+        model.load_snapshot({"event": "snapshot", "addresses": "192.168.1.2:5060"})
+
+
+@pytest.mark.parametrize(("addresses", "server", "port"), [
+    (["192.168.1.2:5060"], ["192.168.1.2"], "5060"),
+    (["192.168.1.2:5060", "10.0.0.5:5060", "[fd00::2]:5060"], ["192.168.1.2", "or 10.0.0.5", "or fd00::2"], "5060"),
+    (["192.168.1.2:5060", "[fd00::2]:5070"], ["192.168.1.2:5060", "or [fd00::2]:5070"], "the one after each address"),
+    (["0.0.0.0:5062"], ["this box's address"], "5062"),  # the daemon found no interface address
+    ([], ["this box's address"], "5060"),
+])
+def test_handset_settings(addresses: list[str], server: list[str], port: str) -> None:
+    rows = handset_settings("200", addresses)
+    assert [value for _, value in rows[:len(server)]] == server
+    assert rows[0][0] == "SIP server" and all(name == "" for name, _ in rows[1:len(server)])
+    fields = dict(rows)
+    assert fields["Port"] == port
+    assert fields["User name"] == "200" and fields["Auth name"].startswith("200")
+    assert fields["Transport"] == "UDP or TCP"

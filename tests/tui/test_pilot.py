@@ -15,6 +15,7 @@ from tests.support.pbx import user_block
 from tests.tui.conftest import PbxFactory, screen_text, wait_screen
 from tui.app import HomePbxApp
 from tui.screens.password_dialog import PasswordDialog
+from tui.screens.setup_dialog import SetupDialog
 from tui.screens.value_dialog import ValueDialog
 
 pytestmark = [pytest.mark.e2e, pytest.mark.tui, pytest.mark.timeout(90)]
@@ -170,6 +171,39 @@ def test_password_reveal_and_limit_dialog(pbx_factory: PbxFactory) -> None:
             await wait_screen(app, lambda t: "✓ 200 outgoing limit 2" in t)
             assert "max_outgoing_calls = 2" in pbx.config.read_text()
             await wait_screen(app, lambda t: "0/2" in t)
+
+    asyncio.run(scenario())
+
+
+def test_set_up_a_handset_shows_what_to_type(pbx_factory: PbxFactory) -> None:
+    """`s`: server, port and user name of the selected number; its `p` reveals the password
+    through the usual show_password command, over the dialog; Escape closes it."""
+    pbx = pbx_factory([GRANDPA, FAMILY])
+
+    async def scenario() -> None:
+        app = HomePbxApp(pbx.socket)
+        async with app.run_test(size=(80, 24)) as pilot:
+            text = await wait_screen(app, lambda t: "200   Family" in t)
+            assert f"127.0.0.1:{pbx.port}" in text.splitlines()[0]  # the status bar
+            await pilot.press("down", "s")
+            text = await wait_screen(app, lambda t: "Set up a handset for 200 Family" in t)
+            assert isinstance(app.screen, SetupDialog)
+            assert "SIP server         127.0.0.1" in text
+            assert f"Port               {pbx.port}" in text
+            assert "User name          200" in text and "Auth name          200" in text
+            assert 'digest_algorithms = ["MD5"]' in text
+            assert "secret" not in text
+            await pilot.press("p")
+            text = await wait_screen(app, lambda t: "Password of 200 Family" in t)
+            assert "secret" in text
+            await pilot.press("space")  # the password goes, the set-up stays
+            text = await wait_screen(app, lambda t: "secret" not in t, what="the password gone")
+            assert isinstance(app.screen, SetupDialog) and "SIP server" in text
+            await pilot.press("o")  # the main screen's keys do nothing under the dialog
+            await pilot.press("escape")
+            text = await wait_screen(app, lambda t: "SIP server" not in t, what="the dialog closed")
+            assert "200   Family    ON" in text
+            assert "one_number = true" in pbx.config.read_text()
 
     asyncio.run(scenario())
 

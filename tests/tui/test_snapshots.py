@@ -109,6 +109,14 @@ def test_password_dialog(snap_compare: SnapCompare) -> None:
     assert snap_compare(make_app(), run_before=with_house(then=reveal))
 
 
+def test_setup_dialog(snap_compare: SnapCompare) -> None:
+    """`s` on 200: what to type into a handset, the box's address (not 0.0.0.0) first."""
+    async def press(pilot: Pilot[None]) -> None:
+        await pilot.press("s")
+
+    assert snap_compare(make_app(), run_before=with_house(then=press))
+
+
 def test_refused_command(snap_compare: SnapCompare) -> None:
     async def refuse(pilot: Pilot[None]) -> None:
         pilot.app.post_message(CommandDone(

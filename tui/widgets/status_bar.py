@@ -28,8 +28,7 @@ class StatusBar(Static):
         self.set_class(connected is False, "-offline")
         left = Text("homepbx", style="bold")
         if model.loaded:
-            listen = ", ".join(model.listen)
-            left.append(f" · {model.realm} · {listen}")
+            left.append(f" · {model.realm} · {', '.join(model.reachable_at)}")
             if connected:
                 left.append(f" · up {format.uptime(now - model.started_at)}")
         if connected is None:
