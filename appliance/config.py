@@ -201,6 +201,37 @@ class Config:
         return self._by_number.get(number)
 
 
+class LiveConfig:
+    """The config in force, shared by every component and replaced whole on reload.
+
+    Components hold this and read `current` when they decide, so a reload reaches them
+    all at once without anyone being rewired.
+    """
+
+    __slots__ = ("current",)
+
+    def __init__(self, config: Config) -> None:
+        self.current = config
+
+
+def control_socket_path(config: Config, environ: Mapping[str, str] | None = None) -> Path:
+    """Where the control socket lives: ``[control] socket`` (relative to the config file),
+    else systemd's ``$RUNTIME_DIRECTORY``, else ``$XDG_RUNTIME_DIR/homepbx``, else the state dir.
+
+    A property of the config, so the TUI finds the socket without importing the daemon."""
+    env = os.environ if environ is None else environ
+    if config.control.socket:
+        path = Path(config.control.socket).expanduser()
+        return path if path.is_absolute() else config.path.parent / path
+    runtime = env.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    if runtime:
+        return Path(runtime) / "control.sock"
+    xdg = env.get("XDG_RUNTIME_DIR", "")
+    if xdg:
+        return Path(xdg) / "homepbx" / "control.sock"
+    return config.server.state_dir / "control.sock"
+
+
 # --------------------------------------------------------------------------- public API
 
 

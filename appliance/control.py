@@ -25,14 +25,11 @@ import struct
 from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 
-from appliance.config import Config, ConfigError, UserConfig, update_user
+from appliance.config import Config, ConfigError, LiveConfig, UserConfig, control_socket_path, update_user
 from appliance.logs import fields
-from appliance.state import Event
-
-if TYPE_CHECKING:
-    from appliance.edge.server import Edge
+from appliance.state import Event, LiveState
 
 log = logging.getLogger("homepbx.control")
 
@@ -46,22 +43,6 @@ _SUN_PATH_MAX: Final = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
 
 SETTABLE_FIELDS: Final = ("one_number", "max_devices", "max_outgoing_calls", "name", "decline", "ring_timeout")
 """User settings a client may change (``number`` is the identity, ``password`` is never set here)."""
-
-
-def socket_path(config: Config, environ: Mapping[str, str] | None = None) -> Path:
-    """Where the control socket lives: ``[control] socket`` (relative to the config file),
-    else systemd's ``$RUNTIME_DIRECTORY``, else ``$XDG_RUNTIME_DIR/homepbx``, else the state dir."""
-    env = os.environ if environ is None else environ
-    if config.control.socket:
-        path = Path(config.control.socket).expanduser()
-        return path if path.is_absolute() else config.path.parent / path
-    runtime = env.get("RUNTIME_DIRECTORY", "").split(":")[0]
-    if runtime:
-        return Path(runtime) / "control.sock"
-    xdg = env.get("XDG_RUNTIME_DIR", "")
-    if xdg:
-        return Path(xdg) / "homepbx" / "control.sock"
-    return config.server.state_dir / "control.sock"
 
 
 class CommandError(Exception):
@@ -98,8 +79,8 @@ EVENT, REPLY, SNAPSHOT = "event", "reply", "snapshot"
 class _Client:
     """One connection: a bounded FIFO of lines to send, and the task that sends them."""
 
-    def __init__(self, number: int, writer: asyncio.StreamWriter, limit: int) -> None:
-        self.number = number
+    def __init__(self, serial: int, writer: asyncio.StreamWriter, limit: int) -> None:
+        self.serial = serial
         self.writer = writer
         self.limit = limit
         self.pending: deque[tuple[str, bytes]] = deque()  # (EVENT | REPLY | SNAPSHOT, line)
@@ -159,11 +140,27 @@ def _line(message: Mapping[str, Any]) -> bytes:
     return (json.dumps(message, separators=(",", ":"), default=str) + "\n").encode()
 
 
-class ControlServer:
-    """Serves the control socket for one :class:`Edge`; ``config_path`` is the file commands edit."""
+class Steering(Protocol):
+    """What the control socket's commands may do to the running daemon."""
 
-    def __init__(self, edge: Edge, config_path: Path, *, queue_limit: int = QUEUE_LIMIT) -> None:
-        self.edge = edge
+    def apply_config(self, config: Config) -> None:
+        """Take a new, already validated config live."""
+        ...
+
+    def reload(self) -> ConfigError | None:
+        """Re-read the config file (as SIGHUP does); the error if it was refused."""
+        ...
+
+
+class ControlServer:
+    """Serves the control socket: the live state out, commands in; ``config_path`` is the
+    file commands edit."""
+
+    def __init__(self, state: LiveState, settings: LiveConfig, steering: Steering, config_path: Path, *,
+                 queue_limit: int = QUEUE_LIMIT) -> None:
+        self.state = state
+        self.settings = settings
+        self.steering = steering
         self.config_path = config_path
         self.queue_limit = queue_limit
         self.path: Path | None = None
@@ -177,19 +174,19 @@ class ControlServer:
     # -- life cycle ------------------------------------------------------------------------
     async def start(self) -> None:
         """Bind and listen; a failure is logged and leaves the PBX running without the socket."""
-        path = socket_path(self.edge.config)
+        path = control_socket_path(self.settings.current)
         try:
             await self._listen(path)
         except (OSError, ValueError) as err:
             log.error("event=control_failed %s", fields(socket=path, error=err, action="running_without_control"))
             return
         self.path = path
-        log.info("event=control_listening %s", fields(socket=path, group=self.edge.config.control.group or "-"))
+        log.info("event=control_listening %s", fields(socket=path, group=self.settings.current.control.group or "-"))
 
     async def _listen(self, path: Path) -> None:
         if len(os.fsencode(path)) > _SUN_PATH_MAX:
             raise ValueError(f"socket path longer than {_SUN_PATH_MAX} bytes; set [control] socket")
-        group = self.edge.config.control.group
+        group = self.settings.current.control.group
         gid = -1
         if group:
             try:
@@ -228,7 +225,7 @@ class ControlServer:
         raise ValueError(f"{path} is served by another running daemon")
 
     async def stop(self) -> None:
-        self.edge.state.unsubscribe(self._on_event)
+        self.state.unsubscribe(self._on_event)
         if self._server is not None:
             self._server.close()
         for client in list(self._clients.values()):
@@ -251,7 +248,7 @@ class ControlServer:
 
     # -- events ----------------------------------------------------------------------------
     def snapshot(self, reason: str) -> dict[str, Any]:
-        snap = self.edge.state.snapshot()
+        snap = self.state.snapshot()
         snap.update(protocol=PROTOCOL_VERSION, reason=reason, config=str(self.config_path))
         return snap
 
@@ -260,25 +257,25 @@ class ControlServer:
             return
         if event.get("event") == "config_changed":
             # Settings and devices may all have changed: carry them, so a client redraws from it.
-            event = {**event, "numbers": self.edge.state.snapshot()["numbers"]}
+            event = {**event, "numbers": self.state.snapshot()["numbers"]}
         line = _line(event)  # serialised once for every client
         for client in list(self._clients.values()):
             if not client.push_event(line):
                 log.warning("event=control_client_behind %s", fields(
-                    client=client.number, dropped=client.dropped, action="fresh_snapshot"))
+                    client=client.serial, dropped=client.dropped, action="fresh_snapshot"))
 
     # -- connections -----------------------------------------------------------------------
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        number = next(self._ids)
+        serial = next(self._ids)
         pid, uid, gid = _peer_credentials(writer.get_extra_info("socket"))
-        log.info("event=control_connected %s", fields(client=number, peer_uid=uid, peer_gid=gid, peer_pid=pid))
-        client = _Client(number, writer, self.queue_limit)
+        log.info("event=control_connected %s", fields(client=serial, peer_uid=uid, peer_gid=gid, peer_pid=pid))
+        client = _Client(serial, writer, self.queue_limit)
         client.push_reply(_line(self.snapshot("connect")), SNAPSHOT)
-        self._clients[number] = client
+        self._clients[serial] = client
         if len(self._clients) == 1:
             # Listen only while someone is connected: unheard, the live state does not even
             # build its events (a busy registrar makes one per REGISTER).
-            self.edge.state.subscribe(self._on_event)
+            self.state.subscribe(self._on_event)
         sender = asyncio.create_task(self._send_loop(client))
         self._senders.add(sender)
         this = asyncio.current_task()
@@ -293,9 +290,9 @@ class ControlServer:
         except (ConnectionError, OSError) as err:
             reason = type(err).__name__
         finally:
-            self._clients.pop(number, None)
+            self._clients.pop(serial, None)
             if not self._clients:
-                self.edge.state.unsubscribe(self._on_event)
+                self.state.unsubscribe(self._on_event)
             client.closed = True
             if reason in ("eof", "line_too_long"):
                 # Let the last replies out, then close.
@@ -308,7 +305,7 @@ class ControlServer:
             self._senders.discard(sender)
             if this is not None:
                 self._handlers.discard(this)
-            log.info("event=control_closed %s", fields(client=number, reason=reason))
+            log.info("event=control_closed %s", fields(client=serial, reason=reason))
 
     async def _flush(self, client: _Client) -> None:
         while client.pending:
@@ -344,7 +341,7 @@ class ControlServer:
                 return "write_failed"
             if not raw.strip():
                 continue
-            reply = await self._command(raw, client.number, uid)
+            reply = await self._command(raw, client.serial, uid)
             client.push_reply(_line(reply))
 
     # -- commands --------------------------------------------------------------------------
@@ -375,7 +372,7 @@ class ControlServer:
         number = message.get("number")
         if not isinstance(number, str) or not number:
             raise CommandError("number", "missing (the user's number, a string)")
-        if self.edge.config.user(number) is None:
+        if self.settings.current.user(number) is None:
             raise CommandError("number", f"no user with number {number!r}")
         return number
 
@@ -402,7 +399,7 @@ class ControlServer:
             except ConfigError as err:
                 field = err.key.rsplit(".", 1)[-1] if err.key else "config"
                 raise CommandError(field, err.message, key=err.key or None) from None
-            self.edge.apply_config(config)
+            self.steering.apply_config(config)
         log.info("event=control_command %s", fields(
             client=client, peer_uid=uid, cmd="set_user", number=number,
             changes=",".join(f"{k}={v}" for k, v in changes.items()), result="ok", config=self.config_path))
@@ -412,21 +409,19 @@ class ControlServer:
 
     async def _cmd_show_password(self, message: Mapping[str, Any], client: int, uid: int) -> dict[str, Any]:
         number = self._number(message)
-        user = self.edge.config.user(number)
+        user = self.settings.current.user(number)
         assert user is not None
         log.info("event=password_shown %s", fields(client=client, peer_uid=uid, number=number))
         return {"number": number, "password": user.password}
 
     async def _cmd_reload(self, message: Mapping[str, Any], client: int, uid: int) -> dict[str, Any]:
-        from appliance.cli import reload  # the SIGHUP path; imported here, the CLI sits above us
-
         async with self._edit_lock:
-            error = reload(self.edge, self.config_path)
+            error = self.steering.reload()
         if error is not None:
             field = error.key.rsplit(".", 1)[-1] if error.key else "config"
             raise CommandError(field, str(error), key=error.key or None)
         log.info("event=control_command %s", fields(client=client, peer_uid=uid, cmd="reload", result="ok"))
-        return {"users": len(self.edge.config.users)}
+        return {"users": len(self.settings.current.users)}
 
 
 def _user_json(user: UserConfig) -> dict[str, Any]:

@@ -185,7 +185,7 @@ def run_demo(*, tui: bool = True, duration: float = 0.0, keep: bool = False) -> 
               flush=True)
         demo.start()
         if tui:
-            from appliance.cli import tui_argv
+            from appliance.tui_launch import tui_argv
 
             child = subprocess.Popen(tui_argv(demo.socket, daemon_log=directory / "daemon.log"))
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C is the TUI's key

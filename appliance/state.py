@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from appliance.config import Config
+from appliance.config import Config, LiveConfig
 from appliance.netaddr import AddressCache
 from appliance.sip.registrar import Binding, EventKind, Registrar, RegistrarEvent
 
@@ -51,7 +51,7 @@ class CallView:
     ringing: set[str] = field(default_factory=set)  # binding ids ringing now
     answered_by: str | None = None
     joined: list[str] = field(default_factory=list)
-    started_at: float = field(default_factory=time.time)
+    started_at: float = 0.0
     answered_at: float | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -72,14 +72,20 @@ _DEVICE_EVENTS = {
 
 
 class LiveState:
-    def __init__(self, registrar: Registrar, config: Config) -> None:
+    def __init__(self, registrar: Registrar, settings: LiveConfig, *, wall: Callable[[], float] = time.time,
+                 box_addresses: AddressCache | None = None) -> None:
         self.registrar = registrar
-        self.config = config
+        self.settings = settings
+        self.wall = wall
         self.calls: dict[str, CallView] = {}
         self.blocked: dict[str, tuple[float, str]] = {}  # address -> (blocked until, wall clock; reason)
         self._listeners: list[Listener] = []
-        self.started_at = time.time()
-        self.box_addresses = AddressCache()
+        self.started_at = wall()
+        self.box_addresses = box_addresses or AddressCache()
+
+    @property
+    def config(self) -> Config:
+        return self.settings.current
 
     # -- listeners ----------------------------------------------------------------------
     def subscribe(self, listener: Listener) -> None:
@@ -90,7 +96,7 @@ class LiveState:
             self._listeners.remove(listener)
 
     def emit(self, event: Event) -> None:
-        event.setdefault("time", time.time())
+        event.setdefault("time", self.wall())
         for listener in list(self._listeners):
             try:
                 listener(event)
@@ -130,7 +136,7 @@ class LiveState:
 
     # -- calls (told by the proxy) --------------------------------------------------------
     def call_started(self, call_id: str, caller: str, callee: str, caller_device: str | None) -> None:
-        call = CallView(call_id, caller, callee, caller_device)
+        call = CallView(call_id, caller, callee, caller_device, started_at=self.wall())
         self.calls[call_id] = call
         self._call_changed("call_started", call)
 
@@ -154,7 +160,7 @@ class LiveState:
             return
         call.phase = CallPhase.ANSWERED
         call.answered_by = binding_id
-        call.answered_at = time.time()
+        call.answered_at = self.wall()
         call.ringing.clear()
         self._call_changed("call_answered", call, device=binding_id)
 
@@ -193,7 +199,7 @@ class LiveState:
     # -- security ---------------------------------------------------------------------------
     def address_blocked(self, address: str, seconds: float, reason: str) -> None:
         """An address is ignored for `seconds`: shown until then (clients drop it at `until`)."""
-        now = time.time()
+        now = self.wall()
         self.blocked = {a: v for a, v in self.blocked.items() if v[0] > now}  # bounded by the throttle's own cap
         until = now + seconds
         self.blocked.pop(address, None)  # re-inserted: newest last
@@ -203,7 +209,7 @@ class LiveState:
         self.emit({"event": "address_blocked", "address": address, "until": until, "reason": reason})
 
     def blocked_json(self) -> list[dict[str, Any]]:
-        now = time.time()
+        now = self.wall()
         return [{"address": a, "until": u, "reason": r} for a, (u, r) in sorted(self.blocked.items()) if u > now]
 
     # -- snapshot ---------------------------------------------------------------------------
@@ -225,9 +231,9 @@ class LiveState:
             })
         server = self.config.server
         return {
-            "event": "snapshot", "time": time.time(), "started_at": self.started_at,
+            "event": "snapshot", "time": self.wall(), "started_at": self.started_at,
             "realm": server.realm, "listen": [str(a) for a in server.listen],
-            "addresses": self.box_addresses.addresses(server.listen, time.monotonic()),
+            "addresses": self.box_addresses.addresses(server.listen, self.wall()),
             "numbers": numbers, "calls": [c.to_json() for c in self.calls.values()],
             "blocked": self.blocked_json(),
         }

@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from appliance.config import ConfigError, load_config
-from appliance.control import socket_path
+from appliance.config import ConfigError, control_socket_path, load_config
 
 SYSTEMD_SOCKET = Path("/run/homepbx/control.sock")
 """The service's RuntimeDirectory: what a family user's TUI finds over SSH."""
@@ -23,7 +22,7 @@ def find_socket(explicit: Path | None, config: Path | None) -> Path:
     candidates: list[Path] = []
     if config is not None:
         try:
-            candidates.append(socket_path(load_config(config)))
+            candidates.append(control_socket_path(load_config(config)))
         except ConfigError:
             pass  # not readable by this user (it holds passwords), or broken: try the others
     candidates.append(SYSTEMD_SOCKET)

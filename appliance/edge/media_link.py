@@ -2,7 +2,7 @@
 
 The pool (`appliance.media.pool`) runs the processes; this maps them onto calls: a new
 call acquires a worker, the worker's SIP address is recognised as trusted, and the
-worker's `call_ended` or death reaches the call router.
+worker's `call_ended` or death is reported through the callbacks it was given.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from appliance.config import MediaConfig
 from appliance.logs import fields
@@ -18,52 +18,62 @@ from appliance.media import protocol as P
 from appliance.media.pool import Worker, WorkerPool
 from appliance.sip.registrar import Flow
 
-if TYPE_CHECKING:
-    from appliance.edge.calls import Call, CallRouter
-
 log = logging.getLogger("homepbx.media")
 
 
 class MediaLink:
-    def __init__(self, router: CallRouter, media: MediaConfig, edge_host: str, edge_port: int) -> None:
-        self.router = router
+    def __init__(self, media: MediaConfig, *, on_call_ended: Callable[[str, str], None],
+                 on_worker_died: Callable[[str], None]) -> None:
+        self.media = media
+        self.on_call_ended = on_call_ended
+        self.on_worker_died = on_worker_died
+        self._pool: WorkerPool | None = None  # made by start(), once the edge's address is known
+        self._address = ""
+        self._by_token: dict[str, Worker] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def edge_address(self) -> str:
+        return self._address
+
+    @property
+    def pool(self) -> WorkerPool:
+        assert self._pool is not None, "MediaLink.start() not called"
+        return self._pool
+
+    async def start(self, edge_host: str, edge_port: int) -> None:
+        """Start the workers; they send their SIP to the edge at `edge_host:edge_port`."""
         host = "127.0.0.1" if edge_host in ("0.0.0.0", "::", "localhost") else edge_host
-        self.edge_address = f"{host}:{edge_port}"
-        self.pool = WorkerPool(
+        self._address = f"{host}:{edge_port}"
+        media = self.media
+        self._pool = WorkerPool(
             media.min_idle, media.max_calls, (media.rtp_port_low, media.rtp_port_high),
-            self.edge_address, on_event=self._on_event, worker_died=self._died,
+            self._address, on_event=self._on_event, worker_died=self._died,
             # One call at a time uses at most ~8 of pjlib's 64 socket slots, which come back
             # 500 ms after a call; a short rest is enough to never run out.
             cooldown=0.1,
         )
-        self._by_token: dict[str, Worker] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> None:
-        await self.pool.start()
+        await self._pool.start()
 
     async def stop(self) -> None:
         for task in list(self._tasks):
             task.cancel()
-        await self.pool.stop()
+        if self._pool is not None:
+            await self._pool.stop()
 
-    def worker_at(self, flow: Flow) -> Worker | None:
-        """The worker sending from `flow`, if it is one of ours."""
-        if flow.host != P.LOOPBACK or flow.transport != "udp":
-            return None
-        for worker in self.pool.workers:
-            if worker.sip_port == flow.port and worker.pid:
-                return worker
-        return None
+    def is_worker(self, flow: Flow) -> bool:
+        """Is `flow` one of our workers' SIP sockets?"""
+        if flow.host != P.LOOPBACK or flow.transport != "udp" or self._pool is None:
+            return False
+        return any(worker.sip_port == flow.port and worker.pid for worker in self._pool.workers)
 
-    def anchor(self, call: Call, then: Callable[[int | None], None]) -> None:
-        """Find a worker for `call` and continue with its SIP port (None: all busy)."""
+    def anchor(self, token: str, then: Callable[[int | None], None]) -> None:
+        """Find a worker for call `token` and continue with its SIP port (None: all busy)."""
         async def acquire() -> None:
-            worker = await self.pool.acquire(call.token)
+            worker = await self.pool.acquire(token)
             if worker is not None:
-                self._by_token[call.token] = worker
-                log.info("event=media_worker_call %s", fields(token=call.token, pid=worker.pid,
-                                                              port=worker.sip_port))
+                self._by_token[token] = worker
+                log.info("event=media_worker_call %s", fields(token=token, pid=worker.pid, port=worker.sip_port))
             then(worker.sip_port if worker is not None else None)
 
         task = asyncio.get_running_loop().create_task(acquire())
@@ -80,10 +90,10 @@ class MediaLink:
         if event.get("event") == P.EV_CALL_ENDED:
             token = str(event.get("token") or "")
             self._by_token.pop(token, None)
-            self.router.worker_call_ended(token, str(event.get("reason") or "ended"))
+            self.on_call_ended(token, str(event.get("reason") or "ended"))
 
     def _died(self, worker: Worker, tokens: list[str]) -> None:
         log.warning("event=media_worker_lost %s", fields(pid=worker.pid, calls=",".join(tokens) or "-"))
         for token in tokens:
             self._by_token.pop(token, None)
-            self.router.worker_died(token)
+            self.on_worker_died(token)

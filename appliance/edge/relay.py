@@ -19,8 +19,8 @@ import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Protocol
 
+from appliance.edge.seams import Network
 from appliance.edge.transport import format_host_port
 from appliance.logs import PerSourceLimit, log_limited
 from appliance.sip.errors import SipSyntaxError
@@ -45,28 +45,10 @@ def strip_internal(message: Request | Response) -> None:
     message.headers = [(n, v) for n, v in message.headers if not n.startswith(INTERNAL_PREFIX)]
 
 
-class LocalAddresses(Protocol):
-    def local_address(self, flow: Flow) -> tuple[str, int]: ...
-
-    def local_ips(self) -> set[str]: ...
-
-
-class RelayHost(Protocol):
-    """What the relay uses of the edge: its listeners, its own addresses, a sender."""
-
-    @property
-    def addresses(self) -> list[str]: ...
-
-    @property
-    def transports(self) -> LocalAddresses: ...
-
-    def send(self, data: bytes, flow: Flow) -> bool: ...
-
-
 class StatelessRelay:
-    def __init__(self, edge: RelayHost, is_internal: Callable[[Flow], bool], *,
+    def __init__(self, network: Network, is_internal: Callable[[Flow], bool], *,
                  lifetime: float = RECORD_LIFETIME, max_records: int = MAX_RECORDS) -> None:
-        self.edge = edge
+        self.network = network
         self.is_internal = is_internal
         self.lifetime = lifetime
         self.max_records = max_records
@@ -91,12 +73,12 @@ class StatelessRelay:
         branch = f"{STATELESS_PREFIX}{digest}"
         if reply_to is not None:
             self._remember(branch, reply_to, now)
-        host, port = self.edge.transports.local_address(dest)
+        host, port = self.network.local_address(dest)
         request.add("Via", f"SIP/2.0/{dest.transport.upper()} {format_host_port(host, port)};"
                            f"branch={branch};rport", first=True)
         if not self.is_internal(dest):
             strip_internal(request)
-        self.edge.send(request.to_bytes(), dest)
+        self.network.send(request.to_bytes(), dest)
         return True
 
     def backward(self, response: Response, branch: str, source: Flow, now: float) -> None:
@@ -114,7 +96,7 @@ class StatelessRelay:
         self._remember(branch, dest, now)  # the transaction is alive: keep its way back
         if not self.is_internal(dest):
             strip_internal(response)
-        if not self.edge.send(response.to_bytes(), dest):
+        if not self.network.send(response.to_bytes(), dest):
             self._drop(source, now, "unroutable", response, dest)
 
     def _remember(self, branch: str, reply_to: Flow, now: float) -> None:
@@ -159,9 +141,9 @@ class StatelessRelay:
             request.pop_first("Route")
 
     def is_ours(self, host: str, port: int | None) -> bool:
-        addresses = self.edge.addresses
+        addresses = self.network.addresses
         if (port or 5060) not in {int(a.rsplit(":", 1)[1]) for a in addresses}:
             return False
         host = host.strip("[]")
         listening = {a.rsplit(":", 1)[0].strip("[]") for a in addresses}
-        return host in listening or host in self.edge.transports.local_ips() or "0.0.0.0" in listening
+        return host in listening or host in self.network.local_ips() or "0.0.0.0" in listening

@@ -1,8 +1,15 @@
-"""One asyncio timer for many sans-I/O state machines.
+"""The one owner of time in the edge: every deadline is armed here.
 
-Anything with `next_deadline()` is armed here; the earliest deadline sets a single
-`loop.call_at`. Stale heap entries are harmless: an object is only fired when its own
-`next_deadline()` says it is due.
+Two kinds of things wait for time. Sans-I/O state machines (client transactions, forks)
+say when they next need to run through `next_deadline()`, and are re-armed from what they
+say after each firing. One-shot callbacks (`call_at`, `call_later`: a dialog's linger, the
+coalesced state write) and repeating ones (`every`: housekeeping, the qualify round) are
+`Deadline`s, the same shape. Stale heap entries are harmless: an object is only fired when
+its own `next_deadline()` says it is due.
+
+The wheel itself does no I/O: `run_due(now)` fires what is due at `now`, so a test drives
+the whole edge with a fake clock (`manual=True`). In the daemon it keeps one `loop.call_at`
+armed for the earliest deadline of all.
 """
 
 from __future__ import annotations
@@ -18,23 +25,102 @@ class Timed(Protocol):
     def next_deadline(self) -> float | None: ...
 
 
+Fire = Callable[[Timed, float], None]
+
+
+class Deadline:
+    """A callback at a time (once, or every `interval` seconds); `cancel()` and it never runs."""
+
+    __slots__ = ("fn", "interval", "when")
+
+    def __init__(self, when: float, fn: Callable[[float], None], interval: float = 0.0) -> None:
+        self.when: float | None = when
+        self.fn = fn
+        self.interval = interval
+
+    def next_deadline(self) -> float | None:
+        return self.when
+
+    def cancel(self) -> None:
+        self.when = None
+
+    def run(self, now: float) -> None:
+        self.when = now + self.interval if self.interval > 0 else None
+        self.fn(now)
+
+
+def _run_deadline(obj: Timed, now: float) -> None:
+    assert isinstance(obj, Deadline)
+    obj.run(now)
+
+
 class TimerWheel:
-    def __init__(self, clock: Callable[[], float], fire: Callable[[Timed, float], None]) -> None:
+    def __init__(self, clock: Callable[[], float], fire: Fire | None = None, *, manual: bool = False) -> None:
         self._clock = clock
-        self._fire = fire
-        self._heap: list[tuple[float, int, Timed]] = []
+        self._default_fire = fire
+        self._manual = manual
+        self._heap: list[tuple[float, int, Timed, Fire]] = []
         self._seq = itertools.count()
         self._handle: asyncio.TimerHandle | None = None
         self._handle_at: float | None = None
 
-    def arm(self, obj: Timed) -> None:
+    def now(self) -> float:
+        return self._clock()
+
+    def arm(self, obj: Timed, fire: Fire | None = None) -> None:
+        """(Re-)arm a state machine for its `next_deadline()`; `fire(obj, now)` runs it then."""
         deadline = obj.next_deadline()
         if deadline is None:
             return
-        heapq.heappush(self._heap, (deadline, next(self._seq), obj))
-        if self._handle_at is None or deadline < self._handle_at:
+        action = fire or self._default_fire
+        assert action is not None, "arm() needs a fire callback (none given to the wheel)"
+        heapq.heappush(self._heap, (deadline, next(self._seq), obj, action))
+        if not self._manual and (self._handle_at is None or deadline < self._handle_at):
             self._schedule(deadline)
 
+    def call_at(self, when: float, fn: Callable[[float], None]) -> Deadline:
+        """Run `fn(now)` once at `when` (our clock)."""
+        deadline = Deadline(when, fn)
+        self.arm(deadline, _run_deadline)
+        return deadline
+
+    def call_later(self, delay: float, fn: Callable[[float], None]) -> Deadline:
+        return self.call_at(self._clock() + delay, fn)
+
+    def every(self, interval: float, fn: Callable[[float], None], *, first: float | None = None) -> Deadline:
+        """Run `fn(now)` every `interval` seconds (first at `first`, else one interval from now)."""
+        deadline = Deadline(self._clock() + interval if first is None else first, fn, interval)
+        self.arm(deadline, _run_deadline)
+        return deadline
+
+    def next_deadline(self) -> float | None:
+        """The earliest armed time (possibly of a stale entry): for tests and drivers."""
+        return self._heap[0][0] if self._heap else None
+
+    def run_due(self, now: float) -> None:
+        """Fire every object due at `now`, once each, and re-arm each for what it says next."""
+        due: list[tuple[Timed, Fire]] = []
+        seen: set[int] = set()
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            _, _, obj, fire = heapq.heappop(heap)
+            if id(obj) not in seen:
+                seen.add(id(obj))
+                due.append((obj, fire))
+        for obj, fire in due:
+            deadline = obj.next_deadline()
+            if deadline is not None and deadline <= now:
+                fire(obj, now)
+            deadline = obj.next_deadline()
+            if deadline is not None:
+                heapq.heappush(heap, (deadline, next(self._seq), obj, fire))
+
+    def advance_to(self, now: float) -> None:
+        """Manual mode (tests): fire everything due up to `now`, earliest first."""
+        while self._heap and self._heap[0][0] <= now:
+            self.run_due(self._heap[0][0])
+
+    # -- the asyncio driver ------------------------------------------------------------------
     def _schedule(self, deadline: float) -> None:
         if self._handle is not None:
             self._handle.cancel()
@@ -47,21 +133,7 @@ class TimerWheel:
     def _run(self) -> None:
         self._handle = None
         self._handle_at = None
-        now = self._clock()
-        due: list[Timed] = []
-        seen: set[int] = set()
-        while self._heap and self._heap[0][0] <= now:
-            _, _, obj = heapq.heappop(self._heap)
-            if id(obj) not in seen:
-                seen.add(id(obj))
-                due.append(obj)
-        for obj in due:
-            deadline = obj.next_deadline()
-            if deadline is not None and deadline <= now:
-                self._fire(obj, now)
-            deadline = obj.next_deadline()
-            if deadline is not None:
-                heapq.heappush(self._heap, (deadline, next(self._seq), obj))
+        self.run_due(self._clock())
         self._rearm()
 
     def _rearm(self) -> None:
@@ -78,4 +150,6 @@ class TimerWheel:
     def cancel(self) -> None:
         if self._handle is not None:
             self._handle.cancel()
+            self._handle = None
+            self._handle_at = None
         self._heap.clear()

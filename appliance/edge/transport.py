@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, cast
 
 from appliance.edge.tcp_limits import HEADER, OVER_TOTAL, TcpGuard, TcpLimits
+from appliance.edge.timers import Deadline, TimerWheel
 from appliance.logs import PerSourceLimit, fields, log_limited
 from appliance.sip.message import MAX_MESSAGE_SIZE
 from appliance.sip.registrar import Flow
@@ -321,39 +322,48 @@ class Transports:
     connection is kept however quiet it is (the edge passes in a registrar lookup).
     """
 
-    def __init__(self, receiver: Receiver, limits: TcpLimits | None = None,
+    def __init__(self, timers: TimerWheel, limits: TcpLimits | None = None,
                  has_binding: Callable[[Flow], bool] | None = None,
                  fd_limit: int | None = None) -> None:
-        self._receiver = receiver
+        self.timers = timers
         self.fd_limit = raise_fd_limit() if fd_limit is None else fd_limit
         self.limits = (limits or TcpLimits()).capped(self.fd_limit)
         self._has_binding = has_binding or _no_binding
         self.udp: dict[str, UdpEndpoint] = {}
-        self.tcp = TcpRegistry(TcpGuard(self.limits))
+        self.tcp = TcpRegistry(TcpGuard(self.limits), timers.now)
         self._servers: list[asyncio.Server] = []
         self._local_ip_cache: dict[str, str] = {}
-        self._sweeper: asyncio.TimerHandle | None = None
+        self._sweeper: Deadline | None = None
 
-    def _sweep(self) -> None:
+    @property
+    def addresses(self) -> list[str]:
+        """The listeners, `host:port`, in the order they were opened."""
+        return list(self.udp)
+
+    def flow_open(self, flow: Flow) -> bool:
+        """Can `flow` be reached now: always over UDP; over TCP while its connection lasts."""
+        return flow.transport != "tcp" or self.tcp.get(flow.host, flow.port) is not None
+
+    def _sweep(self, _now: float) -> None:
         try:
             self.tcp.sweep(self._has_binding)
         except Exception as exc:  # the sweep must go on, or nothing is ever reaped again
             log.warning("event=tcp_sweep_failed %s", fields(error=repr(exc)[:200]))
-        self._sweeper = asyncio.get_running_loop().call_later(self.limits.sweep_interval(), self._sweep)
 
-    async def listen(self, host: str, port: int) -> str:
-        """Bind UDP and TCP on host:port (port 0 picks one free for both); returns host:port."""
+    async def listen(self, host: str, port: int, receiver: Receiver) -> str:
+        """Bind UDP and TCP on host:port (port 0 picks one free for both), delivering what
+        arrives to `receiver`; returns host:port."""
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         for _attempt in range(20):
             transport, endpoint = await loop.create_datagram_endpoint(
-                lambda: UdpEndpoint(self._receiver), local_addr=(host, port), family=family
+                lambda: UdpEndpoint(receiver), local_addr=(host, port), family=family
             )
             real_port = _host_port(transport.get_extra_info("sockname"))[1]
             local = format_host_port(host, real_port)
             try:
                 server = await loop.create_server(
-                    lambda local=local: TcpConnection(self._receiver, self.tcp, local),  # type: ignore[misc]
+                    lambda local=local: TcpConnection(receiver, self.tcp, local),  # type: ignore[misc]
                     host=host, port=real_port, family=family, reuse_address=True,
                 )
             except OSError:
@@ -375,7 +385,7 @@ class Transports:
                 log.info("event=tcp_limits %s", fields(
                     max_connections=lim.max_connections, max_per_address=lim.max_per_address,
                     header_timeout=lim.header_timeout, idle_timeout=lim.idle_timeout, fd_limit=self.fd_limit))
-                self._sweeper = loop.call_later(lim.sweep_interval(), self._sweep)
+                self._sweeper = self.timers.every(lim.sweep_interval(), self._sweep)
             return local
         raise OSError(f"no free port pair for {host}")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from appliance.config import Config, parse_config
+from appliance.config import Config, LiveConfig, parse_config
 from appliance.netaddr import AddressCache, InterfaceAddress
 from appliance.sip.registrar import Registrar
 from appliance.state import LiveState
@@ -57,9 +57,8 @@ def house(config_path: Path | None = None) -> tuple[Config, Registrar, LiveState
     config = parse_config(CONFIG, config_path or Path("/etc/homepbx/config.toml"))
     registrar = Registrar(60, 3600, 600)
     registrar.load([_binding(*d) for d in DEVICES], NOW - 100000)
-    state = LiveState(registrar, config)
+    state = LiveState(registrar, LiveConfig(config), box_addresses=AddressCache(lambda: INTERFACES))
     state.started_at = NOW - (3 * 86400 + 4 * 3600)
-    state.box_addresses = AddressCache(lambda: INTERFACES)
     return config, registrar, state
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from appliance.config import load_config
 from appliance.control import ControlServer
-from appliance.edge.server import Edge
+from appliance.daemon import Daemon
 from appliance.ports import free_port
 from tests.support.control import control_block
 from tests.support.pbx import write_config
@@ -30,14 +30,14 @@ USERS = [
 
 def test_ringing_answered_joined_left_ended(tmp_path: Path) -> None:
     config_path = write_config(tmp_path, free_port(), USERS, extra=control_block())
-    edge = Edge(load_config(config_path), config_path=config_path)
+    edge = Daemon(load_config(config_path), config_path)
     now = time.time()
     edge.registrar.load([{**_binding(*d), "expires_at": now + 300, "registered_at": now - 60} for d in DEVICES],
                         now)
     state = edge.state
 
     async def scenario() -> None:
-        server = ControlServer(edge, config_path)
+        server = ControlServer(edge.state, edge.settings, edge, config_path)
         await server.start()
         try:
             app = HomePbxApp(tmp_path / "ctl.sock")

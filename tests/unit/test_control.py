@@ -1,6 +1,6 @@
 """The control socket: protocol, commands and their errors, against the real daemon.
 
-The last tests drive a ControlServer in-process (a real Edge, not started) to make a
+The last tests drive a ControlServer in-process (a real Daemon, not started) to make a
 client fall behind on purpose, which a real daemon on loopback will not do on demand.
 """
 
@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from appliance.config import control_socket_path as socket_path
 from appliance.config import load_config
-from appliance.control import ControlServer, socket_path
-from appliance.edge.server import Edge
+from appliance.control import ControlServer
+from appliance.daemon import Daemon as InProcessDaemon
 from appliance.ports import free_port
 from tests.support.control import ControlConn, control_block
 from tests.support.pbx import Daemon, user_block, write_config
@@ -234,12 +235,12 @@ def test_default_socket_paths(tmp_path: Path) -> None:
 
 
 # -- in-process: a client that falls behind ----------------------------------------------------
-def _in_process(tmp_path: Path, body: Callable[[Edge, ControlServer, Path], object]) -> None:
+def _in_process(tmp_path: Path, body: Callable[[InProcessDaemon, ControlServer, Path], object]) -> None:
     config_path = write_config(tmp_path, free_port(), [user_block("200")], extra=control_block())
-    edge = Edge(load_config(config_path), config_path=config_path)
+    edge = InProcessDaemon(load_config(config_path), config_path)
 
     async def run() -> None:
-        server = ControlServer(edge, config_path, queue_limit=50)
+        server = ControlServer(edge.state, edge.settings, edge, config_path, queue_limit=50)
         await server.start()
         try:
             result = body(edge, server, tmp_path / "ctl.sock")
@@ -252,7 +253,7 @@ def _in_process(tmp_path: Path, body: Callable[[Edge, ControlServer, Path], obje
 
 
 def test_a_client_that_falls_behind_gets_a_fresh_snapshot(tmp_path: Path) -> None:
-    async def body(edge: Edge, server: ControlServer, path: Path) -> None:
+    async def body(edge: InProcessDaemon, server: ControlServer, path: Path) -> None:
         reader, writer = await asyncio.open_unix_connection(str(path))
         sock = writer.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from appliance import netaddr
-from appliance.config import ListenAddress, parse_config
+from appliance.config import ListenAddress, LiveConfig, parse_config
 from appliance.netaddr import AddressCache, InterfaceAddress, parse_ip_json, select
 from appliance.sip.registrar import Registrar
 from appliance.state import LiveState
@@ -117,7 +117,7 @@ def test_the_cache_looks_up_once_per_interval_and_only_for_wildcards() -> None:
 def test_the_snapshot_carries_this_machines_addresses_for_a_wildcard(tmp_path: Path) -> None:
     config = parse_config('[server]\nlisten = ["0.0.0.0:5062"]\n[[users]]\nnumber = "200"\npassword = "x"\n',
                           tmp_path / "config.toml")
-    snap = LiveState(Registrar(60, 3600, 600), config).snapshot()
+    snap = LiveState(Registrar(60, 3600, 600), LiveConfig(config)).snapshot()
     assert snap["listen"] == ["0.0.0.0:5062"]
     assert snap["addresses"] == select(config.server.listen, netaddr.interface_addresses())
     assert snap["addresses"] and "0.0.0.0:5062" not in snap["addresses"]  # this machine has an IPv4 address

@@ -18,25 +18,25 @@ CALLEE = Flow("udp", "127.0.0.20", 5080, "127.0.0.1:5060")
 STRANGER = Flow("udp", "127.0.0.66", 4000, "127.0.0.1:5060")
 
 
-class FakeTransports:
-    def local_address(self, flow: Flow) -> tuple[str, int]:
-        return "127.0.0.1", 5060
-
-    def local_ips(self) -> set[str]:
-        return {"127.0.0.1"}
-
-
 class FakeEdge:
-    """What the relay uses of the edge; `send` takes literal IP addresses only, as a socket does."""
+    """What the relay uses of the network; `send` takes literal IP addresses only, as a socket does."""
 
     def __init__(self) -> None:
-        self.transports = FakeTransports()
         self.addresses = ["127.0.0.1:5060"]
         self.sent: list[tuple[bytes, Flow]] = []
 
     def send(self, data: bytes, flow: Flow) -> bool:
         ipaddress.ip_address(flow.host)  # a host name or junk raises, as sendto would
         self.sent.append((data, flow))
+        return True
+
+    def local_address(self, flow: Flow) -> tuple[str, int]:
+        return "127.0.0.1", 5060
+
+    def local_ips(self) -> set[str]:
+        return {"127.0.0.1"}
+
+    def flow_open(self, flow: Flow) -> bool:
         return True
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from appliance.edge.tcp_limits import (
     TcpLimits,
     address_key,
 )
+from appliance.edge.timers import TimerWheel
 from appliance.edge.transport import TcpConnection, TcpRegistry, Transports, raise_fd_limit
 from appliance.logs import PerSourceLimit
 from appliance.sip.registrar import Flow
@@ -298,8 +300,8 @@ def test_sweep_aborts_a_stalled_message_and_closes_an_idle_connection() -> None:
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_send_never_raises_for_a_bad_destination(loop: str) -> None:
     async def run() -> list[bool]:
-        transports = Transports(Receiver(), fd_limit=4096)
-        await transports.listen("127.0.0.1", 0)
+        transports = Transports(TimerWheel(time.monotonic), fd_limit=4096)
+        await transports.listen("127.0.0.1", 0, Receiver())
         try:
             bad = [Flow("udp", "example.invalid", 5060), Flow("udp", "h\u00f6st", 5060),
                    Flow("udp", "127.0.0.1", 70000), Flow("udp", "127.0.0.1", -1),
@@ -330,7 +332,7 @@ def test_raise_fd_limit_lifts_the_soft_limit_to_the_hard_one() -> None:
         now_soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         assert got == now_soft
         assert now_soft == (hard if hard != resource.RLIM_INFINITY else max(lower, 65536))
-        assert Transports(Receiver(), TcpLimits(max_connections=5000), fd_limit=1024).limits.max_connections \
-            == 1024 - FD_RESERVE
+        transports = Transports(TimerWheel(time.monotonic), TcpLimits(max_connections=5000), fd_limit=1024)
+        assert transports.limits.max_connections == 1024 - FD_RESERVE
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

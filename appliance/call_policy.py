@@ -1,0 +1,126 @@
+"""Who may call whom, and where a call goes: decisions as pure functions (sans-I/O).
+
+The call router in the edge gathers a request's facts (who the authenticated caller is,
+from which of its devices, what was dialled, which devices are reachable, which calls are
+in progress) and asks here; it only carries out the answer. Every refusal and every route
+is therefore decided in one place and unit-tested without sockets, processes or clocks
+(tests/unit/test_call_policy.py). New routes (an outside line, forwarding, do-not-disturb)
+belong here too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from appliance.config import Config, UserConfig
+
+MAX_PARTIES = 3
+"""A call has at most three parties: the two ends and one joining device (`*74`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """Answer the INVITE with `status reason` and do nothing else; `why` goes to the log."""
+
+    status: int
+    reason: str
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
+class RingNumber:
+    """Ring these devices of `number` at once (ring-all); the first to answer takes the call."""
+
+    number: str
+    devices: tuple[str, ...]
+    """Binding ids, in registration order."""
+    ring_timeout: float
+    decline_all: bool
+    """One device declining stops them all (`decline = "all_devices"`)."""
+    counts_outgoing: bool
+    """The call counts against the caller's `max_outgoing_calls` while it lasts."""
+
+
+@dataclass(frozen=True, slots=True)
+class JoinCall:
+    """Add `device` to the call `token`, anchored in the media worker on `worker_port`."""
+
+    token: str
+    worker_port: int
+    device: str
+
+
+Decision = Refuse | RingNumber | JoinCall
+
+
+@dataclass(frozen=True, slots=True)
+class CallInProgress:
+    """What the policy needs to know of a call the edge is carrying."""
+
+    token: str
+    caller: str
+    callee: str
+    caller_device: str | None
+    answered: bool
+    worker_port: int | None
+    parties: int
+    """Devices talking: two, three with a joined device."""
+
+
+ReachableDevices = Callable[[str], Sequence[str]]
+"""A number -> the binding ids of its devices that can be rung now."""
+
+
+def decide_new_call(caller: UserConfig, caller_device: str | None, dialled: str, config: Config,
+                    reachable: ReachableDevices, outgoing_in_use: Mapping[str, int],
+                    calls: Sequence[CallInProgress], anchored: bool) -> Decision:
+    """An authenticated handset of `caller` dialled `dialled` (a number or a feature code)."""
+    if config.feature_codes.get(dialled) == "join":
+        return decide_join(caller, caller_device, calls, anchored)
+    callee = config.user(dialled) if dialled else None
+    if callee is None:
+        return Refuse(404, "Not Found", "unknown_number")
+    limit = caller.max_outgoing_calls
+    in_use = outgoing_in_use.get(caller.number, 0)
+    if limit and in_use >= limit:
+        return Refuse(403, f"Outgoing call limit reached ({in_use} of {limit})", "outgoing_limit")
+    return _ring(callee, caller_device, reachable, counts_outgoing=True)
+
+
+def decide_join(user: UserConfig, device: str | None, calls: Sequence[CallInProgress], anchored: bool) -> Decision:
+    """`*74`: a device of a one-number user joins that number's call in progress."""
+    number = user.number
+    if not user.one_number:
+        return Refuse(403, "Join needs one-number on", "join_needs_one_number")
+    if device is None:
+        return Refuse(403, f"Not a registered device of {number}", "join_unregistered_device")
+    active = [c for c in calls
+              if c.answered and c.worker_port and number in (c.callee, c.caller) and c.caller_device != device]
+    if not anchored or not active:
+        return Refuse(404, "No active call to join", "join_no_call")
+    target = next((c for c in active if c.callee == number), active[0])
+    if target.parties >= MAX_PARTIES:
+        return Refuse(486, "Busy Here (call already has three parties)", "join_full")
+    assert target.worker_port is not None
+    return JoinCall(target.token, target.worker_port, device)
+
+
+def decide_worker_leg(anchoring: CallInProgress | None, worker_port: int, dialled: str, config: Config,
+                      reachable: ReachableDevices) -> Decision:
+    """A media worker's outgoing leg of an anchored call: trusted only for the call it anchors."""
+    if anchoring is None or anchoring.worker_port != worker_port:
+        return Refuse(403, "Forbidden", "worker_not_anchoring")
+    callee = config.user(dialled)
+    if callee is None:
+        return Refuse(404, "Not Found", "unknown_number")
+    return _ring(callee, anchoring.caller_device, reachable, counts_outgoing=False)
+
+
+def _ring(callee: UserConfig, caller_device: str | None, reachable: ReachableDevices, *,
+          counts_outgoing: bool) -> Decision:
+    devices = tuple(d for d in reachable(callee.number) if d != caller_device)  # never ring the caller itself
+    if not devices:
+        return Refuse(480, "Temporarily Unavailable", "no_reachable_device")
+    return RingNumber(callee.number, devices, float(callee.ring_timeout), callee.decline == "all_devices",
+                      counts_outgoing)

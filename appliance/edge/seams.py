@@ -1,0 +1,79 @@
+"""The narrow seams between the edge's components: each receives only what it uses.
+
+Small Protocols, passed in at construction by the composition root (appliance.daemon):
+a component never reaches into another through a shared `Edge`, and a test hands it a
+fake of the one or two things it needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from appliance.sip.registrar import Binding, Flow, RegistrarEvent
+
+
+class Network(Protocol):
+    """The transports as the components see them: send along a flow, and our own addresses."""
+
+    @property
+    def addresses(self) -> list[str]:
+        """The listeners, `host:port`, in config order (the first one is where workers reach us)."""
+        ...
+
+    def send(self, data: bytes, flow: Flow) -> bool: ...
+
+    def local_address(self, flow: Flow) -> tuple[str, int]:
+        """The address to put in our own Via/Contact/Record-Route when talking along `flow`."""
+        ...
+
+    def local_ips(self) -> set[str]: ...
+
+    def flow_open(self, flow: Flow) -> bool:
+        """Can we reach `flow` now (always for UDP; TCP: its connection is still there)?"""
+        ...
+
+
+class Bindings(Protocol):
+    """The registrar's bindings, read-only."""
+
+    def bindings(self, number: str) -> list[Binding]: ...
+
+
+PublishDeviceEvents = Callable[[list[RegistrarEvent]], None]
+"""Where registrar events go: the log, the state file, the live state (edge.device_events)."""
+
+
+class CallEvents(Protocol):
+    """What the live state (hence the TUI) is told about calls."""
+
+    def call_started(self, call_id: str, caller: str, callee: str, caller_device: str | None) -> None: ...
+
+    def device_ringing(self, call_id: str, binding_id: str) -> None: ...
+
+    def device_stopped(self, call_id: str, binding_id: str) -> None: ...
+
+    def call_answered(self, call_id: str, binding_id: str | None) -> None: ...
+
+    def call_joined(self, call_id: str, binding_id: str) -> None: ...
+
+    def call_left(self, call_id: str, binding_id: str) -> None: ...
+
+    def call_ended(self, call_id: str, reason: str) -> None: ...
+
+
+class MediaAnchor(Protocol):
+    """The media workers as the call router sees them (edge.media_link.MediaLink)."""
+
+    @property
+    def edge_address(self) -> str:
+        """`host:port` the workers send their SIP to."""
+        ...
+
+    def is_worker(self, flow: Flow) -> bool: ...
+
+    def anchor(self, token: str, then: Callable[[int | None], None]) -> None:
+        """Find a worker for call `token`, then continue with its SIP port (None: all busy)."""
+        ...
+
+    def call_over(self, token: str) -> None: ...

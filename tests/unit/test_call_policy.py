@@ -1,0 +1,157 @@
+"""The call policy: every refusal and every route, as pure decisions (no sockets, no clock)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from appliance.call_policy import (
+    CallInProgress,
+    Decision,
+    JoinCall,
+    Refuse,
+    RingNumber,
+    decide_join,
+    decide_new_call,
+    decide_worker_leg,
+)
+from appliance.config import Config, UserConfig, parse_config
+
+CONFIG = """
+[server]
+listen = ["127.0.0.1:5060"]
+[feature_codes]
+"*74" = "join"
+[[users]]
+number = "100"
+password = "a"
+[[users]]
+number = "200"
+password = "b"
+one_number = true
+max_devices = 3
+max_outgoing_calls = 2
+ring_timeout = 20
+[[users]]
+number = "300"
+password = "c"
+decline = "all_devices"
+"""
+
+DEVICES = {"100": ["d100"], "200": ["d1", "d2", "d3"], "300": []}
+
+
+@pytest.fixture
+def config() -> Config:
+    return parse_config(CONFIG, Path("/etc/homepbx/config.toml"))
+
+
+def reachable(number: str) -> list[str]:
+    return DEVICES.get(number, [])
+
+
+def user(config: Config, number: str) -> UserConfig:
+    found = config.user(number)
+    assert found is not None
+    return found
+
+
+def answered_call(token: str = "t1", caller: str = "100", callee: str = "200", caller_device: str | None = "d100",
+                  parties: int = 2, worker_port: int | None = 40000, answered: bool = True) -> CallInProgress:
+    return CallInProgress(token, caller, callee, caller_device, answered, worker_port, parties)
+
+
+def new_call(config: Config, caller: str, dialled: str, *, device: str | None = "d100",
+             outgoing: dict[str, int] | None = None, calls: list[CallInProgress] | None = None,
+             anchored: bool = True) -> Decision:
+    return decide_new_call(user(config, caller), device, dialled, config, reachable, outgoing or {},
+                           calls or [], anchored)
+
+
+def status(decision: Decision) -> int:
+    assert isinstance(decision, Refuse), decision
+    return decision.status
+
+
+# -- routes ----------------------------------------------------------------------------------
+def test_a_call_rings_every_reachable_device_of_the_number(config: Config) -> None:
+    decision = new_call(config, "100", "200")
+    assert decision == RingNumber("200", ("d1", "d2", "d3"), 20.0, False, True)
+
+
+def test_the_calling_device_itself_is_never_rung(config: Config) -> None:
+    decision = new_call(config, "200", "200", device="d2")  # a handset calls its own number
+    assert isinstance(decision, RingNumber) and decision.devices == ("d1", "d3")
+
+
+def test_decline_all_devices_is_carried_to_the_fork(config: Config) -> None:
+    DEVICES["300"] = ["d9"]
+    try:
+        decision = new_call(config, "100", "300")
+    finally:
+        DEVICES["300"] = []
+    assert isinstance(decision, RingNumber) and decision.decline_all
+
+
+def test_join_code_routes_to_the_numbers_call(config: Config) -> None:
+    calls = [answered_call(caller_device="d100")]
+    assert new_call(config, "200", "*74", device="d2", calls=calls) == JoinCall("t1", 40000, "d2")
+
+
+def test_worker_leg_rings_the_callee_but_not_the_calling_device(config: Config) -> None:
+    anchoring = answered_call(caller="200", callee="200", caller_device="d1", answered=False)
+    decision = decide_worker_leg(anchoring, 40000, "200", config, reachable)
+    assert decision == RingNumber("200", ("d2", "d3"), 20.0, False, False)  # not counted twice
+
+
+# -- refusals --------------------------------------------------------------------------------
+def test_unknown_number_is_404(config: Config) -> None:
+    assert new_call(config, "100", "999") == Refuse(404, "Not Found", "unknown_number")
+    assert new_call(config, "100", "") == Refuse(404, "Not Found", "unknown_number")
+
+
+def test_outgoing_limit_is_403_with_the_figures(config: Config) -> None:
+    decision = new_call(config, "200", "100", device="d1", outgoing={"200": 2})
+    assert decision == Refuse(403, "Outgoing call limit reached (2 of 2)", "outgoing_limit")
+    assert isinstance(new_call(config, "200", "100", device="d1", outgoing={"200": 1}), RingNumber)
+    assert isinstance(new_call(config, "100", "200", outgoing={"100": 50}), RingNumber)  # 0 = unlimited
+
+
+def test_unknown_number_is_decided_before_the_limit(config: Config) -> None:
+    assert status(new_call(config, "200", "999", device="d1", outgoing={"200": 2})) == 404
+
+
+def test_no_reachable_device_is_480(config: Config) -> None:
+    assert new_call(config, "100", "300") == Refuse(480, "Temporarily Unavailable", "no_reachable_device")
+    assert new_call(config, "100", "100") == Refuse(480, "Temporarily Unavailable", "no_reachable_device")
+
+
+def test_join_refusals(config: Config) -> None:
+    calls = [answered_call()]
+    assert status(decide_join(user(config, "100"), "d100", calls, True)) == 403
+    assert decide_join(user(config, "200"), None, calls, True) == Refuse(
+        403, "Not a registered device of 200", "join_unregistered_device")
+    assert status(decide_join(user(config, "200"), "d2", [], True)) == 404
+    assert status(decide_join(user(config, "200"), "d2", calls, False)) == 404
+    ringing = [answered_call(answered=False)]
+    assert status(decide_join(user(config, "200"), "d2", ringing, True)) == 404
+    full = [answered_call(parties=3)]
+    assert decide_join(user(config, "200"), "d2", full, True) == Refuse(
+        486, "Busy Here (call already has three parties)", "join_full")
+    own = [answered_call(caller="200", callee="100", caller_device="d2")]  # d2 is already in it
+    assert status(decide_join(user(config, "200"), "d2", own, True)) == 404
+
+
+def test_join_prefers_the_call_to_the_number(config: Config) -> None:
+    calls = [answered_call("out", caller="200", callee="100", caller_device="d1"), answered_call("in")]
+    assert decide_join(user(config, "200"), "d3", calls, True) == JoinCall("in", 40000, "d3")
+
+
+def test_worker_leg_refusals(config: Config) -> None:
+    anchoring = answered_call(worker_port=40000)
+    assert status(decide_worker_leg(None, 40000, "200", config, reachable)) == 403
+    assert decide_worker_leg(anchoring, 40002, "200", config, reachable) == Refuse(
+        403, "Forbidden", "worker_not_anchoring")  # another worker cannot ride on this call
+    assert status(decide_worker_leg(anchoring, 40000, "999", config, reachable)) == 404
+    assert status(decide_worker_leg(anchoring, 40000, "300", config, reachable)) == 480
