@@ -14,9 +14,11 @@ Why it is built this way:
   read by two small threads that never touch pjsua2: they queue the work and wake the
   main loop by sending a CRLF keep-alive (RFC 5626 §4.4.1, which pjsip ignores) to the
   host's own loopback UDP SIP port (a process whose SIP runs over TCP gets a loopback
-  UDP transport just for that).  No polling anywhere.  Idle, registered handset, 10 s
-  (``/tmp/pjhost/idle_cpu.py``, 2 shared cores): 1.1 % of a core when it polled every
-  10 ms, now ~0.2 % (UDP or TCP); a warm media worker stays at ~0.03 %.
+  UDP transport just for that).  No polling anywhere.  CPU over 20 s idle (schedstat
+  of every thread, as ``bench/media.py`` measures; 2 shared cores): a registered
+  handset took 1.2 % of a core when it polled every 10 ms, 0.3 % with this loop, and
+  0.015 % with its RTP on the SIP ioqueue too (UDP or TCP alike); a warm media worker
+  0.03 %, as before.
 - Signals are blocked in every thread (:func:`block_signals`, first thing in ``main``,
   so pjsua's threads inherit the mask) and taken by the signal thread: a SIGTERM stops
   the loop at once instead of after its sleep.
