@@ -5,21 +5,20 @@ the contract with the edge (headers, events, commands) is in :mod:`.protocol`.
 
 Why it is built this way (figures in ``bench/media.py``):
 
-- pjsua2 runs on the main thread only (``threadCnt = 0``, ``mainThreadOnly``) and the
-  media endpoint shares the SIP ioqueue (``hasIoqueue = False``, media ``threadCnt = 0``):
-  pjmedia's own ioqueue thread polls every 10 ms, which alone costs ~0.2 % of a core in
-  an idle worker.  Here the main thread sleeps in ``libHandleEvents(1000)`` and wakes on
-  SIP, RTP or a timer; an idle worker then costs ~0.01 %.
-- Commands and signals are read by two small threads that never touch pjsua2: they queue
-  the work and wake the main loop by sending a CRLF keep-alive (RFC 5626 §4.4.1, which
-  pjsip ignores) to the worker's own SIP port.  No polling anywhere.
+- The main loop, the command channel, signals and shutdown are the shared pjsua2 host's
+  (:class:`appliance.pjhost.PjHost`): pjsua2 on the main thread only, asleep in
+  ``libHandleEvents(1000)`` until SIP, RTP or a timer, woken by a CRLF keep-alive to
+  its own SIP port when a command or a signal arrives.  No polling anywhere.
+- The media endpoint shares the SIP ioqueue (``hasIoqueue = False``, media
+  ``threadCnt = 0``): pjmedia's own ioqueue thread polls every 10 ms, which alone costs
+  ~0.2 % of a core in an idle worker; an idle worker costs ~0.01 % without it.
 - The conference bridge is clocked by the null sound device, which pjsua opens when the
   first port is connected and closes one second after the last call (``sndAutoCloseTime``).
 - Every ``Call`` is strongly referenced until DISCONNECTED and dropped after
   ``libHandleEvents`` returns, never inside a callback.  Automatic garbage collection is
   off (a collection started by a helper thread could run a pjsua2 destructor on an
   unregistered thread, which aborts); the main loop collects when a call ends.
-- pjsua2 callbacks only record facts and queue jobs; jobs run right after
+- pjsua2 callbacks only record facts and queue jobs (``later``); jobs run right after
   ``libHandleEvents`` returns, so no pjsua2 operation is nested inside a callback.
 - A reaped ``Leg`` is dropped everywhere at once: pjsua2's ``~Call`` clears the user data
   of its call id, so an old object outliving the reuse of its id would orphan a new call.
@@ -38,7 +37,6 @@ Why it is built this way (figures in ``bench/media.py``):
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import gc
 import json
@@ -46,9 +44,7 @@ import os
 import signal
 import socket
 import sys
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,22 +55,14 @@ from appliance.logs import fields
 from appliance.media import direct_bye
 from appliance.media import protocol as P
 from appliance.pjerrors import pj_error_text
+from appliance.pjhost import STDIN_CLOSED, LogWriter, PjHost, block_signals
 from appliance.sip.errors import SipParseError
 from appliance.sip.message import Request, Response, parse_message
 
-IDLE_WAIT_MS = 1000
-"""Longest sleep in libHandleEvents; SIP, RTP, pjsip timers and the wake datagram all
-end it early, so this only bounds the damage of a lost wake-up."""
 SHUTDOWN_PUMP_S = 2.0
 """How long shutdown waits for BYE/CANCEL transactions before destroying the library."""
-EDGE_LOST = "stdin closed"
+EDGE_LOST = STDIN_CLOSED
 """The stop reason when the command channel ends without a quit: the edge is gone."""
-SHUTDOWN_WATCHDOG_S = 8.0
-"""A shutdown that takes longer than this exits hard (status 3) rather than hang."""
-WAKE = b"\r\n\r\n"
-"""A SIP keep-alive: pjsip drops it silently, and it ends libHandleEvents at once."""
-
-_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _STATIC_PT = {"0": "PCMU/8000", "8": "PCMA/8000", "9": "G722/16000"}
 
 
@@ -144,18 +132,6 @@ def sip_headers(pairs: dict[str, str]) -> Any:
 
 # ------------------------------------------------------------------------------------------
 # pjsua2 subclasses: callbacks record facts and queue jobs, nothing more
-
-
-class LogWriter(pj.LogWriter):  # type: ignore[misc]
-    """pjsua log lines to stderr (fd 1 belongs to the JSON events)."""
-
-    def write(self, entry: Any) -> None:
-        try:
-            msg = str(entry.msg)
-            sys.stderr.write(msg if msg.endswith("\n") else msg + "\n")
-            sys.stderr.flush()
-        except Exception:
-            pass
 
 
 class WorkerAccount(pj.Account):  # type: ignore[misc]
@@ -281,65 +257,29 @@ class Session:
 # the worker
 
 
-class Worker:
-    """Owns the endpoint, the transport, the account, the session and every Leg."""
+class Worker(PjHost):
+    """Owns the transport, the account, the session and every Leg; the endpoint and the
+    loop are the host's."""
 
     def __init__(self, args: argparse.Namespace, out: Emitter) -> None:
+        super().__init__(out)
         self.args = args
-        self.out = out
         self.rtp_ports = P.parse_port_range(args.rtp_ports)
         self.edge_host, self.edge_port = P.parse_hostport(args.edge)
-        self.commands: collections.deque[dict[str, Any] | None] = collections.deque()
-        self.jobs: collections.deque[Callable[[], None]] = collections.deque()
         self.legs: list[Leg] = []
         self.session: Session | None = None
-        self.stop_reason: str | None = None
         self.dirty = False
         self.calls_done = 0
-        self.ep: Any = None
         self.acc: WorkerAccount | None = None
-        self.writer: LogWriter | None = None
         self.sip_port = 0
-        self.wake_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-
-    # -- plumbing --------------------------------------------------------------------------
-    def guard(self, where: str, fn: Callable[..., None], *args: Any) -> None:
-        """Run a callback or job body; an exception becomes an error event instead of
-        escaping into the SWIG director (which could abort the process)."""
-        try:
-            fn(*args)
-        except Exception as exc:
-            self.out.emit(P.EV_ERROR, where=where, message=pj_error_text(exc))
-
-    def later(self, fn: Callable[[], None]) -> None:
-        self.jobs.append(fn)
-
-    def wake(self) -> None:
-        """Any thread: end the main thread's libHandleEvents now."""
-        with contextlib.suppress(OSError):
-            self.wake_sock.sendto(WAKE, (P.LOOPBACK, self.sip_port))
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
-        ep = pj.Endpoint()
-        # libCreate logs a banner at full verbosity before any config applies: hide it.
-        saved = os.dup(1)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 1)
-        try:
-            ep.libCreate()
-        finally:
-            os.dup2(saved, 1)
-            os.close(saved)
-            os.close(devnull)
-        self.ep = ep
-        cfg = pj.EpConfig()
+        level = int(self.args.log_level)
+        cfg = self.create_endpoint(LogWriter(), level, msg_logging=level >= 4)
         ua = cfg.uaConfig
-        ua.threadCnt = 0
-        ua.mainThreadOnly = True
         ua.maxCalls = 4  # the wheel's compiled-in maximum
         ua.userAgent = "homepbx-media"
-        ua.stunIgnoreFailure = True
         med = cfg.medConfig
         # Share the SIP ioqueue: no pjmedia thread polling every 10 ms (--media-thread
         # brings it back, for comparison).
@@ -351,24 +291,15 @@ class Worker:
         med.sndClockRate = int(self.args.clock_rate)
         med.quality = int(self.args.quality)
         med.sndAutoCloseTime = 1
-        level = int(self.args.log_level)
-        self.writer = LogWriter()
-        cfg.logConfig.writer = self.writer
-        cfg.logConfig.level = level
-        cfg.logConfig.consoleLevel = level
-        cfg.logConfig.msgLogging = level >= 4
-        cfg.logConfig.decor = pj.PJ_LOG_HAS_TIME | pj.PJ_LOG_HAS_MICRO_SEC | pj.PJ_LOG_HAS_SENDER
-        ep.libInit(cfg)
-        ep.audDevManager().setNullDev()
+        self.init_endpoint(cfg)
 
         tcfg = pj.TransportConfig()
         tcfg.port = int(self.args.sip_port)
         tcfg.boundAddress = P.LOOPBACK
         tcfg.publicAddress = P.LOOPBACK
-        tid = ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, tcfg)
-        ep.libStart()
+        tid, self.sip_port = self.create_transport(pj.PJSIP_TRANSPORT_UDP, tcfg)
+        self.start_library()
         self.set_codec_order(list(P.CODECS))
-        self.sip_port = int(str(ep.transportGetInfo(tid).localName).rsplit(":", 1)[1])
 
         acfg = pj.AccountConfig()
         acfg.idUri = f"sip:media@{P.LOOPBACK}:{self.sip_port}"
@@ -401,87 +332,24 @@ class Worker:
             if int(info.priority) != prio:
                 self.ep.codecSetPriority(cid, prio)
 
-    def run(self) -> int:
-        threading.Thread(target=self.read_stdin, name="stdin", daemon=True).start()
-        threading.Thread(target=self.wait_signals, name="signals", daemon=True).start()
+    def ready(self) -> None:
         self.out.emit(
             P.EV_READY, sip_port=self.sip_port, pid=os.getpid(), rtp_ports=P.format_port_range(self.rtp_ports)
         )
-        ep = self.ep
-        while self.stop_reason is None:
-            ep.libHandleEvents(0 if self.jobs or self.commands else IDLE_WAIT_MS)
-            if self.commands:
-                self.drain_commands()
-            if self.jobs:
-                self.run_jobs()
-            if self.dirty:
-                self.reap()
-        self.shutdown()
-        return 0
-
-    def read_stdin(self) -> None:
-        """Reader thread: never touches pjsua2, only queues and wakes."""
-        try:
-            # A fresh reader on fd 0: in a worker forked by the zygote, sys.stdin is the
-            # zygote's object, while fd 0 is now this worker's own channel.
-            for raw in open(0, "rb", closefd=False):  # noqa: SIM115 - lives as long as the thread
-                line = raw.strip()
-                if not line:
-                    continue
-                try:
-                    cmd = P.decode(line)
-                except ValueError as exc:
-                    self.out.emit(P.EV_ERROR, where="stdin", message=f"bad command line: {exc}")
-                    continue
-                self.commands.append(cmd)
-                self.wake()
-        except (OSError, ValueError):
-            pass
-        self.commands.append(None)  # EOF: the edge is gone
-        self.wake()
-
-    def wait_signals(self) -> None:
-        """Signal thread: the signals are blocked everywhere and taken here, so a
-        SIGTERM wakes the main loop at once instead of after its sleep."""
-        signum = signal.sigwait(set(_SIGNALS))
-        self.commands.append({"cmd": P.CMD_QUIT, "reason": signal.Signals(signum).name})
-        self.wake()
-
-    def request_stop(self, reason: str) -> None:
-        if self.stop_reason is None:
-            self.stop_reason = reason
-            timer = threading.Timer(SHUTDOWN_WATCHDOG_S, lambda: os._exit(3))
-            timer.daemon = True
-            timer.start()
-
-    def pump(self, seconds: float, until: Callable[[], bool]) -> None:
-        """Handle events (and jobs, and reaping) for a while, outside the main loop."""
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline and not until():
-            self.ep.libHandleEvents(10)
-            self.run_jobs()
-            self.reap()
 
     def shutdown(self) -> None:
-        """End every call, then drop every pjsua2 object, then destroy the library.
-        The steps are methods so their locals are gone before libDestroy runs: a Call
-        still referenced at libDestroy aborts the process when it is finally freed.
-
-        With the edge gone, the calls are ended around it instead (:meth:`end_around_edge`)."""
+        """With the edge gone, the calls are ended around it instead (:meth:`end_around_edge`)."""
         if self.stop_reason == EDGE_LOST:
             self.end_around_edge()
             self.out.emit(P.EV_BYE, reason=self.stop_reason)
             return
-        try:
-            self.end_everything(P.REASON_SHUTDOWN)
-            self.pump(SHUTDOWN_PUMP_S, lambda: not self.legs and self.session is None)
-            self.drop_objects()
-            gc.collect()
-            self.ep.libHandleEvents(20)
-            self.ep.libDestroy(pj.PJSUA_DESTROY_NO_RX_MSG)
-        except Exception as exc:
-            self.out.emit(P.EV_ERROR, where="shutdown", message=pj_error_text(exc))
-        self.out.emit(P.EV_BYE, reason=self.stop_reason)
+        super().shutdown()
+
+    def wind_down(self) -> None:
+        """End every call, then drop every pjsua2 object (the host destroys the library)."""
+        self.end_everything(P.REASON_SHUTDOWN)
+        self.pump(SHUTDOWN_PUMP_S, lambda: not self.legs and self.session is None)
+        self.drop_objects()
 
     def end_around_edge(self) -> None:
         """The edge died: BYE every answered party straight to it (direct_bye), then
@@ -510,13 +378,13 @@ class Worker:
         self.acc = None
 
     # -- main-loop chores ------------------------------------------------------------------
-    def drain_commands(self) -> None:
-        while self.commands and self.stop_reason is None:
-            cmd = self.commands.popleft()
-            if cmd is None:
-                self.request_stop(EDGE_LOST)
-                return
-            self.guard("command", self.handle_command, cmd)
+    def handle_line(self, line: bytes) -> None:
+        try:
+            cmd = P.decode(line)
+        except ValueError as exc:
+            self.out.emit(P.EV_ERROR, where="stdin", message=f"bad command line: {exc}")
+            return
+        self.handle_command(cmd)
 
     def handle_command(self, cmd: dict[str, Any]) -> None:
         name = cmd.get("cmd")
@@ -529,9 +397,9 @@ class Worker:
         else:
             self.out.emit(P.EV_ERROR, where="command", message=f"unknown command {name!r}")
 
-    def run_jobs(self) -> None:
-        while self.jobs:
-            self.guard("job", self.jobs.popleft())
+    def after_events(self) -> None:
+        if self.dirty:
+            self.reap()
 
     def reap(self) -> None:
         """Drop disconnected legs (after libHandleEvents returned, never in a callback)
@@ -891,9 +759,9 @@ def main(argv: list[str] | None = None) -> int:
     if raw[:1] == ["--zygote"]:
         return zygote_main()
     args = parse_args(raw)
-    # Blocked in every thread (pjsua's included, they inherit the mask): taken by
-    # Worker.wait_signals only.
-    signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    # Blocked in every thread (pjsua's included, they inherit the mask): taken by the
+    # host's signal thread only.
+    block_signals()
     gc.disable()
     # Keep fd 1 for JSON only: anything native code prints goes to stderr.
     out = private_stdout()
