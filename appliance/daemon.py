@@ -26,7 +26,7 @@ from appliance.edge.auth_gate import AuthGate
 from appliance.edge.calls import CallRouter
 from appliance.edge.device_events import DeviceEvents
 from appliance.edge.media_link import MediaLink
-from appliance.edge.persistence import BindingStore, load_secret
+from appliance.edge.persistence import BindingStore, load_digest_fallback, load_secret, save_digest_fallback
 from appliance.edge.qualify import Qualifier
 from appliance.edge.server import Edge, policy_for
 from appliance.edge.tcp_limits import TcpLimits
@@ -35,6 +35,7 @@ from appliance.edge.transport import Transports
 from appliance.logs import fields
 from appliance.sip.auth import NonceManager
 from appliance.sip.authenticator import Authenticator
+from appliance.sip.digest_fallback import DigestFallback
 from appliance.sip.registrar import Flow, Registrar
 from appliance.sip.throttle import FailureThrottle
 from appliance.sip.transaction import ServerTransactions
@@ -68,7 +69,9 @@ class Daemon:
         self.device_events = DeviceEvents(self.store.mark_dirty, state.device_event)
         self.authenticator = Authenticator(config.server.realm, self.nonces, self.throttle,
                                            config.server.digest_algorithms)
-        auth = AuthGate(self.authenticator, settings, state.address_blocked)
+        self.fallback_path = state_dir / "digest.json"
+        self.fallback = DigestFallback(load_digest_fallback(self.fallback_path))
+        auth = AuthGate(self.authenticator, settings, state.address_blocked, self.fallback)
         self.transports = network = Transports(timers, TcpLimits.of(config.server), has_binding=self._tcp_bound)
         router: CallRouter  # the media link reports to the router, made just below
         self.media = MediaLink(
@@ -127,9 +130,24 @@ class Daemon:
         self.device_events.publish(self.registrar.expire(self.wall()))
         self.server_tx.expire(now)
         self.throttle.sweep(now)
+        self._note_abandoned(now)
         if now >= self._next_nonce_sweep:
             self.nonces.sweep(now)
             self._next_nonce_sweep = now + NONCE_SWEEP_INTERVAL
+
+    def _note_abandoned(self, now: float) -> None:
+        """Devices that gave up on a SHA-256 challenge: said once, offered MD5 from now on."""
+        abandoned = self.fallback.expire(now)
+        if not abandoned:
+            return
+        for a in abandoned:
+            log.warning("event=auth_abandoned %s", fields(
+                number=a.number, peer=a.source, ua=a.user_agent or "-", action="offer_md5_only"))
+            self.state.auth_abandoned(a.number, a.source, a.user_agent)
+        try:
+            save_digest_fallback(self.fallback_path, self.fallback.learned)
+        except OSError as err:
+            log.warning("event=state_write_failed %s", fields(path=self.fallback_path, error=err))
 
     def _tcp_bound(self, flow: Flow) -> bool:
         """A binding lives on this TCP flow: its connection stays however quiet it is.

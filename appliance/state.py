@@ -208,6 +208,10 @@ class LiveState:
             del self.blocked[next(iter(self.blocked))]
         self.emit({"event": "address_blocked", "address": address, "until": until, "reason": reason})
 
+    def auth_abandoned(self, number: str, address: str, user_agent: str) -> None:
+        """A handset gave up on the SHA-256 challenge: the TUI says so (it is offered MD5 now)."""
+        self.emit({"event": "auth_abandoned", "number": number, "address": address, "user_agent": user_agent})
+
     def blocked_json(self) -> list[dict[str, Any]]:
         now = self.wall()
         return [{"address": a, "until": u, "reason": r} for a, (u, r) in sorted(self.blocked.items()) if u > now]

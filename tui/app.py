@@ -38,6 +38,13 @@ RETRY_INTERVAL = 2.0
 SIXTEEN_COLOUR = ("standard", "windows")
 
 
+def abandoned_notice(event: dict[str, Any]) -> str:
+    """What a family reads when a handset gave up on the SHA-256 login."""
+    agent = str(event.get("user_agent") or "a handset")
+    return (f"{event.get('number', '?')}: {agent} at {event.get('address', '?')} gave up on the SHA-256 login; "
+            "it is offered MD5 from now on (if it still fails: digest_algorithms = [\"MD5\"])")
+
+
 class HomePbxApp(App[None]):
     TITLE = "homepbx"
     ENABLE_COMMAND_PALETTE = False
@@ -166,6 +173,8 @@ class HomePbxApp(App[None]):
     def feed(self, message: dict[str, Any]) -> None:
         """Apply a snapshot or event from the daemon, and schedule a redraw."""
         kind = self.model.apply(message)
+        if kind == "auth_abandoned":
+            self.query_one(ResultLine).show(False, abandoned_notice(message))
         stamp = message.get("time")
         self.post_message(ModelChanged({kind}, float(stamp) if isinstance(stamp, int | float) else None))
 

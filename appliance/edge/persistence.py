@@ -98,3 +98,22 @@ class BindingStore:
         """Synchronous write, for shutdown."""
         atomic_write(self.path, self._payload(), mode=0o600)
         self._dirty = False
+
+
+def load_digest_fallback(path: Path) -> list[str]:
+    """Devices learned to need MD5 alone (sip/digest_fallback.py), kept across restarts."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as err:
+        log.warning("event=state_unreadable %s", fields(path=path, error=err, action="relearn"))
+        return []
+    keys = data.get("md5_only", []) if isinstance(data, dict) else []
+    return [k for k in keys if isinstance(k, str)]
+
+
+def save_digest_fallback(path: Path, keys: list[str]) -> None:
+    """Written when a device is learned (rare, a few hundred bytes): atomic, like all state."""
+    atomic_write(path, json.dumps({"version": 1, "md5_only": keys}, indent=1).encode(), mode=0o600)
+

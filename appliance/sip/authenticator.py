@@ -43,13 +43,17 @@ class Authenticator:
 
     def check(
         self, request: Request, user: str, password: str | None, source: str, now: float,
-        *, proxy: bool = False,
+        *, proxy: bool = False, offer: tuple[str, ...] | None = None,
     ) -> AuthResult:
-        """Decide on one request claiming to be `user` (password None: no such user)."""
+        """Decide on one request claiming to be `user` (password None: no such user).
+
+        `offer`: the challenges for this device (default: every algorithm configured);
+        any configured algorithm is accepted in an answer.
+        """
         header = "Proxy-Authorization" if proxy else "Authorization"
         credentials = find_credentials(request.get_all(header), self.realm)
         if credentials is None:
-            return AuthResult(Outcome.CHALLENGED, self.challenge(request, user, now, proxy=proxy))
+            return AuthResult(Outcome.CHALLENGED, self.challenge(request, user, now, proxy=proxy, offer=offer))
         verdict = verify(
             credentials, expected_user=user, password=password, realm=self.realm,
             method=request.method, nonces=self.nonces, now=now, algorithms=self.algorithms,
@@ -59,19 +63,20 @@ class Authenticator:
             return _ACCEPTED
         if verdict is Verdict.STALE:
             return AuthResult(
-                Outcome.CHALLENGED, self.challenge(request, user, now, proxy=proxy, stale=True)
+                Outcome.CHALLENGED, self.challenge(request, user, now, proxy=proxy, stale=True, offer=offer)
             )
         if verdict is Verdict.MISSING:
-            return AuthResult(Outcome.CHALLENGED, self.challenge(request, user, now, proxy=proxy))
+            return AuthResult(Outcome.CHALLENGED, self.challenge(request, user, now, proxy=proxy, offer=offer))
         blocked = self.throttle.record_failure(source, now)
         response = make_response(request, 403, "Forbidden (authentication failed)")
         return AuthResult(Outcome.REFUSED, response, blocked)
 
     def challenge(
-        self, request: Request, user: str, now: float, *, proxy: bool = False, stale: bool = False
+        self, request: Request, user: str, now: float, *, proxy: bool = False, stale: bool = False,
+        offer: tuple[str, ...] | None = None,
     ) -> Response:
         nonce = self.nonces.issue(user, now)
         name = "Proxy-Authenticate" if proxy else "WWW-Authenticate"
-        values = challenge_values(self.realm, nonce, stale=stale, algorithms=self.algorithms)
+        values = challenge_values(self.realm, nonce, stale=stale, algorithms=offer or self.algorithms)
         status = 407 if proxy else 401
         return make_response(request, status, None, headers=[(name, v) for v in values])

@@ -2,8 +2,8 @@
 other through homepbx, and each hears the other's tone.
 
 baresip 1.0 (Debian 12) answers MD5 digest challenges only, and gives up on a SHA-256
-challenge instead of taking the MD5 one after it, hence `digest_algorithms = ["MD5"]` here
-(README: Configuration). Each phone sends a sine (ausine) and dumps what it decodes to a
+challenge instead of taking the MD5 one after it: with the shipped digest settings homepbx
+knows it by its User-Agent and offers it MD5 alone (appliance/sip/digest_fallback.py). Each phone sends a sine (ausine) and dumps what it decodes to a
 WAV file (sndfile), which is measured with the same Goertzel code as the pjsua2 handsets.
 """
 
@@ -95,8 +95,7 @@ def baresip() -> Iterator[Callable[..., Baresip]]:
 def test_baresip_calls_baresip_and_both_hear_the_other(
     pbx_factory: DaemonFactory, baresip: Callable[..., Baresip], tmp_path: Path
 ) -> None:
-    pbx = pbx_factory([user_block("200", "pw-200"), user_block("201", "pw-201")],
-                      server_extra='digest_algorithms = ["MD5"]\n')
+    pbx = pbx_factory([user_block("200", "pw-200"), user_block("201", "pw-201")])  # shipped digest settings
     callee = baresip(tmp_path / "callee", pbx, "201", "pw-201", 1000, "40000-40999", auto_answer=True)
     caller = baresip(tmp_path / "caller", pbx, "200", "pw-200", 440, "41000-41999")
     for phone in (callee, caller):

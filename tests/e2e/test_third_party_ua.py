@@ -1,9 +1,10 @@
 """SIP software nobody here wrote: SIPp (Debian's sip-tester) registers and calls.
 
 SIPp answers digest challenges with MD5 only, and gives up on a SHA-256 challenge instead of
-taking the MD5 one after it (RFC 8760 §2.4 says to use the first supported). That is what
-`[server] digest_algorithms` is for: with ["MD5"] such a handset works, and the wire shows
-only what was configured. The scenarios are in tests/e2e/sipp/.
+taking the MD5 one after it (RFC 8760 §2.4 says to use the first supported). With the
+shipped digest settings homepbx knows it by its User-Agent and offers it MD5 alone
+(appliance/sip/digest_fallback.py); `[server] digest_algorithms = ["MD5"]` does the same
+for every device. The scenarios are in tests/e2e/sipp/.
 """
 
 from __future__ import annotations
@@ -79,8 +80,18 @@ def test_sipp_registers_when_md5_is_offered(pbx_factory: DaemonFactory, sipp: Si
     pbx.wait_log(r"event=device_registered number=200 .*ua=SIPp")
 
 
+def test_sipp_registers_with_the_shipped_digest_settings(pbx_factory: DaemonFactory, sipp: Sipp,
+                                                          tmp_path: Path) -> None:
+    pbx = pbx_factory([user_block("200", "pw-200")])
+    trace = register(sipp, pbx, tmp_path, "200", "pw-200", free_port())
+    challenge = trace[trace.index("SIP/2.0 401"):]
+    challenge = challenge[: challenge.index("\n\n")] if "\n\n" in challenge else challenge
+    assert re.findall(r"WWW-Authenticate: Digest .*algorithm=(\S+?),", challenge) == ["MD5"]
+    assert "SIP/2.0 200 OK" in trace
+
+
 def test_sipp_calls_sipp_through_the_pbx(pbx_factory: DaemonFactory, sipp: Sipp, tmp_path: Path) -> None:
-    pbx = pbx_factory([user_block("200", "pw-200"), user_block("201", "pw-201")], server_extra=MD5_ONLY)
+    pbx = pbx_factory([user_block("200", "pw-200"), user_block("201", "pw-201")])  # shipped digest settings
     callee_port = free_port()
     register(sipp, pbx, tmp_path, "201", "pw-201", callee_port)
     callee_dir = tmp_path / "callee"

@@ -14,8 +14,10 @@ from appliance.sip.message import Response, parse_message
 
 
 class RawClient:
-    def __init__(self, server_port: int, transport: str = "udp", timeout: float = 3.0) -> None:
+    def __init__(self, server_port: int, transport: str = "udp", timeout: float = 3.0,
+                 user_agent: str | None = None) -> None:
         self.server = ("127.0.0.1", server_port)
+        self.user_agent = user_agent
         self.transport = transport
         kind = socket.SOCK_DGRAM if transport == "udp" else socket.SOCK_STREAM
         self.sock = socket.socket(socket.AF_INET, kind)
@@ -78,6 +80,7 @@ class RawClient:
             f"To: <sip:{to_number or number}@home.arpa>",
             f"Call-ID: {self.call_id}",
             f"CSeq: {self.cseq} {method}",
+            *([f"User-Agent: {self.user_agent}"] if self.user_agent else []),
             *[f"{k}: {v}" for k, v in headers],
             f"Content-Length: {len(body)}",
             "",

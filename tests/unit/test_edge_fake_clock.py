@@ -20,6 +20,7 @@ from appliance.edge.server import Edge
 from appliance.edge.timers import TimerWheel
 from appliance.sip.auth import NonceManager, authorization_value
 from appliance.sip.authenticator import Authenticator
+from appliance.sip.digest_fallback import DigestFallback
 from appliance.sip.message import Request, Response, parse_message
 from appliance.sip.registrar import Flow, Registrar
 from appliance.sip.throttle import FailureThrottle
@@ -81,7 +82,7 @@ class House:
         self.state = LiveState(self.registrar, self.settings, wall=self.wall)
         events = DeviceEvents(lambda: None, self.state.device_event)
         auth = AuthGate(Authenticator("home.arpa", NonceManager(b"k" * 32), throttle), self.settings,
-                        self.state.address_blocked)
+                        self.state.address_blocked, DigestFallback())
         self.network = FakeNetwork()
         router = CallRouter(self.settings, self.network, self.registrar, auth, self.state, self.timers, None)
         self.qualifier = Qualifier(self.settings, self.network, self.registrar, self.timers, events.publish)
