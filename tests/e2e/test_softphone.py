@@ -3,7 +3,8 @@ other through homepbx, and each hears the other's tone.
 
 baresip 1.0 (Debian 12) answers MD5 digest challenges only, and gives up on a SHA-256
 challenge instead of taking the MD5 one after it: with the shipped digest settings homepbx
-knows it by its User-Agent and offers it MD5 alone (appliance/sip/digest_fallback.py). Each phone sends a sine (ausine) and dumps what it decodes to a
+knows it by its User-Agent and offers it MD5 alone (appliance/sip/digest_fallback.py).
+Each phone sends a sine (ausine) and dumps what it decodes to a
 WAV file (sndfile), which is measured with the same Goertzel code as the pjsua2 handsets.
 """
 
