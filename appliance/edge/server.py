@@ -28,10 +28,12 @@ from appliance.sip.transaction import ServerTransactions, server_key
 
 log = logging.getLogger("homepbx.edge")
 
-ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, UPDATE, INFO, PRACK"
+ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, UPDATE, INFO, PRACK, REFER, NOTIFY, MESSAGE"
+"""What the box accepts: REFER, NOTIFY and MESSAGE inside a call (relayed to the other party)."""
 # Methods we know but do not serve get 405 with Allow; anything else 501 (§21.4.6, §21.5.2).
-KNOWN_UNSERVED = frozenset({"SUBSCRIBE", "NOTIFY", "PUBLISH", "MESSAGE", "REFER"})
-IN_DIALOG = frozenset({"BYE", "UPDATE", "INFO", "PRACK", "CANCEL"})
+KNOWN_UNSERVED = frozenset({"SUBSCRIBE", "PUBLISH"})
+IN_DIALOG = frozenset({"BYE", "UPDATE", "INFO", "PRACK", "CANCEL", "REFER", "NOTIFY", "MESSAGE"})
+"""Accepted only inside a call: outside one there is no dialog they could belong to (481)."""
 CALL_METHODS = frozenset({"INVITE", "ACK", "CANCEL"})
 
 

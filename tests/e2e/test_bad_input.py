@@ -146,3 +146,15 @@ def test_tcp_connection_flood_of_junk_closes_only_that_connection(pbx) -> None: 
     client.send(message(client))
     assert client.recv().status == 200
     client.close()
+
+
+def test_allow_lists_what_is_accepted_inside_a_call(pbx) -> None:  # type: ignore[no-untyped-def]
+    """REFER, NOTIFY and MESSAGE are relayed inside a call, so Allow names them; outside one, 481."""
+    client = RawClient(pbx.port)
+    client.send(message(client))
+    allowed = {m.strip() for m in (client.recv().get("Allow") or "").split(",")}
+    assert {"INVITE", "REGISTER", "REFER", "NOTIFY", "MESSAGE", "UPDATE", "INFO"} <= allowed
+    assert "SUBSCRIBE" not in allowed  # answered 405 (above)
+    client.send(message(client, method="REFER"))
+    assert client.recv().status == 481
+    client.close()
