@@ -130,7 +130,7 @@ class CallRouter:
             if dialog is not None and dialog.fork is not None:
                 self._apply(dialog, dialog.fork.on_ack(now))
                 return True
-            self._relay_in_dialog(request, dest, now)
+            self._relay_in_dialog(request, flow, dest, now)
             return True
         if method == "CANCEL":
             dialog = self._forks.get(invite_key) if invite_key else None
@@ -149,7 +149,7 @@ class CallRouter:
             if request.call_id not in self._dialogs:
                 self._reply(request, dest, 481, "Call/Transaction Does Not Exist")
                 return True
-            self._relay_in_dialog(request, dest, now)
+            self._relay_in_dialog(request, flow, dest, now)
             return True
         return False
 
@@ -309,6 +309,7 @@ class CallRouter:
             via_for=self._via_for,
             record_route=(lambda t: self._record_route(caller_flow, t)) if record_route else None,
             extra_headers=extra_headers,
+            relay_body=self.relay.body_between,
         )
         dialog.fork = fork
         self._by_fork[id(fork)] = dialog
@@ -343,11 +344,13 @@ class CallRouter:
         return f"SIP/2.0/{proto} {format_host_port(host, port)};branch={branch};rport"
 
     def _record_route(self, caller_flow: Flow, target: Target[Flow]) -> str:
-        """Record-Route so in-dialog requests come back here; doubled when transports differ."""
+        """Record-Route so in-dialog requests come back here; doubled (RFC 5658) when the
+        two sides reach us differently: another transport, or another address (a handset
+        on the LAN reaches a wildcard listener at the box's LAN address, a media worker at
+        127.0.0.1), so each side is given the address it can reach."""
         out = self._rr_uri(target.dest)
-        if caller_flow.transport != target.dest.transport:
-            return f"{out}, {self._rr_uri(caller_flow)}"  # RFC 5658 double record-routing
-        return out
+        back = self._rr_uri(caller_flow)
+        return out if back == out else f"{out}, {back}"
 
     def _rr_uri(self, flow: Flow) -> str:
         host, port = self.network.local_address(flow)
@@ -529,11 +532,11 @@ class CallRouter:
             del self._dialogs[dialog.call_id]
 
     # -- in-dialog relay (stateless, §16.11) -----------------------------------------------------
-    def _relay_in_dialog(self, request: Request, reply_to: Flow, now: float) -> None:
+    def _relay_in_dialog(self, request: Request, flow: Flow, reply_to: Flow, now: float) -> None:
         """Send a request inside a known dialog to the other party, over its flow.
 
         `reply_to` is where the edge sends this request's responses: the relay remembers
-        it, and sends the responses there and nowhere else.
+        it, and sends the responses there and nowhere else.  `flow` is where it came from.
         """
         dialog = self._dialogs.get(request.call_id)
         if dialog is None or dialog.callee_flow is None or (dialog.ended and request.method not in ("BYE", "ACK")):
@@ -542,7 +545,7 @@ class CallRouter:
             return
         towards_callee = _tag(request.get("From")) == dialog.caller_tag
         dest = dialog.callee_flow if towards_callee else dialog.caller_flow
-        if not self.relay.forward(request, dest, None if request.method == "ACK" else reply_to, now):
+        if not self.relay.forward(request, dest, None if request.method == "ACK" else reply_to, now, flow):
             if request.method != "ACK":
                 self._reply(request, reply_to, 483, "Too Many Hops")
             return

@@ -42,13 +42,14 @@ class MediaLink:
         return self._pool
 
     async def start(self, edge_host: str, edge_port: int) -> None:
-        """Start the workers; they send their SIP to the edge at `edge_host:edge_port`."""
+        """Start the workers; they send their SIP to the edge at `edge_host:edge_port` and
+        take RTP where the edge listens (`protocol.rtp_address`)."""
         host = "127.0.0.1" if edge_host in ("0.0.0.0", "::", "localhost") else edge_host
         self._address = f"{host}:{edge_port}"
         media = self.media
         self._pool = WorkerPool(
             media.min_idle, media.max_calls, (media.rtp_port_low, media.rtp_port_high),
-            self._address, on_event=self._on_event, worker_died=self._died,
+            self._address, rtp_address=P.rtp_address(edge_host), on_event=self._on_event, worker_died=self._died,
             # One call at a time uses at most ~8 of pjlib's 64 socket slots, which come back
             # 500 ms after a call; a short rest is enough to never run out.
             cooldown=0.1,

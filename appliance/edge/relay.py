@@ -11,6 +11,16 @@ that the answer belongs: the flow the request came from, remembered under our br
 as long as a transaction lives (64*T1). The next Via of a response is never trusted as a
 destination: anyone can send a response with our branch prefix and a victim's address
 there, and trusting it would make the box reflect traffic wherever a stranger chose.
+
+A media worker bound to every address names 127.0.0.1 in its SDP: right on the edge's
+own hop to it, wrong for a handset on the LAN, which would send its audio to its own
+loopback.  So a body from a worker to an outside party is given the box's address as
+that party reaches it (`body_between`, also used by the forks), the Kamailio
+fix_nated_sdp / rtpproxy idea: the edge already knows that address for every flow (the
+one in its own Via), and rewriting at the one place every message leaves through keeps
+the worker simple and every path covered (initial INVITEs, their answers, re-INVITEs,
+UPDATEs, ACKs and their answers), where telling each worker per call which address to
+advertise would not cover a call whose parties reach the box at different addresses.
 """
 
 from __future__ import annotations
@@ -23,11 +33,13 @@ from collections.abc import Callable
 from appliance.edge.seams import Network
 from appliance.edge.transport import format_host_port
 from appliance.logs import PerSourceLimit, log_limited
+from appliance.media.protocol import LOOPBACK
 from appliance.sip.errors import SipSyntaxError
 from appliance.sip.headers import parse_name_addr, parse_via
 from appliance.sip.message import Request, Response
 from appliance.sip.proxy import INTERNAL_PREFIX
 from appliance.sip.registrar import Flow
+from appliance.sip.sdp import is_sdp, rewrite_address
 
 STATELESS_PREFIX = "z9hG4bKsl"
 """Branch prefix of statelessly relayed requests: their responses are relayed the same way."""
@@ -56,11 +68,13 @@ class StatelessRelay:
         self._returns: OrderedDict[str, tuple[Flow, float]] = OrderedDict()
         self._log_limit = PerSourceLimit()
 
-    def forward(self, request: Request, dest: Flow, reply_to: Flow | None, now: float) -> bool:
+    def forward(self, request: Request, dest: Flow, reply_to: Flow | None, now: float,
+                source: Flow | None = None) -> bool:
         """Relay `request` to `dest`; False when Max-Forwards is used up (answer 483).
 
         `reply_to` is where its responses go (the flow it came from, as the edge worked it
-        out); None for an ACK, which has none.
+        out); None for an ACK, which has none.  `source` is the flow it came on (for its
+        body: see `body_between`).
         """
         self.pop_own_routes(request)
         max_forwards = int(request.get("Max-Forwards") or "70")
@@ -78,6 +92,8 @@ class StatelessRelay:
                            f"branch={branch};rport", first=True)
         if not self.is_internal(dest):
             strip_internal(request)
+        if source is not None:
+            request.body = self.body_between(request, source, dest)
         self.network.send(request.to_bytes(), dest)
         return True
 
@@ -96,8 +112,26 @@ class StatelessRelay:
         self._remember(branch, dest, now)  # the transaction is alive: keep its way back
         if not self.is_internal(dest):
             strip_internal(response)
+        response.body = self.body_between(response, source, dest)
         if not self.network.send(response.to_bytes(), dest):
             self._drop(source, now, "unroutable", response, dest)
+
+    def body_between(self, message: Request | Response, source: Flow, dest: Flow) -> bytes:
+        """The body `message` leaves with from `source` to `dest`: a media worker's SDP sent
+        to an outside party names the box's address as that party reaches it instead of
+        127.0.0.1 (Content-Length follows, `to_bytes` counts it); any other body as it is.
+
+        Media are IPv4 (`protocol.rtp_address`): a party reached over IPv6 is left as is.
+        """
+        body = message.body
+        if not body or not self.is_internal(source) or self.is_internal(dest):
+            return body
+        if not is_sdp(message.get("Content-Type")):
+            return body
+        host, _ = self.network.local_address(dest)
+        if host == LOOPBACK or ":" in host:
+            return body
+        return rewrite_address(body, LOOPBACK, host)
 
     def _remember(self, branch: str, reply_to: Flow, now: float) -> None:
         """Note (or refresh, for a retransmission) where the responses on `branch` go."""

@@ -171,6 +171,7 @@ class WorkerPool:
         rtp_ports: tuple[int, int] | str = (10000, 10999),
         edge_address: tuple[str, int] | str = ("127.0.0.1", 5060),
         *,
+        rtp_address: str = P.LOOPBACK,
         on_event: EventCallback | None = None,
         worker_died: DiedCallback | None = None,
         health_interval: float = 2.0,
@@ -190,6 +191,8 @@ class WorkerPool:
         ports = P.parse_port_range(rtp_ports) if isinstance(rtp_ports, str) else rtp_ports
         self.slots = P.split_port_range(ports, max_calls + SPARE_SLOTS)
         self.edge = edge_address if isinstance(edge_address, str) else f"{edge_address[0]}:{edge_address[1]}"
+        self.rtp_address = rtp_address
+        """Where workers bind RTP (`protocol.rtp_address` of the edge's listener)."""
         self.min_idle = min(min_idle, max_calls)
         self.max_calls = max_calls
         self.on_event = on_event
@@ -364,6 +367,7 @@ class WorkerPool:
             *self.worker_command,
             "--sip-port", "0",
             "--rtp-ports", P.format_port_range(worker.rtp_ports),
+            "--rtp-address", self.rtp_address,
             "--edge", self.edge,
             "--log-level", str(self.log_level),
             *self.worker_args,

@@ -5,10 +5,13 @@ the media library.  Every name here is used by both sides; change them together.
 
 Process
 -------
-``python -m appliance.media.worker --sip-port 0 --rtp-ports LOW-HIGH --edge HOST:PORT``
+``python -m appliance.media.worker --sip-port 0 --rtp-ports LOW-HIGH --rtp-address ADDR --edge HOST:PORT``
 
 The worker binds one UDP SIP transport on 127.0.0.1 (port 0 = ephemeral), RTP/RTCP
-pairs inside LOW-HIGH only, and takes one call at a time.  It writes JSON events to
+pairs inside LOW-HIGH only on ADDR (:func:`rtp_address`: where the edge listens), and
+takes one call at a time.  Its SDP names ADDR, or 127.0.0.1 when ADDR is the wildcard:
+the edge then puts the box's address as each outside party reaches it in place of
+127.0.0.1 (:mod:`appliance.sip.sdp`, ``StatelessRelay.body_between``).  It writes JSON events to
 stdout, one per line, and reads JSON commands from stdin, one per line.  pjsua logs go
 to stderr.  ``{"cmd": "quit"}``, SIGTERM, SIGINT and SIGHUP mean a clean shutdown:
 BYE/CANCEL/503 every leg, ``libDestroy``, exit status 0.  Stdin EOF without a quit first
@@ -82,6 +85,7 @@ Figures behind the design choices are in ``bench/media.py``.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from typing import Any, Final
 
@@ -104,6 +108,7 @@ MIN_PORTS_PER_WORKER: Final = (MAX_LEGS + 1) * PORTS_PER_LEG
 """Enough for every leg plus a refused 4th join (pjsua creates its media transport
 before we can refuse it)."""
 LOOPBACK: Final = "127.0.0.1"
+WILDCARD: Final = "0.0.0.0"
 CODECS: Final = ("PCMU/8000", "PCMA/8000", "G722/16000")
 """Enabled codecs; the rest (speex, iLBC, GSM, L16) are off so transcoding stays cheap."""
 
@@ -189,6 +194,21 @@ def split_port_range(ports: tuple[int, int], slots: int) -> list[tuple[int, int]
             f" ({MIN_PORTS_PER_WORKER} ports each)"
         )
     return [(low + i * size, low + (i + 1) * size - 1) for i in range(slots)]
+
+
+def rtp_address(listen_host: str) -> str:
+    """Where a worker binds RTP for an edge listening on `listen_host`: the same IPv4
+    address, or the wildcard when the edge listens on every address (``0.0.0.0``, or
+    ``::``, which takes IPv4 too); never wider than the edge.  Media stay IPv4: an IPv6
+    or named listener keeps them on loopback, as before."""
+    host = listen_host.strip("[]")
+    if host in ("", WILDCARD, "::"):
+        return WILDCARD
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return LOOPBACK
+    return host if address.version == 4 else LOOPBACK
 
 
 def parse_hostport(text: str) -> tuple[str, int]:

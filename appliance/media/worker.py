@@ -1,6 +1,7 @@
 """Media worker: a pjsua2 B2BUA that anchors one call at a time in its conference bridge.
 
-Run as ``python -m appliance.media.worker --sip-port 0 --rtp-ports LOW-HIGH --edge HOST:PORT``;
+Run as ``python -m appliance.media.worker --sip-port 0 --rtp-ports LOW-HIGH --rtp-address ADDR
+--edge HOST:PORT``;
 the contract with the edge (headers, events, commands) is in :mod:`.protocol`.
 
 Why it is built this way (figures in ``bench/media.py``):
@@ -314,8 +315,12 @@ class Worker(PjHost):
         nat.iceEnabled = False
         nat.udpKaIntervalSec = 0
         mt = acfg.mediaConfig.transportConfig
-        mt.boundAddress = P.LOOPBACK
-        mt.publicAddress = P.LOOPBACK
+        # RTP where the edge listens (--rtp-address), so a handset on the LAN reaches it.
+        # Bound to the wildcard, the SDP names 127.0.0.1 (right for the edge's own hop)
+        # and the edge writes in the address each outside party reaches the box at.
+        rtp = str(self.args.rtp_address)
+        mt.boundAddress = "" if rtp == P.WILDCARD else rtp
+        mt.publicAddress = P.LOOPBACK if rtp == P.WILDCARD else rtp
         mt.port = self.rtp_ports[0]
         mt.portRange = self.rtp_ports[1] - self.rtp_ports[0]
         self.acc = WorkerAccount(self)
@@ -740,6 +745,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--sip-port", type=int, default=0, help="UDP port on 127.0.0.1; 0 = ephemeral")
     parser.add_argument("--rtp-ports", required=True, help="LOW-HIGH: RTP/RTCP ports of this worker only")
+    parser.add_argument(
+        "--rtp-address",
+        default=P.LOOPBACK,
+        help="IPv4 address RTP is bound to (0.0.0.0: every address, SDP then names 127.0.0.1)",
+    )
     parser.add_argument("--edge", required=True, help="HOST:PORT of the edge (B-leg next hop)")
     parser.add_argument("--log-level", type=int, default=1, help="pjsua log level to stderr (4 shows SIP)")
     parser.add_argument("--clock-rate", type=int, default=16000, help="conference bridge rate (Hz)")

@@ -331,6 +331,8 @@ class Agent(PjHost):
         self.args = args
         self.name: str = args.name or "handset"
         self.transport: str = args.transport
+        self.bind: str = args.bind
+        """The address SIP and RTP are bound to and advertised (a handset on the LAN)."""
         self.calls: dict[str, AgentCall] = {}
         self.call_seq = 0
         self.auto_mode = "ring"
@@ -379,8 +381,8 @@ class Agent(PjHost):
         nat.mediaStunUse = pj.PJSUA_STUN_USE_DISABLED
         nat.iceEnabled = False
         med = cfg.mediaConfig.transportConfig
-        med.boundAddress = LOOPBACK
-        med.publicAddress = LOOPBACK
+        med.boundAddress = self.bind
+        med.publicAddress = self.bind
         med.port = 0
         med.portRange = 0
         return cfg
@@ -403,8 +405,8 @@ class Agent(PjHost):
 
         tcfg = pj.TransportConfig()
         tcfg.port = int(args.port)
-        tcfg.boundAddress = LOOPBACK
-        tcfg.publicAddress = LOOPBACK
+        tcfg.boundAddress = self.bind
+        tcfg.publicAddress = self.bind
         tp_type = pj.PJSIP_TRANSPORT_TCP if self.transport == "tcp" else pj.PJSIP_TRANSPORT_UDP
         self.tid, self.port = self.create_transport(tp_type, tcfg)
         self.start_library()
@@ -412,7 +414,7 @@ class Agent(PjHost):
             self.set_codecs([c for c in args.codecs.split(",") if c])
 
         self.local_acc = AgentAccount(self, "local")
-        self.local_acc.create(self.account_config(f"sip:{self.name}@{LOOPBACK}:{self.port}"), True)
+        self.local_acc.create(self.account_config(f"sip:{self.name}@{self.bind}:{self.port}"), True)
 
     def set_codecs(self, wanted: list[str]) -> None:
         """Enable only codecs whose id starts with one of `wanted`, in order."""
@@ -982,6 +984,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--transport", choices=("udp", "tcp"), default="udp")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--bind", default=LOOPBACK, help="IPv4 address for SIP and RTP (default 127.0.0.1)")
     parser.add_argument("--name", default="")
     parser.add_argument("--user-agent", default=None)
     parser.add_argument("--trace", action="store_true")

@@ -73,6 +73,7 @@ class Handset:
         log_level: int = 3,
         codecs: Sequence[str] | None = None,
         port: int = 0,
+        bind: str = "127.0.0.1",
     ) -> None:
         self.name = name
         self.transport = transport
@@ -90,6 +91,8 @@ class Handset:
             transport,
             "--port",
             str(port),
+            "--bind",
+            bind,
             "--log-level",
             str(log_level),
         ]

@@ -6,6 +6,11 @@ provisional responses, forwards the first 2xx and CANCELs the other branches wit
 call. A second 2xx that loses the race is ACKed and BYEd here, so no handset is left in
 a ghost call. Without an answer it sends the best final response (§16.7) upstream.
 Timers are data: `next_deadline()` / `on_timer(now)`.
+
+A body crosses the fork in two ways: the INVITE's to every target, and each answer's
+upstream.  `relay_body(message, source, dest)`, when given, decides what body leaves
+(the edge gives a media worker's SDP the box's address as the outside party reaches it);
+without it bodies pass untouched.
 """
 
 from __future__ import annotations
@@ -78,6 +83,8 @@ class ForkEvent:
 
 
 ForkAction = Send[Dest] | SendRequest[Dest] | ForkEvent
+RelayBody = Callable[[Request | Response, Dest, Dest], bytes]
+"""(message, where it came from, where it goes) -> the body it is sent with."""
 
 
 @dataclass
@@ -100,14 +107,17 @@ class Fork(Generic[Dest]):
         via_for: Callable[[Target[Dest], str], str],
         record_route: Callable[[Target[Dest]], str] | None = None,
         extra_headers: list[tuple[str, str]] | None = None,
+        relay_body: RelayBody[Dest] | None = None,
     ) -> None:
         self.request = request
+        self.upstream = upstream
         self.settings = settings
         self.server: InviteServer[Dest] = InviteServer(upstream, upstream_reliable)
         self.branches: dict[str, Branch[Dest]] = {}
         self._via_for = via_for
         self._record_route = record_route
         self._extra = extra_headers or []
+        self._relay_body = relay_body
         self.ring_deadline: float | None = now + settings.ring_timeout
         self.answered: Branch[Dest] | None = None
         self.final_sent = False
@@ -143,7 +153,8 @@ class Fork(Generic[Dest]):
         if self._record_route is not None:
             headers.insert(1, ("Record-Route", self._record_route(target)))
         headers.extend(self._extra)
-        return Request("INVITE", target.uri, headers, src.body)
+        body = src.body if self._relay_body is None else self._relay_body(src, self.upstream, target.dest)
+        return Request("INVITE", target.uri, headers, body)
 
     # -- events ------------------------------------------------------------------------------
     def on_response(self, branch_id: str, response: Response, now: float) -> list[ForkAction[Dest]]:
@@ -177,7 +188,7 @@ class Fork(Generic[Dest]):
                     branch.state = BranchState.RINGING
                     actions.append(ForkEvent("ringing", binding))
             if status > 100 and not self.final_sent and not branch.cancelled:
-                actions += self._up(self.server.respond(_upstream(response), now))
+                actions += self._up(self.server.respond(self._relayed(branch, response), now))
             return actions
         if status < 300:
             if self.answered is None and not self.final_sent:
@@ -187,10 +198,10 @@ class Fork(Generic[Dest]):
                 self.final_sent = True
                 self.ring_deadline = None
                 actions.append(ForkEvent("answered", binding))
-                actions += self._up(self.server.respond(_upstream(response), now))
+                actions += self._up(self.server.respond(self._relayed(branch, response), now))
                 actions += self._cancel_others(branch, ANSWERED_ELSEWHERE, now)
             elif self.answered is branch:
-                actions += self._up(self.server.respond(_upstream(response), now))  # 2xx retransmitted
+                actions += self._up(self.server.respond(self._relayed(branch, response), now))  # 2xx again
             elif branch.state is not BranchState.ANSWERED:
                 branch.state = BranchState.ANSWERED
                 actions += self._hang_up_loser(branch, response)
@@ -270,6 +281,13 @@ class Fork(Generic[Dest]):
                 and all(b.tx.done for b in self.branches.values()))
 
     # -- helpers ---------------------------------------------------------------------------------
+    def _relayed(self, branch: Branch[Dest], response: Response) -> Response:
+        """A branch's provisional or 2xx response as it goes upstream (§16.7 step 9)."""
+        relayed = _upstream(response)
+        if self._relay_body is not None:
+            relayed.body = self._relay_body(response, branch.target.dest, self.upstream)
+        return relayed
+
     def _maybe_finish(self, now: float) -> list[ForkAction[Dest]]:
         if self.final_sent or any(
             b.state in (BranchState.TRYING, BranchState.RINGING) for b in self.branches.values()

@@ -31,12 +31,14 @@ def user_block(number: str, password: str = "secret", **fields: object) -> str:
 def write_config(
     directory: Path, port: int, users: Iterable[str], *, qualify_interval: int = 30,
     qualify_timeout: int = 2, min_expires: int = 60, extra: str = "", server_extra: str = "",
+    listen: Iterable[str] | None = None,
 ) -> Path:
     path = directory / "config.toml"
+    listeners = ", ".join(f'"{a}"' for a in (listen or [f"127.0.0.1:{port}"]))
     path.write_text(
         "# test config\n"
         "[server]\n"
-        f'listen = ["127.0.0.1:{port}"]\n'
+        f"listen = [{listeners}]\n"
         'realm = "home.arpa"\n'
         'state_dir = "state"\n'
         + server_extra

@@ -73,7 +73,7 @@ class FakeNetwork:
 
 
 class House:
-    def __init__(self) -> None:
+    def __init__(self, network: FakeNetwork | None = None) -> None:
         self.now = 1000.0
         self.settings = LiveConfig(parse_config(CONFIG, Path("/etc/homepbx/config.toml")))
         self.timers = TimerWheel(lambda: self.now, manual=True)
@@ -83,7 +83,7 @@ class House:
         events = DeviceEvents(lambda: None, self.state.device_event)
         auth = AuthGate(Authenticator("home.arpa", NonceManager(b"k" * 32), throttle), self.settings,
                         self.state.address_blocked, DigestFallback())
-        self.network = FakeNetwork()
+        self.network = network or FakeNetwork()
         router = CallRouter(self.settings, self.network, self.registrar, auth, self.state, self.timers, None)
         self.qualifier = Qualifier(self.settings, self.network, self.registrar, self.timers, events.publish)
         self.edge = Edge(self.settings, self.network, auth, self.registrar, throttle, ServerTransactions(), router,
@@ -185,3 +185,33 @@ def test_registrations_expire_by_the_wall_clock_given() -> None:
     now = house.wall()
     assert house.registrar.expire(now + 59) == []
     assert [e.binding.number for e in house.registrar.expire(now + 61)] == ["200"]
+
+
+class TwoNetworks(FakeNetwork):
+    """A wildcard listener on a box with two networks: 192.0.2.1 and 10.0.0.1."""
+
+    addresses: ClassVar[list[str]] = ["0.0.0.0:5060"]
+
+    def local_address(self, flow: Flow) -> tuple[str, int]:
+        return ("10.0.0.1" if flow.host.startswith("10.") else "192.0.2.1"), 5060
+
+
+def test_record_route_is_doubled_when_the_parties_reach_the_box_at_different_addresses() -> None:
+    """RFC 5658: each side of the dialog gets the box's address it can reach."""
+    house = House(TwoNetworks())
+    far_200 = Flow("udp", "10.0.0.20", 5062, "0.0.0.0:5060")
+    assert statuses(house.authenticated("REGISTER", "200", "pw200", "200", far_200, "reg200")) == [200]
+    sent = house.authenticated("INVITE", "100", "pw100", "200", Flow("udp", "192.0.2.10", 5062, "0.0.0.0:5060"),
+                               "call1")
+    [(invite, _)] = requests(sent, "INVITE")
+    assert invite.get_all("Record-Route") == ["<sip:10.0.0.1:5060;lr>", "<sip:192.0.2.1:5060;lr>"]
+    near = Flow("udp", "192.0.2.10", 5062, "0.0.0.0:5060")
+    assert statuses(house.authenticated("REGISTER", "100", "pw100", "100", near, "reg100")) == [200]
+    sent = house.authenticated("INVITE", "200", "pw200", "100", Flow("udp", "10.0.0.21", 5062, "0.0.0.0:5060"),
+                               "call3")
+    [(invite, _)] = requests(sent, "INVITE")
+    assert invite.get_all("Record-Route") == ["<sip:192.0.2.1:5060;lr>", "<sip:10.0.0.1:5060;lr>"]
+    sent = house.authenticated("INVITE", "100", "pw100", "100", Flow("udp", "192.0.2.11", 5062, "0.0.0.0:5060"),
+                               "call4")
+    [(invite, _)] = requests(sent, "INVITE")
+    assert invite.get_all("Record-Route") == ["<sip:192.0.2.1:5060;lr>"]  # one network: one entry

@@ -264,3 +264,18 @@ def test_protocol_helpers() -> None:
     assert P.decode(P.encode("cmd", "ping", seq=3)) == {"cmd": "ping", "seq": 3}
     with pytest.raises(ValueError):
         P.decode("[1]")
+
+
+def test_workers_take_rtp_where_the_edge_listens_never_wider() -> None:
+    assert P.rtp_address("0.0.0.0") == P.rtp_address("::") == P.rtp_address("[::]") == "0.0.0.0"
+    assert P.rtp_address("192.168.1.2") == "192.168.1.2"
+    assert P.rtp_address("127.0.0.1") == "127.0.0.1"
+    # Media are IPv4: an IPv6 or named listener keeps them on loopback.
+    assert P.rtp_address("::1") == P.rtp_address("fd00::2") == P.rtp_address("localhost") == "127.0.0.1"
+
+    async def argv() -> list[str]:
+        pool = WorkerPool(rtp_ports="10000-10999", rtp_address="192.168.1.2")
+        return pool._argv(Worker(1, 0, (10000, 10009)))
+
+    args = asyncio.run(argv())
+    assert args[args.index("--rtp-address") + 1] == "192.168.1.2"

@@ -671,3 +671,42 @@ def test_a_response_with_a_bad_cseq_is_ignored() -> None:
     bad.set("CSeq", "x INVITE")
     assert h.fork.on_response(branch_id, bad, T0 + 1) == []
     assert not h.fork.final_sent
+
+
+def test_relay_body_decides_each_body_that_crosses_the_fork() -> None:
+    """The hook sees (message, from, to): each branch's INVITE gets its own body, and each
+    answer relayed upstream (provisional, 2xx, a retransmitted 2xx) gets the hook's body."""
+    seen: list[tuple[str, str, str]] = []
+
+    def relay_body(message: Request | Response, source: str, dest: str) -> bytes:
+        kind = message.method if isinstance(message, Request) else str(message.status)
+        seen.append((kind, source, dest))
+        return message.body.replace(b"192.168.1.10", f"10.0.0.{len(dest)}".encode()) + dest.encode()
+
+    fork: Fork[str] = Fork(caller_invite(), CALLER, False, ForkSettings(30.0), T0, via_for=via_for,
+                           relay_body=relay_body)
+    actions = fork.start([target(1), target(2)], T0)
+    for dest in ("dev1", "dev2"):
+        (invite,) = sent_to(actions, dest)
+        assert invite.body == SDP.replace(b"192.168.1.10", b"10.0.0.4") + dest.encode()
+        assert invite.get("Content-Length") == str(len(invite.body))
+    assert seen == [("INVITE", CALLER, "dev1"), ("INVITE", CALLER, "dev2")]
+    seen.clear()
+    (branch_id, branch) = next((k, b) for k, b in fork.branches.items() if b.target.dest == "dev2")
+    answer_sdp = b"v=0\r\nc=IN IP4 127.0.0.1\r\n"
+    for status, now in ((183, T0 + 0.1), (200, T0 + 0.2), (200, T0 + 0.3)):
+        built = make_response(branch.tx.request, status, to_tag="t2", body=answer_sdp,
+                              headers=[("Contact", "<sip:200@dev2.example>"), ("Content-Type", "application/sdp")])
+        response = parse_message(built.to_bytes())
+        assert isinstance(response, Response)
+        (relayed,) = upstream(fork.on_response(branch_id, response, now))
+        assert relayed.status == status
+        assert relayed.body == answer_sdp + CALLER.encode()
+        assert relayed.get("Content-Length") == str(len(relayed.body))
+    assert seen == [("183", "dev2", CALLER), ("200", "dev2", CALLER), ("200", "dev2", CALLER)]
+
+
+def test_without_relay_body_bodies_pass_untouched() -> None:
+    h = Harness(n=1)
+    (invite,) = sent_to(h.start_actions, "dev1")
+    assert invite.body == SDP

@@ -193,3 +193,92 @@ def test_a_response_whose_flow_is_gone_is_dropped_with_one_line(caplog: pytest.L
             relay.backward(answer(response.to_bytes()), top_branch(response), CALLEE, t)
     [record] = caplog.records
     assert "reason=unroutable" in record.getMessage() and "to=udp:127.0.0.10:5070" in record.getMessage()
+
+
+# -- a media worker's SDP leaving the box ------------------------------------------------------
+
+WORKER = Flow("udp", "127.0.0.1", 48000, "0.0.0.0:5060")
+LAN_PHONE = Flow("udp", "192.168.1.30", 5062, "0.0.0.0:5060")
+LOCAL_PHONE = Flow("udp", "127.0.0.1", 5090, "0.0.0.0:5060")
+V6_PHONE = Flow("udp", "fd00::30", 5062, "[::]:5060")
+WORKER_SDP = (b"v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=pjmedia\r\nt=0 0\r\nm=audio 10002 RTP/AVP 0\r\n"
+              b"c=IN IP4 127.0.0.1\r\na=rtcp:10003 IN IP4 127.0.0.1\r\na=sendrecv\r\n")
+
+
+class WildcardEdge(FakeEdge):
+    """A wildcard listener: the box is 192.168.1.2 to the LAN, 127.0.0.1 to itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.addresses = ["0.0.0.0:5060"]
+
+    def local_address(self, flow: Flow) -> tuple[str, int]:
+        if ":" in flow.host:
+            return "fd00::2", 5060
+        return ("127.0.0.1" if flow.host.startswith("127.") else "192.168.1.2"), 5060
+
+
+def worker_relay() -> tuple[StatelessRelay, WildcardEdge]:
+    edge = WildcardEdge()
+    return StatelessRelay(edge, lambda flow: flow == WORKER), edge
+
+
+def with_sdp(message: Request | Response, body: bytes = WORKER_SDP, content_type: str = "application/sdp") -> None:
+    message.set("Content-Type", content_type)
+    message.body = body
+
+
+def test_a_workers_sdp_to_a_lan_handset_names_the_box_lan_address() -> None:
+    relay, edge = worker_relay()
+    reinvite = bye(method="INVITE")  # the worker's re-INVITE, say
+    with_sdp(reinvite)
+    assert relay.forward(reinvite, LAN_PHONE, WORKER, 0.0, WORKER)
+    data, dest = edge.sent.pop()
+    sent = parse_message(data)
+    assert dest == LAN_PHONE and b"127.0.0.1" not in sent.body
+    assert sent.body == WORKER_SDP.replace(b"127.0.0.1", b"192.168.1.2")
+    assert sent.get("Content-Length") == str(len(sent.body))
+    # The handset's 200 (its own SDP) goes back to the worker untouched.
+    ok = answer(data)
+    with_sdp(ok, b"v=0\r\nc=IN IP4 192.168.1.30\r\n")
+    relay.backward(ok, top_branch(ok), LAN_PHONE, 0.1)
+    data, dest = edge.sent.pop()
+    assert dest == WORKER and parse_message(data).body == b"v=0\r\nc=IN IP4 192.168.1.30\r\n"
+
+
+def test_the_workers_answer_to_a_lan_handsets_reinvite_names_the_box_lan_address() -> None:
+    relay, edge = worker_relay()
+    reinvite = bye(method="INVITE")
+    with_sdp(reinvite, b"v=0\r\nc=IN IP4 192.168.1.30\r\n")
+    assert relay.forward(reinvite, WORKER, LAN_PHONE, 0.0, LAN_PHONE)
+    data, dest = edge.sent.pop()
+    assert dest == WORKER and parse_message(data).body == b"v=0\r\nc=IN IP4 192.168.1.30\r\n"
+    ok = answer(data)
+    with_sdp(ok)
+    relay.backward(ok, top_branch(ok), WORKER, 0.1)
+    data, dest = edge.sent.pop()
+    sent = parse_message(data)
+    assert dest == LAN_PHONE and sent.body == WORKER_SDP.replace(b"127.0.0.1", b"192.168.1.2")
+    assert sent.get("Content-Length") == str(len(sent.body))
+
+
+@pytest.mark.parametrize("source, dest, content_type", [
+    (WORKER, LOCAL_PHONE, "application/sdp"),  # a handset on the box itself: 127.0.0.1 is right
+    (WORKER, V6_PHONE, "application/sdp"),  # media are IPv4: nothing better to name
+    (WORKER, LAN_PHONE, "text/plain"),  # not an SDP
+    (LAN_PHONE, WORKER, "application/sdp"),  # towards the worker: internal hop
+    (LOCAL_PHONE, LAN_PHONE, "application/sdp"),  # handset to handset (no worker): theirs
+])
+def test_bodies_left_as_they_are(source: Flow, dest: Flow, content_type: str) -> None:
+    relay, _ = worker_relay()
+    message = bye(method="INVITE")
+    with_sdp(message, content_type=content_type)
+    assert relay.body_between(message, source, dest) is message.body
+
+
+def test_a_request_relayed_without_its_source_keeps_its_body() -> None:
+    relay, edge = worker_relay()
+    message = bye(method="INVITE")
+    with_sdp(message)
+    assert relay.forward(message, LAN_PHONE, WORKER, 0.0)
+    assert parse_message(edge.sent.pop()[0]).body == WORKER_SDP
