@@ -69,7 +69,9 @@ class Daemon:
         self.authenticator = Authenticator(config.server.realm, self.nonces, self.throttle,
                                            config.server.digest_algorithms)
         auth = AuthGate(self.authenticator, settings, state.address_blocked)
-        self.transports = network = Transports(timers, TcpLimits.of(config.server), has_binding=self._tcp_bound)
+        qualifier: Qualifier  # told of lost TCP connections, to reach their devices again; made below
+        self.transports = network = Transports(timers, TcpLimits.of(config.server), has_binding=self._tcp_bound,
+                                               on_lost=lambda flow: qualifier.flow_lost(flow))
         router: CallRouter  # the media link reports to the router, made just below
         self.media = MediaLink(
             config.media,
@@ -77,7 +79,7 @@ class Daemon:
             on_worker_died=lambda token: router.worker_died(token),
         ) if config.media.max_calls else None
         self.calls = router = CallRouter(settings, network, registrar, auth, state, timers, self.media)
-        self.qualifier = Qualifier(settings, network, registrar, timers, self.device_events.publish)
+        self.qualifier = qualifier = Qualifier(settings, network, registrar, timers, self.device_events.publish)
         self.server_tx = ServerTransactions()
         self.edge = Edge(settings, network, auth, registrar, self.throttle, self.server_tx, router, self.qualifier,
                          self.device_events.publish, clock=timers.now, wall=wall)
