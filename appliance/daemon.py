@@ -72,7 +72,9 @@ class Daemon:
         self.fallback_path = state_dir / "digest.json"
         self.fallback = DigestFallback(load_digest_fallback(self.fallback_path))
         auth = AuthGate(self.authenticator, settings, state.address_blocked, self.fallback)
-        self.transports = network = Transports(timers, TcpLimits.of(config.server), has_binding=self._tcp_bound)
+        qualifier: Qualifier  # told of lost TCP connections, to reach their devices again; made below
+        self.transports = network = Transports(timers, TcpLimits.of(config.server), has_binding=self._tcp_bound,
+                                               on_lost=lambda flow: qualifier.flow_lost(flow))
         router: CallRouter  # the media link reports to the router, made just below
         self.media = MediaLink(
             config.media,
@@ -80,7 +82,7 @@ class Daemon:
             on_worker_died=lambda token: router.worker_died(token),
         ) if config.media.max_calls else None
         self.calls = router = CallRouter(settings, network, registrar, auth, state, timers, self.media)
-        self.qualifier = Qualifier(settings, network, registrar, timers, self.device_events.publish)
+        self.qualifier = qualifier = Qualifier(settings, network, registrar, timers, self.device_events.publish)
         self.server_tx = ServerTransactions()
         self.edge = Edge(settings, network, auth, registrar, self.throttle, self.server_tx, router, self.qualifier,
                          self.device_events.publish, clock=timers.now, wall=wall)

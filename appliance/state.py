@@ -131,7 +131,8 @@ class LiveState:
             "id": b.id, "number": b.number, "contact": b.contact, "user_agent": b.user_agent,
             "transport": b.flow.transport, "address": f"{b.flow.host}:{b.flow.port}",
             "registered_at": b.registered_at, "expires_at": b.expires_at,
-            "reachable": b.reachable, "state": self.device_state(b.id).value,
+            "reachable": b.reachable, "unreachable_reason": b.unreachable_reason,
+            "state": self.device_state(b.id).value,
         }
 
     # -- calls (told by the proxy) --------------------------------------------------------

@@ -48,6 +48,7 @@ class Device:
     registered_at: float
     expires_at: float
     reachable: bool
+    unreachable_reason: str = ""
 
     @property
     def label(self) -> str:
@@ -261,6 +262,7 @@ def _device(raw: object) -> Device:
         transport=_str(raw, "transport"), address=_str(raw, "address"),
         registered_at=_float(raw, "registered_at"), expires_at=_float(raw, "expires_at"),
         reachable=_bool(raw, "reachable", True),
+        unreachable_reason=_str(raw, "unreachable_reason"),
     )
 
 

@@ -14,7 +14,8 @@ from appliance.sip.registrar import Binding, Flow, RegistrarEvent
 
 
 class Network(Protocol):
-    """The transports as the components see them: send along a flow, and our own addresses."""
+    """The transports as the components see them: send along a flow (or open one), and our
+    own addresses."""
 
     @property
     def addresses(self) -> list[str]:
@@ -31,6 +32,11 @@ class Network(Protocol):
 
     def flow_open(self, flow: Flow) -> bool:
         """Can we reach `flow` now (always for UDP; TCP: its connection is still there)?"""
+        ...
+
+    def connect(self, flow: Flow, then: Callable[[Flow | None, str], None]) -> None:
+        """Open a TCP connection to `flow` (bounded in time and by the caps), then tell
+        `then` the new connection's flow, or None and why not."""
         ...
 
 

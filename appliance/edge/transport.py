@@ -4,6 +4,11 @@ They turn bytes on sockets into whole messages plus the Flow they came on, and s
 back along a Flow. TCP is framed by Content-Length; CRLF keep-alives (RFC 5626 §4.4.1)
 are answered. Everything else is the edge's business.
 
+The box also opens a TCP connection itself (RFC 3261 §18.1.1), to a registered handset's
+Contact when the connection its binding named is gone (a restart of the box, a lost
+connection): `Transports.connect`, bounded by a deadline in the timer wheel and the same
+caps as accepted connections. When to try is the qualifier's business.
+
 Every accepted socket is closed on every path (a peer that reset before we saw it, a cap,
 a deadline, an exception in a callback): a leaked descriptor is one a stranger keeps.
 Limits and deadlines are decided by `tcp_limits` (sans-I/O); one sweep applies them.
@@ -20,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, cast
 
-from appliance.edge.tcp_limits import HEADER, OVER_TOTAL, TcpGuard, TcpLimits
+from appliance.edge.tcp_limits import HEADER, OVER_ADDRESS, OVER_TOTAL, TcpGuard, TcpLimits
 from appliance.edge.timers import Deadline, TimerWheel
 from appliance.logs import PerSourceLimit, fields, log_limited
 from appliance.sip.message import MAX_MESSAGE_SIZE
@@ -44,6 +49,11 @@ class Receiver(Protocol):
 
 
 _MAX_TCP_BUFFER = MAX_MESSAGE_SIZE * 4
+CONNECT_TIMEOUT = 3.0
+"""An outbound TCP connect gives up after this long (a LAN handset answers in milliseconds)."""
+
+Connected = Callable[[Flow | None, str], None]
+"""Told how an outbound connect ended: the new connection's Flow and "", or None and why."""
 _MAX_CACHED_FLOWS = 4096
 
 
@@ -96,10 +106,11 @@ class UdpEndpoint(asyncio.DatagramProtocol):
 class TcpConnection(asyncio.Protocol):
     """One TCP connection: a byte stream cut into messages by Content-Length."""
 
-    def __init__(self, receiver: Receiver, registry: TcpRegistry, local: str) -> None:
+    def __init__(self, receiver: Receiver, registry: TcpRegistry, local: str, *, outbound: bool = False) -> None:
         self._receiver = receiver
         self._registry = registry
         self._local = local
+        self._outbound = outbound
         self._buffer = bytearray()
         self.transport: asyncio.Transport | None = None
         self.flow: Flow | None = None  # set once admitted: None means closed or never served
@@ -115,6 +126,8 @@ class TcpConnection(asyncio.Protocol):
             if self._registry.admit(self, host):
                 self.flow = Flow("tcp", host, port, self._local)
                 self._registry.add(self)
+                if self._outbound:  # we called it: it owes us no first message
+                    self._registry.received(self, 1, False)
             else:
                 self.abort()
         except Exception as exc:
@@ -123,6 +136,9 @@ class TcpConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._registry.remove(self)
+        flow, self.flow = self.flow, None
+        if flow is not None:
+            self._registry.lost(flow)
 
     def data_received(self, data: bytes) -> None:
         if self.flow is None:
@@ -261,6 +277,8 @@ class TcpRegistry:
     guard: TcpGuard[TcpConnection] = field(default_factory=lambda: TcpGuard(TcpLimits()))
     clock: Callable[[], float] = time.monotonic
     connections: dict[tuple[str, int], TcpConnection] = field(default_factory=dict)
+    on_lost: Callable[[Flow], None] = field(default=lambda flow: None)
+    """Told of every admitted connection that closed (the edge reaches its binding again)."""
 
     def admit(self, conn: TcpConnection, host: str) -> bool:
         """Count `conn` in, or log (one line per source) why it must be closed at once."""
@@ -282,6 +300,21 @@ class TcpRegistry:
         self.guard.release(conn)
         if conn.flow is not None and self.connections.get((conn.flow.host, conn.flow.port)) is conn:
             del self.connections[(conn.flow.host, conn.flow.port)]
+
+    def lost(self, flow: Flow) -> None:
+        try:
+            self.on_lost(flow)
+        except Exception as exc:  # the socket is gone either way
+            _handler_error("tcp", flow, exc)
+
+    def room_for(self, host: str) -> str | None:
+        """None if one more connection with `host` is within the caps, else the cap it is over."""
+        limits = self.guard.limits
+        if len(self.guard) >= limits.max_connections:
+            return OVER_TOTAL
+        if self.guard.count(host) >= limits.max_per_address:
+            return OVER_ADDRESS
+        return None
 
     def received(self, conn: TcpConnection, delivered: int, pending: bool) -> None:
         self.guard.received(conn, self.clock(), delivered > 0, pending)
@@ -320,17 +353,22 @@ class Transports:
 
     `has_binding(flow)` tells whether a registration binding lives on a TCP flow: such a
     connection is kept however quiet it is (the edge passes in a registrar lookup).
+    `on_lost(flow)` is told when a TCP connection closes (the qualifier reaches its binding
+    again).
     """
 
     def __init__(self, timers: TimerWheel, limits: TcpLimits | None = None,
                  has_binding: Callable[[Flow], bool] | None = None,
-                 fd_limit: int | None = None) -> None:
+                 fd_limit: int | None = None, on_lost: Callable[[Flow], None] | None = None) -> None:
         self.timers = timers
         self.fd_limit = raise_fd_limit() if fd_limit is None else fd_limit
         self.limits = (limits or TcpLimits()).capped(self.fd_limit)
         self._has_binding = has_binding or _no_binding
         self.udp: dict[str, UdpEndpoint] = {}
-        self.tcp = TcpRegistry(TcpGuard(self.limits), timers.now)
+        self.tcp = TcpRegistry(TcpGuard(self.limits), timers.now, on_lost=on_lost or _not_told)
+        self._receiver: Receiver | None = None
+        self._connects: set[asyncio.Task[None]] = set()
+        self._closing = False
         self._servers: list[asyncio.Server] = []
         self._local_ip_cache: dict[str, str] = {}
         self._sweeper: Deadline | None = None
@@ -355,6 +393,7 @@ class Transports:
         arrives to `receiver`; returns host:port."""
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._receiver = receiver
         for _attempt in range(20):
             transport, endpoint = await loop.create_datagram_endpoint(
                 lambda: UdpEndpoint(receiver), local_addr=(host, port), family=family
@@ -413,6 +452,76 @@ class Transports:
             return False
         return True
 
+    def connect(self, flow: Flow, then: Connected) -> None:
+        """Open a TCP connection to `flow`'s host and port (RFC 3261 §18.1.1), to be served
+        like an accepted one and reached as `Flow("tcp", host, port, local)`; then `then`.
+
+        `flow.local` names the listener we speak for (our Via and Record-Route). Never
+        raises, never blocks: an address that is not an IP literal, a cap reached or a
+        connection already open answer at once; the attempt gives up after CONNECT_TIMEOUT.
+        """
+        open_conn = self.tcp.get(flow.host, flow.port)
+        if open_conn is not None and open_conn.flow is not None:
+            then(open_conn.flow, "")
+            return
+        why = self._cannot_connect(flow)
+        if why:
+            then(None, why)
+            return
+        task = asyncio.get_running_loop().create_task(self._connect(flow, then))
+        self._connects.add(task)
+        task.add_done_callback(self._connects.discard)
+
+        def give_up(_now: float) -> None:
+            task.cancel()
+
+        deadline = self.timers.call_later(CONNECT_TIMEOUT, give_up)
+        task.add_done_callback(lambda _task: deadline.cancel())
+
+    def _cannot_connect(self, flow: Flow) -> str:
+        if self._closing or self._receiver is None:
+            return "not_listening"
+        try:
+            socket.inet_pton(socket.AF_INET6 if ":" in flow.host else socket.AF_INET, flow.host)
+            if not 0 < flow.port < 65536:
+                raise ValueError("port out of range")
+        except (OSError, ValueError, TypeError):
+            return "not_an_address"  # a host name would block the loop on DNS
+        over = self.tcp.room_for(flow.host)
+        return f"cap_{over}" if over else ""
+
+    async def _connect(self, flow: Flow, then: Connected) -> None:
+        assert self._receiver is not None
+        local = flow.local if flow.local in self.udp else next(iter(self.udp), "")
+        conn = TcpConnection(self._receiver, self.tcp, local, outbound=True)
+        bind_host = local.rpartition(":")[0].strip("[]")
+        source = (bind_host, 0) if bind_host and bind_host not in ("0.0.0.0", "::") else None
+        why = ""
+        try:
+            await asyncio.get_running_loop().create_connection(lambda: conn, flow.host, flow.port,
+                                                               local_addr=source)
+        except asyncio.CancelledError:
+            why = "timeout"
+        except ConnectionRefusedError:
+            why = "refused"
+        except OSError as exc:
+            why = (exc.strerror or type(exc).__name__).lower().replace(" ", "_")
+        if self._closing:
+            conn.abort()
+            return  # the box is stopping: nobody to tell
+        if not why and conn.flow is None:
+            why = "refused_by_cap"  # admitted no more (caps) or reset at once
+        if why:
+            conn.abort()
+            log.debug("event=tcp_connect_failed %s", fields(peer=format_host_port(flow.host, flow.port),
+                                                           error=why))
+        else:
+            log.info("event=tcp_connected %s", fields(peer=format_host_port(flow.host, flow.port), local=local))
+        try:
+            then(None if why else conn.flow, why)
+        except Exception as exc:
+            _handler_error("tcp", flow, exc)
+
     def local_address(self, flow: Flow) -> tuple[str, int]:
         """The address to put in our own Via/Contact when talking along `flow`.
 
@@ -442,8 +551,12 @@ class Transports:
         return hosts | set(self._local_ip_cache.values())
 
     async def close(self) -> None:
+        self._closing = True
+        self.tcp.on_lost = _not_told  # the box closes them: nothing to reach again
         if self._sweeper is not None:
             self._sweeper.cancel()
+        for task in list(self._connects):
+            task.cancel()
         for server in self._servers:
             server.close()
         self.tcp.close_all()
@@ -456,3 +569,7 @@ class Transports:
 
 def _no_binding(flow: Flow) -> bool:
     return False
+
+
+def _not_told(flow: Flow) -> None:
+    pass

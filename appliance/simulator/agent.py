@@ -586,6 +586,9 @@ class Agent(PjHost):
         cfg.regConfig.registrarUri = registrar
         cfg.regConfig.timeoutSec = int(cmd.get("expires", 300))
         cfg.regConfig.retryIntervalSec = int(cmd.get("retry_interval", 0))
+        # Over TCP pjsua puts the connection's source port in the Contact by default; off,
+        # the Contact names the handset's TCP listener (as baresip's does).
+        cfg.natConfig.contactUseSrcPort = bool(cmd.get("contact_use_src_port", True))
         cfg.regConfig.unregWaitMsec = 1500
         cfg.regConfig.dropCallsOnFail = False
         if cmd.get("instance"):

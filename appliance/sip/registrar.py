@@ -3,7 +3,11 @@
 A device is recognised across refreshes by `+sip.instance` (RFC 5626), else by Call-ID,
 else by its Contact URI compared by §19.1.4, so a refresh never counts as a new device.
 Each binding remembers the flow it arrived on: that is how the device is reached again,
-behind NAT or over its own TCP connection. Time (wall clock, seconds) is passed in.
+behind NAT or over its own TCP connection. When that TCP connection is gone (the box
+restarted), the edge may open a new one to the Contact (`Binding.contact_flow`) and make
+it the binding's flow (`reflow`), unless the device keeps its own flow (RFC 5626 outbound:
+`Binding.outbound`, it reconnects and registers again itself). Time (wall clock, seconds)
+is passed in.
 """
 
 from __future__ import annotations
@@ -55,6 +59,11 @@ class Binding:
     q: str | None = None
     reachable: bool = True
     missed: int = 0
+    outbound: bool = False
+    """RFC 5626: registered with `+sip.instance`, `reg-id` and `Supported: outbound`; the
+    device keeps its flow up itself, and the edge must not open one to it (§5.3)."""
+    unreachable_reason: str = ""
+    """Why the last qualify of an unreachable device failed (`no_answer`, `tcp_connect_failed`)."""
     _uri: NameAddr | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -70,6 +79,21 @@ class Binding:
     def expires_in(self, now: float) -> int:
         return max(0, round(self.expires_at - now))
 
+    def contact_flow(self) -> Flow | None:
+        """Where a new TCP connection to this device goes (RFC 3261 §18.1.1): its Contact's
+        address and port (5060 if none), from the listener it registered on. None for a UDP
+        device, a `sips:` or non-TCP Contact, or a malformed one."""
+        if self.flow.transport != "tcp":
+            return None
+        try:
+            uri = self.name_addr.uri
+        except SipSyntaxError:
+            return None
+        transport = (uri.params.get("transport") or "tcp").lower()
+        if uri.scheme.lower() != "sip" or transport != "tcp":
+            return None
+        return Flow("tcp", uri.host.strip("[]"), uri.port or 5060, self.flow.local)
+
 
 class EventKind(Enum):
     REGISTERED = "registered"
@@ -83,7 +107,7 @@ class EventKind(Enum):
 class RegistrarEvent:
     kind: EventKind
     binding: Binding
-    reason: str = ""  # for REMOVED: unregistered, expired, replaced, unreachable, deleted
+    reason: str = ""  # REMOVED: unregistered, expired, replaced, unreachable, deleted; UNREACHABLE: why
 
 
 class RegisterRefused(Exception):
@@ -168,6 +192,7 @@ class Registrar:
                 events.append(RegistrarEvent(EventKind.REMOVED, b, reason))
                 self._drop(b)
         user_agent = first.get("User-Agent", "")
+        supports_outbound = _supports_outbound(request)
         for change in changes:
             if not change.expires:
                 continue
@@ -180,8 +205,9 @@ class Registrar:
                 binding.expires_at = now + change.expires
                 binding.flow, binding.user_agent = flow, user_agent or binding.user_agent
                 binding.q = change.contact.params.get("q")
+                binding.outbound = _outbound(change.contact, supports_outbound)
                 was_unreachable = not binding.reachable
-                binding.reachable, binding.missed = True, 0
+                binding.reachable, binding.missed, binding.unreachable_reason = True, 0, ""
                 events.append(RegistrarEvent(EventKind.REFRESHED, binding))
                 if was_unreachable:
                     events.append(RegistrarEvent(EventKind.REACHABLE, binding))
@@ -191,6 +217,7 @@ class Registrar:
                     instance=_instance(change.contact), call_id=call_id, cseq=cseq,
                     expires_at=now + change.expires, registered_at=now, flow=flow,
                     user_agent=user_agent, q=change.contact.params.get("q"), _uri=change.contact,
+                    outbound=_outbound(change.contact, supports_outbound),
                 )
                 self._add(binding)
                 events.append(RegistrarEvent(EventKind.REGISTERED, binding))
@@ -287,26 +314,35 @@ class Registrar:
             self._drop(b)
         return [RegistrarEvent(EventKind.REMOVED, b, "expired") for b in gone]
 
-    def qualified(self, binding_id: str, answered: bool) -> list[RegistrarEvent]:
-        """Record a qualify probe's outcome; 3 misses in a row remove the binding."""
+    def qualified(self, binding_id: str, answered: bool, reason: str = "") -> list[RegistrarEvent]:
+        """Record a qualify probe's outcome (`reason`: why it failed); 3 misses in a row
+        remove the binding."""
         b = self._by_id.get(binding_id)
         if b is None:
             return []
         if answered:
-            b.missed = 0
+            b.missed, b.unreachable_reason = 0, ""
             if not b.reachable:
                 b.reachable = True
                 return [RegistrarEvent(EventKind.REACHABLE, b)]
             return []
         b.missed += 1
+        b.unreachable_reason = reason
         events = []
         if b.reachable:
             b.reachable = False
-            events.append(RegistrarEvent(EventKind.UNREACHABLE, b))
+            events.append(RegistrarEvent(EventKind.UNREACHABLE, b, reason))
         if b.missed >= QUALIFY_MISSES_TO_REMOVE:
             self._drop(b)
             events.append(RegistrarEvent(EventKind.REMOVED, b, "unreachable"))
         return events
+
+    def reflow(self, binding_id: str, flow: Flow) -> Binding | None:
+        """The edge reached the device over a new connection: it is the binding's flow now."""
+        b = self._by_id.get(binding_id)
+        if b is not None:
+            b.flow = flow
+        return b
 
     def enforce(self, number: str, policy: DevicePolicy | None) -> list[RegistrarEvent]:
         """After a config change: drop a deleted user's bindings, or those over a lower limit."""
@@ -339,6 +375,7 @@ class Registrar:
                 "flow": {"transport": b.flow.transport, "host": b.flow.host, "port": b.flow.port,
                          "local": b.flow.local},
                 "user_agent": b.user_agent, "q": b.q, "reachable": b.reachable, "missed": b.missed,
+                "outbound": b.outbound,
             }
             for b in self._by_id.values()
         ]
@@ -386,6 +423,20 @@ def _parse_expires(value: str | None) -> int | None:
     if not (value.isascii() and value.isdigit()):
         raise RegisterRefused(400, "Bad Expires value")
     return min(int(value), 2**32 - 1)
+
+
+def _supports_outbound(request: Request) -> bool:
+    """`outbound` among the option tags of Supported (or Require), RFC 5626 §4.2.1."""
+    for name in ("Supported", "Require"):
+        for value in request.get_all(name):
+            if any(tag.strip().lower() == "outbound" for tag in value.split(",")):
+                return True
+    return False
+
+
+def _outbound(contact: NameAddr, supported: bool) -> bool:
+    """RFC 5626 §5.2: a registration with an instance, a reg-id and `Supported: outbound`."""
+    return supported and "reg-id" in contact.params and _instance(contact) is not None
 
 
 def _instance(contact: NameAddr) -> str | None:

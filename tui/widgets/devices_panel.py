@@ -66,6 +66,8 @@ class DevicesPanel(VerticalScroll):
             text.append(" · reachable", style="green")  # busy says reachable by itself
         elif not device.reachable:
             text.append(" · ✗ unreachable", style="bold red")
+            if device.unreachable_reason:  # e.g. tcp_connect_failed: the box cannot connect to it
+                text.append(f" ({device.unreachable_reason.replace('_', ' ')})", style="red")
         text.append(f"\n  since {format.since(device.registered_at, now)}"
                     f" · expires in {format.expires_in(device.expires_at - now)}", style="dim")
         return text
