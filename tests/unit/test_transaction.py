@@ -169,6 +169,19 @@ def test_server_capacity_forgets_oldest() -> None:
     assert st.receive("a", T0)[0] is False  # forgotten: processed again
 
 
+def test_server_keeps_no_challenge() -> None:
+    """A 401/407 is answered afresh on a retransmission: keeping it only cost memory (issue 10)."""
+    st = ServerTransactions()
+    for status in (b"401 Unauthorized", b"407 Proxy Authentication Required"):
+        st.receive("k", T0)
+        st.respond("k", b"SIP/2.0 " + status + b"\r\nVia: x\r\n\r\n", final=True, reliable=False, now=T0)
+        assert len(st) == 0
+        assert st.receive("k", T0 + 0.5) == (False, None)  # processed again: a new challenge
+        st.respond("k", b"SIP/2.0 200 OK\r\n\r\n", final=True, reliable=False, now=T0 + 0.5)
+        assert st.receive("k", T0 + 1) == (True, b"SIP/2.0 200 OK\r\n\r\n")  # other answers are kept
+        st.expire(T0 + 100)
+
+
 # -- client transactions ------------------------------------------------------------------
 
 
