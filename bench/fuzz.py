@@ -438,11 +438,13 @@ def tcp_session(port: int, rng: random.Random, messages: list[bytes], report: Re
                 sock.sendall(stream[at : at + step])
                 at += step
         report.tcp_sent += len(messages)
-        sock.setblocking(False)
+        # Half the connections wait a moment for the answers, so the daemon writes to a
+        # live peer as well as to one that is gone.
+        sock.settimeout(0.02 if rng.random() < 0.5 else 0.0)
         try:
             while sock.recv(65535):
                 report.answers += 1
-        except (BlockingIOError, ConnectionError):
+        except (TimeoutError, BlockingIOError, ConnectionError):
             pass
         if ending >= 2:
             # SO_LINGER 0: close() sends RST instead of FIN.

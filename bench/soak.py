@@ -56,6 +56,7 @@ def main() -> None:
             started = time.monotonic()
             cpu_before = cpu_seconds(proc.pid)
             for w in workers:
+                w.daemon = True  # gone with this process, should it be interrupted
                 w.start()
             peak = idle
             next_sample = started + args.interval
