@@ -55,25 +55,18 @@ def client_key(response: Response) -> str | None:
     return f"{branch}|{method}"
 
 
-def _is_challenge(data: bytes) -> bool:
-    """A 401 or 407: it changes nothing, so a retransmission may just get a fresh one."""
-    return data.startswith((b"SIP/2.0 401 ", b"SIP/2.0 407 "))
-
-
 class ServerTransactions:
     """Non-INVITE server transactions: which requests were seen, and the answer given.
 
     Bounded: past `capacity` entries the oldest are forgotten early, so a flood costs at
-    most that much memory (~0.8 kB an entry with its response); a forgotten retransmission
-    is just processed again.
-
-    A challenge (401/407) is not kept: answering a retransmission again issues a new nonce
-    and changes nothing else, and half of all REGISTERs are challenged. Keeping them held
-    ~25 MB under 500 registrations a second (Timer J is 32 s). Every other final answer is
-    kept, since a retransmitted REGISTER with credentials processed again would be a replay.
+    most that much memory; a forgotten retransmission is just processed again. An entry
+    with its response is ~0.8 kB, and under 500 registrations a second (1,000 requests,
+    each kept Timer J = 32 s) 32,768 of them held 25 MB, most of the growth issue 10 saw.
+    16,384 are 13 MB and still 16 s of retransmissions at that rate: a client retransmits
+    only until it hears an answer, so after 16 s it has lost six in a row.
     """
 
-    def __init__(self, linger: float = TIMER_J_UDP, capacity: int = 32768) -> None:
+    def __init__(self, linger: float = TIMER_J_UDP, capacity: int = 16384) -> None:
         self._linger = linger
         self._capacity = capacity
         self._entries: OrderedDict[str, tuple[float, bytes | None]] = OrderedDict()
@@ -92,9 +85,8 @@ class ServerTransactions:
         return True, entry[1]
 
     def respond(self, key: str, data: bytes, final: bool, reliable: bool, now: float) -> None:
-        """Remember a response; a final one over TCP ends the transaction at once (Timer J = 0),
-        and so does a challenge."""
-        if final and (reliable or _is_challenge(data)):
+        """Remember a response; a final one over TCP ends the transaction at once (Timer J = 0)."""
+        if final and reliable:
             self._entries.pop(key, None)
             return
         self._entries[key] = (now + self._linger, data)

@@ -169,17 +169,17 @@ def test_server_capacity_forgets_oldest() -> None:
     assert st.receive("a", T0)[0] is False  # forgotten: processed again
 
 
-def test_server_keeps_no_challenge() -> None:
-    """A 401/407 is answered afresh on a retransmission: keeping it only cost memory (issue 10)."""
+def test_server_default_capacity_bounds_memory() -> None:
+    """Under 500 registrations a second the cache is full: its default size is its memory (issue 10)."""
     st = ServerTransactions()
-    for status in (b"401 Unauthorized", b"407 Proxy Authentication Required"):
-        st.receive("k", T0)
-        st.respond("k", b"SIP/2.0 " + status + b"\r\nVia: x\r\n\r\n", final=True, reliable=False, now=T0)
-        assert len(st) == 0
-        assert st.receive("k", T0 + 0.5) == (False, None)  # processed again: a new challenge
-        st.respond("k", b"SIP/2.0 200 OK\r\n\r\n", final=True, reliable=False, now=T0 + 0.5)
-        assert st.receive("k", T0 + 1) == (True, b"SIP/2.0 200 OK\r\n\r\n")  # other answers are kept
-        st.expire(T0 + 100)
+    response = b"SIP/2.0 401 Unauthorized\r\n" + b"x" * 600
+    for i in range(40000):
+        key = f"z9hG4bK{i}x{i}|127.0.0.1:40000|REGISTER"
+        st.receive(key, T0 + i / 1000)
+        st.respond(key, response, final=True, reliable=False, now=T0 + i / 1000)
+    assert len(st) <= 16384
+    key = "z9hG4bK39999x39999|127.0.0.1:40000|REGISTER"
+    assert st.receive(key, T0 + 40) == (True, response)  # recent ones are still answered
 
 
 # -- client transactions ------------------------------------------------------------------
