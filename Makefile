@@ -53,6 +53,8 @@ bench: venv
 	$(BIN)/python bench/calls.py
 	$(BIN)/python bench/media.py
 	$(BIN)/python bench/tui.py
+	$(BIN)/python bench/fuzz.py --seconds 60
+	$(BIN)/python bench/soak.py --minutes 2
 
 # The appliance's disk image, build/image/homepbx-<version>-amd64.img (as root; image/README.md).
 .PHONY: image

@@ -92,11 +92,12 @@ def md5_nonce(data: bytes) -> str | None:
 
 
 def client(port: int, numbers: list[str], seconds: float, window: int, out: mp.Queue,  # type: ignore[type-arg]
-           once: bool = False) -> None:
+           once: bool = False, rate: float | None = None) -> None:
     """One load generator: `window` registrations in flight, each the full digest exchange.
 
     With `once`, each number registers exactly once and the generator stops when all have
-    an answer (or `seconds` ran out).
+    an answer (or `seconds` ran out). With `rate`, registrations start at that many per
+    second at most (bench/soak.py), rather than as fast as the window allows.
 
     It shares the machine with the daemon it measures, so it is kept cheap: responses are
     cut with find() rather than a regular expression and split(), and a cnonce costs no
@@ -117,6 +118,8 @@ def client(port: int, numbers: list[str], seconds: float, window: int, out: mp.Q
     done = 0
     failed = 0
     next_user = 0
+    started = 0
+    pause = 0.05 if rate is None else min(0.05, 1 / rate)
     cnonces = random.Random()  # a fresh cnonce per answer; no need for the OS's entropy here
 
     def send(number: str, auth: str = "") -> None:
@@ -140,12 +143,15 @@ def client(port: int, numbers: list[str], seconds: float, window: int, out: mp.Q
         if once and done + failed == len(numbers):
             break
         while len(inflight) < window and not (once and next_user == len(numbers)):
+            if rate is not None and started >= rate * (now - start):
+                break
             number = numbers[next_user % len(numbers)]
             next_user += 1
             if number in inflight:
                 break
             send(number)
-        ready, _, _ = select.select([sock], [], [], 0.05)
+            started += 1
+        ready, _, _ = select.select([sock], [], [], pause)
         if not ready:
             for number, sent in list(inflight.items()):
                 if now - sent > 1.0:

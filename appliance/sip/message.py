@@ -203,6 +203,10 @@ def parse_message(data: bytes) -> Request | Response:
     except UnicodeDecodeError:
         raise SipParseError("headers are not UTF-8") from None
     lines = head.split("\r\n") if sep_len == 4 else head.split("\n")
+    if _bare_line_break(head, lines, sep_len):
+        # Not answered: a 400 would echo the value (Via, From, To...) and with it the break,
+        # a header of the sender's making in our response, or in a response we relay.
+        raise SipParseError("bare CR or LF in a header")
     message, version = _parse_start_line(lines[0])
     _parse_headers(lines, message)
     first = message.first_values()
@@ -222,6 +226,17 @@ def parse_message(data: bytes) -> Request | Response:
             raise SipParseError("SIP Version Not Supported", status=505, request=_answerable(request))
         _validate_request(request, first)
     return message
+
+
+def _bare_line_break(head: str, lines: list[str], sep_len: int) -> bool:
+    """A CR or LF inside a line (RFC 3261 §7.3.1: only CRLF ends one); two counts in C, no loop.
+
+    With LF-only line ends (the lenient form) a CR may still end a line, nowhere else.
+    """
+    breaks = len(lines) - 1
+    if sep_len == 4:
+        return head.count("\r") != breaks or head.count("\n") != breaks
+    return "\r" in head and any("\r" in line[:-1] for line in lines)
 
 
 def _parse_start_line(line: str) -> tuple[Request | Response, str]:

@@ -670,3 +670,27 @@ def test_unquote() -> None:
 def test_unknown_single_letter_header_lookup_ignores_case() -> None:
     msg = parse_message(register("n: identity-info"))
     assert msg.get("n") == msg.get("N") == "identity-info"
+
+
+_LINES = [
+    "OPTIONS sip:home.arpa SIP/2.0", "Via: SIP/2.0/UDP 127.0.0.1:5062;branch=z9hG4bK1",
+    "From: <sip:200@home.arpa>;tag=1{inside}", "To: <sip:home.arpa>", "Call-ID: c1", "CSeq: 1 OPTIONS",
+    "Max-Forwards: 70", "Content-Length: 0",
+]
+
+
+@pytest.mark.parametrize("inside", ["\nX-Injected: yes", "\rX-Injected: yes", "\n\rX: y", "\r\x00X: y", "\r"])
+def test_bare_line_break_in_a_header_is_refused_unanswered(inside: str) -> None:
+    """Found by bench/fuzz.py: a CR or LF inside a value was kept, so a 400 or a relayed
+    response carried a header line of the sender's making. Not answered: the answer would
+    echo it."""
+    raw = ("\r\n".join(_LINES) + "\r\n\r\n").format(inside=inside).encode()
+    with pytest.raises(SipParseError) as err:
+        parse_message(raw)
+    assert err.value.request is None
+
+
+def test_lf_only_message_still_parses() -> None:
+    """The lenient form, every line ended by a bare LF, is not a bare line break."""
+    raw = ("\n".join(_LINES) + "\n\n").format(inside="").encode()
+    assert parse_message(raw).get("From") == "<sip:200@home.arpa>;tag=1"

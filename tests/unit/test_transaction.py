@@ -169,6 +169,19 @@ def test_server_capacity_forgets_oldest() -> None:
     assert st.receive("a", T0)[0] is False  # forgotten: processed again
 
 
+def test_server_default_capacity_bounds_memory() -> None:
+    """Under 500 registrations a second the cache is full: its default size is its memory (issue 10)."""
+    st = ServerTransactions()
+    response = b"SIP/2.0 401 Unauthorized\r\n" + b"x" * 600
+    for i in range(40000):
+        key = f"z9hG4bK{i}x{i}|127.0.0.1:40000|REGISTER"
+        st.receive(key, T0 + i / 1000)
+        st.respond(key, response, final=True, reliable=False, now=T0 + i / 1000)
+    assert len(st) <= 16384
+    key = "z9hG4bK39999x39999|127.0.0.1:40000|REGISTER"
+    assert st.receive(key, T0 + 40) == (True, response)  # recent ones are still answered
+
+
 # -- client transactions ------------------------------------------------------------------
 
 
