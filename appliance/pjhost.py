@@ -147,6 +147,9 @@ class PjHost:
         self._timer_seq = itertools.count()
         self.wake_port = 0
         self._wake_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        # Bound now, on loopback: an unbound socket is bound to 0.0.0.0 by its first
+        # sendto, and would then take datagrams from every interface (homepbx issue 12).
+        self._wake_sock.bind((LOOPBACK, 0))
 
     # -- hooks -----------------------------------------------------------------------------
     def handle_line(self, line: bytes) -> None:
