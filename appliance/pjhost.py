@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import gc
 import heapq
 import itertools
@@ -96,6 +97,31 @@ def create_library() -> Any:
     return ep
 
 
+G722_PCM_SHIFT = 1
+"""pjmedia's G.722 level adjustment as standard G.722 ends use it (real phones, baresip):
+16-bit PCM halved into the codec, doubled out of it.  pjmedia's default is 2 (a quarter,
+four times), which is 6 dB off against any other implementation; its clipping detector
+then drops the shift of one codec instance but not of another, so the error depended on
+the leg and on the loudness (homepbx issue 12)."""
+
+
+def set_g722_pcm_shift(shift: int = G722_PCM_SHIFT) -> None:
+    """Set pjmedia's G.722 PCM shift for every codec opened from now on (after
+    ``libInit``, which resets it).  pjsua2 does not wrap ``pjmedia_codec_g722_set_pcm_shift``
+    (the codec params have no such field), so it is called in the loaded module itself."""
+    module = getattr(pj, "_pjsua2", None)
+    path = getattr(module, "__file__", None)
+    if not path:
+        raise RuntimeError("pjsua2's native module not found: cannot set the G.722 level")
+    lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_NOW)  # the copy already loaded
+    set_shift = lib.pjmedia_codec_g722_set_pcm_shift
+    set_shift.argtypes = [ctypes.c_uint]
+    set_shift.restype = ctypes.c_int
+    status = set_shift(shift)
+    if status != 0:
+        raise RuntimeError(f"pjmedia_codec_g722_set_pcm_shift({shift}) failed: status {status}")
+
+
 class LogWriter(pj.LogWriter):  # type: ignore[misc]
     """pjsua log lines up to `max_level` (None: all) to stderr; fd 1 carries the JSON events."""
 
@@ -147,6 +173,9 @@ class PjHost:
         self._timer_seq = itertools.count()
         self.wake_port = 0
         self._wake_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        # Bound now, on loopback: an unbound socket is bound to 0.0.0.0 by its first
+        # sendto, and would then take datagrams from every interface (homepbx issue 12).
+        self._wake_sock.bind((LOOPBACK, 0))
 
     # -- hooks -----------------------------------------------------------------------------
     def handle_line(self, line: bytes) -> None:

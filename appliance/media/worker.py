@@ -28,6 +28,10 @@ Why it is built this way (figures in ``bench/media.py``):
 - The conference bridge runs at 16 kHz (G.722 stays wideband) with pjmedia's linear
   resampler (quality 2), which is exact for 8 kHz legs and a quarter cheaper per call
   than the small filter.
+- G.722 uses the standard level (pjmedia's PCM shift 1, not its default 2,
+  :func:`appliance.pjhost.set_g722_pcm_shift`): with 2, a G.722 phone was heard 6 dB too
+  loud and heard the other party 6 dB too quietly, on the legs where pjmedia's clipping
+  detector had not happened to drop the shift (``tests/e2e/test_levels.py``).
 - Stdin EOF with no quit before it means the edge died: every dialog is Record-Routed
   through it, so the answered parties are BYEd directly (:mod:`.direct_bye`) and the
   process exits without pjsua2's teardown, whose BYEs would go to the dead edge.
@@ -56,7 +60,7 @@ from appliance.logs import fields
 from appliance.media import direct_bye
 from appliance.media import protocol as P
 from appliance.pjerrors import pj_error_text
-from appliance.pjhost import STDIN_CLOSED, LogWriter, PjHost, block_signals
+from appliance.pjhost import STDIN_CLOSED, LogWriter, PjHost, block_signals, set_g722_pcm_shift
 from appliance.sip.errors import SipParseError
 from appliance.sip.message import Request, Response, parse_message
 
@@ -293,6 +297,7 @@ class Worker(PjHost):
         med.quality = int(self.args.quality)
         med.sndAutoCloseTime = 1
         self.init_endpoint(cfg)
+        set_g722_pcm_shift()  # G.722 legs at the level every other G.722 end uses
 
         tcfg = pj.TransportConfig()
         tcfg.port = int(self.args.sip_port)

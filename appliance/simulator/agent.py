@@ -21,6 +21,10 @@ record, stop_media, dtmf, calls, ping, quit.  Events: ready, reg_state,
 call_created, incoming_call, call_state, call_request, media, dtmf,
 media_stopped, recorded, transfer_request, transfer_status, replace_request,
 call_replaced, sip (with --trace), error, bye.
+
+``play_tone`` with ``monitor`` also records the tone itself (the level the handset
+sends); ``stop_media`` names that file in ``monitor`` and reports it ``recorded`` too.
+G.722 runs at the standard level of real phones (:func:`appliance.pjhost.set_g722_pcm_shift`).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import pjsua2 as pj
 
 from appliance.jsonlines import Emitter, private_stdout
 from appliance.pjerrors import pj_error_text
-from appliance.pjhost import LogWriter, PjHost, block_signals
+from appliance.pjhost import LogWriter, PjHost, block_signals, set_g722_pcm_shift
 
 LOOPBACK = "127.0.0.1"
 REAP_DELAY_S = 0.01
@@ -224,6 +228,9 @@ class AgentCall(pj.Call):  # type: ignore[misc]
         self.tone_freq: list[float] | None = None
         self.recorder: Any = None
         self.rec_path: str | None = None
+        self.monitor: Any = None
+        """Records the tone generator itself: the level this handset sends."""
+        self.monitor_path: str | None = None
         self.media_active = False
 
     # callbacks -----------------------------------------------------------
@@ -280,22 +287,26 @@ class AgentCall(pj.Call):  # type: ignore[misc]
         if self.recorder is not None:
             am.startTransmit(self.recorder)
 
-    def stop_tone(self) -> None:
+    def stop_tone(self) -> str | None:
+        """Stop the tone; returns the path of its monitor recording, if any (finalised
+        shortly after, see Agent.check_recordings)."""
         if self.tone is None:
-            return
+            return None
         tone, self.tone = self.tone, None
+        monitor, self.monitor = self.monitor, None
+        path, self.monitor_path = self.monitor_path, None
         self.tone_freq = None
         try:
             tone.stop()
         except pj.Error:
             pass
         am = self.audio_media()
-        if am is not None:
-            try:
-                tone.stopTransmit(am)
-            except pj.Error:
-                pass
-        del tone
+        for sink in (am, monitor):
+            if sink is not None:
+                with contextlib.suppress(pj.Error):
+                    tone.stopTransmit(sink)
+        del tone, monitor
+        return path
 
     def stop_recorder(self) -> str | None:
         """Detach and destroy the recorder; returns its path (file finalised
@@ -402,6 +413,7 @@ class Agent(PjHost):
         cfg.medConfig.hasIoqueue = False
         cfg.medConfig.threadCnt = 0
         self.init_endpoint(cfg)
+        set_g722_pcm_shift()  # G.722 at the level of real phones, not pjmedia's default
 
         tcfg = pj.TransportConfig()
         tcfg.port = int(args.port)
@@ -497,10 +509,9 @@ class Agent(PjHost):
                 del self.calls[cid]
 
     def finish_call_media(self, call: AgentCall) -> None:
-        call.stop_tone()
-        path = call.stop_recorder()
-        if path is not None:
-            self.watch_recording(call.cid, path)
+        for path in (call.stop_tone(), call.stop_recorder()):
+            if path is not None:
+                self.watch_recording(call.cid, path)
 
     def watch_recording(self, cid: str, path: str) -> None:
         """Report `path` as `recorded` once finished (or in 2 s at the latest)."""
@@ -786,7 +797,9 @@ class Agent(PjHost):
         call = self.get_call(cmd)
         freq = cmd.get("freq", 440)
         freqs = [float(f) for f in freq] if isinstance(freq, list) else [float(freq)]
-        call.stop_tone()
+        old = call.stop_tone()
+        if old is not None:
+            self.watch_recording(call.cid, old)
         gen = pj.ToneGenerator()
         gen.createToneGenerator(16000, 1)
         vec = pj.ToneDescVector()
@@ -801,6 +814,15 @@ class Agent(PjHost):
         gen.play(vec, True)
         call.tone = gen
         call.tone_freq = freqs
+        if cmd.get("monitor"):
+            # The tone as this handset sends it (before its encoder): a test compares
+            # the level sent with the level the other party hears.
+            path = str(Path(str(cmd["monitor"])).resolve())
+            rec = pj.AudioMediaRecorder()
+            rec.createRecorder(path)
+            gen.startTransmit(rec)
+            call.monitor = rec
+            call.monitor_path = path
         call.connect_media()
 
     def cmd_record(self, cmd: dict[str, Any]) -> None:
@@ -820,11 +842,14 @@ class Agent(PjHost):
         the WAV file is complete (pjmedia finishes it asynchronously)."""
         call = self.get_call(cmd)
         had_tone = call.tone is not None
-        call.stop_tone()
+        monitor = call.stop_tone()
         path = call.stop_recorder()
-        if path is not None:
-            self.watch_recording(call.cid, path)
-        self.out.emit("media_stopped", call=call.cid, tone=had_tone, recording=path, id=cmd.get("id"))
+        for done in (monitor, path):
+            if done is not None:
+                self.watch_recording(call.cid, done)
+        self.out.emit(
+            "media_stopped", call=call.cid, tone=had_tone, recording=path, monitor=monitor, id=cmd.get("id")
+        )
 
     # callbacks -------------------------------------------------------------------
     def on_incoming_call(self, acc: AgentAccount, prm: Any) -> None:

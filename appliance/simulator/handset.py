@@ -290,8 +290,17 @@ class Handset:
     def wait_incoming(self, timeout: float = 5.0, **match: object) -> Event:
         return self.wait_for("incoming_call", timeout=timeout, **match)
 
-    def play_tone(self, call: str, freq: float | Sequence[float]) -> None:
-        self.send("play_tone", call=call, freq=list(freq) if isinstance(freq, Sequence) else freq)
+    def play_tone(self, call: str, freq: float | Sequence[float], *, monitor: str | Path | None = None) -> None:
+        """Play a tone into the call; with `monitor`, also record the tone itself there
+        (what this handset sends, before its encoder: see :meth:`monitor_recorded`)."""
+        fields: dict[str, object] = {"call": call, "freq": list(freq) if isinstance(freq, Sequence) else freq}
+        if monitor is not None:
+            fields["monitor"] = str(monitor)
+        self.send("play_tone", **fields)
+
+    def monitor_recorded(self, call: str, path: str | Path, timeout: float = 5.0) -> str:
+        """After :meth:`stop_media`: the finished monitor recording of the tone."""
+        return str(self.wait_for("recorded", timeout=timeout, call=call, path=str(Path(path).resolve()))["path"])
 
     def record(self, call: str, path: str | Path) -> None:
         self.send("record", call=call, path=str(path))
