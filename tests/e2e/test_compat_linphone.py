@@ -1,9 +1,9 @@
 """linphone (Debian's linphone-cli, `linphonec` 5.1) against the shipped config, untouched.
 
 linphone answers the SHA-256 challenge homepbx offers first (RFC 8760), so it needs no
-fallback. It calls a pjsua2 handset and is called by one; each side sends its own tone and
-the other's is measured: on the handset from its recording, on linphone from the WAV file
-it writes in place of a sound card (tests/support/linphone.py). Hold (`pause`) silences
+fallback. It calls a pjsua2 handset and is called by one (over UDP, and over TCP); each side
+sends its own tone and the other's is measured: on the handset from its recording, on
+linphone from the WAV file it writes in place of a sound card (tests/support/linphone.py). Hold (`pause`) silences
 linphone's tone for the handset and `resume` brings it back; DTMF typed on linphone's
 console reaches the handset as RFC 4733 events through the media worker.
 """
@@ -34,14 +34,14 @@ HANDSET_TONE = 1000
 
 
 def house(pbx_factory: DaemonFactory, handset_factory: HandsetFactory, linphone: LinphoneFactory,
-          tmp_path: Path) -> tuple[Daemon, Linphone, Handset]:
+          tmp_path: Path, transport: str = "udp") -> tuple[Daemon, Linphone, Handset]:
     """linphone as 200 and a pjsua2 handset as 201, both registered on the shipped settings."""
     pbx = pbx_factory([user_block("200", "pw-200"), user_block("201", "pw-201")])
-    phone = linphone(tmp_path / "linphone", pbx, "200", "pw-200", LINPHONE_TONE, "42000-42999")
+    phone = linphone(tmp_path / "linphone", pbx, "200", "pw-200", LINPHONE_TONE, "42000-42999", transport=transport)
     handset = handset_factory("h201")
     assert handset.register(pbx.registrar, "201", "pw-201")["code"] == 200
     phone.wait_registered()
-    pbx.wait_log(r"event=device_registered number=200 .*ua=Linphonec/")
+    pbx.wait_log(rf"event=device_registered number=200 .*flow={transport}:127\.0\.0\.1:\d+ .*ua=Linphonec/")
     return pbx, phone, handset
 
 
@@ -93,10 +93,11 @@ def test_linphone_registers_with_sha256_and_calls_a_handset_hold_resume_dtmf(
     assert tones.tone_level_db(phone.recording, LINPHONE_TONE) < FAINT  # and not itself
 
 
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
 def test_handset_calls_linphone_and_both_hear_the_other(
         pbx_factory: DaemonFactory, handset_factory: HandsetFactory, linphone: LinphoneFactory,
-        tmp_path: Path) -> None:
-    pbx, phone, handset = house(pbx_factory, handset_factory, linphone, tmp_path)
+        tmp_path: Path, transport: str) -> None:
+    pbx, phone, handset = house(pbx_factory, handset_factory, linphone, tmp_path, transport)
     call = handset.call("sip:200@home.arpa")
     phone.wait_for(r"Receiving new incoming call from .*sip:201@")
     at = phone.command("answer")
