@@ -81,7 +81,7 @@ def test_linphone_registers_with_sha256_and_calls_a_handset_hold_resume_dtmf(
     assert tones.tone_level_db(paused, LINPHONE_TONE) < FAINT or tones.total_power(paused) < 1e-6
     assert tones.tone_level_db(resumed, LINPHONE_TONE) > HEARD, tones.tone_envelope(resumed, LINPHONE_TONE)
 
-    for digit in "12#":  # a line of DTMF digits is sent as RFC 4733 events
+    for digit in "12#":  # a console line of one digit is sent as an RFC 4733 event
         phone.command(digit)
     assert [handset.wait_for("dtmf", call=call, timeout=10)["digit"] for _ in range(3)] == ["1", "2", "#"]
 
