@@ -10,7 +10,7 @@ CONFIG ?= config.toml
 # write, tmux for the terminal test of the TUI, procps for process checks; systemd, shellcheck,
 # dosfstools, mtools, fdisk and e2fsprogs for the checks of the systemd units and of the disk image recipe;
 # mmdebstrap, qemu, OVMF, sshpass and ssh to build the disk image and boot it in the test).
-DEB_PACKAGES := python3 python3-venv python3-dev gcc sip-tester baresip-core tmux procps systemd shellcheck dosfstools mtools fdisk e2fsprogs \
+DEB_PACKAGES := python3 kamailio python3-venv python3-dev gcc sip-tester baresip-core tmux procps systemd shellcheck dosfstools mtools fdisk e2fsprogs \
 	mmdebstrap qemu-system-x86 qemu-utils ovmf sshpass openssh-client
 
 # HOMEPBX_NATIVE=0 (environment or command line): plain Python, nothing compiled.

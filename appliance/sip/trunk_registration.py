@@ -212,9 +212,9 @@ class TrunkRegistration:
         actions.append(self._set_status(Status.NOT_REGISTERING, "", now))
         return actions
 
-    def disabled(self, now: float) -> list[Action]:
-        """`register = false`: nothing is sent; the TUI says so."""
-        return [self._set_status(Status.NOT_REGISTERING, "register = false", now)]
+    def disabled(self, now: float, reason: str = "register = false") -> list[Action]:
+        """Nothing is sent (`register = false`, or what we cannot do yet); the TUI says why."""
+        return [self._set_status(Status.NOT_REGISTERING, reason, now)]
 
     def resolved(self, targets: list[tuple[Target, tuple[str, int]]], now: float) -> list[Action]:
         """The provider's addresses, each with our own address towards it, best first."""
