@@ -44,6 +44,7 @@ __all__ = [
     "MediaConfig",
     "RegistrationConfig",
     "ServerConfig",
+    "TrunkConfig",
     "UserConfig",
     "fill_missing_passwords",
     "load_config",
@@ -63,6 +64,11 @@ USER_EDITABLE_FIELDS = frozenset(
 """Fields :func:`update_user` may change (``number`` is the user's identity)."""
 
 _DEFAULT_FEATURE_CODES = {"*74": "join"}
+DEFAULT_EMERGENCY_NUMBERS: tuple[str, ...] = ("112", "110", "911")
+"""Numbers that are never refused and never an extension (EU, Germany, North America)."""
+TRUNK_TRANSPORTS: tuple[str, ...] = ("udp", "tcp")
+_TRUNK_KEYS = ("name", "server", "username", "password", "auth_username", "transport", "register", "expires",
+               "max_channels", "incoming", "outgoing_prefix", "external_address", "keepalive_interval")
 _PASSWORD_BYTES = 18  # token_urlsafe -> 24 characters, 144 bits
 
 _TCP_KEYS = ("tcp_max_connections", "tcp_max_per_address", "tcp_header_timeout", "tcp_idle_timeout")
@@ -172,11 +178,46 @@ class UserConfig:
     """0 means unlimited."""
     decline: str = "this_device"
     ring_timeout: int = 30
+    caller_id: str = ""
+    """What an outside line is asked to show for this extension; "" leaves it to the provider."""
 
     @property
     def device_limit(self) -> int:
         """How many devices may register: several only when they share one number."""
         return self.max_devices if self.one_number else 1
+
+
+@dataclass(frozen=True)
+class TrunkConfig:
+    """A line to the family's telephone provider (a SIP account: registrar and proxy)."""
+
+    name: str
+    server: str
+    """``host[:port]`` as written; ``host`` and ``port`` are its parts."""
+    host: str
+    """A DNS name, an IPv4 address, or an IPv6 address (without brackets)."""
+    port: int | None
+    """None: RFC 3263, SRV first, then A/AAAA on 5060."""
+    username: str
+    password: str
+    auth_username: str = ""
+    """The digest user name when it differs from ``username`` ("" = the same)."""
+    transport: str = "udp"
+    register: bool = True
+    """False: the provider sends calls to a fixed address, nothing registers."""
+    expires: int = 600
+    max_channels: int = 2
+    incoming: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    """Called number (DID) -> extension; "*" = any other."""
+    outgoing_prefix: str = "0"
+    external_address: str = ""
+    """The box's public address for SDP; "" = learned from the provider."""
+    keepalive_interval: int = 25
+    """Seconds between keep-alives (OPTIONS) that hold a home router's mapping open; 0 = none."""
+
+    @property
+    def auth_user(self) -> str:
+        return self.auth_username or self.username
 
 
 @dataclass(frozen=True)
@@ -191,6 +232,8 @@ class Config:
     feature_codes: Mapping[str, str]
     """Dialled code -> service name (one of FEATURE_SERVICES)."""
     users: tuple[UserConfig, ...]
+    trunks: tuple[TrunkConfig, ...] = ()
+    emergency_numbers: tuple[str, ...] = DEFAULT_EMERGENCY_NUMBERS
     _by_number: Mapping[str, UserConfig] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -430,7 +473,8 @@ class _Validator:
         return _Table(self, key, value)
 
     def config(self, data: dict[str, Any]) -> Config:
-        top = self.table((), data, ("server", "registration", "control", "media", "feature_codes", "users"))
+        top = self.table((), data, ("server", "registration", "control", "media", "feature_codes", "users",
+                                    "trunks", "emergency_numbers"))
         server = self.server(top.section("server", ("listen", "realm", "state_dir", "digest_algorithms",
                                                     *_TCP_KEYS)))
         registration = self.registration(
@@ -441,8 +485,18 @@ class _Validator:
         )
         control = self.control(top.section("control", ("socket", "group")))
         media = self.media(top.section("media", ("max_calls", "min_idle", "rtp_ports")))
+        emergency = tuple(top.get_unique_list("emergency_numbers", list(DEFAULT_EMERGENCY_NUMBERS),
+                                              _parse_emergency, "number"))
         users = self.users(data.get("users", []))
+        for index, user in enumerate(users):
+            if user.number in emergency:
+                raise self.error(("users", index, "number"),
+                                 f"{user.number!r} is an emergency number (emergency_numbers), not an extension")
         feature_codes = self.feature_codes(data.get("feature_codes", _DEFAULT_FEATURE_CODES), users)
+        for code in feature_codes:
+            if code in emergency:
+                raise self.error(("feature_codes", code), "feature code is also an emergency number")
+        trunks = self.trunks(data.get("trunks", []), users, feature_codes)
         return Config(
             path=self.path,
             server=server,
@@ -451,6 +505,8 @@ class _Validator:
             media=media,
             feature_codes=MappingProxyType(feature_codes),
             users=users,
+            trunks=trunks,
+            emergency_numbers=emergency,
         )
 
     def server(self, t: _Table) -> ServerConfig:
@@ -539,7 +595,7 @@ class _Validator:
         users: list[UserConfig] = []
         seen: dict[str, int] = {}
         for index, item in enumerate(value):
-            user = self.user(self.table(("users", index), item, USER_EDITABLE_FIELDS | {"number"}))
+            user = self.user(self.table(("users", index), item, USER_EDITABLE_FIELDS | {"number", "caller_id"}))
             if user.number in seen:
                 raise self.error(
                     ("users", index, "number"),
@@ -574,7 +630,100 @@ class _Validator:
             max_outgoing_calls=t.get_int("max_outgoing_calls", d.max_outgoing_calls, 0),
             decline=decline,
             ring_timeout=t.get_int("ring_timeout", d.ring_timeout, 5, 600),
+            caller_id=self.caller_id(t),
         )
+
+    @staticmethod
+    def caller_id(t: _Table) -> str:
+        caller_id = t.get_str("caller_id", "")
+        if caller_id and not re.fullmatch(r"\+?[0-9]{1,20}", caller_id):
+            raise t.error("caller_id", f"{caller_id!r}: must be a phone number (digits, an optional leading +)")
+        return caller_id
+
+    def trunks(self, value: object, users: tuple[UserConfig, ...], codes: Mapping[str, str]) -> tuple[TrunkConfig, ...]:
+        if not isinstance(value, list):
+            raise self.error(("trunks",), f"must be an array of tables ([[trunks]]), not {_type_name(value)}")
+        numbers = {user.number for user in users}
+        trunks: list[TrunkConfig] = []
+        names: dict[str, int] = {}
+        prefixes: dict[str, int] = {}
+        for index, item in enumerate(value):
+            t = self.table(("trunks", index), item, _TRUNK_KEYS)
+            trunk = self.trunk(t, numbers)
+            if trunk.name in names:
+                raise t.error("name", f"duplicate trunk name {trunk.name!r} (also trunks[{names[trunk.name]}])")
+            names[trunk.name] = index
+            prefix = trunk.outgoing_prefix
+            if prefix in prefixes:
+                raise t.error("outgoing_prefix", f"{prefix!r} is also the prefix of trunks[{prefixes[prefix]}]")
+            prefixes[prefix] = index
+            clash = next((n for n in sorted(numbers | set(codes)) if prefix and n.startswith(prefix)), None)
+            if clash is not None:
+                raise t.error("outgoing_prefix",
+                              f"{prefix!r}: extension or feature code {clash!r} starts with it "
+                              "(it could not be dialled)")
+            trunks.append(trunk)
+        return tuple(trunks)
+
+    def trunk(self, t: _Table, numbers: set[str]) -> TrunkConfig:
+        for required in ("name", "server", "username", "password"):
+            if required not in t.data:
+                raise t.error(required, "missing required key")
+        name = t.get_str("name", "")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,32}", name):
+            raise t.error("name", f"{name!r}: must be 1-32 of the characters A-Z a-z 0-9 _ . -")
+        server = t.get_str("server", "")
+        try:
+            host, port = _parse_server(server)
+        except ValueError as exc:
+            raise t.error("server", f"{server!r}: {exc}") from None
+        username = t.get_str("username", "")
+        auth_username = t.get_str("auth_username", "")
+        for key, text in (("username", username), ("auth_username", auth_username or "x")):
+            if not re.fullmatch(r"[A-Za-z0-9_.!~*'()&=+$,;?/%+-]{1,64}", text):
+                raise t.error(key, f"{text!r}: must be 1-64 characters, no spaces, quotes, @ or :")
+        password = t.get_str("password", "")
+        if not password or not password.isprintable():
+            raise t.error("password", "must be non-empty, without control characters")
+        transport = t.get_str("transport", "udp").lower()
+        if transport not in TRUNK_TRANSPORTS:
+            raise t.error("transport", f"{transport!r}: must be one of {', '.join(TRUNK_TRANSPORTS)}")
+        d = TrunkConfig(name="", server="", host="", port=None, username="", password="")
+        prefix = t.get_str("outgoing_prefix", d.outgoing_prefix)
+        if not re.fullmatch(r"[0-9*#]{0,4}", prefix):
+            raise t.error("outgoing_prefix", f"{prefix!r}: must be up to 4 of the characters 0-9 * # (or \"\")")
+        external = t.get_str("external_address", "")
+        if external:
+            try:
+                external = str(ipaddress.ip_address(external))
+            except ValueError:
+                raise t.error("external_address", f"{external!r}: must be an IP address") from None
+        keepalive = t.get_int("keepalive_interval", d.keepalive_interval, 0, 3600)
+        return TrunkConfig(
+            name=name, server=server, host=host, port=port, username=username, password=password,
+            auth_username=auth_username, transport=transport,
+            register=t.get_bool("register", d.register),
+            expires=t.get_int("expires", d.expires, 60, 86400),
+            max_channels=t.get_int("max_channels", d.max_channels, 1, 100),
+            incoming=MappingProxyType(self.incoming(t, numbers)),
+            outgoing_prefix=prefix, external_address=external, keepalive_interval=keepalive,
+        )
+
+    def incoming(self, t: _Table, numbers: set[str]) -> dict[str, str]:
+        raw = t.data.get("incoming", {})
+        if not isinstance(raw, dict):
+            raise t.error("incoming", f"must be a table (DID = extension), not {_type_name(raw)}")
+        routes: dict[str, str] = {}
+        for did, target in raw.items():
+            key = (*t.key, "incoming", did)
+            if did != "*" and not re.fullmatch(r"\+?[0-9]{1,20}", did):
+                raise self.error(key, 'a called number must be digits (an optional leading +), or "*" for any other')
+            if not isinstance(target, str):
+                raise self.error(key, f"must be a string (an extension), not {_type_name(target)}")
+            if target not in numbers:
+                raise self.error(key, f"{target!r} is not the number of a user")
+            routes[did] = target
+        return routes
 
 
 class _Table:
@@ -640,6 +789,46 @@ class _Table:
         if blame not in self.data:
             blame = high_name if blame == low_name else low_name
         raise self.error(blame, f"{low_name} ({low}) must not be greater than {high_name} ({high})")
+
+
+def _parse_emergency(text: str) -> str:
+    if not re.fullmatch(r"[0-9]{2,6}", text):
+        raise ValueError("an emergency number must be 2-6 digits")
+    return text
+
+
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME_RE = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?")
+
+
+def _parse_server(text: str) -> tuple[str, int | None]:
+    """``host[:port]`` (IPv6 in brackets): a host name or IP address, and the port if given."""
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError('missing "]" after the IPv6 address')
+        host, rest = text[1:end], text[end + 1 :]
+        try:
+            host = str(ipaddress.IPv6Address(host))
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address") from None
+        if rest and not rest.startswith(":"):
+            raise ValueError('expected "[IPv6]" or "[IPv6]:PORT"')
+        port_text = rest[1:] if rest else None
+    else:
+        host, colon, port_text_ = text.rpartition(":")
+        if not colon:
+            host, port_text_ = text, ""
+        if ":" in host:
+            raise ValueError('an IPv6 address must be in brackets, e.g. "[2001:db8::1]:5060"')
+        if not _HOSTNAME_RE.fullmatch(host):
+            raise ValueError("expected a host name or IP address, with an optional :PORT")
+        port_text = port_text_ if colon else None
+    if port_text is None:
+        return host, None
+    if not re.fullmatch(r"[0-9]{1,5}", port_text) or not 1 <= int(port_text) <= 65535:
+        raise ValueError("the port must be a number from 1 to 65535")
+    return host, int(port_text)
 
 
 def _parse_listen(text: str) -> ListenAddress:

@@ -32,6 +32,7 @@ from appliance.edge.server import Edge, policy_for
 from appliance.edge.tcp_limits import TcpLimits
 from appliance.edge.timers import Deadline, TimerWheel
 from appliance.edge.transport import Transports
+from appliance.edge.trunks import TrunkRegistrar
 from appliance.logs import fields
 from appliance.sip.auth import NonceManager
 from appliance.sip.authenticator import Authenticator
@@ -83,9 +84,10 @@ class Daemon:
         ) if config.media.max_calls else None
         self.calls = router = CallRouter(settings, network, registrar, auth, state, timers, self.media)
         self.qualifier = qualifier = Qualifier(settings, network, registrar, timers, self.device_events.publish)
+        self.trunks = TrunkRegistrar(settings, network, timers, state, wall=wall)
         self.server_tx = ServerTransactions()
         self.edge = Edge(settings, network, auth, registrar, self.throttle, self.server_tx, router, self.qualifier,
-                         self.device_events.publish, clock=timers.now, wall=wall)
+                         self.device_events.publish, clock=timers.now, wall=wall, trunks=self.trunks)
         # The control socket edits the config file: none without one (tests of the edge alone).
         self.control = ControlServer(state, settings, self, config_path) if config_path is not None else None
         self._housekeeping: Deadline | None = None
@@ -110,6 +112,7 @@ class Daemon:
         self._next_nonce_sweep = self.timers.now() + NONCE_SWEEP_INTERVAL
         self._housekeeping = self.timers.every(HOUSEKEEPING_INTERVAL, self._housekeep)
         self.qualifier.start()
+        self.trunks.start()
         if self.media is not None:
             host, _, port = self.addresses[0].rpartition(":")
             await self.media.start(host.strip("[]"), int(port))
@@ -122,6 +125,7 @@ class Daemon:
         if self.media is not None:
             await self.media.stop()  # workers BYE their calls and exit
         self.qualifier.stop()
+        self.trunks.stop()  # unregisters at the providers while the sockets are still open
         if self._housekeeping is not None:
             self._housekeeping.cancel()
         self.timers.cancel()
@@ -174,6 +178,7 @@ class Daemon:
         self.registrar.default_expires = reg.default_expires
         self._enforce_users()
         self.qualifier.reschedule()
+        self.trunks.reconfigure()
         self.state.emit({"event": "config_changed"})
 
     def _enforce_users(self) -> None:

@@ -79,6 +79,7 @@ class LiveState:
         self.wall = wall
         self.calls: dict[str, CallView] = {}
         self.blocked: dict[str, tuple[float, str]] = {}  # address -> (blocked until, wall clock; reason)
+        self.trunks: dict[str, dict[str, Any]] = {}  # trunk name -> its view (edge.trunks)
         self._listeners: list[Listener] = []
         self.started_at = wall()
         self.box_addresses = box_addresses or AddressCache()
@@ -217,6 +218,20 @@ class LiveState:
         now = self.wall()
         return [{"address": a, "until": u, "reason": r} for a, (u, r) in sorted(self.blocked.items()) if u > now]
 
+    # -- trunks (told by edge.trunks) ----------------------------------------------------------
+    def trunk_changed(self, view: dict[str, Any]) -> None:
+        """A trunk's registration changed (registered, failing, refused, not registering)."""
+        self.trunks[view["name"]] = view
+        self.emit({"event": "trunk_changed", "trunk": dict(view)})
+
+    def trunk_removed(self, name: str) -> None:
+        if self.trunks.pop(name, None) is not None:
+            self.emit({"event": "trunk_removed", "name": name})
+
+    def trunks_json(self) -> list[dict[str, Any]]:
+        """In config order; a trunk not heard of yet is not shown."""
+        return [dict(self.trunks[t.name]) for t in self.config.trunks if t.name in self.trunks]
+
     # -- snapshot ---------------------------------------------------------------------------
     def outgoing_in_use(self, number: str) -> int:
         return sum(1 for c in self.calls.values() if c.caller == number and c.caller_device)
@@ -240,5 +255,5 @@ class LiveState:
             "realm": server.realm, "listen": [str(a) for a in server.listen],
             "addresses": self.box_addresses.addresses(server.listen, self.wall()),
             "numbers": numbers, "calls": [c.to_json() for c in self.calls.values()],
-            "blocked": self.blocked_json(),
+            "blocked": self.blocked_json(), "trunks": self.trunks_json(),
         }

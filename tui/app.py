@@ -33,6 +33,7 @@ from tui.widgets.devices_panel import DevicesPanel
 from tui.widgets.numbers_table import NumbersTable
 from tui.widgets.result_line import ResultLine
 from tui.widgets.status_bar import StatusBar
+from tui.widgets.trunk_lines import TrunkLines
 
 RETRY_INTERVAL = 2.0
 SIXTEEN_COLOUR = ("standard", "windows")
@@ -101,6 +102,7 @@ class HomePbxApp(App[None]):
             yield NumbersTable(id="numbers")
             yield DevicesPanel(id="devices")
         yield CallsPanel(id="calls")
+        yield TrunkLines(id="trunks")
         yield BlockedLine(id="blocked")
         yield ResultLine(id="result")
         yield Footer()
@@ -127,6 +129,7 @@ class HomePbxApp(App[None]):
         numbers.show(self.model)
         self.query_one(DevicesPanel).show(self.model, numbers.selected, now)
         self.query_one(CallsPanel).show(self.model, now)
+        self.query_one(TrunkLines).show(self.model, now)
         self.query_one(BlockedLine).show(self.model, now)
 
     def tick(self) -> None:
@@ -136,6 +139,7 @@ class HomePbxApp(App[None]):
             self.query_one(StatusBar).show(self.model, now, self.connected)
             self.query_one(DevicesPanel).show(self.model, self.query_one(NumbersTable).selected, now)
             self.query_one(CallsPanel).show(self.model, now)
+            self.query_one(TrunkLines).show(self.model, now)
             self.query_one(BlockedLine).show(self.model, now)
 
     # -- the connection --------------------------------------------------------------------

@@ -69,6 +69,18 @@ class Call:
     answered_at: float | None
 
 
+@dataclass(frozen=True)
+class Trunk:
+    """A line to the provider, as the daemon last reported it."""
+
+    name: str
+    server: str
+    status: str  # registered | registering | failing | rejected | not_registering
+    reason: str
+    since: float
+    next_attempt: float | None
+
+
 @dataclass
 class PbxModel:
     """The client-side mirror of the daemon's live state."""
@@ -84,6 +96,8 @@ class PbxModel:
     calls: dict[str, Call] = field(default_factory=dict)
     blocked: dict[str, float] = field(default_factory=dict)
     """Addresses the daemon ignores (auth failures), with when each block ends (wall clock)."""
+    trunks: dict[str, Trunk] = field(default_factory=dict)
+    """Lines to the provider, in config order; empty from an older daemon or with none configured."""
     loaded: bool = False
 
     # -- applying what the daemon says -----------------------------------------------------
@@ -102,6 +116,10 @@ class PbxModel:
             self.calls[call.id] = call
         blocked = data.get("blocked", [])
         self.blocked = {_str(b, "address"): _float(b, "until") for b in blocked if isinstance(b, Mapping)}
+        self.trunks = {}
+        for raw in _list(data, "trunks"):
+            trunk = _trunk(raw)
+            self.trunks[trunk.name] = trunk
         self.loaded = True
 
     def _load_numbers(self, numbers: list[Any]) -> None:
@@ -131,6 +149,11 @@ class PbxModel:
             self.calls[call.id] = call
         elif kind == "address_blocked":
             self.blocked[_str(event, "address")] = _float(event, "until")
+        elif kind == "trunk_changed":
+            trunk = _trunk(_map(event, "trunk"))
+            self.trunks[trunk.name] = trunk
+        elif kind == "trunk_removed":
+            self.trunks.pop(_str(event, "name"), None)
         elif kind == "config_changed" and "numbers" in event:
             self._load_numbers(_list(event, "numbers"))
         return kind
@@ -263,6 +286,17 @@ def _device(raw: object) -> Device:
         registered_at=_float(raw, "registered_at"), expires_at=_float(raw, "expires_at"),
         reachable=_bool(raw, "reachable", True),
         unreachable_reason=_str(raw, "unreachable_reason"),
+    )
+
+
+def _trunk(raw: object) -> Trunk:
+    if not isinstance(raw, Mapping):
+        raise ProtocolError("trunk: expected an object")
+    next_attempt = raw.get("next_attempt")
+    return Trunk(
+        name=_str(raw, "name"), server=_str(raw, "server"), status=_str(raw, "status"),
+        reason=_str(raw, "reason"), since=_float(raw, "since"),
+        next_attempt=None if next_attempt is None else _float(raw, "next_attempt"),
     )
 
 

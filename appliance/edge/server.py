@@ -61,13 +61,19 @@ class ResponseSink(Protocol):
     def on_response(self, response: Response) -> None: ...
 
 
+class TrunkResponses(Protocol):
+    """The trunk registrar (edge.trunks): responses to its REGISTERs and keep-alives."""
+
+    def on_response(self, response: Response, flow: Flow, now: float) -> bool: ...
+
+
 class Edge:
     """One process, one event loop: every SIP message of the box comes through here."""
 
     def __init__(self, settings: LiveConfig, network: Network, auth: AuthGate, registrar: Registrar,
                  throttle: FailureThrottle, server_tx: ServerTransactions, calls: CallHandler,
                  own_requests: ResponseSink, publish: PublishDeviceEvents, *,
-                 clock: Callable[[], float], wall: Callable[[], float]) -> None:
+                 clock: Callable[[], float], wall: Callable[[], float], trunks: TrunkResponses | None = None) -> None:
         self.settings = settings
         self.network = network
         self.auth = auth
@@ -76,6 +82,7 @@ class Edge:
         self.server_tx = server_tx
         self.calls = calls
         self.own_requests = own_requests
+        self.trunks = trunks
         self.publish = publish
         self.clock = clock
         self.wall = wall
@@ -92,7 +99,9 @@ class Edge:
             self._reject_malformed(err, flow, err.status, err.reason)
             return
         if isinstance(message, Response):
-            if not self.calls.on_response(message, flow, now):
+            if self.calls.on_response(message, flow, now):
+                return
+            if self.trunks is None or not self.trunks.on_response(message, flow, now):
                 self.own_requests.on_response(message)
             return
         self.on_request(message, flow, now)

@@ -779,3 +779,89 @@ def test_media_workers_can_be_turned_off(tmp_path: Path) -> None:
 def test_digest_algorithms_order_kept_and_case_normalised(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, '[server]\ndigest_algorithms = ["md5", "sha-256"]\n'))
     assert cfg.server.digest_algorithms == ("MD5", "SHA-256")
+
+
+# --------------------------------------------------------------------------- trunks
+
+TRUNK = """\
+[[users]]
+number = "200"
+caller_id = "+4930123456"
+
+[[users]]
+number = "201"
+
+[[trunks]]
+name = "provider"
+server = "sip.provider.example"
+username = "4930123456"
+password = "pw"
+incoming = { "4930123456" = "200", "*" = "201" }
+"""
+
+
+def test_trunk_defaults_and_values() -> None:
+    config = parse_config(TRUNK, Path("c.toml"))
+    (trunk,) = config.trunks
+    assert (trunk.host, trunk.port, trunk.transport, trunk.register, trunk.expires) == (
+        "sip.provider.example", None, "udp", True, 600)
+    assert (trunk.max_channels, trunk.outgoing_prefix, trunk.keepalive_interval, trunk.auth_user) == (
+        2, "0", 25, "4930123456")
+    assert dict(trunk.incoming) == {"4930123456": "200", "*": "201"}
+    assert config.user("200").caller_id == "+4930123456"  # type: ignore[union-attr]
+    assert config.emergency_numbers == ("112", "110", "911")
+    assert parse_config("", Path("c.toml")).trunks == ()
+    full = TRUNK + ('auth_username = "auth"\ntransport = "TCP"\nregister = false\nexpires = 300\n'
+                    'max_channels = 4\noutgoing_prefix = ""\nexternal_address = "203.0.113.5"\n'
+                    'keepalive_interval = 0\n')
+    (trunk,) = parse_config(full.replace("sip.provider.example", "[2001:db8::1]:5070"), Path("c.toml")).trunks
+    assert (trunk.host, trunk.port, trunk.auth_user, trunk.transport, trunk.register, trunk.expires) == (
+        "2001:db8::1", 5070, "auth", "tcp", False, 300)
+    assert (trunk.max_channels, trunk.outgoing_prefix, trunk.external_address, trunk.keepalive_interval) == (
+        4, "", "203.0.113.5", 0)
+
+
+TRUNK_ERRORS = [
+    ('"*" = "201"', '"*" = "299"', 13, 'trunks[0].incoming."*"', "'299' is not the number of a user"),
+    ('"*" = "201"', '"abc" = "201"', 13, "trunks[0].incoming.abc", "must be digits"),
+    ("sip.provider.example", "sip provider", 10, "trunks[0].server", "host name or IP address"),
+    ("sip.provider.example", "sip.provider.example:0", 10, "trunks[0].server", "port must be"),
+    ('password = "pw"', 'password = ""', 12, "trunks[0].password", "non-empty"),
+    ('password = "pw"\n', "", 8, "trunks[0].password", "missing required key"),
+    ('name = "provider"', 'name = "my provider"', 9, "trunks[0].name", "must be 1-32"),
+    ('username = "4930123456"', 'username = "a b"', 11, "trunks[0].username", "no spaces"),
+    ('password = "pw"', 'password = "pw"\ntransport = "tls"', 13, "trunks[0].transport", "udp, tcp"),
+    ('password = "pw"', 'password = "pw"\nexpires = 10', 13, "trunks[0].expires", "between 60 and 86400"),
+    ('password = "pw"', 'password = "pw"\noutgoing_prefix = "2"', 13, "trunks[0].outgoing_prefix",
+     "extension or feature code '200' starts with it"),
+    ('password = "pw"', 'password = "pw"\nexternal_address = "router"', 13, "trunks[0].external_address",
+     "must be an IP address"),
+    ('password = "pw"', 'password = "pw"\nregistr = true', 13, "trunks[0].registr", "did you mean 'register'"),
+    ('caller_id = "+4930123456"', 'caller_id = "030-123"', 3, "users[0].caller_id", "must be a phone number"),
+    ('number = "201"', 'number = "112"', 6, "users[1].number", "is an emergency number"),
+]
+
+
+@pytest.mark.parametrize(("old", "new", "line", "key", "fragment"), TRUNK_ERRORS)
+def test_trunk_errors_name_line_and_key(old: str, new: str, line: int, key: str, fragment: str) -> None:
+    assert old in TRUNK
+    err = error_of(TRUNK.replace(old, new))
+    assert (err.line, err.key) == (line, key), str(err)
+    assert fragment in err.message, str(err)
+
+
+def test_two_trunks_need_their_own_names_and_prefixes() -> None:
+    second = TRUNK[TRUNK.index("[[trunks]]"):]
+    err = error_of(TRUNK + "\n" + second)
+    assert (err.key, err.line) == ("trunks[1].name", 16) and "duplicate trunk name" in err.message
+    err = error_of(TRUNK + "\n" + second.replace('"provider"', '"other"'))
+    assert err.key == "trunks[1].outgoing_prefix" and "also the prefix of trunks[0]" in err.message
+
+
+def test_emergency_numbers_replaced_and_checked() -> None:
+    config = parse_config('emergency_numbers = ["999"]\n[[users]]\nnumber = "112"\n', Path("c.toml"))
+    assert config.emergency_numbers == ("999",)
+    err = error_of('emergency_numbers = ["999", "1x"]\n')
+    assert (err.line, err.key) == (1, "emergency_numbers[1]") and "2-6 digits" in err.message
+    err = error_of('emergency_numbers = ["112"]\n[[users]]\nnumber = "112"\n')
+    assert (err.line, err.key) == (3, "users[0].number")

@@ -1,0 +1,274 @@
+"""Registration to the telephone provider(s): the asyncio side of `sip/trunk_registration.py`.
+
+One `TrunkRegistration` state machine per `[[trunks]]` entry with `register = true`. This
+module does what the machines cannot: looks the provider up (RFC 3263: SRV, then A/AAAA;
+dnspython for SRV, the system resolver for addresses), sends through the `Network` seam,
+arms each machine's `next_deadline()` in the one timer wheel, and takes the responses the
+edge hands it. It tells the log and the live state (`TrunkEvents`) what each trunk is
+doing. A reload restarts only the trunks whose settings changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import dns.asyncresolver
+import dns.exception
+import dns.resolver
+
+from appliance.config import LiveConfig, TrunkConfig
+from appliance.edge.seams import Network
+from appliance.edge.timers import Timed, TimerWheel
+from appliance.logs import fields
+from appliance.sip.message import Response
+from appliance.sip.registrar import Flow
+from appliance.sip.trunk_registration import (
+    Action,
+    AddressLearned,
+    Resolve,
+    Send,
+    Status,
+    StatusChanged,
+    Target,
+    TrunkAccount,
+    TrunkRegistration,
+)
+
+log = logging.getLogger("homepbx.trunks")
+
+DNS_TIMEOUT = 10.0
+DEFAULT_PORT = 5060
+
+Resolver = Callable[[TrunkConfig], Awaitable[list[tuple[str, int]]]]
+"""A trunk's server -> its addresses (host, port), best first; raises OSError/DNSException."""
+
+
+class TrunkEvents(Protocol):
+    """What the live state (hence the TUI) is told about trunks."""
+
+    def trunk_changed(self, view: dict[str, Any]) -> None: ...
+
+    def trunk_removed(self, name: str) -> None: ...
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+async def _addresses(host: str, port: int) -> list[tuple[str, int]]:
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    out: list[tuple[str, int]] = []
+    for family, _, _, _, sockaddr in sorted(infos, key=lambda i: i[0] != socket.AF_INET):  # IPv4 first
+        address = (str(sockaddr[0]), int(sockaddr[1]))
+        if family in (socket.AF_INET, socket.AF_INET6) and address not in out:
+            out.append(address)
+    return out
+
+
+async def resolve_rfc3263(trunk: TrunkConfig) -> list[tuple[str, int]]:
+    """An IP literal as it is; a port given: A/AAAA; else SRV (`_sip._udp`/`_sip._tcp`) by
+    priority and weight, falling back to A/AAAA on 5060 when there is none."""
+    if _is_ip(trunk.host):
+        return [(trunk.host, trunk.port or DEFAULT_PORT)]
+    if trunk.port is not None:
+        return await _addresses(trunk.host, trunk.port)
+    try:
+        answer = await dns.asyncresolver.resolve(f"_sip._{trunk.transport}.{trunk.host}", "SRV",
+                                                 lifetime=DNS_TIMEOUT)
+    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+        return await _addresses(trunk.host, DEFAULT_PORT)
+    records = sorted(answer, key=lambda r: (r.priority, -r.weight))
+    out: list[tuple[str, int]] = []
+    for record in records:
+        target = record.target.to_text(omit_final_dot=True)
+        if target in ("", "."):
+            continue
+        try:
+            out += [a for a in await _addresses(target, record.port) if a not in out]
+        except OSError:
+            continue
+    return out
+
+
+class TrunkRegistrar:
+    """Every trunk's registration, wired to the network, the timer wheel and the live state."""
+
+    def __init__(self, settings: LiveConfig, network: Network, timers: TimerWheel, events: TrunkEvents, *,
+                 wall: Callable[[], float], resolve: Resolver = resolve_rfc3263) -> None:
+        self.settings = settings
+        self.network = network
+        self.timers = timers
+        self.events = events
+        self.wall = wall
+        self.resolve = resolve
+        self.trunks: dict[str, tuple[TrunkConfig, TrunkRegistration]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- life cycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        for trunk in self.settings.current.trunks:
+            self._add(trunk)
+
+    def stop(self) -> None:
+        """Unregister at every provider (one datagram each, not waited for)."""
+        for name in list(self.trunks):
+            self._remove(name, publish=False)
+        for task in self._tasks:
+            task.cancel()
+
+    def reconfigure(self) -> None:
+        """The config changed: trunks removed, added or changed are stopped and (re)started."""
+        wanted = {t.name: t for t in self.settings.current.trunks}
+        for name, (config, _) in list(self.trunks.items()):
+            if wanted.get(name) != config:
+                self._remove(name, publish=name not in wanted)
+        for trunk in self.settings.current.trunks:
+            if trunk.name not in self.trunks:
+                self._add(trunk)
+
+    def _add(self, trunk: TrunkConfig) -> None:
+        account = TrunkAccount(
+            name=trunk.name, domain=trunk.server, username=trunk.username, auth_username=trunk.auth_user,
+            password=trunk.password, expires=trunk.expires, keepalive_interval=trunk.keepalive_interval)
+        machine = TrunkRegistration(account)
+        self.trunks[trunk.name] = (trunk, machine)
+        now = self.timers.now()
+        if not trunk.register:
+            self._apply(trunk.name, machine.disabled(now))
+        elif trunk.transport != "udp":
+            self._apply(trunk.name, machine.disabled(now, "transport = tcp: not supported yet (use udp)"))
+        else:
+            self._apply(trunk.name, machine.start(now))
+
+    def _remove(self, name: str, *, publish: bool) -> None:
+        _, machine = self.trunks.pop(name)
+        self._send_all(machine.stop(self.timers.now()))
+        if publish:
+            self.events.trunk_removed(name)
+            log.info("event=trunk_removed %s", fields(trunk=name))
+
+    # -- from the edge -----------------------------------------------------------------------
+    def on_response(self, response: Response, flow: Flow, now: float) -> bool:
+        for name, (_, machine) in list(self.trunks.items()):
+            actions = machine.on_response(response, now)
+            if actions is not None:
+                self._apply(name, actions)
+                return True
+        return False
+
+    # -- driving a machine --------------------------------------------------------------------
+    def _fire(self, obj: Timed, now: float) -> None:
+        for name, (_, machine) in list(self.trunks.items()):
+            if machine is obj:
+                self._apply(name, machine.on_timer(now))
+                return
+
+    def _apply(self, name: str, actions: list[Action]) -> None:
+        entry = self.trunks.get(name)
+        if entry is None:
+            return
+        trunk, machine = entry
+        changed = False
+        for action in actions:
+            if isinstance(action, Send):
+                self.network.send(action.data, self._flow(action.target))
+            elif isinstance(action, Resolve):
+                self._start_resolve(trunk, machine)
+            elif isinstance(action, StatusChanged):
+                changed = True
+                self._log_status(trunk, machine, action)
+            elif isinstance(action, AddressLearned):
+                log.info("event=trunk_address_learned %s", fields(
+                    trunk=name, public=f"{action.host}:{action.port}"))
+        if changed:
+            self.events.trunk_changed(self.view(trunk, machine))
+        self.timers.arm(machine, self._fire)
+
+    def _send_all(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                self.network.send(action.data, self._flow(action.target))
+
+    def _flow(self, target: Target) -> Flow:
+        return Flow(target.transport, target.host, target.port, self._listener(target.host))
+
+    def _listener(self, host: str) -> str:
+        """Our listener of the provider's address family (the first one)."""
+        v6 = ":" in host
+        for local in self.network.addresses:
+            if local.startswith("[") == v6:
+                return local
+        return self.network.addresses[0] if self.network.addresses else ""
+
+    def _start_resolve(self, trunk: TrunkConfig, machine: TrunkRegistration) -> None:
+        task = asyncio.get_running_loop().create_task(self._resolve(trunk, machine))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _resolve(self, trunk: TrunkConfig, machine: TrunkRegistration) -> None:
+        try:
+            found = await asyncio.wait_for(self.resolve(trunk), DNS_TIMEOUT)
+        except (OSError, dns.exception.DNSException, TimeoutError) as err:
+            reason = str(err) or type(err).__name__
+            if self._current(trunk.name) is machine:
+                self._apply(trunk.name, machine.resolve_failed(reason[:200], self.timers.now()))
+            return
+        if self._current(trunk.name) is not machine:
+            return  # reconfigured meanwhile
+        targets = []
+        for host, port in found:
+            flow = self._flow(Target(trunk.transport, host, port))
+            if flow.local:
+                targets.append((Target(trunk.transport, host, port), self.network.local_address(flow)))
+        self._apply(trunk.name, machine.resolved(targets, self.timers.now()))
+
+    def _current(self, name: str) -> TrunkRegistration | None:
+        entry = self.trunks.get(name)
+        return entry[1] if entry is not None else None
+
+    # -- what people see ------------------------------------------------------------------------
+    def _log_status(self, trunk: TrunkConfig, machine: TrunkRegistration, change: StatusChanged) -> None:
+        now = self.timers.now()
+        target = machine.target
+        server = f"{target.host}:{target.port}" if target is not None else trunk.server
+        retry = round(machine.next_attempt - now, 1) if machine.next_attempt is not None else None
+        if change.status is Status.REGISTERED:
+            expires = round(machine.expires_at - now) if machine.expires_at is not None else None
+            log.info("event=trunk_registered %s", fields(trunk=trunk.name, server=server, expires=expires))
+        elif change.status is Status.REJECTED:
+            log.warning("event=trunk_rejected %s", fields(
+                trunk=trunk.name, server=server, reason=change.reason, retry_in=retry,
+                hint="check username and password"))
+        elif change.status is Status.FAILING:
+            log.warning("event=trunk_failing %s", fields(
+                trunk=trunk.name, server=server, reason=change.reason, retry_in=retry))
+        elif change.status is Status.REGISTERING:
+            log.info("event=trunk_registering %s", fields(trunk=trunk.name, server=trunk.server))
+        else:
+            log.info("event=trunk_not_registering %s", fields(trunk=trunk.name, reason=change.reason or "stopped"))
+
+    def view(self, trunk: TrunkConfig, machine: TrunkRegistration) -> dict[str, Any]:
+        now, wall = self.timers.now(), self.wall()
+
+        def as_wall(t: float | None) -> float | None:
+            return None if t is None else round(wall + (t - now), 3)
+
+        target = machine.target
+        return {
+            "name": trunk.name, "server": trunk.server, "username": trunk.username,
+            "transport": trunk.transport, "status": machine.status.value, "reason": machine.reason,
+            "since": as_wall(machine.since), "next_attempt": as_wall(machine.next_attempt),
+            "expires_at": as_wall(machine.expires_at),
+            "address": f"{target.host}:{target.port}" if target is not None else None,
+            "public_address": f"{machine.public[0]}:{machine.public[1]}" if machine.public is not None else None,
+        }
