@@ -19,24 +19,6 @@ SEED = 20261204
 FD_SLACK = 3  # a listener or log file opened lazily; a leak is one per connection, hundreds here
 
 
-def _relay_send_fault(example: str) -> bool:
-    """Known fault (fixed on another branch): a response relayed statelessly to a Via that
-    names a host name (or garbage) makes the UDP send raise in edge/relay.py backward()."""
-    return "in backward" in example and "transports.send" in example
-
-
-def _peername_fault(example: str) -> bool:
-    """Known fault (fixed on another branch): a TCP connection reset before connection_made
-    has no peername; transport.py raises there and the connection's descriptor leaks."""
-    return "in connection_made" in example and "_host_port" in example
-
-
-def _kinds(report: Report, known: bool) -> dict[str, int]:
-    faults = (_relay_send_fault, _peername_fault)
-    return {sig: n for sig, n in report.traceback_kinds.items()
-            if any(f(report.traceback_examples[sig]) for f in faults) == known}
-
-
 def _show(report: Report, kinds: dict[str, int]) -> str:
     return "\n\n".join(f"{n} x {sig}\n{report.traceback_examples[sig]}" for sig, n in kinds.items())
 
@@ -51,17 +33,7 @@ def test_fuzzed_udp_and_tcp_leave_the_daemon_well() -> None:
     assert report.late <= max(2, report.checks // 50), summary
     assert (report.register_udp, report.register_tcp) == (200, 200), summary
 
-    unknown = _kinds(report, known=False)
-    assert not unknown, f"{summary}\n\nnew tracebacks:\n{_show(report, unknown)}"
-    # Every ERROR line is the head of one of those tracebacks, or it is news.
-    headed = {line for line, sig in report.traceback_headers.items() if sig not in unknown}
-    unexplained = [line for line in report.error_lines if line not in headed]
-    assert not unexplained, "\n".join([summary, *unexplained[:20]])
-
-    # KNOWN FAULTS, expected to fail on this branch alone and to pass once merged with the
-    # transport and relay fixes: the relay's send to a Via host name, and the descriptor
-    # leaked by a connection reset before connection_made (peername None).
-    known = _kinds(report, known=True)
-    assert not known, f"{summary}\n\nknown faults still there:\n{_show(report, known)}"
-    assert report.tracebacks == 0 and not report.error_lines, summary
+    tracebacks = report.traceback_kinds
+    assert report.tracebacks == 0, f"{summary}\n\ntracebacks:\n{_show(report, tracebacks)}"
+    assert not report.error_lines, "\n".join([summary, *report.error_lines[:20]])
     assert report.fd_growth <= FD_SLACK, summary
