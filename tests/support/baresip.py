@@ -2,7 +2,9 @@
 
 Each phone sends a sine (ausine) and dumps what it decodes to a WAV file (sndfile), which
 is measured with the same Goertzel code as the pjsua2 handsets. Its console is driven on
-stdin (`d 201` dials, `b` hangs up, `q` quits).
+stdin (`d 201` dials, `b` hangs up, `/hold` and `/resume` during a call, `q` quits); a key
+typed alone during a call (`keys`) is a DTMF digit, sent as RFC 4733 events, and the events
+it receives are printed (`received event: '5' (end=1)`, `received_dtmf`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -49,13 +52,37 @@ class Baresip:
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.output = OutputLines(self.proc)
 
-    def wait_for(self, text: str, timeout: float = 10.0) -> None:
-        self.output.wait_for(re.escape(text), timeout)
+    def wait_for(self, text: str, timeout: float = 10.0, start: int = 0) -> str:
+        """The first output line (from index `start`) containing `text`."""
+        return self.output.wait_for(re.escape(text), timeout, start)
 
-    def command(self, text: str) -> None:
+    def command(self, text: str) -> int:
+        """Type a console line; returns the index of the next output line (for `wait_for`)."""
+        start = len(self.output.lines)
         assert self.proc.stdin is not None
         self.proc.stdin.write(text + "\n")
         self.proc.stdin.flush()
+        return start
+
+    def keys(self, digits: str, gap: float = 0.3) -> None:
+        """Type `digits` one key at a time, no Enter: during a call each is a DTMF digit
+        (baresip ends the event when it sees no key for a moment, hence the gap)."""
+        assert self.proc.stdin is not None
+        for key in digits:
+            self.proc.stdin.write(key)
+            self.proc.stdin.flush()
+            time.sleep(gap)
+
+    def received_dtmf(self, count: int, timeout: float = 10.0, start: int = 0) -> list[str]:
+        """The DTMF digits received (RFC 4733 events that ended) from output line `start` on,
+        once `count` of them have come or `timeout` has passed."""
+        ended = re.compile(r"^received event: '(.)' \(end=1\)")
+        deadline = time.monotonic() + timeout
+        while True:
+            digits = [m.group(1) for line in self.output.lines[start:] if (m := ended.match(line))]
+            if len(digits) >= count or time.monotonic() > deadline:
+                return digits
+            time.sleep(0.1)
 
     def heard(self) -> Path:
         """The WAV of what this phone decoded during its call."""
