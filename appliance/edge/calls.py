@@ -210,9 +210,12 @@ class CallRouter:
         """A call from the provider: trusted by its source address, routed by the called number."""
         config = self.settings.current
         trunk = next((t for t in config.trunks if t.name == trunk_name), None)
+        if trunk is None:  # removed by a reload a moment ago
+            self._reply(request, dest, 404, "Not Found")
+            return
         max_forwards = request.get("Max-Forwards")
-        if trunk is None or (max_forwards is not None and max_forwards.isdigit() and int(max_forwards) <= 0):
-            self._reply(request, dest, 483 if trunk else 404, "Too Many Hops" if trunk else "Not Found")
+        if max_forwards is not None and int(max_forwards) <= 0:
+            self._reply(request, dest, 483, "Too Many Hops")
             return
         try:
             to_user = parse_name_addr(request.get("To") or "").uri.user or ""
