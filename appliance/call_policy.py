@@ -4,8 +4,8 @@ The call router in the edge gathers a request's facts (who the authenticated cal
 from which of its devices, what was dialled, which devices are reachable, which calls are
 in progress) and asks here; it only carries out the answer. Every refusal and every route
 is therefore decided in one place and unit-tested without sockets, processes or clocks
-(tests/unit/test_call_policy.py). New routes (an outside line, forwarding, do-not-disturb)
-belong here too.
+(tests/unit/test_call_policy.py). Calls from the provider are decided by `decide_incoming`;
+new routes (outgoing calls through a trunk, forwarding, do-not-disturb) belong here too.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from appliance.config import Config, UserConfig
+from appliance.config import Config, TrunkConfig, UserConfig
 
 MAX_PARTIES = 3
 """A call has at most three parties: the two ends and one joining device (`*74`)."""
@@ -66,6 +66,8 @@ class CallInProgress:
     worker_port: int | None
     parties: int
     """Devices talking: two, three with a joined device."""
+    trunk: str | None = None
+    """The trunk an outside call came in on: `caller` is then an outside number, never an extension."""
 
 
 ReachableDevices = Callable[[str], Sequence[str]]
@@ -78,6 +80,9 @@ def decide_new_call(caller: UserConfig, caller_device: str | None, dialled: str,
     """An authenticated handset of `caller` dialled `dialled` (a number or a feature code)."""
     if config.feature_codes.get(dialled) == "join":
         return decide_join(caller, caller_device, calls, anchored)
+    # Outgoing calls through a trunk go here: a number starting with a trunk's
+    # `outgoing_prefix` (or an emergency number) is decided for that trunk
+    # (max_channels, the caller's `caller_id`) before the extensions are looked up.
     callee = config.user(dialled) if dialled else None
     if callee is None:
         return Refuse(404, "Not Found", "unknown_number")
@@ -95,8 +100,10 @@ def decide_join(user: UserConfig, device: str | None, calls: Sequence[CallInProg
         return Refuse(403, "Join needs one-number on", "join_needs_one_number")
     if device is None:
         return Refuse(403, f"Not a registered device of {number}", "join_unregistered_device")
+    # An outside caller's number is not an extension, even when its digits are the same.
     active = [c for c in calls
-              if c.answered and c.worker_port and number in (c.callee, c.caller) and c.caller_device != device]
+              if c.answered and c.worker_port and c.caller_device != device
+              and (c.callee == number or (c.caller == number and c.trunk is None))]
     if not anchored or not active:
         return Refuse(404, "No active call to join", "join_no_call")
     target = next((c for c in active if c.callee == number), active[0])
@@ -104,6 +111,35 @@ def decide_join(user: UserConfig, device: str | None, calls: Sequence[CallInProg
         return Refuse(486, "Busy Here (call already has three parties)", "join_full")
     assert target.worker_port is not None
     return JoinCall(target.token, target.worker_port, device)
+
+
+def decide_incoming(trunk: TrunkConfig, uri_user: str, to_user: str, config: Config,
+                     reachable: ReachableDevices) -> Refuse | RingNumber:
+    """A call the provider of `trunk` sends in (recognised by its source address, not challenged).
+
+    The called number (DID) is the Request-URI's user; a provider that puts the account's
+    user name there and the DID only in To is served by the To user (an explicit route for
+    either wins over `"*"`). A number matches with or without its leading `+`. The call
+    rings the extension's devices like an internal call, and counts against no one's
+    outgoing limit.
+    """
+    called = [n for n in (uri_user, to_user) if n]
+    extension = next((ext for n in called if (ext := _route(trunk.incoming, n)) is not None), None)
+    if extension is None:
+        extension = trunk.incoming.get("*")
+    callee = config.user(extension) if extension is not None else None
+    if callee is None:
+        return Refuse(404, "Not Found", "unknown_did")
+    return _ring(callee, None, reachable, counts_outgoing=False)
+
+
+def _route(incoming: Mapping[str, str], number: str) -> str | None:
+    if number == "*":
+        return None  # "*" is the fallback, never a number someone dialled
+    for candidate in (number, number.removeprefix("+"), "+" + number):
+        if candidate in incoming:
+            return incoming[candidate]
+    return None
 
 
 def decide_worker_leg(anchoring: CallInProgress | None, worker_port: int, dialled: str, config: Config,
@@ -118,7 +154,7 @@ def decide_worker_leg(anchoring: CallInProgress | None, worker_port: int, dialle
 
 
 def _ring(callee: UserConfig, caller_device: str | None, reachable: ReachableDevices, *,
-          counts_outgoing: bool) -> Decision:
+          counts_outgoing: bool) -> Refuse | RingNumber:
     devices = tuple(d for d in reachable(callee.number) if d != caller_device)  # never ring the caller itself
     if not devices:
         return Refuse(480, "Temporarily Unavailable", "no_reachable_device")

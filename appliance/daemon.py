@@ -82,9 +82,10 @@ class Daemon:
             on_call_ended=lambda token, reason: router.worker_call_ended(token, reason),
             on_worker_died=lambda token: router.worker_died(token),
         ) if config.media.max_calls else None
-        self.calls = router = CallRouter(settings, network, registrar, auth, state, timers, self.media)
+        # The trunks are made before the router: it asks them which requests come from a provider.
+        self.trunks = trunks = TrunkRegistrar(settings, network, timers, state, wall=wall)
+        self.calls = router = CallRouter(settings, network, registrar, auth, state, timers, self.media, trunks)
         self.qualifier = qualifier = Qualifier(settings, network, registrar, timers, self.device_events.publish)
-        self.trunks = TrunkRegistrar(settings, network, timers, state, wall=wall)
         self.server_tx = ServerTransactions()
         self.edge = Edge(settings, network, auth, registrar, self.throttle, self.server_tx, router, self.qualifier,
                          self.device_events.publish, clock=timers.now, wall=wall, trunks=self.trunks)

@@ -1,6 +1,8 @@
 """Call routing in the edge: INVITE in, forks out, dialogs relayed, live state told.
 
-Initial INVITEs are challenged (407); who may call whom and where the call goes is asked
+Initial INVITEs are challenged (407), except a provider's: a request whose source address
+is one the box resolved for a trunk (`TrunkLookup`) is a call from outside, routed by its
+called number (`decide_incoming`) and never challenged. Who may call whom and where the call goes is asked
 of the call policy (`appliance.call_policy`, pure code) with the request's facts, and this
 module carries the decision out: a refusal, a ring-all `Fork` (sans-I/O) to the dialled
 number's devices, a media worker that anchors the call, a device joining a call. Requests
@@ -12,6 +14,7 @@ connection is always reached.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -20,13 +23,14 @@ from appliance.call_policy import (
     JoinCall,
     Refuse,
     RingNumber,
+    decide_incoming,
     decide_new_call,
     decide_worker_leg,
 )
 from appliance.config import LiveConfig
 from appliance.edge.auth_gate import AuthGate
 from appliance.edge.relay import STATELESS_PREFIX, StatelessRelay
-from appliance.edge.seams import Bindings, CallEvents, MediaAnchor, Network
+from appliance.edge.seams import Bindings, CallEvents, MediaAnchor, Network, TrunkLookup
 from appliance.edge.timers import Timed, TimerWheel
 from appliance.edge.transport import format_host_port
 from appliance.logs import fields
@@ -70,6 +74,8 @@ class Dialog:
     caller_flow: Flow
     caller_device: str | None
     counts_outgoing: bool = False
+    trunk: str | None = None
+    """The trunk a call from outside came in on; `caller` is then the outside number."""
     worker_port: int | None = None
     fork: Fork[Flow] | None = None
     callee_flow: Flow | None = None
@@ -91,8 +97,10 @@ class CallRouter:
     """Carries out the call policy's decisions, and follows every dialog to its end."""
 
     def __init__(self, settings: LiveConfig, network: Network, bindings: Bindings, auth: AuthGate,
-                 live: CallEvents, timers: TimerWheel, media: MediaAnchor | None) -> None:
+                 live: CallEvents, timers: TimerWheel, media: MediaAnchor | None,
+                 trunks: TrunkLookup | None = None) -> None:
         self.settings = settings
+        self.trunks = trunks
         self.network = network
         self.bindings = bindings
         self.auth = auth
@@ -170,6 +178,10 @@ class CallRouter:
         if self.media is not None and self.media.is_worker(flow):
             self._worker_leg(request, flow, dest, key, dialled, now)
             return
+        trunk = self.trunks.trunk_at(flow) if self.trunks is not None else None
+        if trunk is not None:
+            self._incoming(request, flow, dest, key, trunk, dialled, now)
+            return
         caller = from_addr.uri.user or ""
         result = self.auth.check(request, caller, flow, now, proxy=True)
         if result.outcome is not Outcome.ACCEPTED:
@@ -193,25 +205,56 @@ class CallRouter:
         else:
             self._ring(request, flow, dest, key, decision, caller, caller_device, now)
 
+    def _incoming(self, request: Request, flow: Flow, dest: Flow, key: str | None, trunk_name: str, dialled: str,
+                  now: float) -> None:
+        """A call from the provider: trusted by its source address, routed by the called number."""
+        config = self.settings.current
+        trunk = next((t for t in config.trunks if t.name == trunk_name), None)
+        if trunk is None:  # removed by a reload a moment ago
+            self._reply(request, dest, 404, "Not Found")
+            return
+        max_forwards = request.get("Max-Forwards")
+        if max_forwards is not None and int(max_forwards) <= 0:
+            self._reply(request, dest, 483, "Too Many Hops")
+            return
+        try:
+            to_user = parse_name_addr(request.get("To") or "").uri.user or ""
+        except SipSyntaxError:
+            to_user = ""
+        number = _outside_number(request)
+        did = dialled or to_user
+        decision = decide_incoming(trunk, dialled, to_user, config, self._reachable)
+        if isinstance(decision, Refuse):
+            log.info("event=trunk_call_refused %s", fields(number=number, did=did, trunk=trunk_name,
+                                                           status=decision.status, reason=decision.why))
+            self._reply(request, dest, decision.status, decision.reason)
+            return
+        log.info("event=trunk_call %s", fields(number=number, did=did, trunk=trunk_name, callee=decision.number))
+        self._ring(request, flow, dest, key, decision, number, None, now, trunk=trunk_name)
+
+    def _identity(self, caller: str, trunk: str | None) -> str:
+        """Who the callee's display shows: an extension by its name, an outside caller by its number."""
+        config = self.settings.current
+        user = config.user(caller) if trunk is None else None
+        return f'"{(user.name if user else "") or caller}" <sip:{caller}@{config.server.realm}>'
+
     def _refuse(self, request: Request, dest: Flow, decision: Refuse, caller: str, dialled: str) -> None:
         if decision.why == "outgoing_limit":
             log.info("event=call_refused %s", fields(caller=caller, callee=dialled, reason=decision.why))
         self._reply(request, dest, decision.status, decision.reason)
 
     def _ring(self, request: Request, flow: Flow, dest: Flow, key: str | None, decision: RingNumber,
-              caller: str, caller_device: str | None, now: float) -> None:
-        """A new call from a handset: straight to the devices, or anchored in a media worker."""
-        config = self.settings.current
+              caller: str, caller_device: str | None, now: float, *, trunk: str | None = None) -> None:
+        """A new call from a handset or the provider: straight to the devices, or anchored in a media worker."""
         dialog = Dialog(new_tag(), Role.A if self.media else Role.DIRECT, request, caller, decision.number, flow,
-                      caller_device, counts_outgoing=decision.counts_outgoing)
+                        caller_device, counts_outgoing=decision.counts_outgoing, trunk=trunk)
         if decision.counts_outgoing:
             self.outgoing[caller] = self.outgoing.get(caller, 0) + 1
         self._calls[dialog.token] = dialog
         self.live.call_started(dialog.token, caller, decision.number, caller_device)
         log.info("event=call_started %s", fields(call=dialog.token, caller=caller, callee=decision.number,
                                                  devices=len(decision.devices)))
-        user = config.user(caller)
-        identity = f'"{(user.name if user else "") or caller}" <sip:{caller}@{config.server.realm}>'
+        identity = self._identity(caller, trunk)
         media = self.media
         if media is None:
             settings = ForkSettings(decision.ring_timeout, decline_all=decision.decline_all)
@@ -263,11 +306,9 @@ class CallRouter:
             self._reply(request, dest, decision.status, decision.reason)
             return
         assert a_leg is not None
-        dialog = Dialog(token, Role.B, request, a_leg.caller, decision.number, flow, None)
+        dialog = Dialog(token, Role.B, request, a_leg.caller, decision.number, flow, None, trunk=a_leg.trunk)
         settings = ForkSettings(decision.ring_timeout, decline_all=decision.decline_all)
-        caller_user = config.user(a_leg.caller)
-        name = caller_user.name if caller_user and caller_user.name else a_leg.caller
-        identity = f'"{name}" <sip:{a_leg.caller}@{config.server.realm}>'
+        identity = self._identity(a_leg.caller, a_leg.trunk)
         self._start_fork(dialog, dest, key, self._targets(decision), settings, [("P-Asserted-Identity", identity)],
                          now)
 
@@ -290,7 +331,7 @@ class CallRouter:
         parties = 2 + sum(1 for d in self._dialogs.values()
                           if d.role is Role.JOIN and d.token == first.token and d.answer and not d.ended)
         return CallInProgress(first.token, first.caller, first.callee, first.caller_device,
-                              first.answer is not None and not first.ended, first.worker_port, parties)
+                              first.answer is not None and not first.ended, first.worker_port, parties, first.trunk)
 
     def _in_progress(self) -> list[CallInProgress]:
         return [self._progress_of(d) for d in self._calls.values() if d.role is Role.A and not d.ended]
@@ -564,6 +605,23 @@ def _tag(value: str | None) -> str | None:
         return parse_name_addr(value).tag
     except SipSyntaxError:
         return None
+
+
+def _outside_number(request: Request) -> str:
+    """The outside caller's number as the provider asserts it (P-Asserted-Identity, else From);
+    "anonymous" when it is withheld (Privacy: id) or not a number."""
+    if "id" in (request.get("Privacy") or "").replace(" ", "").lower().split(";"):
+        return "anonymous"
+    for value in (request.get("P-Asserted-Identity"), request.get("From")):
+        if not value:
+            continue
+        try:
+            user = parse_name_addr(value.split(",", 1)[0]).uri.user or ""
+        except SipSyntaxError:
+            continue
+        if re.fullmatch(r"\+?[0-9*#]{1,32}", user):
+            return user
+    return "anonymous"
 
 
 def _dialled_number(uri: str) -> str:

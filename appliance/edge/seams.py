@@ -68,6 +68,14 @@ class CallEvents(Protocol):
     def call_ended(self, call_id: str, reason: str) -> None: ...
 
 
+class TrunkLookup(Protocol):
+    """Which trunk's provider a request comes from, by its source address alone (edge.trunks)."""
+
+    def trunk_at(self, flow: Flow) -> str | None:
+        """The name of the trunk whose resolved server address `flow` comes from, else None."""
+        ...
+
+
 class MediaAnchor(Protocol):
     """The media workers as the call router sees them (edge.media_link.MediaLink)."""
 

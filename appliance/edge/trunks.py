@@ -6,6 +6,11 @@ dnspython for SRV, the system resolver for addresses), sends through the `Networ
 arms each machine's `next_deadline()` in the one timer wheel, and takes the responses the
 edge hands it. It tells the log and the live state (`TrunkEvents`) what each trunk is
 doing. A reload restarts only the trunks whose settings changed.
+
+It also answers which provider a request comes from (`trunk_at`, the `TrunkLookup` seam):
+only by the request's source address matching an address resolved for the trunk's server
+(and its port, for UDP), never by anything the request says about itself. A trunk that
+does not register is resolved all the same, so its calls are recognised.
 """
 
 from __future__ import annotations
@@ -64,6 +69,15 @@ def _is_ip(host: str) -> bool:
     return True
 
 
+def _canonical(host: str) -> str:
+    """An IP address in one spelling (IPv6 compressed, no brackets), to compare source addresses."""
+    host = host.strip("[]")
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host
+
+
 async def _addresses(host: str, port: int) -> list[tuple[str, int]]:
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
@@ -112,6 +126,7 @@ class TrunkRegistrar:
         self.wall = wall
         self.resolve = resolve
         self.trunks: dict[str, tuple[TrunkConfig, TrunkRegistration]] = {}
+        self._resolved: dict[str, set[tuple[str, str, int]]] = {}  # trunk -> (transport, host, port)
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- life cycle ------------------------------------------------------------------------
@@ -145,13 +160,16 @@ class TrunkRegistrar:
         now = self.timers.now()
         if not trunk.register:
             self._apply(trunk.name, machine.disabled(now))
+            self._start_resolve(trunk, machine)  # its calls are still recognised by address
         elif trunk.transport != "udp":
             self._apply(trunk.name, machine.disabled(now, "transport = tcp: not supported yet (use udp)"))
+            self._start_resolve(trunk, machine)
         else:
             self._apply(trunk.name, machine.start(now))
 
     def _remove(self, name: str, *, publish: bool) -> None:
         _, machine = self.trunks.pop(name)
+        self._resolved.pop(name, None)
         self._send_all(machine.stop(self.timers.now()))
         if publish:
             self.events.trunk_removed(name)
@@ -165,6 +183,17 @@ class TrunkRegistrar:
                 self._apply(name, actions)
                 return True
         return False
+
+    def trunk_at(self, flow: Flow) -> str | None:
+        """The trunk whose provider sent what came on `flow`: its source address is one the
+        box resolved for that trunk's server (host and port for UDP; host for TCP, whose
+        source port is the provider's ephemeral one). None for anyone else."""
+        host = _canonical(flow.host)
+        for name, addresses in self._resolved.items():
+            for transport, address, port in addresses:
+                if transport == flow.transport and address == host and (transport != "udp" or port == flow.port):
+                    return name
+        return None
 
     # -- driving a machine --------------------------------------------------------------------
     def _fire(self, obj: Timed, now: float) -> None:
@@ -225,6 +254,7 @@ class TrunkRegistrar:
             return
         if self._current(trunk.name) is not machine:
             return  # reconfigured meanwhile
+        self._resolved[trunk.name] = {(trunk.transport, _canonical(host), port) for host, port in found}
         targets = []
         for host, port in found:
             flow = self._flow(Target(trunk.transport, host, port))

@@ -3,7 +3,10 @@
 A registrar with digest auth (db_text subscriber table, plain passwords) on a loopback
 address of its own (127.0.0.2) and a free port; state, database, control socket and log
 in a private directory. Every REGISTER and OPTIONS it receives is logged by xlog, so a
-test can count them; `contacts()` asks it (`kamcmd ul.dump`) what is registered.
+test can count them; `contacts()` asks it (`kamcmd ul.dump`) what is registered. It is
+also the provider's proxy: an INVITE from one of its own users (digest, 407) goes to
+whoever is registered under the Request-URI's user (`lookup("location")`, the box for its
+DID), record-routed, so the rest of the dialog crosses it too.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 
 HOST = "127.0.0.2"
 MODULES = ("kex", "corex", "tm", "sl", "pv", "maxfwd", "usrloc", "registrar", "textops", "siputils", "xlog",
-           "sanity", "db_text", "auth", "auth_db", "ctl")
+           "sanity", "db_text", "auth", "auth_db", "ctl", "rr")
 
 CONFIG = """#!KAMAILIO
 debug=2
@@ -59,6 +62,43 @@ request_route {{
         if (save("location")) {{
             xlog("L_NOTICE", "PROVIDER SAVED $tu contact=$ct\\n");
         }}
+        exit;
+    }}
+    if (!mf_process_maxfwd_header("10")) {{
+        sl_send_reply("483", "Too Many Hops");
+        exit;
+    }}
+    if (has_totag()) {{
+        if (loose_route()) {{
+            t_relay();
+        }} else if (is_method("ACK")) {{
+            if (t_check_trans()) {{
+                t_relay();
+            }}
+        }} else {{
+            sl_send_reply("404", "Not Here");
+        }}
+        exit;
+    }}
+    if (is_method("CANCEL")) {{
+        if (t_check_trans()) {{
+            t_relay();
+        }}
+        exit;
+    }}
+    if (is_method("INVITE")) {{
+        if (!auth_check("$fd", "subscriber", "1")) {{
+            auth_challenge("$fd", "1");
+            exit;
+        }}
+        consume_credentials();
+        xlog("L_NOTICE", "PROVIDER INVITE from $fU to $rU\n");
+        record_route();
+        if (!lookup("location")) {{
+            sl_send_reply("404", "Not Found");
+            exit;
+        }}
+        t_relay();
         exit;
     }}
     sl_send_reply("405", "Method Not Allowed");

@@ -12,11 +12,12 @@ from appliance.call_policy import (
     JoinCall,
     Refuse,
     RingNumber,
+    decide_incoming,
     decide_join,
     decide_new_call,
     decide_worker_leg,
 )
-from appliance.config import Config, UserConfig, parse_config
+from appliance.config import Config, TrunkConfig, UserConfig, parse_config
 
 CONFIG = """
 [server]
@@ -39,12 +40,37 @@ password = "c"
 decline = "all_devices"
 """
 
+TRUNKS = """
+[[trunks]]
+name = "exact"
+server = "sip.example.net"
+username = "4930123456"
+password = "p"
+incoming = { "4930123456" = "200", "4930123457" = "300", "+4940555" = "100" }
+[[trunks]]
+name = "catchall"
+server = "sip.example.org"
+username = "acct"
+password = "p"
+outgoing_prefix = "9"
+incoming = { "4930123456" = "200", "*" = "100" }
+"""
+
 DEVICES = {"100": ["d100"], "200": ["d1", "d2", "d3"], "300": []}
 
 
 @pytest.fixture
 def config() -> Config:
     return parse_config(CONFIG, Path("/etc/homepbx/config.toml"))
+
+
+@pytest.fixture
+def trunked() -> Config:
+    return parse_config(CONFIG + TRUNKS, Path("/etc/homepbx/config.toml"))
+
+
+def trunk(config: Config, name: str) -> TrunkConfig:
+    return next(t for t in config.trunks if t.name == name)
 
 
 def reachable(number: str) -> list[str]:
@@ -155,3 +181,57 @@ def test_worker_leg_refusals(config: Config) -> None:
         403, "Forbidden", "worker_not_anchoring")  # another worker cannot ride on this call
     assert status(decide_worker_leg(anchoring, 40000, "999", config, reachable)) == 404
     assert status(decide_worker_leg(anchoring, 40000, "300", config, reachable)) == 480
+
+
+# -- calls from the provider -----------------------------------------------------------------
+def test_incoming_did_rings_its_extension_and_counts_against_no_one(trunked: Config) -> None:
+    decision = decide_incoming(trunk(trunked, "exact"), "4930123456", "4930123456", trunked, reachable)
+    assert decision == RingNumber("200", ("d1", "d2", "d3"), 20.0, False, False)
+    assert isinstance(decide_incoming(trunk(trunked, "exact"), "+4930123456", "", trunked, reachable), RingNumber)
+    decision = decide_incoming(trunk(trunked, "exact"), "4940555", "", trunked, reachable)  # config has "+4940555"
+    assert isinstance(decision, RingNumber) and decision.number == "100"
+
+
+def test_incoming_star_takes_any_other_did(trunked: Config) -> None:
+    catchall = trunk(trunked, "catchall")
+    assert decide_incoming(catchall, "4930999000", "", trunked, reachable) == RingNumber(
+        "100", ("d100",), 30.0, False, False)
+    decision = decide_incoming(catchall, "4930123456", "", trunked, reachable)
+    assert isinstance(decision, RingNumber) and decision.number == "200"  # an explicit DID wins over "*"
+    decision = decide_incoming(catchall, "acct", "4930123456", trunked, reachable)
+    assert isinstance(decision, RingNumber) and decision.number == "200"  # ... also when only To names it
+
+
+def test_incoming_unknown_did_is_404(trunked: Config) -> None:
+    exact = trunk(trunked, "exact")
+    assert decide_incoming(exact, "4930999000", "4930999000", trunked, reachable) == Refuse(
+        404, "Not Found", "unknown_did")
+    assert status(decide_incoming(exact, "", "", trunked, reachable)) == 404
+    assert status(decide_incoming(exact, "*", "", trunked, reachable)) == 404  # "*" is no number
+    assert status(decide_incoming(exact, "200", "", trunked, reachable)) == 404  # nor is an extension's
+
+
+def test_incoming_to_an_extension_with_no_reachable_device_is_480(trunked: Config) -> None:
+    assert decide_incoming(trunk(trunked, "exact"), "4930123457", "", trunked, reachable) == Refuse(
+        480, "Temporarily Unavailable", "no_reachable_device")
+
+
+def test_incoming_did_from_request_uri_or_only_to(trunked: Config) -> None:
+    exact = trunk(trunked, "exact")
+    # The Request-URI names the DID, To something else (a forwarded call): the Request-URI decides.
+    decision = decide_incoming(exact, "4930123456", "4930123457", trunked, reachable)
+    assert isinstance(decision, RingNumber) and decision.number == "200"
+    decision = decide_incoming(exact, "4930123457", "4930123456", trunked, reachable)
+    assert status(decision) == 480  # 300's, which has no device
+    # No user in the Request-URI (sip:box-address), or the account's name: the To user decides.
+    decision = decide_incoming(exact, "", "4930123456", trunked, reachable)
+    assert isinstance(decision, RingNumber) and decision.number == "200"
+    decision = decide_incoming(exact, "account-name", "4930123456", trunked, reachable)
+    assert isinstance(decision, RingNumber) and decision.number == "200"
+
+
+def test_join_ignores_an_outside_caller_with_an_extensions_digits(config: Config) -> None:
+    outside = CallInProgress("t9", "200", "100", None, True, 40000, 2, trunk="provider")
+    assert status(decide_join(user(config, "200"), "d2", [outside], True)) == 404
+    family = CallInProgress("t8", "4930999999", "200", None, True, 40000, 2, trunk="provider")
+    assert decide_join(user(config, "200"), "d2", [outside, family], True) == JoinCall("t8", 40000, "d2")
