@@ -5,11 +5,13 @@ from which of its devices, what was dialled, which devices are reachable, which 
 in progress) and asks here; it only carries out the answer. Every refusal and every route
 is therefore decided in one place and unit-tested without sockets, processes or clocks
 (tests/unit/test_call_policy.py). Calls from the provider are decided by `decide_incoming`;
-new routes (outgoing calls through a trunk, forwarding, do-not-disturb) belong here too.
+calls out through a trunk (`RouteToTrunk`, and `ToProvider` for the worker's leg of
+one) are decided here too.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -51,7 +53,32 @@ class JoinCall:
     device: str
 
 
-Decision = Refuse | RingNumber | JoinCall
+@dataclass(frozen=True, slots=True)
+class RouteToTrunk:
+    """Send the call out through the provider of `trunk`, to `number` (prefix stripped)."""
+
+    trunk: str
+    number: str
+    caller_id: str
+    """The number the provider is asked to show: the extension's `caller_id`, else the trunk's username."""
+    emergency: bool
+    """An emergency number: no limit of ours refused it."""
+    counts_outgoing: bool = True
+    """Counts against the caller's `max_outgoing_calls` while it lasts (emergency calls too)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ToProvider:
+    """The media worker's leg of a call out: to the provider of `trunk`, as `number`."""
+
+    trunk: TrunkConfig
+    number: str
+
+
+Decision = Refuse | RingNumber | JoinCall | RouteToTrunk
+
+OUTSIDE_NUMBER = re.compile(r"\+?[0-9*#]{1,32}")
+"""What may be dialled out through a trunk once the prefix is stripped."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +95,8 @@ class CallInProgress:
     """Devices talking: two, three with a joined device."""
     trunk: str | None = None
     """The trunk an outside call came in on: `caller` is then an outside number, never an extension."""
+    outgoing_trunk: str | None = None
+    """The trunk a call out leaves by: `callee` is then an outside number."""
 
 
 ReachableDevices = Callable[[str], Sequence[str]]
@@ -80,17 +109,45 @@ def decide_new_call(caller: UserConfig, caller_device: str | None, dialled: str,
     """An authenticated handset of `caller` dialled `dialled` (a number or a feature code)."""
     if config.feature_codes.get(dialled) == "join":
         return decide_join(caller, caller_device, calls, anchored)
-    # Outgoing calls through a trunk go here: a number starting with a trunk's
-    # `outgoing_prefix` (or an emergency number) is decided for that trunk
-    # (max_channels, the caller's `caller_id`) before the extensions are looked up.
     callee = config.user(dialled) if dialled else None
-    if callee is None:
+    route = _trunk_route(dialled, config) if callee is None else None
+    if route is not None and route[1] in config.emergency_numbers:
+        # Emergency: dialled as it is, with or without the prefix; no limit of ours refuses it.
+        trunk, number = route
+        return RouteToTrunk(trunk.name, number, caller.caller_id or trunk.username, emergency=True)
+    if callee is None and route is None:
         return Refuse(404, "Not Found", "unknown_number")
     limit = caller.max_outgoing_calls
     in_use = outgoing_in_use.get(caller.number, 0)
     if limit and in_use >= limit:
         return Refuse(403, f"Outgoing call limit reached ({in_use} of {limit})", "outgoing_limit")
+    if route is not None:
+        trunk, number = route
+        channels = sum(1 for c in calls if trunk.name in (c.trunk, c.outgoing_trunk))
+        if channels >= trunk.max_channels:
+            return Refuse(503, f"Service Unavailable (all {trunk.max_channels} lines to the provider busy)",
+                          "trunk_channels_full")
+        return RouteToTrunk(trunk.name, number, caller.caller_id or trunk.username, emergency=False)
+    assert callee is not None
     return _ring(callee, caller_device, reachable, counts_outgoing=True)
+
+
+def _trunk_route(dialled: str, config: Config) -> tuple[TrunkConfig, str] | None:
+    """The trunk a dialled number that is no extension leaves by, and the number the
+    provider is given: a trunk's `outgoing_prefix` stripped (`""` takes any number no other
+    prefix claims); an emergency number as it is, on the first trunk."""
+    if not config.trunks:
+        return None
+    if dialled in config.emergency_numbers:
+        return config.trunks[0], dialled
+    prefixed = [t for t in config.trunks if t.outgoing_prefix and dialled.startswith(t.outgoing_prefix)]
+    trunk = prefixed[0] if prefixed else next((t for t in config.trunks if not t.outgoing_prefix), None)
+    if trunk is None:
+        return None
+    number = dialled[len(trunk.outgoing_prefix):]
+    if not OUTSIDE_NUMBER.fullmatch(number):
+        return None
+    return trunk, number
 
 
 def decide_join(user: UserConfig, device: str | None, calls: Sequence[CallInProgress], anchored: bool) -> Decision:
@@ -143,10 +200,15 @@ def _route(incoming: Mapping[str, str], number: str) -> str | None:
 
 
 def decide_worker_leg(anchoring: CallInProgress | None, worker_port: int, dialled: str, config: Config,
-                      reachable: ReachableDevices) -> Decision:
+                      reachable: ReachableDevices) -> Refuse | RingNumber | ToProvider:
     """A media worker's outgoing leg of an anchored call: trusted only for the call it anchors."""
     if anchoring is None or anchoring.worker_port != worker_port:
         return Refuse(403, "Forbidden", "worker_not_anchoring")
+    if anchoring.outgoing_trunk is not None:
+        trunk = next((t for t in config.trunks if t.name == anchoring.outgoing_trunk), None)
+        if trunk is None:  # removed by a reload a moment ago
+            return Refuse(404, "Not Found", "trunk_removed")
+        return ToProvider(trunk, dialled)
     callee = config.user(dialled)
     if callee is None:
         return Refuse(404, "Not Found", "unknown_number")

@@ -23,6 +23,8 @@ from appliance.call_policy import (
     JoinCall,
     Refuse,
     RingNumber,
+    RouteToTrunk,
+    ToProvider,
     decide_incoming,
     decide_new_call,
     decide_worker_leg,
@@ -40,14 +42,18 @@ from appliance.sip.errors import SipSyntaxError
 from appliance.sip.headers import parse_name_addr, parse_via
 from appliance.sip.invite_transaction import Send
 from appliance.sip.message import Request, Response, make_response, new_tag
-from appliance.sip.proxy import Fork, ForkEvent, ForkSettings, SendRequest, Target
+from appliance.sip.proxy import Authorize, Fork, ForkEvent, ForkSettings, RelayBody, SendRequest, Target
 from appliance.sip.registrar import Flow
+from appliance.sip.sdp import is_sdp
 from appliance.sip.transaction import ClientTransactions, Retransmit, server_key
+from appliance.sip.trunk_call import credentials, g711_only
 from appliance.sip.uri import parse_uri
 
 log = logging.getLogger("homepbx.calls")
 
 DIALOG_LINGER = 32.0
+CALL_OUT_TIMEOUT = 180.0
+"""How long a call out may ring at the far end before we give up (the provider usually decides first)."""
 
 
 class Role(Enum):
@@ -76,6 +82,10 @@ class Dialog:
     counts_outgoing: bool = False
     trunk: str | None = None
     """The trunk a call from outside came in on; `caller` is then the outside number."""
+    outgoing_trunk: str | None = None
+    """The trunk a call out leaves by; `callee` is then the outside number."""
+    cseq_delta: int = 0
+    """The provider's leg re-sent with credentials: what its CSeq is ahead of the worker's."""
     worker_port: int | None = None
     fork: Fork[Flow] | None = None
     callee_flow: Flow | None = None
@@ -202,6 +212,8 @@ class CallRouter:
             self._refuse(request, dest, decision, caller, dialled)
         elif isinstance(decision, JoinCall):
             self._join(request, flow, dest, key, decision, caller, now)
+        elif isinstance(decision, RouteToTrunk):
+            self._call_out(request, flow, dest, key, decision, caller, caller_device)
         else:
             self._ring(request, flow, dest, key, decision, caller, caller_device, now)
 
@@ -271,6 +283,35 @@ class CallRouter:
         settings = ForkSettings(decision.ring_timeout + 15.0)
         media.anchor(dialog.token, lambda port: self._to_worker(dialog, dest, key, port, settings, headers))
 
+    def _call_out(self, request: Request, flow: Flow, dest: Flow, key: str | None, decision: RouteToTrunk,
+                  caller: str, caller_device: str | None) -> None:
+        """A call out through a trunk: anchored in a media worker, whose leg comes back here
+        and goes on to the provider (`_to_provider`)."""
+        config = self.settings.current
+        trunk = next(t for t in config.trunks if t.name == decision.trunk)  # the policy chose it from this config
+        media = self.media
+        if media is None:
+            log.warning("event=call_out_refused %s", fields(caller=caller, number=decision.number, trunk=trunk.name,
+                                                            reason="no_media_workers"))
+            self._reply(request, dest, 503, "Service Unavailable (calls out need media workers)")
+            return
+        dialog = Dialog(new_tag(), Role.A, request, caller, decision.number, flow, caller_device,
+                        counts_outgoing=decision.counts_outgoing, outgoing_trunk=trunk.name)
+        if decision.counts_outgoing:
+            self.outgoing[caller] = self.outgoing.get(caller, 0) + 1
+        self._calls[dialog.token] = dialog
+        self.live.call_started(dialog.token, caller, decision.number, caller_device)
+        log.info("event=call_out %s", fields(call=dialog.token, caller=caller, number=decision.number,
+                                             trunk=trunk.name, caller_id=decision.caller_id,
+                                             emergency=decision.emergency))
+        if key:
+            self._forks[key] = dialog
+        self._reply(request, dest, 100, "Trying")
+        headers = [(HDR_TARGET, f"<sip:{decision.number}@{media.edge_address}>"),
+                   (HDR_CALLER, f"<sip:{decision.caller_id}@{trunk.server}>")]
+        settings = ForkSettings(CALL_OUT_TIMEOUT + 15.0)
+        media.anchor(dialog.token, lambda port: self._to_worker(dialog, dest, key, port, settings, headers))
+
     def _to_worker(self, dialog: Dialog, dest: Flow, key: str | None, port: int | None, settings: ForkSettings,
                    headers: list[tuple[str, str]]) -> None:
         """Relay an INVITE to the worker on `port` (None: every worker is busy)."""
@@ -301,6 +342,10 @@ class CallRouter:
         config = self.settings.current
         decision = decide_worker_leg(self._progress_of(a_leg) if a_leg else None, flow.port, dialled, config,
                                      self._reachable)
+        if isinstance(decision, ToProvider):
+            assert a_leg is not None
+            self._to_provider(request, flow, dest, key, a_leg, decision, now)
+            return
         if not isinstance(decision, RingNumber):
             assert isinstance(decision, Refuse)
             self._reply(request, dest, decision.status, decision.reason)
@@ -311,6 +356,37 @@ class CallRouter:
         identity = self._identity(a_leg.caller, a_leg.trunk)
         self._start_fork(dialog, dest, key, self._targets(decision), settings, [("P-Asserted-Identity", identity)],
                          now)
+
+    def _to_provider(self, request: Request, flow: Flow, dest: Flow, key: str | None, a_leg: Dialog,
+                     decision: ToProvider, now: float) -> None:
+        """The worker's leg of a call out, to the provider: Request-URI sip:<number>@<server>,
+        the INVITE re-sent with the trunk's credentials when challenged (the worker never
+        sees the challenge), the offer cut to G.711."""
+        trunk = decision.trunk
+        provider = self.trunks.provider_flow(trunk.name) if self.trunks is not None else None
+        if provider is None:
+            log.warning("event=call_out_failed %s", fields(call=a_leg.token, trunk=trunk.name,
+                                                           reason="provider_not_resolved"))
+            self._reply(request, dest, 503, "Service Unavailable (provider not reachable)")
+            return
+        dialog = Dialog(a_leg.token, Role.B, request, a_leg.caller, decision.number, flow, None,
+                        outgoing_trunk=trunk.name)
+        target = Target("", f"sip:{decision.number}@{trunk.server}", provider, provider.transport == "tcp")
+
+        def authorize(invite: Request, challenge: Response) -> tuple[str, str] | None:
+            return credentials(invite, challenge, username=trunk.auth_user, password=trunk.password,
+                               cnonce=new_tag())
+
+        between = self.relay.body_between
+
+        def offer(message: Request | Response, source: Flow, to: Flow) -> bytes:
+            body = between(message, source, to)
+            if isinstance(message, Request) and is_sdp(message.get("Content-Type")):
+                return g711_only(body)
+            return body
+
+        self._start_fork(dialog, dest, key, [target], ForkSettings(CALL_OUT_TIMEOUT), [], now,
+                         authorize=authorize, relay_body=offer)
 
     def _join(self, request: Request, flow: Flow, dest: Flow, key: str | None, decision: JoinCall, number: str,
               now: float) -> None:
@@ -331,7 +407,8 @@ class CallRouter:
         parties = 2 + sum(1 for d in self._dialogs.values()
                           if d.role is Role.JOIN and d.token == first.token and d.answer and not d.ended)
         return CallInProgress(first.token, first.caller, first.callee, first.caller_device,
-                              first.answer is not None and not first.ended, first.worker_port, parties, first.trunk)
+                              first.answer is not None and not first.ended, first.worker_port, parties, first.trunk,
+                              first.outgoing_trunk)
 
     def _in_progress(self) -> list[CallInProgress]:
         return [self._progress_of(d) for d in self._calls.values() if d.role is Role.A and not d.ended]
@@ -343,14 +420,16 @@ class CallRouter:
 
     def _start_fork(self, dialog: Dialog, dest: Flow, key: str | None, targets: list[Target[Flow]],
                     settings: ForkSettings, extra_headers: list[tuple[str, str]], now: float,
-                    *, record_route: bool = True) -> None:
+                    *, record_route: bool = True, authorize: Authorize | None = None,
+                    relay_body: RelayBody[Flow] | None = None) -> None:
         caller_flow = dialog.caller_flow
         fork: Fork[Flow] = Fork(
             dialog.invite, dest, caller_flow.transport == "tcp", settings, now,
             via_for=self._via_for,
             record_route=(lambda t: self._record_route(caller_flow, t)) if record_route else None,
             extra_headers=extra_headers,
-            relay_body=self.relay.body_between,
+            relay_body=relay_body or self.relay.body_between,
+            authorize=authorize,
         )
         dialog.fork = fork
         self._by_fork[id(fork)] = dialog
@@ -417,6 +496,9 @@ class CallRouter:
             self._apply(dialog, dialog.fork.on_response(branch, response, now))
             return True
         if branch.startswith(STATELESS_PREFIX):
+            dialog = self._dialogs.get(response.call_id)
+            if dialog is not None and dialog.cseq_delta and not self._is_worker(flow):
+                _shift_cseq(response, -dialog.cseq_delta)  # the provider's answer to the worker's request
             self.relay.backward(response, branch, flow, now)
             return True
         return False
@@ -434,6 +516,8 @@ class CallRouter:
             if dialog.fork.done:
                 self._forget_fork(dialog)
             else:
+                for branch_id in dialog.fork.branches:  # a branch re-sent with credentials is new
+                    self._branches.setdefault(branch_id, dialog)
                 self.timers.arm(dialog.fork, self._fire)
 
     def _fork_event(self, dialog: Dialog, event: ForkEvent) -> None:
@@ -450,9 +534,10 @@ class CallRouter:
             if fork is not None and fork.answered is not None:
                 dialog.callee_flow = fork.answered.target.dest
                 dialog.answer = fork.answered.answer
+                dialog.cseq_delta = fork.answered.tx.request.cseq[0] - dialog.invite.cseq[0]
             if shows_devices:
                 dialog.answered_by = event.binding_id
-                live.call_answered(dialog.token, event.binding_id)
+                live.call_answered(dialog.token, event.binding_id or None)
                 log.info("event=call_answered %s", fields(call=dialog.token, device=event.binding_id))
             elif dialog.role is Role.JOIN and dialog.caller_device:
                 live.call_joined(dialog.token, dialog.caller_device)
@@ -586,6 +671,8 @@ class CallRouter:
             return
         towards_callee = _tag(request.get("From")) == dialog.caller_tag
         dest = dialog.callee_flow if towards_callee else dialog.caller_flow
+        if towards_callee and dialog.cseq_delta:
+            _shift_cseq(request, dialog.cseq_delta)  # the worker's request, in the provider's CSeq space
         if not self.relay.forward(request, dest, None if request.method == "ACK" else reply_to, now, flow):
             if request.method != "ACK":
                 self._reply(request, reply_to, 483, "Too Many Hops")
@@ -622,6 +709,14 @@ def _outside_number(request: Request) -> str:
         if re.fullmatch(r"\+?[0-9*#]{1,32}", user):
             return user
     return "anonymous"
+
+
+def _shift_cseq(message: Request | Response, delta: int) -> None:
+    try:
+        number, method = message.cseq
+    except SipSyntaxError:
+        return
+    message.set("CSeq", f"{number + delta} {method}")
 
 
 def _dialled_number(uri: str) -> str:

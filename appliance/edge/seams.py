@@ -75,6 +75,10 @@ class TrunkLookup(Protocol):
         """The name of the trunk whose resolved server address `flow` comes from, else None."""
         ...
 
+    def provider_flow(self, name: str) -> Flow | None:
+        """Where a call out through trunk `name` is sent (None: its server is not resolved yet)."""
+        ...
+
 
 class MediaAnchor(Protocol):
     """The media workers as the call router sees them (edge.media_link.MediaLink)."""

@@ -127,6 +127,7 @@ class TrunkRegistrar:
         self.resolve = resolve
         self.trunks: dict[str, tuple[TrunkConfig, TrunkRegistration]] = {}
         self._resolved: dict[str, set[tuple[str, str, int]]] = {}  # trunk -> (transport, host, port)
+        self._first: dict[str, Target] = {}  # trunk -> its best resolved address, for calls out
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- life cycle ------------------------------------------------------------------------
@@ -170,6 +171,7 @@ class TrunkRegistrar:
     def _remove(self, name: str, *, publish: bool) -> None:
         _, machine = self.trunks.pop(name)
         self._resolved.pop(name, None)
+        self._first.pop(name, None)
         self._send_all(machine.stop(self.timers.now()))
         if publish:
             self.events.trunk_removed(name)
@@ -194,6 +196,15 @@ class TrunkRegistrar:
                 if transport == flow.transport and address == host and (transport != "udp" or port == flow.port):
                     return name
         return None
+
+    def provider_flow(self, name: str) -> Flow | None:
+        """Where a call out through trunk `name` is sent: the address its registration
+        uses, else the best one resolved for its server; None before any is known."""
+        entry = self.trunks.get(name)
+        if entry is None:
+            return None
+        target = entry[1].target or self._first.get(name)
+        return self._flow(target) if target is not None else None
 
     # -- driving a machine --------------------------------------------------------------------
     def _fire(self, obj: Timed, now: float) -> None:
@@ -255,6 +266,8 @@ class TrunkRegistrar:
         if self._current(trunk.name) is not machine:
             return  # reconfigured meanwhile
         self._resolved[trunk.name] = {(trunk.transport, _canonical(host), port) for host, port in found}
+        if found:
+            self._first[trunk.name] = Target(trunk.transport, found[0][0], found[0][1])
         targets = []
         for host, port in found:
             flow = self._flow(Target(trunk.transport, host, port))

@@ -52,7 +52,8 @@ class BranchState(Enum):
 class Branch(Generic[Dest]):
     """One forked INVITE: the device it rings and how far it got."""
 
-    __slots__ = ("answer", "cancel_wanted", "cancelled", "final", "loser_ack", "state", "target", "tx")
+    __slots__ = ("answer", "authorized", "cancel_wanted", "cancelled", "final", "loser_ack", "state", "target",
+                 "tx")
 
     def __init__(self, target: Target[Dest], tx: InviteClient[Dest]) -> None:
         self.target = target
@@ -63,6 +64,7 @@ class Branch(Generic[Dest]):
         self.final: Response | None = None
         self.answer: Response | None = None  # the 2xx that won: its Contact and To-tag name the dialog
         self.loser_ack: bytes | None = None  # the ACK of a 2xx that lost the race, resent per retransmission
+        self.authorized = False  # this INVITE already carries credentials: a new challenge is a refusal
 
 
 class SendRequest(NamedTuple, Generic[Dest]):
@@ -85,6 +87,8 @@ class ForkEvent:
 ForkAction = Send[Dest] | SendRequest[Dest] | ForkEvent
 RelayBody = Callable[[Request | Response, Dest, Dest], bytes]
 """(message, where it came from, where it goes) -> the body it is sent with."""
+Authorize = Callable[[Request, Response], tuple[str, str] | None]
+"""(a branch's INVITE, the 401/407 it got) -> the credentials header to re-send it with, or None."""
 
 
 @dataclass
@@ -108,6 +112,7 @@ class Fork(Generic[Dest]):
         record_route: Callable[[Target[Dest]], str] | None = None,
         extra_headers: list[tuple[str, str]] | None = None,
         relay_body: RelayBody[Dest] | None = None,
+        authorize: Authorize | None = None,
     ) -> None:
         self.request = request
         self.upstream = upstream
@@ -118,6 +123,7 @@ class Fork(Generic[Dest]):
         self._record_route = record_route
         self._extra = extra_headers or []
         self._relay_body = relay_body
+        self._authorize = authorize
         self.ring_deadline: float | None = now + settings.ring_timeout
         self.answered: Branch[Dest] | None = None
         self.final_sent = False
@@ -210,6 +216,15 @@ class Fork(Generic[Dest]):
                 actions.append(Send(branch.loser_ack, branch.target.dest))  # §13.2.2.4: ACK each 2xx
             return actions
         # 3xx-6xx: this branch is over.
+        if status in (401, 407) and self._authorize is not None:
+            retry = self._retry_authorized(branch, response, now)
+            if retry is not None:
+                return retry
+            # A second challenge: the credentials were refused; no 401/407 goes upstream,
+            # where nobody has them (a caller would only answer it with its own).
+            response = Response(403, "Forbidden (the provider refused the credentials)",
+                                [(n, v) for n, v in response.headers
+                                 if n not in ("WWW-Authenticate", "Proxy-Authenticate")], b"")
         was_ringing = branch.state is BranchState.RINGING
         branch.state = BranchState.FAILED
         branch.final = response
@@ -226,6 +241,38 @@ class Fork(Generic[Dest]):
             return actions
         actions += self._maybe_finish(now)
         return actions
+
+    def _retry_authorized(self, branch: Branch[Dest], challenge: Response,
+                          now: float) -> list[ForkAction[Dest]] | None:
+        """A challenge to a branch's INVITE: the same INVITE again with credentials, as a
+        new branch (new Via branch, CSeq one up, same Call-ID and From tag; the challenge
+        itself was ACKed by the branch's transaction). None when it cannot be answered."""
+        if branch.authorized or branch.cancelled or self.final_sent or self._authorize is None:
+            return None
+        old = branch.tx.request
+        credentials = self._authorize(old, challenge)
+        if credentials is None:
+            return None
+        branch.state = BranchState.FAILED
+        branch.final = challenge
+        branch_id = "z9hG4bK" + new_tag() + new_tag()
+        headers: list[tuple[str, str]] = []
+        via_done = False
+        for name, value in old.headers:
+            if name in ("Authorization", "Proxy-Authorization"):
+                continue
+            if name == "Via" and not via_done:
+                value, via_done = self._via_for(branch.target, branch_id), True
+            elif name == "CSeq":
+                value = f"{old.cseq[0] + 1} INVITE"
+            headers.append((name, value))
+        headers.append(credentials)
+        request = Request("INVITE", old.uri, headers, old.body)
+        tx: InviteClient[Dest] = InviteClient(request, branch.target.dest, branch.target.reliable, now)
+        retry = Branch(branch.target, tx)
+        retry.authorized = True
+        self.branches[branch_id] = retry
+        return self._up(tx.start())
 
     def cancel(self, now: float, reason: str | None = None) -> list[ForkAction[Dest]]:
         """The caller CANCELled: cancel every branch and answer the INVITE with 487."""
@@ -284,6 +331,8 @@ class Fork(Generic[Dest]):
     def _relayed(self, branch: Branch[Dest], response: Response) -> Response:
         """A branch's provisional or 2xx response as it goes upstream (§16.7 step 9)."""
         relayed = _upstream(response)
+        if branch.tx.request.cseq[0] != self.request.cseq[0]:
+            relayed.set("CSeq", f"{self.request.cseq[0]} INVITE")  # re-sent with credentials: the caller's CSeq
         if self._relay_body is not None:
             relayed.body = self._relay_body(response, branch.target.dest, self.upstream)
         return relayed

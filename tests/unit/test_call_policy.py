@@ -12,6 +12,8 @@ from appliance.call_policy import (
     JoinCall,
     Refuse,
     RingNumber,
+    RouteToTrunk,
+    ToProvider,
     decide_incoming,
     decide_join,
     decide_new_call,
@@ -95,7 +97,7 @@ def new_call(config: Config, caller: str, dialled: str, *, device: str | None = 
                            calls or [], anchored)
 
 
-def status(decision: Decision) -> int:
+def status(decision: object) -> int:
     assert isinstance(decision, Refuse), decision
     return decision.status
 
@@ -235,3 +237,93 @@ def test_join_ignores_an_outside_caller_with_an_extensions_digits(config: Config
     assert status(decide_join(user(config, "200"), "d2", [outside], True)) == 404
     family = CallInProgress("t8", "4930999999", "200", None, True, 40000, 2, trunk="provider")
     assert decide_join(user(config, "200"), "d2", [outside, family], True) == JoinCall("t8", 40000, "d2")
+
+
+# -- calls out through the provider ------------------------------------------------------------
+OPEN_PREFIX = """
+[[trunks]]
+name = "open"
+server = "sip.example.net"
+username = "4930123456"
+password = "p"
+outgoing_prefix = ""
+max_channels = 1
+"""
+
+
+def channel(token: str, trunk_name: str, *, outgoing: bool = True) -> CallInProgress:
+    if outgoing:
+        return CallInProgress(token, "100", "4930999", "d100", True, 40000, 2, outgoing_trunk=trunk_name)
+    return CallInProgress(token, "4930999", "200", None, True, 40000, 2, trunk=trunk_name)
+
+
+def test_the_prefix_picks_the_trunk_and_is_stripped(trunked: Config) -> None:
+    assert new_call(trunked, "100", "04930999999") == RouteToTrunk("exact", "4930999999", "4930123456", False)
+    assert new_call(trunked, "100", "9+4930999") == RouteToTrunk("catchall", "+4930999", "acct", False)
+    assert status(new_call(trunked, "100", "0")) == 404  # the prefix alone is no number
+    assert status(new_call(trunked, "100", "0abc")) == 404
+
+
+def test_caller_id_is_the_extensions_else_the_trunks_username() -> None:
+    config = parse_config(CONFIG.replace('password = "a"', 'password = "a"\ncaller_id = "+4930123499"') + TRUNKS,
+                          Path("/etc/homepbx/config.toml"))
+    decision = new_call(config, "100", "04930999999")
+    assert isinstance(decision, RouteToTrunk) and decision.caller_id == "+4930123499"
+    decision = new_call(config, "200", "04930999999", device="d1")
+    assert isinstance(decision, RouteToTrunk) and decision.caller_id == "4930123456"
+
+
+def test_a_number_without_a_prefix_that_is_no_extension_is_404(trunked: Config) -> None:
+    assert new_call(trunked, "100", "4930999999") == Refuse(404, "Not Found", "unknown_number")
+    assert status(new_call(trunked, "100", "777")) == 404
+    assert isinstance(new_call(trunked, "100", "200"), RingNumber)  # extensions as before
+
+
+def test_an_empty_prefix_routes_any_number_that_is_no_extension() -> None:
+    config = parse_config(CONFIG + OPEN_PREFIX, Path("/etc/homepbx/config.toml"))
+    assert new_call(config, "100", "4930999999") == RouteToTrunk("open", "4930999999", "4930123456", False)
+    assert isinstance(new_call(config, "100", "200"), RingNumber)
+    assert status(new_call(config, "100", "alice")) == 404
+    assert status(new_call(config, "100", "")) == 404
+
+
+def test_max_channels_full_is_503_counting_calls_in_and_out(trunked: Config) -> None:
+    # "exact" has 2 channels (the default): one call out and one call in fill it.
+    calls = [channel("t1", "exact"), channel("t2", "exact", outgoing=False), channel("t3", "catchall")]
+    assert new_call(trunked, "100", "04930999999", calls=calls) == Refuse(
+        503, "Service Unavailable (all 2 lines to the provider busy)", "trunk_channels_full")
+    assert isinstance(new_call(trunked, "100", "04930999999", calls=calls[1:]), RouteToTrunk)
+    assert isinstance(new_call(trunked, "100", "94930999999", calls=calls), RouteToTrunk)  # another trunk's
+
+
+def test_calls_out_count_against_max_outgoing_calls(trunked: Config) -> None:
+    decision = new_call(trunked, "200", "04930999999", device="d1", outgoing={"200": 1})
+    assert isinstance(decision, RouteToTrunk) and decision.counts_outgoing
+    assert new_call(trunked, "200", "04930999999", device="d1", outgoing={"200": 2}) == Refuse(
+        403, "Outgoing call limit reached (2 of 2)", "outgoing_limit")
+
+
+def test_emergency_numbers_go_out_as_dialled_whatever_the_limits(trunked: Config) -> None:
+    full = [channel("t1", "exact"), channel("t2", "exact"), channel("t3", "catchall")]
+    for dialled, route in (("112", "exact"), ("0112", "exact"), ("9110", "catchall"), ("911", "exact")):
+        decision = new_call(trunked, "200", dialled, device="d1", outgoing={"200": 2}, calls=full)
+        number = dialled[-3:]
+        assert decision == RouteToTrunk(route, number, "4930123456" if route == "exact" else "acct", True), dialled
+    custom = parse_config('emergency_numbers = ["1120"]\n' + CONFIG + TRUNKS, Path("/etc/homepbx/config.toml"))
+    assert isinstance(new_call(custom, "200", "01120", device="d1", outgoing={"200": 2}), RouteToTrunk)
+    assert status(new_call(custom, "200", "0112", device="d1", outgoing={"200": 2})) == 403  # not one here
+
+
+def test_without_a_trunk_nothing_goes_out(config: Config) -> None:
+    assert status(new_call(config, "100", "04930999999")) == 404
+    assert status(new_call(config, "100", "112")) == 404
+
+
+def test_the_workers_leg_of_a_call_out_goes_to_the_provider(trunked: Config) -> None:
+    anchoring = CallInProgress("t1", "100", "4930999999", "d100", False, 40000, 2, outgoing_trunk="exact")
+    assert decide_worker_leg(anchoring, 40000, "4930999999", trunked, reachable) == ToProvider(
+        trunk(trunked, "exact"), "4930999999")
+    assert status(decide_worker_leg(anchoring, 40002, "4930999999", trunked, reachable)) == 403
+    gone = CallInProgress("t1", "100", "4930999999", "d100", False, 40000, 2, outgoing_trunk="removed")
+    assert decide_worker_leg(gone, 40000, "4930999999", trunked, reachable) == Refuse(
+        404, "Not Found", "trunk_removed")
