@@ -68,6 +68,8 @@ SHUTDOWN_PUMP_S = 2.0
 """How long shutdown waits for BYE/CANCEL transactions before destroying the library."""
 EDGE_LOST = STDIN_CLOSED
 """The stop reason when the command channel ends without a quit: the edge is gone."""
+NULL_SINK = "null"
+"""The links' name for the bridge's port 0, the null sound device (see connect_bridge)."""
 _STATIC_PT = {"0": "PCMU/8000", "8": "PCMA/8000", "9": "G722/16000"}
 
 
@@ -698,6 +700,16 @@ class Worker(PjHost):
                 if src_name != dst_name and key not in s.links:
                     src.startTransmit(dst)
                     s.links.add(key)
+            # Every stream also feeds the null sound device (port 0), so the bridge reads
+            # it on every tick even while nobody else listens (the other party on hold).
+            # The bridge skips a port without listeners: its jitter buffer would fill
+            # with what its party keeps sending, and after the resume play that backlog
+            # late, shedding frames for seconds (a tone heard at -20 dB).
+            sink = self.ep.audDevManager().getPlaybackDevMedia()
+            key = (src_name, src.getPortId(), NULL_SINK, sink.getPortId())
+            if key not in s.links:
+                src.startTransmit(sink)
+                s.links.add(key)
 
     def on_dtmf(self, leg: Leg, digit: str) -> None:
         session = leg.session

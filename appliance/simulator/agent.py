@@ -282,6 +282,10 @@ class AgentCall(pj.Call):  # type: ignore[misc]
         am = self.audio_media()
         if am is None:
             return
+        # The stream also plays to the (null) sound device, as a phone's earpiece: the
+        # bridge reads a port only while someone listens, so without it the jitter
+        # buffer would fill between recordings and shed that backlog into the next one.
+        am.startTransmit(self.agent.ep.audDevManager().getPlaybackDevMedia())
         if self.tone is not None:
             self.tone.startTransmit(am)
         if self.recorder is not None:

@@ -243,3 +243,28 @@ def _descendants(pid: int) -> list[int]:
             out += kids
             todo += kids
     return out
+
+
+@pytest.mark.parametrize("holder", ["caller", "callee"])
+def test_hold_and_resume_through_a_worker_keeps_the_audio_clean(
+        pbx_factory: DaemonFactory, handset_factory: HandsetFactory, tmp_path: Path, holder: str) -> None:
+    """Both parties play their tones throughout; one holds (a re-INVITE: the worker re-creates
+    its stream, the other party's port has nobody listening in the bridge meanwhile) and
+    resumes. Right after, each hears the other's tone as cleanly as before, over the whole
+    recording: nothing the other party sent during the hold is played late, no frames shed."""
+    _, caller, phones = house(pbx_factory, handset_factory, devices=1)
+    call, answered = connect(caller, phones)
+    caller.play_tone(call, 440)
+    phones[0].play_tone(answered, 1000)
+    phone, phone_call = (caller, call) if holder == "caller" else (phones[0], answered)
+    time.sleep(0.3)
+    phone.send("hold", call=phone_call)
+    phone.wait_for("media", call=phone_call, status="local_hold")
+    time.sleep(1.0)
+    phone.send("unhold", call=phone_call)
+    phone.wait_for("media", call=phone_call, status="active")
+    heard = listen([(caller, call, 440), (phones[0], answered, 1000)], tmp_path, 1.5)
+    assert tones.tone_level_db(heard[440], 1000) > HEARD, tones.tone_envelope(heard[440], 1000)
+    assert tones.tone_level_db(heard[1000], 440) > HEARD, tones.tone_envelope(heard[1000], 440)
+    caller.hangup(call)
+    phones[0].wait_state(answered, "DISCONNECTED")
