@@ -5,15 +5,15 @@ from __future__ import annotations
 import socket
 
 
-def free_port() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1 (SIP listens on both)."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free for both UDP and TCP on `host` (SIP listens on both)."""
     for _ in range(50):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind(("127.0.0.1", 0))
+            tcp.bind((host, 0))
             port = int(tcp.getsockname()[1])
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
                 try:
-                    udp.bind(("127.0.0.1", port))
+                    udp.bind((host, port))
                 except OSError:
                     continue
             return port

@@ -124,7 +124,7 @@ class CallRouter:
         self._by_fork: dict[int, Dialog] = {}  # id(fork) -> dialog, for its timers
         self._calls: dict[str, Dialog] = {}  # token -> the call's first dialog (A, or DIRECT)
         self.outgoing: dict[str, int] = {}  # number -> calls placed now
-        self.relay = StatelessRelay(network, self._is_worker)
+        self.relay = StatelessRelay(network, self._is_worker, address_for=self._address_for)
 
     # -- requests ----------------------------------------------------------------------------
     def on_request(self, request: Request, flow: Flow, dest: Flow, now: float) -> bool:
@@ -458,8 +458,20 @@ class CallRouter:
                 return b.id
         return None
 
+    def _address_for(self, flow: Flow) -> tuple[str, int]:
+        """Our address as we name it along `flow` (Via, Record-Route, SDP): the one the flow
+        reaches us at; to a provider whose trunk has an `external_address` (the box behind a
+        router that forwards the SIP and RTP ports to it), that address with our port."""
+        host, port = self.network.local_address(flow)
+        name = self.trunks.trunk_at(flow) if self.trunks is not None else None
+        if name is not None:
+            for trunk in self.settings.current.trunks:
+                if trunk.name == name and trunk.external_address:
+                    return trunk.external_address, port
+        return host, port
+
     def _via_for(self, target: Target[Flow], branch: str) -> str:
-        host, port = self.network.local_address(target.dest)
+        host, port = self._address_for(target.dest)
         proto = target.dest.transport.upper()
         return f"SIP/2.0/{proto} {format_host_port(host, port)};branch={branch};rport"
 
@@ -473,7 +485,7 @@ class CallRouter:
         return out if back == out else f"{out}, {back}"
 
     def _rr_uri(self, flow: Flow) -> str:
-        host, port = self.network.local_address(flow)
+        host, port = self._address_for(flow)
         transport = ";transport=tcp" if flow.transport == "tcp" else ""
         return f"<sip:{format_host_port(host, port)}{transport};lr>"
 
@@ -643,7 +655,7 @@ class CallRouter:
             from_value, to_value = answer.get("To") or "", dialog.invite.get("From") or ""
         if dest is None:
             return
-        host, port = self.network.local_address(dest)
+        host, port = self._address_for(dest)
         bye = Request("BYE", target, [
             ("Via", f"SIP/2.0/{dest.transport.upper()} {format_host_port(host, port)};"
                     f"branch=z9hG4bK{new_tag()}{new_tag()};rport"),

@@ -59,9 +59,12 @@ def strip_internal(message: Request | Response) -> None:
 
 class StatelessRelay:
     def __init__(self, network: Network, is_internal: Callable[[Flow], bool], *,
-                 lifetime: float = RECORD_LIFETIME, max_records: int = MAX_RECORDS) -> None:
+                 lifetime: float = RECORD_LIFETIME, max_records: int = MAX_RECORDS,
+                 address_for: Callable[[Flow], tuple[str, int]] | None = None) -> None:
         self.network = network
         self.is_internal = is_internal
+        self.address_for = address_for or network.local_address
+        """Our address as named to `dest` (Via, SDP): the listener's, or a trunk's `external_address`."""
         self.lifetime = lifetime
         self.max_records = max_records
         # our branch -> (where its responses go, when the record expires); oldest first
@@ -87,7 +90,7 @@ class StatelessRelay:
         branch = f"{STATELESS_PREFIX}{digest}"
         if reply_to is not None:
             self._remember(branch, reply_to, now)
-        host, port = self.network.local_address(dest)
+        host, port = self.address_for(dest)
         request.add("Via", f"SIP/2.0/{dest.transport.upper()} {format_host_port(host, port)};"
                            f"branch={branch};rport", first=True)
         if not self.is_internal(dest):
@@ -120,6 +123,7 @@ class StatelessRelay:
         """The body `message` leaves with from `source` to `dest`: a media worker's SDP sent
         to an outside party names the box's address as that party reaches it instead of
         127.0.0.1 (Content-Length follows, `to_bytes` counts it); any other body as it is.
+        To a provider whose trunk has an `external_address`, that address (`address_for`).
 
         Media are IPv4 (`protocol.rtp_address`): a party reached over IPv6 is left as is.
         """
@@ -128,7 +132,7 @@ class StatelessRelay:
             return body
         if not is_sdp(message.get("Content-Type")):
             return body
-        host, _ = self.network.local_address(dest)
+        host, _ = self.address_for(dest)
         if host == LOOPBACK or ":" in host:
             return body
         return rewrite_address(body, LOOPBACK, host)

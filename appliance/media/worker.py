@@ -330,6 +330,9 @@ class Worker(PjHost):
         mt.publicAddress = P.LOOPBACK if rtp == P.WILDCARD else rtp
         mt.port = self.rtp_ports[0]
         mt.portRange = self.rtp_ports[1] - self.rtp_ports[0]
+        # Symmetric RTP needs no option: pjmedia's UDP transport sends to the source of the
+        # RTP it receives once a few packets came from there (PJMEDIA_RTP_NAT_PROBATION_CNT),
+        # whatever the SDP said (tests/e2e/test_symmetric_rtp.py).
         self.acc = WorkerAccount(self)
         self.acc.create(acfg, True)
 

@@ -73,3 +73,45 @@ def test_ringing_answered_joined_left_ended(tmp_path: Path) -> None:
             await server.stop()
 
     asyncio.run(scenario())
+
+
+def test_trunk_calls_show_the_outside_number(tmp_path: Path) -> None:
+    """A call from the provider shows who calls from outside; a call out, the number called."""
+    config_path = write_config(tmp_path, free_port(), USERS, extra=control_block())
+    edge = Daemon(load_config(config_path), config_path)
+    now = time.time()
+    edge.registrar.load([{**_binding(*d), "expires_at": now + 300, "registered_at": now - 60} for d in DEVICES],
+                        now)
+    state = edge.state
+
+    async def scenario() -> None:
+        server = ControlServer(edge.state, edge.settings, edge, config_path)
+        await server.start()
+        try:
+            app = HomePbxApp(tmp_path / "ctl.sock")
+            async with app.run_test(size=(80, 24)):
+                await wait_screen(app, lambda t: "Living room" in t and "no calls" in t)
+                # The router tells the live state an outside call as caller = the outside number, no device.
+                state.call_started("in1", "4930999999", "200", None)
+                for device in ("d1", "d2"):
+                    state.device_ringing("in1", device)
+                text = await wait_screen(app, lambda t: t.count("◉ ringing · 4930999999 · 00:0") == 2)
+                assert "4930999999 → 200 Family · ringing: Living room, Kitchen" in text
+                state.call_answered("in1", "d1")
+                text = await wait_screen(app, lambda t: "● talking with 4930999999" in t)
+                assert "4930999999 → 200 Family · answered by Living room" in text
+                state.call_ended("in1", "bye_from_caller")
+                await wait_screen(app, lambda t: "no calls" in t)
+
+                # A call out: the caller's device, the number it called (prefix stripped) as callee.
+                state.call_started("out1", "100", "4930888888", "d4")
+                text = await wait_screen(app, lambda t: "100 Grandpa → 4930888888" in t)
+                state.call_answered("out1", None)
+                text = await wait_screen(app, lambda t: "100 Grandpa → 4930888888 · answered by the callee" in t)
+                assert "1/∞" in text  # it counts as Grandpa's outgoing call
+                state.call_ended("out1", "bye_from_caller")
+                await wait_screen(app, lambda t: "no calls" in t)
+        finally:
+            await server.stop()
+
+    asyncio.run(scenario())
