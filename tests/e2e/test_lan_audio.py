@@ -103,7 +103,7 @@ def _hear_each_other(a: Handset, a_call: str, b: Handset, b_call: str, tmp: Path
 @pytest.mark.parametrize("listen_on", ["lan_address", "wildcard"])
 def test_lan_handset_hears_and_is_heard(lan: Lan, listen_on: str, handset_factory: HandsetFactory,
                                         tmp_path: Path) -> None:
-    port = free_port()
+    port = free_port("0.0.0.0")  # free on every address: the wildcard case binds them all
     host = lan.box_ip if listen_on == "lan_address" else "0.0.0.0"
     config = write_config(tmp_path, port, [user_block("100"), user_block("200")], listen=[f"{host}:{port}"])
     pbx = Daemon(config, port).start()
