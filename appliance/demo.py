@@ -219,6 +219,18 @@ class Demo:
                 self.stop.wait(5.0)
             round_ += 1
 
+    def _answered_call(self, caller: Handset, uri: str, answerer: Handset) -> str | None:
+        """`caller` calls `uri`; `answerer` picks up after a ring. The call, or None if the demo is stopping."""
+        call = caller.call(uri)
+        incoming = answerer.wait_incoming(timeout=5.0)
+        if self.stop.wait(3.0):
+            return None
+        answerer.answer(str(incoming["call"]))
+        caller.wait_state(call, "CONFIRMED", timeout=5.0)
+        if self.stop.wait(3.0):
+            return None
+        return call
+
     def _outside_call(self, outside: Handset, family: list[Handset], round_: int) -> None:
         """Someone outside calls the family's number at the provider: the family's phones ring."""
         answerer = family[(round_ + 2) % 3]
@@ -227,13 +239,8 @@ class Demo:
         for phone in family:
             phone.auto_answer("ring")
         self.say(f"scene: {OUTSIDE} calls the family's number {DID} at the provider; {answerer.name} will answer")
-        call = outside.call(f"sip:{DID}@{self.provider_server}")
-        incoming = answerer.wait_incoming(timeout=5.0)
-        if self.stop.wait(3.0):
-            return
-        answerer.answer(str(incoming["call"]))
-        outside.wait_state(call, "CONFIRMED", timeout=5.0)
-        if self.stop.wait(3.0):
+        call = self._answered_call(outside, f"sip:{DID}@{self.provider_server}", answerer)
+        if call is None:
             return
         outside.hangup(call)
         with contextlib.suppress(TimeoutError):
@@ -249,13 +256,8 @@ class Demo:
         for phone in family:
             phone.auto_answer("ring")
         self.say(f"scene: Grandpa calls 200; {answerer.name} will answer, {joiner.name} will join")
-        call = grandpa.call("sip:200@home.arpa")
-        incoming = answerer.wait_incoming(timeout=5.0)
-        if self.stop.wait(3.0):
-            return
-        answerer.answer(str(incoming["call"]))
-        grandpa.wait_state(call, "CONFIRMED", timeout=5.0)
-        if self.stop.wait(3.0):
+        call = self._answered_call(grandpa, "sip:200@home.arpa", answerer)
+        if call is None:
             return
         joined = joiner.call("sip:*74@home.arpa")
         with contextlib.suppress(TimeoutError):

@@ -20,6 +20,7 @@ from appliance.simulator import tones
 from appliance.simulator.handset import Handset
 from tests.e2e.conftest import DaemonFactory
 from tests.support.baresip import Baresip
+from tests.support.handsets import recorded
 from tests.support.pbx import Daemon, user_block
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
@@ -50,29 +51,20 @@ def call_in_progress(pbx_factory: DaemonFactory, handset_factory: HandsetFactory
     return pbx, phone, handset, call
 
 
-def recorded(handset: Handset, call: str, path: Path, seconds: float = 1.5) -> str:
-    """What the handset hears for `seconds`, while it keeps sending its own tone."""
-    handset.record(call, path)
-    time.sleep(seconds)
-    heard = str(handset.stop_media(call)["path"])
-    handset.play_tone(call, HANDSET_TONE)
-    return heard
-
-
 def test_baresip_holds_and_resumes_a_call_to_a_handset(
         pbx_factory: DaemonFactory, handset_factory: HandsetFactory, baresip: BaresipFactory,
         tmp_path: Path) -> None:
     pbx, phone, handset, call = call_in_progress(pbx_factory, handset_factory, baresip, tmp_path)
-    talking = recorded(handset, call, tmp_path / "talking.wav", 1.0)
+    talking = recorded(handset, call, tmp_path / "talking.wav", HANDSET_TONE, 1.0)
 
     at = phone.command("/hold")
     phone.wait_for("call: hold", start=at)
     time.sleep(0.3)  # the re-INVITE's answer and the last packets in flight
-    paused = recorded(handset, call, tmp_path / "paused.wav", 1.0)
+    paused = recorded(handset, call, tmp_path / "paused.wav", HANDSET_TONE, 1.0)
     at = phone.command("/resume")
     phone.wait_for("call: resume", start=at)
     time.sleep(0.5)
-    resumed = recorded(handset, call, tmp_path / "resumed.wav", 1.5)
+    resumed = recorded(handset, call, tmp_path / "resumed.wav", HANDSET_TONE, 1.5)
 
     phone.command("b")  # hang up
     handset.wait_state(call, "DISCONNECTED")

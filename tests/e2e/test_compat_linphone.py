@@ -20,6 +20,7 @@ import pytest
 from appliance.simulator import tones
 from appliance.simulator.handset import Handset
 from tests.e2e.conftest import DaemonFactory
+from tests.support.handsets import recorded
 from tests.support.linphone import Linphone
 from tests.support.pbx import Daemon, user_block
 
@@ -45,15 +46,6 @@ def house(pbx_factory: DaemonFactory, handset_factory: HandsetFactory, linphone:
     return pbx, phone, handset
 
 
-def recorded(handset: Handset, call: str, path: Path, seconds: float = 1.5) -> str:
-    """What the handset hears for `seconds`, while it keeps sending its own tone."""
-    handset.record(call, path)
-    time.sleep(seconds)
-    heard = str(handset.stop_media(call)["path"])
-    handset.play_tone(call, HANDSET_TONE)
-    return heard
-
-
 def test_linphone_registers_with_sha256_and_calls_a_handset_hold_resume_dtmf(
         pbx_factory: DaemonFactory, handset_factory: HandsetFactory, linphone: LinphoneFactory,
         tmp_path: Path) -> None:
@@ -68,16 +60,16 @@ def test_linphone_registers_with_sha256_and_calls_a_handset_hold_resume_dtmf(
     phone.wait_for(r"Media streams established with sip:201@", start=at)
     handset.wait_for("media", call=call, status="active")
     handset.play_tone(call, HANDSET_TONE)
-    talking = recorded(handset, call, tmp_path / "talking.wav")
+    talking = recorded(handset, call, tmp_path / "talking.wav", HANDSET_TONE)
     assert tones.tone_level_db(talking, LINPHONE_TONE) > HEARD  # the handset hears linphone
 
     at = phone.command("pause")
     phone.wait_for(r"is now paused", start=at)
-    paused = recorded(handset, call, tmp_path / "paused.wav")
+    paused = recorded(handset, call, tmp_path / "paused.wav", HANDSET_TONE)
     at = phone.command("resume")
     phone.wait_for(r"Media streams established", start=at)
     time.sleep(0.5)
-    resumed = recorded(handset, call, tmp_path / "resumed.wav")
+    resumed = recorded(handset, call, tmp_path / "resumed.wav", HANDSET_TONE)
     assert tones.tone_level_db(paused, LINPHONE_TONE) < FAINT or tones.total_power(paused) < 1e-6
     assert tones.tone_level_db(resumed, LINPHONE_TONE) > HEARD, tones.tone_envelope(resumed, LINPHONE_TONE)
 
@@ -105,7 +97,7 @@ def test_handset_calls_linphone_and_both_hear_the_other(
     handset.wait_state(call, "CONFIRMED")
     handset.wait_for("media", call=call, status="active")
     handset.play_tone(call, HANDSET_TONE)
-    heard = recorded(handset, call, tmp_path / "heard.wav", 2.0)
+    heard = recorded(handset, call, tmp_path / "heard.wav", HANDSET_TONE, 2.0)
     handset.hangup(call)
     phone.wait_for(r"Call \d+ with .* ended")
     pbx.wait_log(r"event=call_ended .*caller=201 callee=200")

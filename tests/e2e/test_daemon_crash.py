@@ -13,6 +13,7 @@ import pytest
 from appliance.simulator.handset import Handset
 from tests.e2e.conftest import DaemonFactory
 from tests.support.pbx import user_block
+from tests.support.procs import descendants
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
@@ -33,7 +34,7 @@ def test_daemon_killed_mid_call_both_parties_get_bye(pbx_factory: DaemonFactory,
     caller.wait_state(call, "CONFIRMED")
     callee.wait_state(incoming, "CONFIRMED")
     assert pbx.proc is not None
-    workers = _descendants(pbx.proc.pid)
+    workers = descendants(pbx.proc.pid)
     assert workers, "the daemon should have media worker processes"
 
     killed = time.monotonic()
@@ -99,16 +100,4 @@ def _alive(pids: list[int]) -> list[int]:
             continue
         if state != "Z":
             out.append(pid)
-    return out
-
-
-def _descendants(pid: int) -> list[int]:
-    out: list[int] = []
-    todo = [pid]
-    while todo:
-        current = todo.pop()
-        for task in Path(f"/proc/{current}/task").iterdir():
-            kids = [int(k) for k in (task / "children").read_text().split()]
-            out += kids
-            todo += kids
     return out

@@ -16,6 +16,7 @@ from appliance.simulator import tones
 from appliance.simulator.handset import Handset
 from tests.e2e.conftest import DaemonFactory
 from tests.support.pbx import Daemon, user_block
+from tests.support.procs import descendants
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -220,7 +221,7 @@ def test_sigterm_ends_calls_with_bye_and_leaves_no_process(pbx_factory: DaemonFa
     pbx, caller, phones = house(pbx_factory, handset_factory, devices=1)
     call, answered = connect(caller, phones)
     assert pbx.proc is not None
-    children = _descendants(pbx.proc.pid)
+    children = descendants(pbx.proc.pid)
     assert children, "the daemon should have media worker processes"
     assert pbx.stop() == 0
     assert caller.wait_state(call, "DISCONNECTED")["end_request"] == "BYE"
@@ -231,18 +232,6 @@ def test_sigterm_ends_calls_with_bye_and_leaves_no_process(pbx_factory: DaemonFa
     left = [pid for pid in children if Path(f"/proc/{pid}/stat").exists()
             and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"]
     assert not left, f"processes left behind: {left}"
-
-
-def _descendants(pid: int) -> list[int]:
-    out: list[int] = []
-    todo = [pid]
-    while todo:
-        current = todo.pop()
-        for task in Path(f"/proc/{current}/task").iterdir():
-            kids = [int(k) for k in (task / "children").read_text().split()]
-            out += kids
-            todo += kids
-    return out
 
 
 @pytest.mark.parametrize("holder", ["caller", "callee"])

@@ -18,7 +18,6 @@ import os
 import shutil
 import socket
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,14 +25,13 @@ from pathlib import Path
 import pytest
 
 from appliance.config import MediaConfig
-from appliance.ports import free_port
 from appliance.simulator import tones
 from appliance.simulator.handset import Handset
 from tests.e2e.conftest import DaemonFactory
 from tests.e2e.test_join_and_media import _invite_ok, _payloads, connect, house
-from tests.e2e.test_softphone import Baresip
-from tests.support.output import OutputLines
+from tests.support.baresip import Baresip
 from tests.support.pbx import Daemon, user_block
+from tests.support.procs import descendants
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
@@ -92,19 +90,6 @@ def test_tone_level_kept_both_ways(pbx_factory: DaemonFactory, handset_factory: 
     callee.wait_state(answered, "DISCONNECTED")
 
 
-def _descendants(pid: int) -> list[int]:
-    out: list[int] = []
-    todo = [pid]
-    while todo:
-        current = todo.pop()
-        for task in Path(f"/proc/{current}/task").iterdir():
-            with contextlib.suppress(OSError):
-                kids = [int(k) for k in (task / "children").read_text().split()]
-                out += kids
-                todo += kids
-    return out
-
-
 def _address(hex_address: str) -> str:
     """/proc/net's little-endian hex address -> text."""
     raw = bytes.fromhex(hex_address)
@@ -144,7 +129,7 @@ def test_media_processes_listen_on_loopback_only(pbx_factory: DaemonFactory, han
     # A socket that only sends (the host's wake-up datagrams) is bound at its first
     # send: wait for the pool's health ping (every 2 s) to have reached every worker.
     time.sleep(HEALTH_PING_S + 0.5)
-    children = _descendants(pbx.proc.pid)
+    children = descendants(pbx.proc.pid)
     assert children, "the daemon should have media processes"
     seen = {pid: listening(pid) for pid in children}
     assert any(seen.values()), "the media workers should have sockets"
@@ -161,24 +146,8 @@ class CodecBaresip(Baresip):
     def __init__(self, workdir: Path, pbx: Daemon, number: str, tone_hz: int, rtp_ports: str, codec: str,
                  *, auto_answer: bool = False) -> None:
         assert shutil.which("baresip"), "baresip is not installed: `make deps` installs Debian's baresip-core"
-        self.dumps = workdir / "dump"
-        self.dumps.mkdir(parents=True)
-        (workdir / "config").write_text(
-            f"sip_listen 127.0.0.1:{free_port()}\n"
-            f"rtp_ports {rtp_ports}\n"
-            "module_path /usr/lib/baresip/modules\n"
-            "module g711.so\nmodule g722.so\nmodule ausine.so\nmodule sndfile.so\nmodule stdio.so\n"
-            "module_app account.so\nmodule_app menu.so\n"
-            f"audio_source ausine,{tone_hz}\nausrc_srate 48000\nausrc_channels 2\n"
-            f"snd_path {self.dumps}\n"
-        )
-        answer = ";answermode=auto" if auto_answer else ""
-        (workdir / "accounts").write_text(
-            f"<sip:{number}@127.0.0.1:{pbx.port}>;auth_pass=pw-{number};regint=300;audio_codecs={codec}{answer}\n"
-        )
-        self.proc = subprocess.Popen(["baresip", "-f", str(workdir)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.output = OutputLines(self.proc)
+        super().__init__(workdir, pbx, number, f"pw-{number}", tone_hz, rtp_ports, auto_answer=auto_answer,
+                         codec=codec)
 
     def dump(self, kind: str) -> str:
         (path,) = self.dumps.glob(f"*-{kind}.wav")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,15 +18,17 @@ from pathlib import Path
 import pytest
 
 from appliance.ports import free_port
-from tests.support.output import OutputLines
+from tests.support.console import ConsoleProcess, started
 from tests.support.pbx import Daemon
 
 
-class Baresip:
-    """One baresip process: its config directory, its console on stdin, its output collected."""
+class Baresip(ConsoleProcess):
+    """One baresip process: its config directory, its console on stdin, its output collected.
+    With `codec` (baresip's name, e.g. "G722/16000/1") it offers that codec only."""
 
     def __init__(self, workdir: Path, pbx: Daemon, number: str, password: str, tone_hz: int,
-                 rtp_ports: str, *, auto_answer: bool = False, transport: str = "udp") -> None:
+                 rtp_ports: str, *, auto_answer: bool = False, transport: str = "udp",
+                 codec: str | None = None) -> None:
         if not shutil.which("baresip"):
             pytest.skip("baresip is not installed (`make test` installs Debian's baresip-core)")
         self.dumps = workdir / "dump"
@@ -36,7 +37,8 @@ class Baresip:
             f"sip_listen 127.0.0.1:{free_port()}\n"
             f"rtp_ports {rtp_ports}\n"
             "module_path /usr/lib/baresip/modules\n"
-            "module g711.so\nmodule ausine.so\nmodule sndfile.so\nmodule stdio.so\n"
+            "module g711.so\n" + ("module g722.so\n" if codec else "")
+            + "module ausine.so\nmodule sndfile.so\nmodule stdio.so\n"
             "module_app account.so\nmodule_app menu.so\n"
             f"audio_source ausine,{tone_hz}\n"
             # ausine makes 48 kHz stereo only; baresip resamples to G.711.
@@ -44,25 +46,16 @@ class Baresip:
             f"snd_path {self.dumps}\n"
         )
         params = f";transport={transport}" if transport != "udp" else ""
+        codecs = f";audio_codecs={codec}" if codec else ""
         answer = ";answermode=auto" if auto_answer else ""
         (workdir / "accounts").write_text(
-            f"<sip:{number}@127.0.0.1:{pbx.port}{params}>;auth_pass={password};regint=300{answer}\n"
+            f"<sip:{number}@127.0.0.1:{pbx.port}{params}>;auth_pass={password};regint=300{codecs}{answer}\n"
         )
-        self.proc = subprocess.Popen(["baresip", "-f", str(workdir)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.output = OutputLines(self.proc)
+        super().__init__(["baresip", "-f", str(workdir)])
 
     def wait_for(self, text: str, timeout: float = 10.0, start: int = 0) -> str:
         """The first output line (from index `start`) containing `text`."""
         return self.output.wait_for(re.escape(text), timeout, start)
-
-    def command(self, text: str) -> int:
-        """Type a console line; returns the index of the next output line (for `wait_for`)."""
-        start = len(self.output.lines)
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(text + "\n")
-        self.proc.stdin.flush()
-        return start
 
     def keys(self, digits: str, gap: float = 0.3) -> None:
         """Type `digits` one key at a time, no Enter: during a call each is a DTMF digit
@@ -89,27 +82,8 @@ class Baresip:
         (dump,) = self.dumps.glob("*-dec.wav")
         return dump
 
-    def stop(self) -> None:
-        """Quit (dumps are complete once baresip has exited); killed if it does not."""
-        if self.proc.poll() is None:
-            try:
-                self.command("q")
-                self.proc.wait(timeout=5)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-        self.proc.wait()
-
 
 @pytest.fixture
 def baresip() -> Iterator[Callable[..., Baresip]]:
     """Start baresip phones (arguments of `Baresip`); each is stopped at teardown."""
-    phones: list[Baresip] = []
-
-    def start(*args: object, **kwargs: object) -> Baresip:
-        phone = Baresip(*args, **kwargs)  # type: ignore[arg-type]
-        phones.append(phone)
-        return phone
-
-    yield start
-    for phone in phones:
-        phone.stop()
+    yield from started(Baresip)

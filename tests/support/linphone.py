@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import subprocess
 import time
 import wave
 from array import array
@@ -24,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from appliance.ports import free_port
-from tests.support.output import OutputLines
+from tests.support.console import ConsoleProcess, started
 from tests.support.pbx import Daemon
 
 RATE = 8000
@@ -42,8 +41,10 @@ def write_tone(path: Path, freq: float, seconds: float = 30.0, amplitude: float 
     return path
 
 
-class Linphone:
+class Linphone(ConsoleProcess):
     """One linphonec process, registered as `number`, sending a `tone_hz` sine."""
+
+    quit_command = "quit"
 
     def __init__(self, home: Path, pbx: Daemon, number: str, password: str, tone_hz: int,
                  rtp_ports: str, *, transport: str = "udp") -> None:
@@ -61,25 +62,13 @@ class Linphone:
         )
         self.recording = home / "heard.wav"
         self.log = home / "linphonec.log"  # every SIP message, for a failing test
-        self.proc = subprocess.Popen(
-            ["linphonec", "-c", str(self.config), "-d", "6", "-l", str(self.log)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={"HOME": str(home), "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-        )
-        self.output = OutputLines(self.proc)
+        super().__init__(["linphonec", "-c", str(self.config), "-d", "6", "-l", str(self.log)],
+                         env={"HOME": str(home), "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
         self.command("soundcard use files")
         self.command(f"play {write_tone(home / f'tone-{tone_hz}.wav', tone_hz)}")
         self.command(f"record {self.recording}")
         proxy = f"sip:127.0.0.1:{pbx.port}" + (";transport=tcp" if transport == "tcp" else "")
         self.command(f"register sip:{number}@127.0.0.1 {proxy} {password}")
-
-    def command(self, text: str) -> int:
-        """Send a console command; returns the index of the next output line (for `wait_for`)."""
-        start = len(self.output.lines)
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(text + "\n")
-        self.proc.stdin.flush()
-        return start
 
     def wait_for(self, pattern: str, timeout: float = 10.0, start: int = 0) -> str:
         """The first console line (from index `start`) matching the regex `pattern`."""
@@ -99,28 +88,8 @@ class Linphone:
     def sip_log(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
-    def stop(self) -> None:
-        """Quit (the recording is complete once linphonec has exited); killed if it does not."""
-        if self.proc.poll() is None:
-            try:
-                self.command("quit")
-                self.proc.wait(timeout=5)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-        self.proc.wait()
-        self.output.close()
-
 
 @pytest.fixture
 def linphone() -> Iterator[Callable[..., Linphone]]:
     """Start linphonec instances (arguments of `Linphone`); each is stopped at teardown."""
-    phones: list[Linphone] = []
-
-    def start(*args: object, **kwargs: object) -> Linphone:
-        phone = Linphone(*args, **kwargs)  # type: ignore[arg-type]
-        phones.append(phone)
-        return phone
-
-    yield start
-    for phone in phones:
-        phone.stop()
+    yield from started(Linphone)

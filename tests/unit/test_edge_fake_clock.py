@@ -21,11 +21,12 @@ from appliance.edge.timers import TimerWheel
 from appliance.sip.auth import NonceManager, authorization_value
 from appliance.sip.authenticator import Authenticator
 from appliance.sip.digest_fallback import DigestFallback
-from appliance.sip.message import Request, Response, parse_message
+from appliance.sip.message import Request, Response
 from appliance.sip.registrar import Flow, Registrar
 from appliance.sip.throttle import FailureThrottle
 from appliance.sip.transaction import ServerTransactions
 from appliance.state import LiveState
+from tests.support.fake_network import FakeNetwork
 
 CONFIG = """
 [server]
@@ -44,32 +45,6 @@ ring_timeout = 20
 max_calls = 0
 """
 WALL0 = 1_800_000_000.0
-
-
-class FakeNetwork:
-    """Records what the edge sends instead of sending it."""
-
-    addresses: ClassVar[list[str]] = ["127.0.0.1:5060"]
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[Request | Response, Flow]] = []
-
-    def send(self, data: bytes, flow: Flow) -> bool:
-        self.sent.append((parse_message(data), flow))
-        return True
-
-    def local_address(self, flow: Flow) -> tuple[str, int]:
-        return "127.0.0.1", 5060
-
-    def local_ips(self) -> set[str]:
-        return {"127.0.0.1"}
-
-    def flow_open(self, flow: Flow) -> bool:
-        return True
-
-    def take(self) -> list[tuple[Request | Response, Flow]]:
-        sent, self.sent = self.sent, []
-        return sent
 
 
 class House:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -12,32 +11,17 @@ from appliance.edge.relay import RECORD_LIFETIME, STATELESS_PREFIX, StatelessRel
 from appliance.sip.headers import parse_via
 from appliance.sip.message import Request, Response, parse_message
 from appliance.sip.registrar import Flow
+from tests.support.fake_network import FakeNetwork
 
 CALLER = Flow("udp", "127.0.0.10", 5070, "127.0.0.1:5060")
 CALLEE = Flow("udp", "127.0.0.20", 5080, "127.0.0.1:5060")
 STRANGER = Flow("udp", "127.0.0.66", 4000, "127.0.0.1:5060")
 
 
-class FakeEdge:
-    """What the relay uses of the network; `send` takes literal IP addresses only, as a socket does."""
+class FakeEdge(FakeNetwork):
+    """What the relay uses of the network; what it sends is kept as bytes."""
 
-    def __init__(self) -> None:
-        self.addresses = ["127.0.0.1:5060"]
-        self.sent: list[tuple[bytes, Flow]] = []
-
-    def send(self, data: bytes, flow: Flow) -> bool:
-        ipaddress.ip_address(flow.host)  # a host name or junk raises, as sendto would
-        self.sent.append((data, flow))
-        return True
-
-    def local_address(self, flow: Flow) -> tuple[str, int]:
-        return "127.0.0.1", 5060
-
-    def local_ips(self) -> set[str]:
-        return {"127.0.0.1"}
-
-    def flow_open(self, flow: Flow) -> bool:
-        return True
+    parsed = False
 
 
 def make_relay(**kw: Any) -> tuple[StatelessRelay, FakeEdge]:
@@ -208,9 +192,7 @@ WORKER_SDP = (b"v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=pjmedia\r\nt=0 0\r\nm=audio
 class WildcardEdge(FakeEdge):
     """A wildcard listener: the box is 192.168.1.2 to the LAN, 127.0.0.1 to itself."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.addresses = ["0.0.0.0:5060"]
+    addresses: ClassVar[list[str]] = ["0.0.0.0:5060"]
 
     def local_address(self, flow: Flow) -> tuple[str, int]:
         if ":" in flow.host:

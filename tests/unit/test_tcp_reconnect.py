@@ -7,9 +7,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 
@@ -20,6 +19,7 @@ from appliance.edge.timers import TimerWheel
 from appliance.edge.transport import CONNECT_TIMEOUT, Transports
 from appliance.sip.message import Request, parse_message
 from appliance.sip.registrar import EventKind, Flow, Registrar, RegistrarEvent
+from tests.support.fake_network import FakeNetwork
 
 CONFIG = """
 [server]
@@ -44,31 +44,15 @@ def restored(contact: str = "<sip:200@192.0.2.20:5070;transport=tcp>", **extra: 
                      "local": OLD_FLOW.local}, **extra}
 
 
-class FakeNetwork:
-    addresses: ClassVar[list[str]] = ["127.0.0.1:5060"]
+class TcpNetwork(FakeNetwork):
+    """A TCP flow is open once the test has connected it (`open`); a send on another fails."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.open: set[Flow] = set()
-        self.sent: list[tuple[Request, Flow]] = []
-        self.connects: list[tuple[Flow, Callable[[Flow | None, str], None]]] = []
-
-    def send(self, data: bytes, flow: Flow) -> bool:
-        message = parse_message(data)
-        assert isinstance(message, Request)
-        self.sent.append((message, flow))
-        return flow in self.open
-
-    def local_address(self, flow: Flow) -> tuple[str, int]:
-        return "127.0.0.1", 5060
-
-    def local_ips(self) -> set[str]:
-        return {"127.0.0.1"}
 
     def flow_open(self, flow: Flow) -> bool:
         return flow.transport == "udp" or flow in self.open
-
-    def connect(self, flow: Flow, then: Callable[[Flow | None, str], None]) -> None:
-        self.connects.append((flow, then))
 
 
 class House:
@@ -77,7 +61,7 @@ class House:
         self.timers = TimerWheel(lambda: self.now, manual=True)
         self.registrar = Registrar(60, 3600, 600)
         assert self.registrar.load(items or [restored()], WALL0) == len(items or [1])
-        self.network = FakeNetwork()
+        self.network = TcpNetwork()
         self.events: list[RegistrarEvent] = []
         settings = LiveConfig(parse_config(CONFIG, Path("/etc/homepbx/config.toml")))
         self.qualifier = Qualifier(settings, self.network, self.registrar, self.timers, self.events.extend)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import ClassVar
 
 from appliance.config import LiveConfig, parse_config
 from appliance.edge.auth_gate import AuthGate
@@ -23,6 +24,7 @@ from appliance.sip.registrar import DevicePolicy, Flow, Registrar
 from appliance.sip.sdp import addresses
 from appliance.sip.throttle import FailureThrottle
 from appliance.state import LiveState
+from tests.support.fake_network import FakeNetwork
 
 EXTERNAL = "203.0.113.5"
 LAN = "192.168.1.2"
@@ -49,16 +51,10 @@ WORKER_SDP = ("v=0\no=- 2 2 IN IP4 127.0.0.1\ns=pjmedia\nc=IN IP4 127.0.0.1\nt=0
               "m=audio 10002 RTP/AVP 8\na=rtcp:10003 IN IP4 127.0.0.1\n")
 
 
-class FakeNetwork:
+class WildcardNetwork(FakeNetwork):
     """A wildcard listener: the box is 192.168.1.2 to everyone outside, 127.0.0.1 to itself."""
 
-    def __init__(self) -> None:
-        self.addresses = ["0.0.0.0:5060"]
-        self.sent: list[tuple[Request | Response, Flow]] = []
-
-    def send(self, data: bytes, flow: Flow) -> bool:
-        self.sent.append((parse_message(data), flow))
-        return True
+    addresses: ClassVar[list[str]] = ["0.0.0.0:5060"]
 
     def local_address(self, flow: Flow) -> tuple[str, int]:
         return ("127.0.0.1" if flow.host.startswith("127.") else LAN), 5060
@@ -66,15 +62,8 @@ class FakeNetwork:
     def local_ips(self) -> set[str]:
         return {"127.0.0.1", LAN}
 
-    def flow_open(self, flow: Flow) -> bool:
-        return True
-
     def connect(self, flow: Flow, then: Callable[[Flow | None, str], None]) -> None:
         raise AssertionError("no TCP here")
-
-    def take(self) -> list[tuple[Request | Response, Flow]]:
-        sent, self.sent = self.sent, []
-        return sent
 
 
 class Trunks:
@@ -105,7 +94,7 @@ def message(text: str) -> Request | Response:
                           + body).encode())
 
 
-def router(external: str) -> tuple[CallRouter, FakeNetwork]:
+def router(external: str) -> tuple[CallRouter, WildcardNetwork]:
     now = 1000.0
     config = parse_config(CONFIG.format(external=external), Path("/etc/homepbx/config.toml"))
     settings = LiveConfig(config)
@@ -118,13 +107,13 @@ def router(external: str) -> tuple[CallRouter, FakeNetwork]:
     registrar.register(register, "200", DevicePolicy(limit=3, one_number=True), PHONE, now)
     auth = AuthGate(Authenticator("home.arpa", NonceManager(b"k" * 32), FailureThrottle()), settings,
                     lambda *a: None, DigestFallback())
-    network = FakeNetwork()
+    network = WildcardNetwork()
     calls = CallRouter(settings, network, registrar, auth, LiveState(registrar, settings, wall=lambda: now),
                        timers, Media(), Trunks())
     return calls, network
 
 
-def provider_call(calls: CallRouter, network: FakeNetwork) -> Response:
+def provider_call(calls: CallRouter, network: WildcardNetwork) -> Response:
     """The provider's INVITE for the DID, the worker's 200: what the provider is sent."""
     invite = message(
         "INVITE sip:4930123456@192.168.1.2 SIP/2.0\n"
