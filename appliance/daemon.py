@@ -73,9 +73,9 @@ class Daemon:
         self.fallback_path = state_dir / "digest.json"
         self.fallback = DigestFallback(load_digest_fallback(self.fallback_path))
         auth = AuthGate(self.authenticator, settings, state.address_blocked, self.fallback)
-        qualifier: Qualifier  # told of lost TCP connections, to reach their devices again; made below
+        # Lost TCP connections go to the qualifier and the trunks, both made below (`_tcp_lost`).
         self.transports = network = Transports(timers, TcpLimits.of(config.server), has_binding=self._tcp_bound,
-                                               on_lost=lambda flow: qualifier.flow_lost(flow))
+                                               on_lost=self._tcp_lost)
         router: CallRouter  # the media link reports to the router, made just below
         self.media = MediaLink(
             config.media,
@@ -85,7 +85,7 @@ class Daemon:
         # The trunks are made before the router: it asks them which requests come from a provider.
         self.trunks = trunks = TrunkRegistrar(settings, network, timers, state, wall=wall)
         self.calls = router = CallRouter(settings, network, registrar, auth, state, timers, self.media, trunks)
-        self.qualifier = qualifier = Qualifier(settings, network, registrar, timers, self.device_events.publish)
+        self.qualifier = Qualifier(settings, network, registrar, timers, self.device_events.publish)
         self.server_tx = ServerTransactions()
         self.edge = Edge(settings, network, auth, registrar, self.throttle, self.server_tx, router, self.qualifier,
                          self.device_events.publish, clock=timers.now, wall=wall, trunks=self.trunks)
@@ -156,13 +156,20 @@ class Daemon:
         except OSError as err:
             log.warning("event=state_write_failed %s", fields(path=self.fallback_path, error=err))
 
+    def _tcp_lost(self, flow: Flow) -> None:
+        """A TCP connection closed: the qualifier reaches the devices that lived on it again,
+        a trunk registered over it registers again."""
+        self.qualifier.flow_lost(flow)
+        self.trunks.flow_lost(flow)
+
     def _tcp_bound(self, flow: Flow) -> bool:
-        """A binding lives on this TCP flow: its connection stays however quiet it is.
+        """A binding lives on this TCP flow, or it is a trunk's connection to its provider:
+        the connection stays however quiet it is.
 
         Asked only of a connection idle for tcp_idle_timeout, so a scan of the (few) bindings
         of a home box is cheaper than an index kept up to date on every REGISTER.
         """
-        return any(binding.flow == flow for binding in self.registrar.all_bindings())
+        return self.trunks.holds(flow) or any(binding.flow == flow for binding in self.registrar.all_bindings())
 
     # -- configuration -----------------------------------------------------------------------
     def apply_config(self, config: Config) -> None:

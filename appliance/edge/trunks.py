@@ -11,6 +11,11 @@ It also answers which provider a request comes from (`trunk_at`, the `TrunkLooku
 only by the request's source address matching an address resolved for the trunk's server
 (and its port, for UDP), never by anything the request says about itself. A trunk that
 does not register is resolved all the same, so its calls are recognised.
+
+Over TCP it keeps one connection to the provider (`Network.connect`, opened when the
+registration first has something to send, and again after it is lost, on the
+registration's backoff). That connection carries the registration, the keep-alive pings
+and the calls both ways; `holds(flow)` tells the transports not to reap it when quiet.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import dns.resolver
 from appliance.config import LiveConfig, TrunkConfig
 from appliance.edge.seams import Network
 from appliance.edge.timers import Timed, TimerWheel
+from appliance.edge.transport import format_host_port
 from appliance.logs import fields
 from appliance.sip.message import Response
 from appliance.sip.registrar import Flow
@@ -128,6 +134,7 @@ class TrunkRegistrar:
         self.trunks: dict[str, tuple[TrunkConfig, TrunkRegistration]] = {}
         self._resolved: dict[str, set[tuple[str, str, int]]] = {}  # trunk -> (transport, host, port)
         self._first: dict[str, Target] = {}  # trunk -> its best resolved address, for calls out
+        self._waiting: dict[str, list[tuple[bytes, Target]]] = {}  # TCP trunk -> sends while it connects
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- life cycle ------------------------------------------------------------------------
@@ -162,9 +169,6 @@ class TrunkRegistrar:
         if not trunk.register:
             self._apply(trunk.name, machine.disabled(now))
             self._start_resolve(trunk, machine)  # its calls are still recognised by address
-        elif trunk.transport != "udp":
-            self._apply(trunk.name, machine.disabled(now, "transport = tcp: not supported yet (use udp)"))
-            self._start_resolve(trunk, machine)
         else:
             self._apply(trunk.name, machine.start(now))
 
@@ -172,6 +176,7 @@ class TrunkRegistrar:
         _, machine = self.trunks.pop(name)
         self._resolved.pop(name, None)
         self._first.pop(name, None)
+        self._waiting.pop(name, None)
         self._send_all(machine.stop(self.timers.now()))
         if publish:
             self.events.trunk_removed(name)
@@ -199,12 +204,36 @@ class TrunkRegistrar:
 
     def provider_flow(self, name: str) -> Flow | None:
         """Where a call out through trunk `name` is sent: the address its registration
-        uses, else the best one resolved for its server; None before any is known."""
+        uses, else the best one resolved for its server; None before any is known, and
+        over TCP while there is no connection to it."""
         entry = self.trunks.get(name)
         if entry is None:
             return None
         target = entry[1].target or self._first.get(name)
-        return self._flow(target) if target is not None else None
+        if target is None:
+            return None
+        flow = self._flow(target)
+        return flow if self.network.flow_open(flow) else None
+
+    def holds(self, flow: Flow) -> bool:
+        """`flow` is a TCP trunk's connection to its provider: kept however quiet it is."""
+        return flow.transport == "tcp" and any(
+            self._is_provider(machine.target, flow) for _, machine in self.trunks.values())
+
+    def flow_lost(self, flow: Flow) -> None:
+        """A TCP connection closed: a trunk registered over it registers again, on its backoff."""
+        if flow.transport != "tcp":
+            return
+        for name, (_, machine) in list(self.trunks.items()):
+            if self._is_provider(machine.target, flow) and name not in self._waiting:
+                log.info("event=trunk_connection_lost %s", fields(
+                    trunk=name, server=format_host_port(flow.host, flow.port)))
+                self._apply(name, machine.connection_lost("connection to the provider lost", self.timers.now()))
+
+    @staticmethod
+    def _is_provider(target: Target | None, flow: Flow) -> bool:
+        return (target is not None and target.transport == "tcp" and target.port == flow.port
+                and _canonical(target.host) == _canonical(flow.host))
 
     # -- driving a machine --------------------------------------------------------------------
     def _fire(self, obj: Timed, now: float) -> None:
@@ -221,7 +250,7 @@ class TrunkRegistrar:
         changed = False
         for action in actions:
             if isinstance(action, Send):
-                self.network.send(action.data, self._flow(action.target))
+                self._send(name, action)
             elif isinstance(action, Resolve):
                 self._start_resolve(trunk, machine)
             elif isinstance(action, StatusChanged):
@@ -233,6 +262,34 @@ class TrunkRegistrar:
         if changed:
             self.events.trunk_changed(self.view(trunk, machine))
         self.timers.arm(machine, self._fire)
+
+    def _send(self, name: str, action: Send) -> None:
+        """Send to the provider; over TCP, open the connection first (what is sent
+        meanwhile waits for it, in order)."""
+        flow = self._flow(action.target)
+        if flow.transport != "tcp" or self.network.flow_open(flow):
+            self.network.send(action.data, flow)
+            return
+        waiting = self._waiting.get(name)
+        if waiting is not None:
+            waiting.append((action.data, action.target))
+            return
+        self._waiting[name] = [(action.data, action.target)]
+        machine = self.trunks[name][1]
+        self.network.connect(flow, lambda opened, why: self._connected(name, machine, opened, why))
+
+    def _connected(self, name: str, machine: TrunkRegistration, flow: Flow | None, why: str) -> None:
+        waiting = self._waiting.pop(name, [])
+        if self._current(name) is not machine:
+            return  # removed or reconfigured meanwhile
+        if flow is None:
+            target = machine.target
+            log.info("event=trunk_connect_failed %s", fields(
+                trunk=name, server=format_host_port(target.host, target.port) if target else "-", error=why))
+            self._apply(name, machine.connection_lost(f"TCP connect failed: {why}", self.timers.now()))
+            return
+        for data, target in waiting:
+            self.network.send(data, self._flow(target))
 
     def _send_all(self, actions: list[Action]) -> None:
         for action in actions:

@@ -17,6 +17,11 @@ DNS and the sending and arms `next_deadline()` in the one timer wheel. Time is p
   Contact removed with `expires=0`). Keep-alive OPTIONS every `keepalive_interval` hold
   the router's mapping open; one that goes unanswered means the provider is gone: we say
   so and REGISTER again (its retransmissions find the provider when it is back).
+- Over TCP (`transport = "tcp"`) the edge keeps one connection to the provider and says
+  when it could not open it or lost it (`connection_lost`): a failure like a timeout,
+  retried with the same backoff. Via and Contact say `TCP`/`;transport=tcp`, and the
+  keep-alive is the RFC 5626 CRLF ping, which keeps both the connection and the router's
+  mapping alive (a connection that dies is reported by the edge, not guessed from silence).
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ RETRY_MAX = 120.0
 REJECTED_RETRY = 300.0
 """First retry after the provider refused our credentials (403, 404, a second 401)."""
 REJECTED_RETRY_MAX = 3600.0
+PING = b"\r\n\r\n"
+"""RFC 5626 §4.4.1 keep-alive on a connection (the provider answers with CRLF)."""
 KEEPALIVE_TIMEOUT = 5.0
 """An OPTIONS keep-alive unanswered this long: the provider (or the path to it) is gone."""
 REGISTER_TIMEOUT = 32.0
@@ -233,6 +240,17 @@ class TrunkRegistration:
             return []
         return self._fail(f"DNS: {reason}", now, rejected=False, reresolve=True)
 
+    def connection_lost(self, reason: str, now: float) -> list[Action]:
+        """Over TCP: the connection to the provider could not be opened, or closed. Whatever
+        was waiting for an answer on it is gone: fail as on a timeout and retry with backoff
+        (the next attempt opens a new connection)."""
+        if not self._running or self.target is None or self.target.transport != "tcp":
+            return []
+        self._tx = ClientTransactions()
+        self._keepalive_key = None
+        self._target_index = (self._target_index + 1) % max(1, len(self._targets))
+        return self._fail(reason, now, rejected=False, reresolve=self._target_index == 0)
+
     def on_response(self, response: Response, now: float) -> list[Action] | None:
         """A response to one of our requests (None: not ours)."""
         key = client_key(response)
@@ -312,9 +330,10 @@ class TrunkRegistration:
         self._cseq += 1
         uri = f"sip:{account.domain}"
         aor = f"sip:{account.username}@{account.domain}"
-        contacts = [f"<sip:{account.username}@{_format_host(*contact)}>;expires={expires}"]
+        params = ";transport=tcp" if target.transport == "tcp" else ""
+        contacts = [f"<sip:{account.username}@{_format_host(*contact)}{params}>;expires={expires}"]
         if old is not None:
-            contacts.append(f"<sip:{account.username}@{_format_host(*old)}>;expires=0")
+            contacts.append(f"<sip:{account.username}@{_format_host(*old)}{params}>;expires=0")
         headers = [
             ("Via", f"SIP/2.0/{target.transport.upper()} {_format_host(*local)};branch=z9hG4bK{self._token()};rport"),
             ("Max-Forwards", "70"),
@@ -435,6 +454,8 @@ class TrunkRegistration:
         target = self.target
         if target is None:
             return []
+        if target.transport == "tcp":
+            return [Send(PING, target)]  # no answer awaited: a dead connection is reported by the edge
         local = self._targets[self._target_index][1]
         branch = "z9hG4bK" + self._token()
         account = self.account

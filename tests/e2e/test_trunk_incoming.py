@@ -42,12 +42,14 @@ def provider(tmp_path: Path) -> Iterator[Kamailio]:
 
 
 def family(pbx_factory: DaemonFactory, handset_factory: HandsetFactory, provider: Kamailio, *,
-           incoming: str = f'"{DID}" = "200"', devices: int = 3) -> tuple[Daemon, list[Handset], Handset]:
+           incoming: str = f'"{DID}" = "200"', devices: int = 3,
+           trunk_extra: str = "", server_extra: str = "") -> tuple[Daemon, list[Handset], Handset]:
     """The box registered at the provider, 200's handsets at the box, the outside phone at the provider."""
     trunk = ("[[trunks]]\nname = \"provider\"\n"
              f'server = "{provider.server}"\nusername = "{DID}"\npassword = "{PASSWORD}"\n'
-             f"incoming = {{ {incoming} }}\n\n")
-    pbx = pbx_factory([user_block("100"), user_block("200", one_number=True)], extra=control_block() + trunk)
+             f"incoming = {{ {incoming} }}\n" + trunk_extra + "\n")
+    pbx = pbx_factory([user_block("100"), user_block("200", one_number=True)], extra=control_block() + trunk,
+                      server_extra=server_extra)
     phones = []
     for i in range(devices):
         phone = handset_factory(f"b{i}", trace=True)
@@ -182,3 +184,39 @@ def test_outside_call_setup_time(pbx_factory: DaemonFactory, handset_factory: Ha
     print(f"\noutside call setup (provider INVITE at the box -> 3 devices ringing), {len(ms)} calls: "
           f"p50 {p50:.1f} ms, p99 {p99:.1f} ms")
     assert p50 < 500
+
+
+def test_provider_over_tcp_registers_calls_in_and_out_on_its_connection(
+        pbx_factory: DaemonFactory, handset_factory: HandsetFactory, provider: Kamailio) -> None:
+    """`transport = "tcp"`: the box connects to the provider and registers over that
+    connection (Contact ;transport=tcp); the provider's call to the DID comes back over it
+    and rings the family; a call out goes over it too; CRLF pings keep it up, and the box
+    does not reap it however quiet it is (the idle timeout is 1 s here)."""
+    pbx, (phone,), outside = family(pbx_factory, handset_factory, provider, devices=1,
+                                    trunk_extra='transport = "tcp"\nkeepalive_interval = 1\n',
+                                    server_extra="tcp_idle_timeout = 1\n")
+    assert "proto=tcp" in provider.log() and "proto=udp contact=<sip:" + DID not in provider.log()
+    (contact,) = [c for c in provider.contacts() if c.startswith(f"sip:{DID}@")]
+    assert contact.endswith(";transport=tcp") and contact.startswith(f"sip:{DID}@127.0.0.1:"), contact
+    pbx.wait_log(r"event=tcp_connected peer=127\.0\.0\.2:")
+
+    call = dial_did(outside, provider)
+    rung = str(phone.wait_incoming(timeout=5)["call"])
+    pbx.wait_log(rf"event=trunk_call number={OUTSIDE} did={DID} trunk=provider")
+    phone.answer(rung, 200)
+    outside.wait_state(call, "CONFIRMED")
+    phone.wait_state(rung, "CONFIRMED")
+    time.sleep(3.0)  # no SIP for a while, only pings: the connection, the call and the registration stay
+    outside.hangup(call)
+    phone.wait_state(rung, "DISCONNECTED")
+
+    out = phone.call(f"sip:0{OUTSIDE}@home.arpa")
+    incoming = str(outside.wait_incoming(timeout=5)["call"])
+    assert f"PROVIDER INVITE from {DID} to {OUTSIDE} proto=tcp" in provider.log()
+    outside.answer(incoming, 200)
+    phone.wait_state(out, "CONFIRMED")
+    phone.hangup(out)
+    outside.wait_state(incoming, "DISCONNECTED")
+    assert provider.count("OPTIONS") == 0  # the keep-alives were CRLF pings on the connection
+    assert [c for c in provider.contacts() if c.startswith(f"sip:{DID}@")] == [contact]  # one connection
+    assert not pbx.log_matches("event=trunk_connection_lost")

@@ -97,6 +97,12 @@ def test_call_out_answered_with_the_trunks_credentials_audio_both_ways(
     heard_family = str(phone.stop_media(call)["path"])
     assert tones.tone_level_db(heard_outside, 1000) > HEARD  # the outside phone hears the family
     assert tones.tone_level_db(heard_family, 440) > HEARD  # and the family the outside phone
+    # DTMF (RFC 4733) both ways: telephone-event stays in the offer to the provider, and the
+    # worker carries the digits across.
+    phone.dtmf(call, "12#")
+    assert [outside.wait_for("dtmf", call=incoming)["digit"] for _ in range(3)] == ["1", "2", "#"]
+    outside.dtmf(incoming, "9*")
+    assert [phone.wait_for("dtmf", call=call)["digit"] for _ in range(2)] == ["9", "*"]
 
     # The call stays up past the provider's retransmission window (its ACK arrived with the
     # CSeq it expects), and the family's BYE reaches the outside phone.

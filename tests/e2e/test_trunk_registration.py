@@ -86,6 +86,26 @@ def test_provider_restart_recovered_by_itself(pbx_factory: DaemonFactory, provid
     wait_status(daemon, "registered", 2.0)
 
 
+def test_over_tcp_the_connection_lost_is_reopened_on_the_backoff(pbx_factory: DaemonFactory,
+                                                                 provider: Kamailio) -> None:
+    """`transport = "tcp"`: the provider's restart closes the box's connection; the line shows
+    failing at once (no keep-alive timeout to wait for) and a new connection registers again."""
+    daemon = start_box(pbx_factory, provider, transport='"tcp"')
+    provider.wait_contact(5.0)
+    (contact,) = provider.contacts()
+    assert contact.endswith(";transport=tcp"), contact
+    provider.stop()
+    state = wait_status(daemon, "failing", 2.0)
+    assert state["reason"] == "connection to the provider lost"
+    daemon.wait_log(r"event=trunk_connection_lost trunk=provider server=127\.0\.0\.2:\d+")
+    provider.start()
+    recovery = provider.wait_contact(15.0)
+    print(f"\nTCP registration recovery after the provider returned: {recovery:.2f} s")
+    assert recovery < 11.0  # the first retry 2.5-5 s after the loss, or the second 5-10 s later
+    wait_status(daemon, "registered", 2.0)
+    assert provider.contacts()[0].endswith(";transport=tcp")
+
+
 def test_wrong_password_is_shown_and_not_hammered(pbx_factory: DaemonFactory, provider: Kamailio) -> None:
     daemon = start_box(pbx_factory, provider, password="wrong")
     state = wait_status(daemon, "rejected", 5.0)

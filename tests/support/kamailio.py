@@ -1,7 +1,7 @@
 """Kamailio (Debian's `kamailio`) as a telephone provider nobody here wrote, for the tests.
 
 A registrar with digest auth (db_text subscriber table, plain passwords) on a loopback
-address of its own (127.0.0.2) and a free port; state, database, control socket and log
+address of its own (127.0.0.2) and a free port, over UDP and TCP alike; state, database, control socket and log
 in a private directory. Every REGISTER and OPTIONS it receives is logged by xlog, so a
 test can count them; `contacts()` asks it (`kamcmd ul.dump`) what is registered. It is
 also the provider's proxy: an INVITE from one of its own users (digest, 407) goes to
@@ -53,7 +53,7 @@ request_route {{
         exit;
     }}
     if (is_method("REGISTER")) {{
-        xlog("L_NOTICE", "PROVIDER REGISTER from $si:$sp contact=$ct\\n");
+        xlog("L_NOTICE", "PROVIDER REGISTER from $si:$sp proto=$pr contact=$ct\\n");
         if (!auth_check("$td", "subscriber", "1")) {{
             auth_challenge("$td", "1");
             exit;
@@ -92,7 +92,7 @@ request_route {{
             exit;
         }}
         consume_credentials();
-        xlog("L_NOTICE", "PROVIDER INVITE from $fU to $rU\n");
+        xlog("L_NOTICE", "PROVIDER INVITE from $fU to $rU proto=$pr\n");
         record_route();
         if (!lookup("location")) {{
             sl_send_reply("404", "Not Found");
@@ -107,9 +107,18 @@ request_route {{
 
 
 def free_udp_port(host: str = HOST) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A port free for both UDP and TCP on `host` (the provider listens on both)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+                try:
+                    t.bind((host, port))
+                except OSError:
+                    continue
+                return port
+    raise OSError(f"no port free for both UDP and TCP on {host}")
 
 
 def available() -> bool:
@@ -151,6 +160,7 @@ class Kamailio:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             ["kamailio", "-DD", "-E", "-f", str(self.cfg), "-l", f"udp:{HOST}:{self.port}",
+             "-l", f"tcp:{HOST}:{self.port}",
              "-Y", str(self.dir / "run"), "-w", str(self.dir / "run"), "-m", "32", "-M", "8"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()

@@ -11,6 +11,7 @@ from appliance.sip.headers import parse_via
 from appliance.sip.message import Request, Response, make_response, parse_message
 from appliance.sip.trunk_registration import (
     KEEPALIVE_TIMEOUT,
+    PING,
     REGISTER_TIMEOUT,
     AddressLearned,
     Resolve,
@@ -285,6 +286,31 @@ def test_keepalive_cadence_and_lost_provider() -> None:
     rereg = one_request(actions)  # registering again at once
     # The provider is back: its answer to a retransmission registers us again.
     assert m.on_response(answer(rereg, 200), now + 2) == [StatusChanged(Status.REGISTERED, "")]
+
+
+def test_over_tcp_contact_says_so_pings_keep_it_and_a_lost_connection_backs_off() -> None:
+    m = machine(keepalive_interval=25)
+    m.start(0.0)
+    tcp = Target("tcp", PROVIDER.host, PROVIDER.port)
+    first = one_request(m.resolved([(tcp, LOCAL)], 0.0))
+    assert (first.get("Via") or "").startswith("SIP/2.0/TCP 192.168.1.2:5060;")
+    assert (first.get("Contact") or "").startswith("<sip:4930123456@192.168.1.2:5060;transport=tcp>")
+    assert m.on_response(answer(first, 200), 0.0) == [StatusChanged(Status.REGISTERED, "")]
+    # The keep-alive is a CRLF ping on the connection: nothing awaited, nothing to time out.
+    assert m.on_timer(25.0) == [Send(PING, tcp)]
+    assert m.next_deadline() == 50.0
+    # The edge says the connection closed: failing, retried on the backoff (rand=1: the full delay).
+    assert m.connection_lost("connection to the provider lost", 30.0) == [
+        StatusChanged(Status.FAILING, "connection to the provider lost")]
+    assert m.next_deadline() == 30.0 + retry_delay(1, 1.0)
+    # As after a timeout on the last address: looked up again, then a new REGISTER (a new connection).
+    assert m.on_timer(30.0 + retry_delay(1, 1.0)) == [Resolve()]
+    again = one_request(m.resolved([(tcp, LOCAL)], 36.0))
+    assert m.on_response(answer(again, 200), 40.0) == [StatusChanged(Status.REGISTERED, "")]
+    # Over UDP there is no connection to lose.
+    udp = machine()
+    register(udp)
+    assert udp.connection_lost("x", 1.0) == [] and udp.status is Status.REGISTERED
 
 
 def test_dns_failure_is_retried_with_backoff() -> None:
