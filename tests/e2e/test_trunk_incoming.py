@@ -16,7 +16,7 @@ from appliance.simulator import tones
 from appliance.simulator.handset import Handset
 from tests.e2e.conftest import DaemonFactory
 from tests.support.control import ControlConn, control_block
-from tests.support.kamailio import HOST, Kamailio, available
+from tests.support.kamailio import DID, HOST, OUTSIDE, OUTSIDE_PASSWORD, PASSWORD, Kamailio, available
 from tests.support.pbx import Daemon, user_block
 from tests.support.rawsip import RawClient
 
@@ -24,10 +24,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180),
               pytest.mark.skipif(not available(), reason="Debian's kamailio package is not installed")]
 
 HandsetFactory = Callable[..., Handset]
-DID = "4930123456"
-PASSWORD = "provider-pw"
-OUTSIDE = "4930999999"
-OUTSIDE_PASSWORD = "outside-pw"
 COMPLETED_ELSEWHERE = 'SIP;cause=200;text="Call completed elsewhere"'
 HEARD = -8.0
 SDP = (b"v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"

@@ -15,17 +15,13 @@ from appliance.simulator import tones
 from appliance.simulator.handset import Handset
 from tests.e2e.conftest import DaemonFactory
 from tests.support.control import ControlConn, control_block
-from tests.support.kamailio import Kamailio, available
+from tests.support.kamailio import DID, OUTSIDE, OUTSIDE_PASSWORD, PASSWORD, Kamailio, available
 from tests.support.pbx import Daemon, user_block
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180),
               pytest.mark.skipif(not available(), reason="Debian's kamailio package is not installed")]
 
 HandsetFactory = Callable[..., Handset]
-DID = "4930123456"
-PASSWORD = "provider-pw"
-OUTSIDE = "4930999999"
-OUTSIDE_PASSWORD = "outside-pw"
 EMERGENCY = "112"
 HEARD = -8.0
 

@@ -15,10 +15,11 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
+
+from appliance.ports import free_port
 
 HOST = "127.0.0.2"
 MODULES = ("kex", "corex", "tm", "sl", "pv", "maxfwd", "usrloc", "registrar", "textops", "siputils", "xlog",
@@ -106,19 +107,12 @@ request_route {{
 """
 
 
-def free_udp_port(host: str = HOST) -> int:
-    """A port free for both UDP and TCP on `host` (the provider listens on both)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.bind((host, 0))
-            port = int(s.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-                try:
-                    t.bind((host, port))
-                except OSError:
-                    continue
-                return port
-    raise OSError(f"no port free for both UDP and TCP on {host}")
+DID = "4930123456"
+"""The family's account at the provider (its number and user name), in the trunk tests."""
+PASSWORD = "provider-pw"
+OUTSIDE = "4930999999"
+"""An outside phone, registered at the provider."""
+OUTSIDE_PASSWORD = "outside-pw"
 
 
 def available() -> bool:
@@ -133,7 +127,7 @@ class Kamailio:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.users = users
-        self.port = port or free_udp_port()
+        self.port = port or free_port(HOST)
         self.algorithm = algorithm
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.dir / "kamailio.log"
