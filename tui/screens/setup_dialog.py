@@ -99,8 +99,9 @@ class SetupDialog(ModalScreen[None]):
             yield Label("In the handset's SIP account settings, type:")
             yield Static(grid, id="settings")
             yield Static(Text.assemble(
-                "Right password, yet it never registers? Some old handsets need ",
-                (MD5_HINT, "bold"), " under [server] in config.toml, then r to reload."), id="md5")
+                "Right password, yet it never registers? An old handset that gives up on the SHA-256 "
+                "login is offered MD5 on its next try (the line above the keys says so); if it still "
+                "fails, set ", (MD5_HINT, "bold"), " under [server] in config.toml, then r."), id="md5")
             yield Label("p shows the password · Esc closes", classes="hint")
 
     def action_close(self) -> None:
