@@ -73,13 +73,16 @@ def test_audio_flows_both_ways(tmp_path: Path) -> None:
         assert a.wait_state(call_a, "DISCONNECTED")["last_status"] == 200
         assert b.wait_state(call_b, "DISCONNECTED")["end_request"] == "BYE"
 
-    # B hears A's 440 Hz, not its own 1000 Hz; A the other way round.
+    # B hears A's 440 Hz, not its own 1000 Hz; A the other way round. "Heard" is -8 dB, as in
+    # every call test: the two handsets' bridges run on two clocks, and a single 10-ms frame
+    # slip between them (about one run in twenty on a loaded box) costs a 2-s Goertzel up to
+    # ~5 dB of coherent power although the tone is plainly there (a CI run measured -5.2).
     heard_by_b = tones.load_wav(str(rec_b["path"]))
     heard_by_a = tones.load_wav(str(rec_a["path"]))
     assert heard_by_b.duration > 1.2
-    assert tones.tone_level_db(heard_by_b, 440) > -3
+    assert tones.tone_level_db(heard_by_b, 440) > -8
     assert tones.tone_level_db(heard_by_b, 1000) < -30
-    assert tones.tone_level_db(heard_by_a, 1000) > -3
+    assert tones.tone_level_db(heard_by_a, 1000) > -8
     assert tones.tone_level_db(heard_by_a, 440) < -30
     assert [f for f, _ in tones.dominant_tones(heard_by_b)] == [440.0]
     for phone in (a, b):
