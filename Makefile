@@ -7,10 +7,11 @@ STAMP := $(VENV)/.installed
 CONFIG ?= config.toml
 # Debian packages the PBX and its tests need (python3-venv for the venv, python3-dev and gcc
 # for the modules mypyc compiles, sip-tester (SIPp), baresip-core, linphone-cli, sipsak and kamailio (a stand-in provider), SIP software
-# we did not write, tmux for the terminal test of the TUI, procps for process checks; systemd, shellcheck,
+# we did not write, iproute2 (the box's addresses, network namespaces for the LAN audio test), tmux for the
+# terminal test of the TUI, procps for process checks; systemd, shellcheck,
 # dosfstools, mtools, fdisk and e2fsprogs for the checks of the systemd units and of the disk image recipe;
 # mmdebstrap, qemu, OVMF, sshpass and ssh to build the disk image and boot it in the test).
-DEB_PACKAGES := python3 python3-venv python3-dev gcc sip-tester baresip-core linphone-cli sipsak kamailio tmux procps systemd shellcheck dosfstools mtools fdisk e2fsprogs \
+DEB_PACKAGES := python3 python3-venv python3-dev gcc sip-tester baresip-core linphone-cli sipsak kamailio iproute2 tmux procps systemd shellcheck dosfstools mtools fdisk e2fsprogs \
 	mmdebstrap qemu-system-x86 qemu-utils ovmf sshpass openssh-client
 
 # HOMEPBX_NATIVE=0 (environment or command line): plain Python, nothing compiled.
