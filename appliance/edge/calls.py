@@ -92,6 +92,10 @@ class Dialog:
     answer: Response | None = None
     answered_by: str | None = None
     ended: bool = False
+    joined: int = 0
+    """On a call's first dialog: devices that joined it (`*74`) and are talking now."""
+    counted_as_joined: bool = False
+    """On a JOIN dialog: it is counted in its call's `joined`."""
     caller_tag: str = field(init=False)
     """The From tag of the INVITE: which way an in-dialog request goes (read once, not per request)."""
 
@@ -403,12 +407,20 @@ class CallRouter:
         """Binding ids of `number`'s devices that can be rung now."""
         return [b.id for b in self.bindings.bindings(number) if b.reachable and self.network.flow_open(b.flow)]
 
+    def _count_join(self, join: Dialog, step: int) -> None:
+        """Keep the call's count of joined devices (kept, not counted over every dialog on
+        each new INVITE: finished dialogs linger 32 s, thousands of them under load)."""
+        if join.counted_as_joined == (step > 0):
+            return
+        join.counted_as_joined = step > 0
+        first = self._calls.get(join.token)
+        if first is not None:
+            first.joined += step
+
     def _progress_of(self, first: Dialog) -> CallInProgress:
-        parties = 2 + sum(1 for d in self._dialogs.values()
-                          if d.role is Role.JOIN and d.token == first.token and d.answer and not d.ended)
         return CallInProgress(first.token, first.caller, first.callee, first.caller_device,
-                              first.answer is not None and not first.ended, first.worker_port, parties, first.trunk,
-                              first.outgoing_trunk)
+                              first.answer is not None and not first.ended, first.worker_port, 2 + first.joined,
+                              first.trunk, first.outgoing_trunk)
 
     def _in_progress(self) -> list[CallInProgress]:
         return [self._progress_of(d) for d in self._calls.values() if d.role is Role.A and not d.ended]
@@ -547,6 +559,8 @@ class CallRouter:
                 dialog.callee_flow = fork.answered.target.dest
                 dialog.answer = fork.answered.answer
                 dialog.cseq_delta = fork.answered.tx.request.cseq[0] - dialog.invite.cseq[0]
+            if dialog.role is Role.JOIN and dialog.answer is not None:
+                self._count_join(dialog, +1)
             if shows_devices:
                 dialog.answered_by = event.binding_id
                 live.call_answered(dialog.token, event.binding_id or None)
@@ -599,6 +613,7 @@ class CallRouter:
                 self.live.call_left(dialog.token, dialog.answered_by)  # the others talk on
             return
         if dialog.role is Role.JOIN:
+            self._count_join(dialog, -1)
             if dialog.answer is not None and dialog.caller_device:
                 self.live.call_left(dialog.token, dialog.caller_device)
                 log.info("event=call_left %s", fields(call=dialog.token, device=dialog.caller_device))
