@@ -56,6 +56,8 @@ bench: venv
 	$(BIN)/python bench/tui.py
 	$(BIN)/python bench/fuzz.py --seconds 60
 	$(BIN)/python bench/soak.py --minutes 2
+	$(BIN)/python bench/tcp_attack.py
+	$(BIN)/python bench/crash.py
 
 # The appliance's disk image, build/image/homepbx-<version>-amd64.img (as root; image/README.md).
 .PHONY: image
