@@ -58,6 +58,7 @@ bench: venv
 	$(BIN)/python bench/soak.py --minutes 2
 	$(BIN)/python bench/tcp_attack.py
 	$(BIN)/python bench/crash.py
+	$(BIN)/python bench/trunk.py
 
 # The appliance's disk image, build/image/homepbx-<version>-amd64.img (as root; image/README.md).
 .PHONY: image
