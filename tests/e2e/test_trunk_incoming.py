@@ -15,6 +15,7 @@ import pytest
 from appliance.simulator import tones
 from appliance.simulator.handset import Handset
 from tests.e2e.conftest import DaemonFactory
+from tests.support.baresip import Baresip
 from tests.support.control import ControlConn, control_block
 from tests.support.kamailio import DID, HOST, OUTSIDE, OUTSIDE_PASSWORD, PASSWORD, Kamailio, available
 from tests.support.pbx import Daemon, user_block
@@ -216,3 +217,30 @@ def test_provider_over_tcp_registers_calls_in_and_out_on_its_connection(
     assert provider.count("OPTIONS") == 0  # the keep-alives were CRLF pings on the connection
     assert [c for c in provider.contacts() if c.startswith(f"sip:{DID}@")] == [contact]  # one connection
     assert not pbx.log_matches("event=trunk_connection_lost")
+
+
+def test_baresip_at_the_provider_calls_the_family_and_is_heard(
+        pbx_factory: DaemonFactory, handset_factory: HandsetFactory, provider: Kamailio,
+        baresip: Callable[..., Baresip], tmp_path: Path) -> None:
+    """The outside phone is software nobody here wrote: baresip registered at Kamailio dials
+    the family's number; 200's handsets ring, one answers, each side hears the other."""
+    pbx, phones, _ = family(pbx_factory, handset_factory, provider, devices=2)
+    outside = baresip(tmp_path / "outside", pbx, OUTSIDE, OUTSIDE_PASSWORD, 440, "45000-45999",
+                      registrar=provider.server)
+    outside.wait_for("registered successfully")
+    outside.command(f"d sip:{DID}@{provider.server}")
+    incoming = [str(p.wait_incoming(timeout=10)["call"]) for p in phones]
+    phones[0].answer(incoming[0], 200)
+    outside.wait_for("Call established")
+    assert phones[1].wait_state(incoming[1], "DISCONNECTED")["reason_header"] == COMPLETED_ELSEWHERE
+    phones[0].wait_for("media", call=incoming[0], status="active")
+    phones[0].play_tone(incoming[0], 1000)
+    phones[0].record(incoming[0], tmp_path / "family.wav")
+    time.sleep(2.0)
+    heard = str(phones[0].stop_media(incoming[0])["path"])
+    outside.command("b")  # hang up
+    phones[0].wait_state(incoming[0], "DISCONNECTED")
+    outside.stop()
+    assert tones.tone_level_db(heard, 440) > HEARD  # the family hears the outside caller
+    assert tones.tone_level_db(outside.heard(), 1000) > HEARD  # and the outside caller the family
+    pbx.wait_log(rf"event=trunk_call number={OUTSIDE} did={DID} trunk=provider")

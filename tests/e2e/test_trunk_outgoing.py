@@ -14,6 +14,7 @@ import pytest
 from appliance.simulator import tones
 from appliance.simulator.handset import Handset
 from tests.e2e.conftest import DaemonFactory
+from tests.support.baresip import Baresip
 from tests.support.control import ControlConn, control_block
 from tests.support.kamailio import DID, OUTSIDE, OUTSIDE_PASSWORD, PASSWORD, Kamailio, available
 from tests.support.pbx import Daemon, user_block
@@ -147,3 +148,27 @@ def test_max_channels_503_and_emergency_numbers_go_out_at_every_limit(
     b0.hangup(first)
     outside.wait_state(incoming, "DISCONNECTED")
     assert provider.count("INVITE") == 3
+
+
+def test_call_out_to_baresip_at_the_provider_both_hear_the_other(
+        pbx_factory: DaemonFactory, handset_factory: HandsetFactory, provider: Kamailio,
+        baresip: Callable[..., Baresip], tmp_path: Path) -> None:
+    """The outside phone is software nobody here wrote: baresip at Kamailio, answering by itself."""
+    pbx, (phone,) = family(pbx_factory, handset_factory, provider)
+    outside = baresip(tmp_path / "outside", pbx, OUTSIDE, OUTSIDE_PASSWORD, 440, "46000-46999",
+                      auto_answer=True, registrar=provider.server)
+    outside.wait_for("registered successfully")
+    call = phone.call(f"sip:0{OUTSIDE}@home.arpa")
+    phone.wait_state(call, "CONFIRMED")
+    outside.wait_for("Call established")
+    phone.wait_for("media", call=call, status="active")
+    phone.play_tone(call, 1000)
+    phone.record(call, tmp_path / "family.wav")
+    time.sleep(2.0)
+    heard = str(phone.stop_media(call)["path"])
+    phone.hangup(call)
+    outside.wait_for("terminated")
+    outside.stop()
+    assert tones.tone_level_db(heard, 440) > HEARD  # the family hears the outside phone
+    assert tones.tone_level_db(outside.heard(), 1000) > HEARD  # and the outside phone the family
+    pbx.wait_log(rf"event=call_out call=\S+ caller=200 number={OUTSIDE} trunk=provider")

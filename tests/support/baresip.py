@@ -28,7 +28,8 @@ class Baresip(ConsoleProcess):
 
     def __init__(self, workdir: Path, pbx: Daemon, number: str, password: str, tone_hz: int,
                  rtp_ports: str, *, auto_answer: bool = False, transport: str = "udp",
-                 codec: str | None = None) -> None:
+                 codec: str | None = None, registrar: str | None = None) -> None:
+        """`registrar` (host:port): register there instead of at `pbx` (an outside phone at the provider)."""
         if not shutil.which("baresip"):
             pytest.skip("baresip is not installed (`make test` installs Debian's baresip-core)")
         self.dumps = workdir / "dump"
@@ -49,7 +50,8 @@ class Baresip(ConsoleProcess):
         codecs = f";audio_codecs={codec}" if codec else ""
         answer = ";answermode=auto" if auto_answer else ""
         (workdir / "accounts").write_text(
-            f"<sip:{number}@127.0.0.1:{pbx.port}{params}>;auth_pass={password};regint=300{codecs}{answer}\n"
+            f"<sip:{number}@{registrar or f'127.0.0.1:{pbx.port}'}{params}>;auth_pass={password};regint=300"
+            f"{codecs}{answer}\n"
         )
         super().__init__(["baresip", "-f", str(workdir)])
 
