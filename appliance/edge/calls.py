@@ -557,7 +557,7 @@ class CallRouter:
             fork = dialog.fork
             if fork is not None and fork.answered is not None:
                 dialog.callee_flow = fork.answered.target.dest
-                dialog.answer = fork.answered.answer
+                dialog.answer = fork.take_answer()
                 dialog.cseq_delta = fork.answered.tx.request.cseq[0] - dialog.invite.cseq[0]
             if dialog.role is Role.JOIN and dialog.answer is not None:
                 self._count_join(dialog, +1)
@@ -605,6 +605,9 @@ class CallRouter:
         if dialog.ended:
             return
         dialog.ended = True
+        dialog.invite = dialog.invite.skeleton()  # lingers with what a late BYE needs, not its SDP
+        if dialog.answer is not None:
+            dialog.answer = dialog.answer.skeleton()
         # Keep the dialog a while (64*T1) so a retransmitted BYE still finds its way.
         self.timers.call_later(DIALOG_LINGER, lambda _now: self._forget_dialog(dialog))
         if dialog.role is Role.B:

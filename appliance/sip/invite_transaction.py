@@ -88,6 +88,7 @@ class InviteClient(Generic[Dest]):
     def on_response(self, response: Response, now: float) -> list[Action[Dest]]:
         status = response.status
         if self.state in (State.CALLING, State.PROCEEDING):
+            self.data = b""  # never retransmitted once answered (§17.1.1.2): not kept while it rings
             if status < 200:
                 self.state = State.PROCEEDING
                 self._retransmit_at = None
@@ -165,6 +166,7 @@ class InviteServer(Generic[Dest]):
         if 200 <= status < 300:
             self.state = State.ACCEPTED
             self._deadline = now + TIMER_L
+            self.last_response = None  # Accepted answers no retransmission (RFC 6026): not kept 32 s
         elif status >= 300:
             self.state = State.COMPLETED
             self._deadline = now + TIMER_H

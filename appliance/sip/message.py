@@ -71,6 +71,11 @@ def canonical_name(name: str) -> str:
     return "-".join(part.capitalize() for part in lower.split("-"))
 
 
+DIALOG_HEADERS = frozenset({"Via", "From", "To", "Call-ID", "CSeq", "Contact", "Route"})
+"""What a finished transaction or dialog still needs of its request or answer: to answer a
+retransmission, ACK or CANCEL a branch, BYE a party (never the body, SDP or credentials)."""
+
+
 class Message:
     """Headers and body shared by requests and responses."""
 
@@ -140,6 +145,10 @@ class Message:
     def cseq(self) -> tuple[int, str]:
         return parse_cseq(self.get("CSeq") or "")
 
+    def dialog_headers(self) -> list[tuple[str, str]]:
+        """Only the `DIALOG_HEADERS`, for a `skeleton`."""
+        return [header for header in self.headers if header[0] in DIALOG_HEADERS]  # the same tuples, not copies
+
     def start_line(self) -> str:
         raise NotImplementedError
 
@@ -165,6 +174,11 @@ class Request(Message):
     def start_line(self) -> str:
         return f"{self.method} {self.uri} SIP/2.0"
 
+    def skeleton(self) -> Request:
+        """What the edge keeps of a finished request for the 32 s its call lingers: the
+        dialog headers, no body, so a burst of calls does not hold whole INVITEs."""
+        return Request(self.method, self.uri, self.dialog_headers())
+
     def __repr__(self) -> str:
         return f"<Request {self.method} {self.uri}>"
 
@@ -181,6 +195,10 @@ class Response(Message):
 
     def start_line(self) -> str:
         return f"SIP/2.0 {self.status} {self.reason}"
+
+    def skeleton(self) -> Response:
+        """The dialog headers of a finished answer (its To tag and Contact), no body."""
+        return Response(self.status, self.reason, self.dialog_headers())
 
     def __repr__(self) -> str:
         return f"<Response {self.status} {self.reason}>"

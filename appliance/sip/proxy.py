@@ -206,6 +206,7 @@ class Fork(Generic[Dest]):
                 actions.append(ForkEvent("answered", binding))
                 actions += self._up(self.server.respond(self._relayed(branch, response), now))
                 actions += self._cancel_others(branch, ANSWERED_ELSEWHERE, now)
+                self._slim()
             elif self.answered is branch:
                 actions += self._up(self.server.respond(self._relayed(branch, response), now))  # 2xx again
             elif branch.state is not BranchState.ANSWERED:
@@ -321,6 +322,14 @@ class Fork(Generic[Dest]):
             self._responses.append(make_response(self.request, 408, "Request Timeout"))
         return actions + self._maybe_finish(now)
 
+    def take_answer(self) -> Response | None:
+        """The 2xx that won, handed over once: the fork itself never needs it again."""
+        branch = self.answered
+        if branch is None:
+            return None
+        answer, branch.answer = branch.answer, None
+        return answer
+
     @property
     def done(self) -> bool:
         """Nothing left to do: final sent and every transaction has ended."""
@@ -352,7 +361,19 @@ class Fork(Generic[Dest]):
     def _final(self, response: Response, now: float) -> list[ForkAction[Dest]]:
         self.final_sent = True
         self.ring_deadline = None
-        return [ForkEvent("failed", status=response.status), *self._up(self.server.respond(response, now))]
+        actions = [ForkEvent("failed", status=response.status), *self._up(self.server.respond(response, now))]
+        self._slim()
+        return actions
+
+    def _slim(self) -> None:
+        """The final is sent: keep only what the rest needs for the 32 s the transactions
+        linger (answer retransmissions, ACK or CANCEL a branch, BYE a late 2xx), not each
+        branch's whole INVITE and every failure response: a burst of calls stays small."""
+        self.request = self.request.skeleton()
+        self._responses.clear()
+        for branch in self.branches.values():
+            branch.tx.request = branch.tx.request.skeleton()
+            branch.final = None
 
     def _cancel_others(self, keep: Branch[Dest] | None, reason: str | None, now: float) -> list[ForkAction[Dest]]:
         actions: list[ForkAction[Dest]] = []

@@ -710,3 +710,27 @@ def test_without_relay_body_bodies_pass_untouched() -> None:
     h = Harness(n=1)
     (invite,) = sent_to(h.start_actions, "dev1")
     assert invite.body == SDP
+
+
+def test_an_answered_fork_keeps_no_body_nor_whole_requests_while_it_lingers() -> None:
+    """A burst of calls must not hold every INVITE and SDP for the 32 s a fork lingers."""
+    h = Harness(3)
+    assert h.request.body and h.fork.request.body
+    h.ring_all()
+    h.reply("dev2", 200, now=T0 + 3)
+    assert h.fork.request.body == b"" and h.fork.request.get("Content-Type") is None
+    assert h.fork.request.get_all("Via") == [CALLER_VIA]  # still answers a retransmission
+    for branch in h.fork.branches.values():
+        assert branch.tx.request.body == b"" and branch.tx.data == b""
+    answer = h.fork.take_answer()
+    assert answer is not None and answer.status == 200 and h.fork.take_answer() is None
+
+
+def test_a_branch_cancelled_before_it_rang_gets_its_cancel_from_what_the_fork_kept() -> None:
+    h = Harness(2)
+    h.reply("dev1", 180)
+    h.reply("dev1", 200, now=T0 + 1)  # dev2 has not rung yet: its CANCEL waits (§9.1)
+    [cancel] = requests(h.reply("dev2", 180, now=T0 + 1.1), "CANCEL", "dev2")
+    invite_via = h.branch("dev2")[1].tx.request.get("Via")
+    assert cancel.get_all("Via") == [invite_via] and cancel.get("CSeq") == "2 CANCEL"
+    assert cancel.get("Reason") == ANSWERED_ELSEWHERE
