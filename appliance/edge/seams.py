@@ -46,8 +46,8 @@ class Bindings(Protocol):
     def bindings(self, number: str) -> list[Binding]: ...
 
 
-class DeviceLookup(Protocol):
-    """A binding by its id (whose number a device is), read-only."""
+class DeviceLookup(Bindings, Protocol):
+    """The registrar's bindings by number and by id (whose number a device is), read-only."""
 
     def get(self, binding_id: str) -> Binding | None: ...
 

@@ -59,6 +59,7 @@ log = logging.getLogger("homepbx.subscriptions")
 MAX_PER_DEVICE = 100
 """A handset with an expansion module has up to ~100 BLF keys."""
 MAX_TOTAL = 2000
+ON_THE_PHONE = "On the phone"
 
 Mailbox = Callable[[str], tuple[int, int]]
 """A number -> (new, old) voice messages: the answering machine's hook."""
@@ -226,8 +227,8 @@ class Subscriptions:
             return MESSAGE_SUMMARY, message_summary(entity, waiting=new > 0, new=new, old=old)
         views = self._views(sub.resource)
         if sub.event == "presence":
-            note, basic_open = self._presence(views)
-            body = pidf(entity, basic_open, note)
+            note, basic_open = self._presence(sub.resource, views)
+            body = pidf(entity, basic_open, note, on_the_phone=note == ON_THE_PHONE)
             if only_if_changed and body == sub.last_body:
                 return PIDF, None
             return PIDF, body
@@ -239,12 +240,16 @@ class Subscriptions:
         self._shown[sub] = current
         return DIALOG_INFO, dialog_info(entity, sub.next_version(), [*views, *gone])
 
-    @staticmethod
-    def _presence(views: list[DialogView]) -> tuple[str, bool]:
+    def _presence(self, number: str, views: list[DialogView]) -> tuple[str, bool]:
+        """(note, open): in a call, ringing, idle; closed while no device of the number is
+        registered (read whenever a NOTIFY goes out: at the subscription, its refresh and
+        each call change)."""
         if any(v.state == "confirmed" for v in views):
-            return "On the phone", False
+            return ON_THE_PHONE, True
         if any(v.state == "early" for v in views):
             return "Ringing", True
+        if not self.devices.bindings(number):
+            return "Offline", False
         return "Available", True
 
     def _views(self, number: str) -> list[DialogView]:

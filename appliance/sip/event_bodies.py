@@ -4,7 +4,8 @@
   lamp (BLF) key shows. Each dialog carries its call-id and tags, so a handset can pick a
   ringing call up with `Replaces: <call-id>;to-tag=<local-tag>;from-tag=<remote-tag>;early-only`
   (RFC 3891); the box reads the call-id back (`edge.calls`).
-- `application/pidf+xml` (RFC 3863, for presence RFC 3856): open or closed, with a note.
+- `application/pidf+xml` (RFC 3863, for presence RFC 3856): open or closed, with a note
+  and the RPID `on-the-phone` activity (RFC 4480) during a call.
 - `application/simple-message-summary` (RFC 3842) for `message-summary`.
 """
 
@@ -68,18 +69,22 @@ def dialog_info(entity: str, version: int, dialogs: list[DialogView], *, full: b
     return "".join(parts).encode()
 
 
-def pidf(entity: str, basic_open: bool, note: str = "") -> bytes:
-    """A presence document (RFC 3863) with one tuple: `open`/`closed` and a note."""
+def pidf(entity: str, basic_open: bool, note: str = "", *, on_the_phone: bool = False) -> bytes:
+    """A presence document (RFC 3863) with one tuple: `open`/`closed` and a note; with
+    `on_the_phone`, the RPID activity (RFC 4480) too, which softphones show as busy."""
     status = "open" if basic_open else "closed"
-    note_xml = f"    <note>{_text(note)}</note>\n" if note else ""
+    note_xml = f"<note>{_text(note)}</note>" if note else ""
+    person = ""
+    if on_the_phone or note:
+        activity = "<rpid:activities><rpid:on-the-phone/></rpid:activities>" if on_the_phone else ""
+        dm_note = f"<dm:note>{_text(note)}</dm:note>" if note else ""
+        person = f'  <dm:person id="p1">{activity}{dm_note}</dm:person>\n'
     return (
         '<?xml version="1.0" encoding="UTF-8"?>\n'
-        f'<presence xmlns="urn:ietf:params:xml:ns:pidf" entity={quoteattr(entity)}>\n'
-        '  <tuple id="t1">\n'
-        f"    <status><basic>{status}</basic></status>\n"
-        f"{note_xml}"
-        "  </tuple>\n"
-        f"{note_xml.replace('    ', '  ', 1)}"
+        '<presence xmlns="urn:ietf:params:xml:ns:pidf" xmlns:dm="urn:ietf:params:xml:ns:pidf:data-model" '
+        f'xmlns:rpid="urn:ietf:params:xml:ns:pidf:rpid" entity={quoteattr(entity)}>\n'
+        f'  <tuple id="t1"><status><basic>{status}</basic></status>{note_xml}</tuple>\n'
+        f"{person}"
         "</presence>\n"
     ).encode()
 

@@ -9,6 +9,7 @@ import re
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,7 @@ from appliance.simulator.handset import Handset
 from appliance.sip.auth import authorization_value
 from appliance.sip.message import Request, Response, parse_message
 from tests.e2e.conftest import DaemonFactory
+from tests.support.baresip import Baresip
 from tests.support.pbx import Daemon, user_block
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
@@ -224,12 +226,19 @@ def test_presence_says_ringing_then_on_the_phone(pbx_factory: DaemonFactory, han
         assert b"<basic>open</basic>" in ringing.body
         callee.answer(incoming, 200)
         talking = watcher.wait_notify(lambda n: b"On the phone" in n.body)
-        assert b"<basic>closed</basic>" in talking.body
+        assert b"<basic>open</basic>" in talking.body and b"<rpid:on-the-phone/>" in talking.body
         caller.hangup(call)
-        idle = watcher.wait_notify(lambda n: b"<basic>open</basic>" in n.body)
-        assert b"On the phone" not in idle.body
+        idle = watcher.wait_notify(lambda n: b"On the phone" not in n.body)
+        assert b"<basic>open</basic>" in idle.body and b"Ringing" not in idle.body
     finally:
         watcher.close()
+    nobody = Watcher(pbx.port, "300")  # 300 has no registered device: closed
+    try:
+        assert nobody.subscribe("300", "presence").status == 200
+        offline = nobody.wait_notify(lambda n: True)
+        assert b"<basic>closed</basic>" in offline.body
+    finally:
+        nobody.close()
 
 
 def test_message_summary_gets_messages_waiting_no(pbx_factory: DaemonFactory) -> None:
@@ -288,3 +297,25 @@ def test_a_refused_notify_ends_the_subscription(pbx_factory: DaemonFactory, hand
         assert watcher.refresh("200", "dialog", 600).status == 481
     finally:
         watcher.close()
+
+
+
+def test_baresip_presence_watcher_sees_busy_and_back(pbx_factory: DaemonFactory, handset_factory: HandsetFactory,
+                                                     baresip: Callable[..., Baresip], tmp_path: Path) -> None:
+    """Debian's baresip (presence module, a contact with presence=p2p) subscribes to 200
+    and shows it Online, Busy during a call (RPID on-the-phone), Online again."""
+    pbx, caller, callee = house(pbx_factory, handset_factory)
+    phone = baresip(tmp_path / "baresip", pbx, "300", "secret", 1000, "44000-44999", watch=("200",))
+    pbx.wait_log("event=subscribed number=300 resource=200 event=presence", timeout=10)
+    phone.command("/contacts")
+    phone.output.wait_for(r"Online.* 200 <sip:200@", 5.0)
+    start = len(phone.output.lines)
+    call = caller.call("sip:200@home.arpa")
+    incoming = str(callee.wait_incoming()["call"])
+    callee.answer(incoming, 200)
+    caller.wait_state(call, "CONFIRMED")
+    busy = phone.output.wait_for(r"<sip:200@.*changed status from .* to .*Busy", 5.0, start)
+    caller.hangup(call)
+    phone.output.wait_for(r"<sip:200@.*changed status from .*Busy.* to .*Online", 5.0,
+                          phone.output.lines.index(busy))
+    pbx.assert_clean_log()

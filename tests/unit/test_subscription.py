@@ -12,7 +12,8 @@ from appliance.sip.registrar import Flow
 from appliance.sip.subscription import SubscribeRefused, Subscription, event_package, granted_expires
 
 FLOW = Flow("udp", "192.0.2.30", 5062, "127.0.0.1:5060")
-NS = {"d": "urn:ietf:params:xml:ns:dialog-info", "p": "urn:ietf:params:xml:ns:pidf"}
+NS = {"d": "urn:ietf:params:xml:ns:dialog-info", "p": "urn:ietf:params:xml:ns:pidf",
+      "dm": "urn:ietf:params:xml:ns:pidf:data-model", "rpid": "urn:ietf:params:xml:ns:pidf:rpid"}
 
 
 def subscribe(cseq: int = 1, expires: str | None = "600", to_tag: str = "", event: str = "dialog") -> Request:
@@ -103,8 +104,12 @@ def test_dialog_info_document() -> None:
 
 
 def test_pidf_and_message_summary() -> None:
-    root = ET.fromstring(pidf("sip:200@home.arpa", False, "On the phone"))
-    assert root.findtext("p:tuple/p:status/p:basic", namespaces=NS) == "closed"
-    assert root.findtext("p:note", namespaces=NS) == "On the phone"
+    root = ET.fromstring(pidf("sip:200@home.arpa", True, "On the phone", on_the_phone=True))
+    assert root.findtext("p:tuple/p:status/p:basic", namespaces=NS) == "open"
+    assert root.findtext("p:tuple/p:note", namespaces=NS) == "On the phone"
+    assert root.find("dm:person/rpid:activities/rpid:on-the-phone", NS) is not None
+    closed = ET.fromstring(pidf("sip:200@home.arpa", False))
+    assert closed.findtext("p:tuple/p:status/p:basic", namespaces=NS) == "closed"
+    assert closed.find("dm:person", NS) is None
     assert message_summary("sip:100@home.arpa") == b"Messages-Waiting: no\r\nMessage-Account: sip:100@home.arpa\r\n"
     assert b"Voice-Message: 2/1" in message_summary("sip:100@home.arpa", waiting=True, new=2, old=1)
