@@ -214,9 +214,11 @@ class Subscriptions:
         if sub.terminated:
             self._forget(sub)
         data = request.to_bytes()
+        if not self.network.send(data, flow):  # the subscriber's TCP connection is gone
+            self._ended(sub, "flow_closed")
+            return
         key = self.client_tx.start(branch, "NOTIFY", data, flow, flow.transport == "tcp", now)
         self._pending[key] = sub
-        self.network.send(data, flow)
         self.timers.arm(self.client_tx, self._fire)
 
     def _body(self, sub: Subscription, only_if_changed: bool) -> tuple[str, bytes | None]:
