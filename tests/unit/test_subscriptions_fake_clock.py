@@ -152,3 +152,15 @@ def test_subscriptions_are_capped_per_device() -> None:
     assert [m.status for m, _ in sent if isinstance(m, Response)] == [503] and not notifies(sent)
     other = Flow("udp", "192.0.2.31", 5062, "127.0.0.1:5060")
     assert notifies(house.subscribe("300", "c4", flow=other))  # another device has room
+
+
+def test_a_notify_that_cannot_be_sent_ends_the_subscription() -> None:
+    house = House()
+    [first] = notifies(house.subscribe("200", "s5"))
+    house.answer(first, 200)
+    house.network.flow_open = lambda flow: False  # type: ignore[method-assign]  # its TCP connection closed
+    house.lamps.call_started("t1", "100", "200", "d1")
+    house.lamps.device_ringing("t1", "d2")
+    assert len(notifies(house.network.take())) == 1 and len(house.lamps) == 0
+    house.lamps.call_answered("t1", None)
+    assert notifies(house.network.take()) == []
