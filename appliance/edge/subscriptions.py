@@ -134,10 +134,12 @@ class Subscriptions:
             assert result.response is not None
             return result.response
         config = self.settings.current
+        if event == "message-summary" and resource != subscriber:
+            if config.user(resource) is not None:
+                return make_response(request, 403, "Forbidden (only your own mailbox)")
+            resource = subscriber  # a voicemail code or the bare domain: the subscriber's own mailbox
         if config.user(resource) is None:
             return make_response(request, 404, "Not Found")
-        if event == "message-summary" and resource != subscriber:
-            return make_response(request, 403, "Forbidden (only your own mailbox)")
         expires = granted_expires(request.get("Expires"))
         if len(self._subs) >= self.max_total or self._count_from(dest) >= self.max_per_device:
             log.warning("event=subscribe_refused %s", fields(number=subscriber, resource=resource, event=event,

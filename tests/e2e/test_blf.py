@@ -252,6 +252,7 @@ def test_message_summary_gets_messages_waiting_no(pbx_factory: DaemonFactory) ->
         other = Watcher(pbx.port, "100")
         try:
             assert other.subscribe("200", "message-summary").status == 403  # not its own mailbox
+            assert other.subscribe("*97", "message-summary").status == 200  # a voicemail code: its own
         finally:
             other.close()
     finally:
@@ -303,12 +304,11 @@ def test_a_refused_notify_ends_the_subscription(pbx_factory: DaemonFactory, hand
 def test_baresip_presence_watcher_sees_busy_and_back(pbx_factory: DaemonFactory, handset_factory: HandsetFactory,
                                                      baresip: Callable[..., Baresip], tmp_path: Path) -> None:
     """Debian's baresip (presence module, a contact with presence=p2p) subscribes to 200
-    and shows it Online, Busy during a call (RPID on-the-phone), Online again."""
+    and shows it Busy during a call (RPID on-the-phone), Online again after it. (Its
+    `/contacts` listing is not flushed to a pipe reliably: the status-change lines are.)"""
     pbx, caller, callee = house(pbx_factory, handset_factory)
     phone = baresip(tmp_path / "baresip", pbx, "300", "secret", 1000, "44000-44999", watch=("200",))
     pbx.wait_log("event=subscribed number=300 resource=200 event=presence", timeout=10)
-    phone.command("/contacts")
-    phone.output.wait_for(r"Online.* 200 <sip:200@", 5.0)
     start = len(phone.output.lines)
     call = caller.call("sip:200@home.arpa")
     incoming = str(callee.wait_incoming()["call"])
