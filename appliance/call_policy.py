@@ -75,6 +75,17 @@ class ToProvider:
     number: str
 
 
+@dataclass(frozen=True, slots=True)
+class PickupCall:
+    """Answer the call `token`, ringing at `number`, on the picker's device instead: the
+    media worker on `worker_port` answers the picker, bridges it with the caller and
+    cancels its ringing leg."""
+
+    token: str
+    worker_port: int
+    number: str
+
+
 Decision = Refuse | RingNumber | JoinCall | RouteToTrunk
 
 OUTSIDE_NUMBER = re.compile(r"\+?[0-9*#]{1,32}")
@@ -130,6 +141,49 @@ def decide_new_call(caller: UserConfig, caller_device: str | None, dialled: str,
         return RouteToTrunk(trunk.name, number, caller.caller_id or trunk.username, emergency=False)
     assert callee is not None
     return _ring(callee, caller_device, reachable, counts_outgoing=True)
+
+
+def pickup_request(dialled: str, config: Config) -> tuple[str | None] | None:
+    """Is `dialled` a pickup code? `(None,)` for "pickup" (`*8`: any call ringing at another
+    number), `(number,)` for "pickup_directed" (`**200`: the code is a prefix), else None."""
+    service = config.feature_codes.get(dialled)
+    if service == "pickup":
+        return (None,)
+    for code, service in config.feature_codes.items():
+        if service == "pickup_directed" and dialled.startswith(code) and len(dialled) > len(code):
+            return (dialled[len(code):],)
+    return None
+
+
+def decide_pickup(picker: UserConfig, device: str | None, target: str | None, config: Config,
+                  ringing: Sequence[CallInProgress], anchored: bool, *,
+                  token: str | None = None) -> Refuse | PickupCall:
+    """A device of `picker` picks up a call ringing elsewhere: the one ringing at `target`
+    (directed), the call `token` (a BLF key's INVITE with Replaces), or else any call
+    ringing at another number (`*8`; "another number" is the group, any extension for now).
+
+    `ringing` are the calls whose devices ring now (not answered, anchored in a worker).
+    The oldest matching call is taken. Nothing to pick up: 404 (a code) or 481 (Replaces).
+    """
+    missing = (481, "Call/Transaction Does Not Exist") if token is not None else (404, "No call to pick up")
+    if device is None:
+        return Refuse(403, f"Not a registered device of {picker.number}", "pickup_unregistered_device")
+    if target is not None and config.user(target) is None:
+        return Refuse(404, "Not Found", "pickup_unknown_number")
+    candidates = [c for c in ringing
+                  if not c.answered and c.worker_port and c.outgoing_trunk is None
+                  and config.user(c.callee) is not None and c.caller_device != device]
+    if token is not None:
+        candidates = [c for c in candidates if c.token == token]
+    elif target is not None:
+        candidates = [c for c in candidates if c.callee == target]
+    else:
+        candidates = [c for c in candidates if c.callee != picker.number]
+    if not anchored or not candidates:
+        return Refuse(*missing, "pickup_no_call")
+    call = candidates[0]
+    assert call.worker_port is not None
+    return PickupCall(call.token, call.worker_port, call.callee)
 
 
 def _trunk_route(dialled: str, config: Config) -> tuple[TrunkConfig, str] | None:

@@ -52,7 +52,7 @@ __all__ = [
     "update_user",
 ]
 
-FEATURE_SERVICES: tuple[str, ...] = ("join",)
+FEATURE_SERVICES: tuple[str, ...] = ("join", "pickup", "pickup_directed")
 """Services a feature code may name."""
 
 DECLINE_MODES: tuple[str, ...] = ("this_device", "all_devices")
@@ -63,7 +63,7 @@ USER_EDITABLE_FIELDS = frozenset(
 )
 """Fields :func:`update_user` may change (``number`` is the user's identity)."""
 
-_DEFAULT_FEATURE_CODES = {"*74": "join"}
+_DEFAULT_FEATURE_CODES = {"*74": "join", "*8": "pickup", "**": "pickup_directed"}
 DEFAULT_EMERGENCY_NUMBERS: tuple[str, ...] = ("112", "110", "911")
 """Numbers that are never refused and never an extension (EU, Germany, North America)."""
 TRUNK_TRANSPORTS: tuple[str, ...] = ("udp", "tcp")

@@ -28,7 +28,9 @@ from appliance.edge.device_events import DeviceEvents
 from appliance.edge.media_link import MediaLink
 from appliance.edge.persistence import BindingStore, load_digest_fallback, load_secret, save_digest_fallback
 from appliance.edge.qualify import Qualifier
+from appliance.edge.seams import CallEventsFanOut
 from appliance.edge.server import Edge, policy_for
+from appliance.edge.subscriptions import Subscriptions
 from appliance.edge.tcp_limits import TcpLimits
 from appliance.edge.timers import Deadline, TimerWheel
 from appliance.edge.transport import Transports
@@ -84,11 +86,15 @@ class Daemon:
         ) if config.media.max_calls else None
         # The trunks are made before the router: it asks them which requests come from a provider.
         self.trunks = trunks = TrunkRegistrar(settings, network, timers, state, wall=wall)
-        self.calls = router = CallRouter(settings, network, registrar, auth, state, timers, self.media, trunks)
+        # Busy lamps: SUBSCRIBEs answered, NOTIFYs sent; told of calls with the live state.
+        self.subscriptions = Subscriptions(settings, network, auth, registrar, timers)
+        events = CallEventsFanOut(state, self.subscriptions)
+        self.calls = router = CallRouter(settings, network, registrar, auth, events, timers, self.media, trunks)
         self.qualifier = Qualifier(settings, network, registrar, timers, self.device_events.publish)
         self.server_tx = ServerTransactions()
         self.edge = Edge(settings, network, auth, registrar, self.throttle, self.server_tx, router, self.qualifier,
-                         self.device_events.publish, clock=timers.now, wall=wall, trunks=self.trunks)
+                         self.device_events.publish, clock=timers.now, wall=wall, trunks=self.trunks,
+                         subscriptions=self.subscriptions)
         # The control socket edits the config file: none without one (tests of the edge alone).
         self.control = ControlServer(state, settings, self, config_path) if config_path is not None else None
         self._housekeeping: Deadline | None = None

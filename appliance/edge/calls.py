@@ -21,13 +21,16 @@ from enum import Enum
 from appliance.call_policy import (
     CallInProgress,
     JoinCall,
+    PickupCall,
     Refuse,
     RingNumber,
     RouteToTrunk,
     ToProvider,
     decide_incoming,
     decide_new_call,
+    decide_pickup,
     decide_worker_leg,
+    pickup_request,
 )
 from appliance.config import LiveConfig
 from appliance.edge.auth_gate import AuthGate
@@ -36,7 +39,7 @@ from appliance.edge.seams import Bindings, CallEvents, MediaAnchor, Network, Tru
 from appliance.edge.timers import Timed, TimerWheel
 from appliance.edge.transport import format_host_port
 from appliance.logs import fields
-from appliance.media.protocol import HDR_CALLER, HDR_JOIN, HDR_TARGET, HDR_TOKEN, LOOPBACK
+from appliance.media.protocol import HDR_CALLER, HDR_JOIN, HDR_PICKUP, HDR_TARGET, HDR_TOKEN, LOOPBACK
 from appliance.sip.authenticator import Outcome
 from appliance.sip.errors import SipSyntaxError
 from appliance.sip.headers import parse_name_addr, parse_via
@@ -58,12 +61,14 @@ CALL_OUT_TIMEOUT = 180.0
 
 class Role(Enum):
     """What a dialog through the edge is in its call: the caller to its worker (A), the
-    worker to the ringing devices (B), a joining device to the worker (JOIN), or the
-    caller straight to the devices when no media worker anchors calls (DIRECT)."""
+    worker to the ringing devices (B), a joining device to the worker (JOIN), a device
+    picking the ringing call up (PICKUP), or the caller straight to the devices when no
+    media worker anchors calls (DIRECT)."""
 
     A = "a"
     B = "b"
     JOIN = "join"
+    PICKUP = "pickup"
     DIRECT = "direct"
 
 
@@ -210,6 +215,15 @@ class CallRouter:
             self._reply(request, dest, 483, "Too Many Hops")
             return
         caller_device = self._device_of(caller, flow)
+        replaces = request.get("Replaces")
+        if replaces is not None:
+            self._replaces(request, flow, dest, key, replaces, caller, caller_device, now)
+            return
+        pickup = pickup_request(dialled, config)
+        if pickup is not None:
+            decided = decide_pickup(user, caller_device, pickup[0], config, self._ringing(), self.media is not None)
+            self._pickup(request, flow, dest, key, decided, caller, caller_device, now)
+            return
         decision = decide_new_call(user, caller_device, dialled, config, self._reachable, self.outgoing,
                                    self._in_progress(), anchored=self.media is not None)
         if isinstance(decision, Refuse):
@@ -402,6 +416,48 @@ class CallRouter:
         self._start_fork(dialog, dest, key, [target], ForkSettings(30.0),
                          [(HDR_TOKEN, decision.token), (HDR_JOIN, "1")], now, record_route=True)
 
+    def _replaces(self, request: Request, flow: Flow, dest: Flow, key: str | None, replaces: str, caller: str,
+                  caller_device: str | None, now: float) -> None:
+        """INVITE with Replaces (RFC 3891). A call-id our dialog-info NOTIFY named for a
+        ringing call (a BLF key's pickup, usually `;early-only`) picks that call up; any
+        other dialog: 481 (confirmed dialogs are the transfer's, routed before this)."""
+        call_id = replaces.split(";", 1)[0].strip()
+        if not any(c.token == call_id for c in self._ringing()):
+            self._reply(request, dest, 481, "Call/Transaction Does Not Exist")
+            return
+        config = self.settings.current
+        user = config.user(caller)
+        assert user is not None
+        decided = decide_pickup(user, caller_device, None, config, self._ringing(), self.media is not None,
+                                token=call_id)
+        request.remove("Replaces")  # it names our call, not a dialog of the worker's (whose pjsua would 481 it)
+        self._pickup(request, flow, dest, key, decided, caller, caller_device, now)
+
+    def _pickup(self, request: Request, flow: Flow, dest: Flow, key: str | None, decision: Refuse | PickupCall,
+                caller: str, caller_device: str | None, now: float) -> None:
+        """`*8`, `**<number>` or a BLF key: the picker's INVITE goes to the worker that
+        anchors the ringing call (`X-Homepbx-Pickup`); it answers the picker, bridges it
+        with the caller and CANCELs its leg to the ringing devices."""
+        if isinstance(decision, Refuse):
+            log.info("event=pickup_refused %s", fields(number=caller, device=caller_device, status=decision.status,
+                                                       reason=decision.why))
+            self._reply(request, dest, decision.status, decision.reason)
+            return
+        dialog = Dialog(decision.token, Role.PICKUP, request, caller, decision.number, flow, caller_device)
+        worker = self._worker_flow(decision.worker_port)
+        target = Target("", f"sip:pickup@{LOOPBACK}:{decision.worker_port}", worker, False)
+        log.info("event=pickup_requested %s", fields(call=decision.token, number=caller, device=caller_device,
+                                                     ringing=decision.number))
+        self._start_fork(dialog, dest, key, [target], ForkSettings(30.0),
+                         [(HDR_TOKEN, decision.token), (HDR_PICKUP, "1")], now, record_route=True)
+
+    def _ringing(self) -> list[CallInProgress]:
+        """Calls whose devices ring now: the worker's leg to them is still being forked."""
+        tokens = {d.token for d in self._by_fork.values()
+                  if d.role is Role.B and d.fork is not None and d.fork.answered is None and not d.ended}
+        return [self._progress_of(d) for t in tokens if (d := self._calls.get(t)) is not None and not d.ended
+                and d.answer is None]
+
     # -- facts for the policy -----------------------------------------------------------------
     def _reachable(self, number: str) -> list[str]:
         """Binding ids of `number`'s devices that can be rung now."""
@@ -568,6 +624,10 @@ class CallRouter:
             elif dialog.role is Role.JOIN and dialog.caller_device:
                 live.call_joined(dialog.token, dialog.caller_device)
                 log.info("event=call_joined %s", fields(call=dialog.token, device=dialog.caller_device))
+            elif dialog.role is Role.PICKUP:
+                live.call_answered(dialog.token, dialog.caller_device)
+                log.info("event=call_picked_up %s", fields(call=dialog.token, number=dialog.caller,
+                                                           device=dialog.caller_device, ringing=dialog.callee))
         elif event.kind == "failed":
             self._end(dialog, f"status_{event.status}")
 
@@ -615,6 +675,8 @@ class CallRouter:
             if a_leg is not None and not a_leg.ended and dialog.answered_by:
                 self.live.call_left(dialog.token, dialog.answered_by)  # the others talk on
             return
+        if dialog.role is Role.PICKUP:
+            return  # the call ends by its A-leg (the worker hangs the caller up once alone)
         if dialog.role is Role.JOIN:
             self._count_join(dialog, -1)
             if dialog.answer is not None and dialog.caller_device:

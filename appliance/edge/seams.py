@@ -46,6 +46,12 @@ class Bindings(Protocol):
     def bindings(self, number: str) -> list[Binding]: ...
 
 
+class DeviceLookup(Bindings, Protocol):
+    """The registrar's bindings by number and by id (whose number a device is), read-only."""
+
+    def get(self, binding_id: str) -> Binding | None: ...
+
+
 PublishDeviceEvents = Callable[[list[RegistrarEvent]], None]
 """Where registrar events go: the log, the state file, the live state (edge.device_events)."""
 
@@ -66,6 +72,42 @@ class CallEvents(Protocol):
     def call_left(self, call_id: str, binding_id: str) -> None: ...
 
     def call_ended(self, call_id: str, reason: str) -> None: ...
+
+
+class CallEventsFanOut:
+    """One `CallEvents` for the router that tells several sinks (the live state, the busy
+    lamps), in the order given."""
+
+    def __init__(self, *sinks: CallEvents) -> None:
+        self.sinks = sinks
+
+    def call_started(self, call_id: str, caller: str, callee: str, caller_device: str | None) -> None:
+        for sink in self.sinks:
+            sink.call_started(call_id, caller, callee, caller_device)
+
+    def device_ringing(self, call_id: str, binding_id: str) -> None:
+        for sink in self.sinks:
+            sink.device_ringing(call_id, binding_id)
+
+    def device_stopped(self, call_id: str, binding_id: str) -> None:
+        for sink in self.sinks:
+            sink.device_stopped(call_id, binding_id)
+
+    def call_answered(self, call_id: str, binding_id: str | None) -> None:
+        for sink in self.sinks:
+            sink.call_answered(call_id, binding_id)
+
+    def call_joined(self, call_id: str, binding_id: str) -> None:
+        for sink in self.sinks:
+            sink.call_joined(call_id, binding_id)
+
+    def call_left(self, call_id: str, binding_id: str) -> None:
+        for sink in self.sinks:
+            sink.call_left(call_id, binding_id)
+
+    def call_ended(self, call_id: str, reason: str) -> None:
+        for sink in self.sinks:
+            sink.call_ended(call_id, reason)
 
 
 class TrunkLookup(Protocol):

@@ -28,8 +28,9 @@ from appliance.sip.transaction import ServerTransactions, server_key
 
 log = logging.getLogger("homepbx.edge")
 
-ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, UPDATE, INFO, PRACK, REFER, NOTIFY, MESSAGE"
-"""What the box accepts: REFER, NOTIFY and MESSAGE inside a call (relayed to the other party)."""
+ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, UPDATE, INFO, PRACK, REFER, NOTIFY, MESSAGE, SUBSCRIBE"
+"""What the box accepts: REFER, NOTIFY and MESSAGE inside a call (relayed to the other party);
+SUBSCRIBE for busy lamps and the message-waiting lamp (edge.subscriptions)."""
 # Methods we know but do not serve get 405 with Allow; anything else 501 (§21.4.6, §21.5.2).
 KNOWN_UNSERVED = frozenset({"SUBSCRIBE", "PUBLISH"})
 IN_DIALOG = frozenset({"BYE", "UPDATE", "INFO", "PRACK", "CANCEL", "REFER", "NOTIFY", "MESSAGE"})
@@ -41,6 +42,11 @@ CALL_METHODS = frozenset({"INVITE", "ACK", "CANCEL"})
 def _to_number(to: str) -> str:
     """The user part of a To header value's URI ("" if none); SipSyntaxError if malformed."""
     return parse_name_addr(to).uri.user or ""
+
+
+def _max_forwards_zero(request: Request) -> bool:
+    value = request.get("Max-Forwards")
+    return value is not None and int(value) == 0
 
 
 def policy_for(user: UserConfig) -> DevicePolicy:
@@ -61,6 +67,14 @@ class ResponseSink(Protocol):
     def on_response(self, response: Response) -> None: ...
 
 
+class SubscriptionHandler(Protocol):
+    """The busy lamps (edge.subscriptions): SUBSCRIBEs in, responses to its NOTIFYs."""
+
+    def on_subscribe(self, request: Request, flow: Flow, dest: Flow, now: float) -> Response: ...
+
+    def on_response(self, response: Response, flow: Flow, now: float) -> bool: ...
+
+
 class TrunkResponses(Protocol):
     """The trunk registrar (edge.trunks): responses to its REGISTERs and keep-alives."""
 
@@ -73,7 +87,8 @@ class Edge:
     def __init__(self, settings: LiveConfig, network: Network, auth: AuthGate, registrar: Registrar,
                  throttle: FailureThrottle, server_tx: ServerTransactions, calls: CallHandler,
                  own_requests: ResponseSink, publish: PublishDeviceEvents, *,
-                 clock: Callable[[], float], wall: Callable[[], float], trunks: TrunkResponses | None = None) -> None:
+                 clock: Callable[[], float], wall: Callable[[], float], trunks: TrunkResponses | None = None,
+                 subscriptions: SubscriptionHandler | None = None) -> None:
         self.settings = settings
         self.network = network
         self.auth = auth
@@ -83,6 +98,7 @@ class Edge:
         self.calls = calls
         self.own_requests = own_requests
         self.trunks = trunks
+        self.subscriptions = subscriptions
         self.publish = publish
         self.clock = clock
         self.wall = wall
@@ -100,6 +116,8 @@ class Edge:
             return
         if isinstance(message, Response):
             if self.calls.on_response(message, flow, now):
+                return
+            if self.subscriptions is not None and self.subscriptions.on_response(message, flow, now):
                 return
             if self.trunks is None or not self.trunks.on_response(message, flow, now):
                 self.own_requests.on_response(message)
@@ -148,7 +166,10 @@ class Edge:
                 if previous is not None:
                     self.network.send(previous, dest)
                 return
-        response = self._answer(request, flow, now)
+        if request.method == "SUBSCRIBE" and self.subscriptions is not None and not _max_forwards_zero(request):
+            response = self.subscriptions.on_subscribe(request, flow, dest, now)
+        else:
+            response = self._answer(request, flow, now)
         data = response.to_bytes()
         if key is not None:
             self.server_tx.respond(key, data, response.status >= 200, flow.transport == "tcp", now)

@@ -58,6 +58,11 @@ SIP (edge -> worker)
   ``X-Homepbx-Join: 1``: answered at once and added to the bridge.  Refused with 486
   when the call is not answered yet or already has ``MAX_LEGS`` legs, 481 when the token
   is not this worker's call.
+- Pickup: an INVITE with ``X-Homepbx-Token`` of the call in this worker and
+  ``X-Homepbx-Pickup: 1`` while the B-leg still rings: the picker is answered, A is
+  answered (``P-Asserted-Identity`` naming the picker), the two are bridged and the
+  B-leg is CANCELled (the edge's fork then CANCELs the ringing devices).  481 when the
+  token is not this worker's call or the call is no longer ringing.
 - Hang-up rules: A leaving ends the call (BYE to everyone else).  B or a joiner leaving
   leaves the rest talking as long as A and at least one other leg are up; once A is
   alone it is hung up too.  A cancelling before the answer CANCELs the B-leg.
@@ -94,6 +99,7 @@ HDR_TOKEN: Final = "X-Homepbx-Token"
 HDR_TARGET: Final = "X-Homepbx-Target"
 HDR_CALLER: Final = "X-Homepbx-Caller"
 HDR_JOIN: Final = "X-Homepbx-Join"
+HDR_PICKUP: Final = "X-Homepbx-Pickup"
 INTERNAL_HEADER_PREFIX: Final = "X-Homepbx-"
 """The edge strips every header with this prefix from anything that leaves the box."""
 HDR_PAI: Final = "P-Asserted-Identity"

@@ -514,7 +514,9 @@ class Worker(PjHost):
             self.refuse(leg, 503, "Shutting Down")
             return
         token = (msg.get(P.HDR_TOKEN) or "").strip()
-        if (msg.get(P.HDR_JOIN) or "").strip() == "1":
+        if (msg.get(P.HDR_PICKUP) or "").strip() == "1":
+            self.pickup(leg, token, msg)
+        elif (msg.get(P.HDR_JOIN) or "").strip() == "1":
             self.join(leg, token, msg)
         else:
             self.start_session(leg, token, msg)
@@ -573,6 +575,30 @@ class Worker(PjHost):
         leg.session = session
         session.joiners.append(leg)
         self.answer(leg, 200, headers={P.HDR_TOKEN: token})
+
+    def pickup(self, leg: Leg, token: str, msg: Request) -> None:
+        """Another device picks the ringing call up: answer it and A, bridge them (when
+        the picker's leg is confirmed, as for a joiner), CANCEL the ringing B-leg."""
+        session = self.session
+        if session is None or not token or token != session.token:
+            self.refuse(leg, 481, "No Such Call Here")
+            return
+        a = session.a
+        if session.answered or session.ending or a is None or not a.alive():
+            self.refuse(leg, 481, "Call Not Ringing")
+            return
+        session.answered = True
+        session.answered_at = time.monotonic()
+        session.join_seq += 1
+        leg.name = f"p{session.join_seq}"
+        leg.remote = strip_tag(msg.get("From") or "")
+        leg.session = session
+        session.joiners.append(leg)
+        self.answer(leg, 200, headers={P.HDR_TOKEN: token})
+        self.answer(a, 200, headers={P.HDR_TOKEN: token, P.HDR_PAI: leg.remote})
+        self.hangup(session.b)  # CANCEL: the edge's fork cancels the ringing devices
+        self.out.emit(P.EV_CALL_ANSWERED, token=token, answered_by=leg.remote, picked_up=True,
+                      codecs={P.LEG_A: a.codec(), leg.name: leg.codec()})
 
     def on_call_state(self, leg: Leg, prm: Any) -> None:
         info = leg.getInfo()

@@ -28,8 +28,9 @@ class Baresip(ConsoleProcess):
 
     def __init__(self, workdir: Path, pbx: Daemon, number: str, password: str, tone_hz: int,
                  rtp_ports: str, *, auto_answer: bool = False, transport: str = "udp",
-                 codec: str | None = None, registrar: str | None = None) -> None:
-        """`registrar` (host:port): register there instead of at `pbx` (an outside phone at the provider)."""
+                 codec: str | None = None, registrar: str | None = None, watch: tuple[str, ...] = ()) -> None:
+        """`registrar` (host:port): register there instead of at `pbx` (an outside phone at the provider);
+        `watch`: numbers whose presence it subscribes to (its contact and presence modules)."""
         if not shutil.which("baresip"):
             pytest.skip("baresip is not installed (`make test` installs Debian's baresip-core)")
         self.dumps = workdir / "dump"
@@ -41,7 +42,8 @@ class Baresip(ConsoleProcess):
             "module g711.so\n" + ("module g722.so\n" if codec else "")
             + "module ausine.so\nmodule sndfile.so\nmodule stdio.so\n"
             "module_app account.so\nmodule_app menu.so\n"
-            f"audio_source ausine,{tone_hz}\n"
+            + ("module_app contact.so\nmodule_app presence.so\n" if watch else "")
+            + f"audio_source ausine,{tone_hz}\n"
             # ausine makes 48 kHz stereo only; baresip resamples to G.711.
             "ausrc_srate 48000\nausrc_channels 2\n"
             f"snd_path {self.dumps}\n"
@@ -53,6 +55,8 @@ class Baresip(ConsoleProcess):
             f"<sip:{number}@{registrar or f'127.0.0.1:{pbx.port}'}{params}>;auth_pass={password};regint=300"
             f"{codecs}{answer}\n"
         )
+        (workdir / "contacts").write_text("".join(
+            f'"{n}" <sip:{n}@127.0.0.1:{pbx.port}>;presence=p2p\n' for n in watch))
         super().__init__(["baresip", "-f", str(workdir)])
 
     def wait_for(self, text: str, timeout: float = 10.0, start: int = 0) -> str:

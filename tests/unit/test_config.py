@@ -88,7 +88,7 @@ def test_empty_file_gives_defaults(tmp_path: Path) -> None:
     assert (cfg.control.socket, cfg.control.group) == ("", "")
     media = cfg.media
     assert (media.max_calls, media.min_idle, media.rtp_port_low, media.rtp_port_high) == (8, 1, 10000, 10999)
-    assert dict(cfg.feature_codes) == {"*74": "join"}
+    assert dict(cfg.feature_codes) == {"*74": "join", "*8": "pickup", "**": "pickup_directed"}
     assert cfg.users == ()
     assert cfg.user("200") is None
 
