@@ -317,14 +317,15 @@ def control_socket_path(config: Config, environ: Mapping[str, str] | None = None
 
 def device_id(instance: str | None, contact: str) -> str:
     """A device's stable id, as `dnd_devices` names it: its `+sip.instance` (RFC 5626),
-    else its Contact's user@host (kept across re-registrations and restarts)."""
+    else its Contact's user@host:port (kept across re-registrations and restarts; the port
+    tells apart two softphones on one computer)."""
     if instance:
         return instance.strip("<>\"")
     try:
         uri = parse_name_addr(contact).uri
     except SipSyntaxError:
         return contact
-    return f"{uri.user}@{uri.host}" if uri.user else uri.host
+    return f"{uri.user}@{uri.host_port}" if uri.user else uri.host_port
 
 
 def load_config(path: Path) -> Config:

@@ -268,4 +268,5 @@ def test_a_code_hidden_behind_a_prefix_code_is_refused() -> None:
 
 def test_device_id_is_the_instance_else_contact_user_at_host() -> None:
     assert device_id('"<urn:uuid:abc>"', "<sip:x@1.2.3.4:5060>") == "urn:uuid:abc"
-    assert device_id(None, "<sip:kitchen@192.0.2.7:5062;transport=tcp>") == "kitchen@192.0.2.7"
+    assert device_id(None, "<sip:kitchen@192.0.2.7:5062;transport=tcp>") == "kitchen@192.0.2.7:5062"
+    assert device_id(None, "<sip:kitchen@192.0.2.7>") == "kitchen@192.0.2.7"
