@@ -325,7 +325,7 @@ def device_id(instance: str | None, contact: str) -> str:
         uri = parse_name_addr(contact).uri
     except SipSyntaxError:
         return contact
-    return f"{uri.user}@{uri.host_port}" if uri.user else uri.host_port
+    return f"{uri.user}@{uri.host_port()}" if uri.user else uri.host_port()
 
 
 def load_config(path: Path) -> Config:
