@@ -34,7 +34,7 @@ from appliance.call_policy import (
     decide_worker_leg,
     forward_condition_of,
 )
-from appliance.config import LiveConfig, device_id
+from appliance.config import LiveConfig, TrunkConfig, device_id
 from appliance.edge.auth_gate import AuthGate
 from appliance.edge.relay import STATELESS_PREFIX, StatelessRelay
 from appliance.edge.seams import Bindings, CallEvents, MediaAnchor, Network, TrunkLookup, UserSettings
@@ -471,6 +471,7 @@ class CallRouter:
         to = forward.to
         if isinstance(to, RouteToTrunk):
             trunk = next(t for t in self.settings.current.trunks if t.name == to.trunk)
+            _as_trunk_caller(request, to, trunk)
             self._to_provider(request, flow, dest, key, a_leg, ToProvider(trunk, to.number), now, headers)
             return
         dialog = Dialog(a_leg.token, Role.B, request, a_leg.caller, to.number, flow, None, trunk=a_leg.trunk)
@@ -518,6 +519,7 @@ class CallRouter:
                 fork.request, 503, "Service Unavailable (provider not reachable)")))
             return
         dialog.callee, dialog.outgoing_trunk = to.number, trunk.name
+        _as_trunk_caller(fork.request, to, trunk)
         target = Target("", f"sip:{to.number}@{trunk.server}", provider, provider.transport == "tcp")
 
         def authorize(invite: Request, challenge: Response) -> tuple[str, str] | None:
@@ -900,6 +902,17 @@ def _outside_number(request: Request) -> str:
         if re.fullmatch(r"\+?[0-9*#]{1,32}", user):
             return user
     return "anonymous"
+
+
+def _as_trunk_caller(request: Request, to: RouteToTrunk, trunk: TrunkConfig) -> None:
+    """A call forwarded out: the provider is told the caller is the family's line (its
+    caller ID, as on a call out; a provider accepts no other From), the tag kept so the
+    worker's dialog stays the same; who forwarded it is in the Diversion header."""
+    try:
+        tag = parse_name_addr(request.get("From") or "").tag
+    except SipSyntaxError:
+        tag = None
+    request.set("From", f"<sip:{to.caller_id}@{trunk.server}>" + (f";tag={tag}" if tag else ""))
 
 
 def _shift_cseq(message: Request | Response, delta: int) -> None:
