@@ -41,7 +41,7 @@ from appliance.edge.seams import Bindings, CallEvents, MediaAnchor, Network, Tru
 from appliance.edge.timers import Timed, TimerWheel
 from appliance.edge.transport import format_host_port
 from appliance.logs import fields
-from appliance.media.protocol import HDR_CALLER, HDR_JOIN, HDR_TARGET, HDR_TOKEN, LOOPBACK
+from appliance.media.protocol import HDR_CALLER, HDR_JOIN, HDR_PLAY, HDR_TARGET, HDR_TOKEN, LOOPBACK, PLAY_CONFIRM
 from appliance.sip.authenticator import Outcome
 from appliance.sip.errors import SipSyntaxError
 from appliance.sip.headers import parse_name_addr, parse_via
@@ -224,7 +224,7 @@ class CallRouter:
                                    self._in_progress(), anchored=self.media is not None,
                                    device_ids=self._device_id)
         if isinstance(decision, ChangeSettings):
-            self._change_settings(request, dest, decision, caller_device)
+            self._change_settings(request, flow, dest, key, decision, caller_device, dialled)
         elif isinstance(decision, Refuse):
             self._refuse(request, dest, decision, caller, dialled)
         elif isinstance(decision, JoinCall):
@@ -537,14 +537,19 @@ class CallRouter:
         self._apply(dialog, fork.retarget([target], now, ForkSettings(CALL_OUT_TIMEOUT), headers,
                                           authorize=authorize, relay_body=offer))
 
-    def _change_settings(self, request: Request, dest: Flow, decision: ChangeSettings,
-                         caller_device: str | None) -> None:
-        """A forwarding or DND code from a handset: saved and put in force, then answered."""
+    def _change_settings(self, request: Request, flow: Flow, dest: Flow, key: str | None,
+                         decision: ChangeSettings, caller_device: str | None, dialled: str) -> None:
+        """A forwarding or DND code from a handset: saved and put in force, then confirmed
+        (`_confirm`). Retransmissions of the INVITE meanwhile are absorbed (a toggle is
+        applied once)."""
         changes = dict(decision.changes)
         said = ",".join(f"{k}={v}" for k, v in changes.items())
         if self.user_settings is None:
             self._reply(request, dest, 503, "Service Unavailable (settings cannot be saved)")
             return
+        dialog = Dialog(new_tag(), Role.A, request, decision.number, dialled, flow, caller_device)
+        if key:
+            self._forks[key] = dialog
         self._reply(request, dest, 100, "Trying")
 
         def done(error: str | None) -> None:
@@ -552,18 +557,40 @@ class CallRouter:
                 log.warning("event=feature_code_failed %s", fields(number=decision.number, code=decision.service,
                                                                    changes=said, error=error))
                 self._reply(request, dest, 500, "Server Internal Error (settings not saved)")
+                self._forget_confirm(dialog, key)
                 return
             log.info("event=feature_code %s", fields(number=decision.number, device=caller_device or "-",
                                                      code=decision.service, changes=said))
-            self._confirm(request, dest, decision)
+            self._confirm(dialog, dest, key, decision)
 
         self.user_settings.change_user(decision.number, changes, done)
 
-    def _confirm(self, request: Request, dest: Flow, decision: ChangeSettings) -> None:
-        """Tell the handset its code was applied: a final answer whose phrase says what is now set."""
+    def _confirm(self, dialog: Dialog, dest: Flow, key: str | None, decision: ChangeSettings) -> None:
+        """Tell the handset its code was applied: a media worker answers, beeps and hangs up
+        (`X-Homepbx-Play: confirm`); without a worker, a final answer whose phrase says what
+        is now set."""
         text = ", ".join(f"{k.replace('_', ' ')} {'on' if v is True else 'off' if v in (False, '') else v}"
                          for k, v in decision.changes.items())
-        self._reply(request, dest, 480, f"Temporarily Unavailable (done: {text})")
+        media = self.media
+        if media is None:
+            self._reply(dialog.invite, dest, 480, f"Temporarily Unavailable (done: {text})")
+            self._forget_confirm(dialog, key)
+            return
+
+        def anchored(port: int | None) -> None:
+            if port is None:  # every worker busy: the change is made all the same
+                self._reply(dialog.invite, dest, 480, f"Temporarily Unavailable (done: {text})")
+                self._forget_confirm(dialog, key)
+                self._end(dialog, "no_media_worker")
+                return
+            self._to_worker(dialog, dest, key, port, ForkSettings(30.0), [(HDR_PLAY, PLAY_CONFIRM)])
+
+        self._calls[dialog.token] = dialog
+        media.anchor(dialog.token, anchored)
+
+    def _forget_confirm(self, dialog: Dialog, key: str | None) -> None:
+        if key and self._forks.get(key) is dialog:
+            del self._forks[key]
 
     # -- facts for the policy -----------------------------------------------------------------
     def _reachable(self, number: str) -> list[str]:

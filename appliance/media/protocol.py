@@ -58,6 +58,10 @@ SIP (edge -> worker)
   ``X-Homepbx-Join: 1``: answered at once and added to the bridge.  Refused with 486
   when the call is not answered yet or already has ``MAX_LEGS`` legs, 481 when the token
   is not this worker's call.
+- Confirmation: an INVITE with ``X-Homepbx-Token`` and ``X-Homepbx-Play: confirm`` (a
+  handset's feature code was applied): answered at once, ``CONFIRM_BEEPS`` short beeps of
+  ``CONFIRM_TONE_HZ`` played to it, then BYE; no B-leg.  The session ends as any call
+  (``call_ended``).
 - Hang-up rules: A leaving ends the call (BYE to everyone else).  B or a joiner leaving
   leaves the rest talking as long as A and at least one other leg are up; once A is
   alone it is hung up too.  A cancelling before the answer CANCELs the B-leg.
@@ -94,6 +98,11 @@ HDR_TOKEN: Final = "X-Homepbx-Token"
 HDR_TARGET: Final = "X-Homepbx-Target"
 HDR_CALLER: Final = "X-Homepbx-Caller"
 HDR_JOIN: Final = "X-Homepbx-Join"
+HDR_PLAY: Final = "X-Homepbx-Play"
+PLAY_CONFIRM: Final = "confirm"
+CONFIRM_TONE_HZ: Final = 880
+CONFIRM_BEEPS: Final = 3
+"""Beeps of 200 ms (100 ms apart) that say "done" to a handset that dialled a feature code."""
 INTERNAL_HEADER_PREFIX: Final = "X-Homepbx-"
 """The edge strips every header with this prefix from anything that leaves the box."""
 HDR_PAI: Final = "P-Asserted-Identity"

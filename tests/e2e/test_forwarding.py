@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from appliance.config import load_config
+from appliance.media.protocol import CONFIRM_TONE_HZ
 from appliance.simulator import tones
 from appliance.simulator.handset import Handset
 from tests.e2e.conftest import DaemonFactory
@@ -43,9 +44,19 @@ def user_setting(pbx: Daemon, number: str, name: str) -> object:
     return getattr(user, name)
 
 
-def dial_code(phone: Handset, code: str) -> dict[str, object]:
+def dial_code(phone: Handset, code: str, heard: Path | None = None) -> dict[str, object]:
+    """Dial a feature code: answered, beeps, hung up by the box (BYE); with `heard`, what
+    the handset heard is recorded there."""
     call = phone.call(f"sip:{code}@home.arpa")
-    return phone.wait_state(call, "DISCONNECTED", timeout=10)
+    phone.wait_state(call, "CONFIRMED", timeout=10)
+    if heard is not None:
+        phone.wait_for("media", call=call, status="active")
+        phone.record(call, heard)
+    ended = phone.wait_state(call, "DISCONNECTED", timeout=10)
+    assert ended["end_request"] == "BYE"
+    if heard is not None:  # the recording is closed when the call is gone
+        phone.wait_for("recorded", call=call, path=str(heard.resolve()))
+    return ended
 
 
 def answer_and_hear(caller: Handset, call: str, callee: Handset, incoming: str, tmp_path: Path) -> None:
@@ -66,8 +77,8 @@ def answer_and_hear(caller: Handset, call: str, callee: Handset, incoming: str, 
 def test_forward_always_set_by_code_rings_the_target_with_diversion(
         pbx_factory: DaemonFactory, handset_factory: HandsetFactory, tmp_path: Path) -> None:
     pbx, phones = three(pbx_factory, handset_factory)
-    done = dial_code(phones["200"], "*72300")
-    assert done["last_status"] == 480  # the answer that says it is done (no call follows)
+    dial_code(phones["200"], "*72300", heard=tmp_path / "beeps.wav")
+    assert tones.tone_level_db(str(tmp_path / "beeps.wav"), CONFIRM_TONE_HZ) > -12  # the beeps that say "done"
     pbx.wait_log(r"event=feature_code number=200 .*code=forward_always changes=.forward_always=300")
     assert user_setting(pbx, "200", "forward_always") == "300"  # saved in config.toml
 
@@ -79,7 +90,7 @@ def test_forward_always_set_by_code_rings_the_target_with_diversion(
     answer_and_hear(phones["100"], call, phones["300"], incoming, tmp_path)
     pbx.wait_log(r"event=call_forwarded .*number=200 condition=always to=300")
 
-    assert dial_code(phones["200"], "*73")["last_status"] == 480
+    dial_code(phones["200"], "*73")
     pbx.wait_log(r"event=feature_code number=200 .*changes=.forward_always=.\s*$")
     assert user_setting(pbx, "200", "forward_always") == ""
     call = phones["100"].call("sip:200@home.arpa")
@@ -128,17 +139,17 @@ def test_forward_when_unreachable(pbx_factory: DaemonFactory, handset_factory: H
 def test_dnd_by_code_refuses_486_then_forwards_on_busy(pbx_factory: DaemonFactory,
                                                        handset_factory: HandsetFactory) -> None:
     pbx, phones = three(pbx_factory, handset_factory)
-    assert dial_code(phones["200"], "*78")["last_status"] == 480
+    dial_code(phones["200"], "*78")
     assert user_setting(pbx, "200", "dnd") is True
     call = phones["100"].call("sip:200@home.arpa")
     assert phones["100"].wait_state(call, "DISCONNECTED")["last_status"] == 486
-    assert dial_code(phones["200"], "*90300")["last_status"] == 480
+    dial_code(phones["200"], "*90300")
     call = phones["100"].call("sip:200@home.arpa")
     incoming = str(phones["300"].wait_incoming(timeout=5)["call"])
     assert "reason=do-not-disturb" in phones["300"].wait_sip("rx", "INVITE ")
     phones["100"].hangup(call)
     phones["300"].wait_state(incoming, "DISCONNECTED")
-    assert dial_code(phones["200"], "*76")["last_status"] == 480  # toggled off
+    dial_code(phones["200"], "*76")  # toggled off
     assert user_setting(pbx, "200", "dnd") is False
     assert not phones["200"].events_of("incoming_call")
     pbx.assert_clean_log()
@@ -193,11 +204,13 @@ def test_codes_from_baresip(pbx_factory: DaemonFactory, handset_factory: Handset
     pbx = pbx_factory([user_block("200", "pw-200"), user_block("300", "pw-300")])
     phone = baresip(tmp_path / "baresip", pbx, "200", "pw-200", 440, "44000-44999")
     phone.wait_for("registered successfully")
-    phone.command("d *72300")
+    at = phone.command("d *72300")
     pbx.wait_log(r"event=feature_code number=200 .*changes=.forward_always=300", timeout=10)
-    phone.command("b")
-    phone.command("d *78")
+    phone.wait_for("Call established", start=at)  # answered, beeped at,
+    phone.wait_for("session closed", start=at)  # and hung up by the box
+    at = phone.command("d *78")
     pbx.wait_log(r"event=feature_code number=200 .*changes=.dnd=True", timeout=10)
+    phone.wait_for("session closed", start=at)
     config = load_config(pbx.config).user("200")
     assert config is not None and config.forward_always == "300" and config.dnd
     phone.stop()
