@@ -298,7 +298,7 @@ class CallRouter:
         self._reply(request, dest, 100, "Trying")
         headers = [(HDR_TARGET, f"<sip:{decision.number}@{media.edge_address}>"), (HDR_CALLER, identity)]
         # The A-leg's own timer only backs up the B-leg's ring timeout, which decides.
-        settings = ForkSettings(decision.ring_timeout + 15.0)
+        settings = ForkSettings(self._backup_timeout(decision))
         media.anchor(dialog.token, lambda port: self._to_worker(dialog, dest, key, port, settings, headers))
 
     def _call_out(self, request: Request, flow: Flow, dest: Flow, key: str | None, decision: RouteToTrunk,
@@ -435,6 +435,15 @@ class CallRouter:
         user = self.settings.current.user(decision.number)
         hold = user is not None and bool(user.forward_busy or user.forward_no_answer)
         return ForkSettings(decision.ring_timeout, decline_all=decision.decline_all, hold_final=hold)
+
+    def _backup_timeout(self, decision: RingNumber) -> float:
+        """The A-leg's backup timer: past the B-leg's ring timeout, and for a callee that
+        forwards, past a forward's own ringing too (the B-leg decides either way)."""
+        user = self.settings.current.user(decision.number)
+        if user is not None and any((user.forward_always, user.forward_busy, user.forward_no_answer,
+                                     user.forward_unreachable, user.dnd)):
+            return CALL_OUT_TIMEOUT + 30.0
+        return decision.ring_timeout + 15.0
 
     def _diversion(self, hops: tuple[tuple[str, str], ...]) -> list[tuple[str, str]]:
         """RFC 5806 Diversion headers, the latest diversion first."""
