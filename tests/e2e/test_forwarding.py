@@ -217,8 +217,9 @@ def test_codes_from_baresip(pbx_factory: DaemonFactory, handset_factory: Handset
     pbx.assert_clean_log()
 
 
-def test_forward_always_to_an_outside_number_through_the_provider(
-        pbx_factory: DaemonFactory, handset_factory: HandsetFactory, tmp_path: Path) -> None:
+@pytest.mark.parametrize("condition", ["always", "busy"])
+def test_forward_to_an_outside_number_through_the_provider(
+        pbx_factory: DaemonFactory, handset_factory: HandsetFactory, tmp_path: Path, condition: str) -> None:
     from tests.support.kamailio import DID, OUTSIDE, OUTSIDE_PASSWORD, PASSWORD, Kamailio, available
     if not available():
         pytest.skip("Debian's kamailio package is not installed")
@@ -227,26 +228,26 @@ def test_forward_always_to_an_outside_number_through_the_provider(
         trunk = ("[[trunks]]\nname = \"provider\"\n"
                  f'server = "{provider.server}"\nusername = "{DID}"\npassword = "{PASSWORD}"\n'
                  f'incoming = {{ "{DID}" = "200" }}\n\n')
-        pbx = pbx_factory([user_block("100"), user_block("200", forward_always=f"0{OUTSIDE}", max_outgoing_calls=1)],
-                          extra=control_block() + trunk)
+        u200 = user_block("200", max_outgoing_calls=1, **{f"forward_{condition}": f"0{OUTSIDE}"})
+        pbx = pbx_factory([user_block("100"), u200], extra=control_block() + trunk)
         caller = handset_factory("h100", trace=True)
         assert caller.register(pbx.registrar, "100", "secret")["code"] == 200
+        family = handset_factory("h200", trace=True)
+        assert family.register(pbx.registrar, "200", "secret")["code"] == 200
         pbx.wait_log(r"event=trunk_registered trunk=provider")
         outside = handset_factory("outside", trace=True, codecs=["PCMA/8000"])
         assert outside.register(f"sip:{provider.server}", OUTSIDE, OUTSIDE_PASSWORD,
                                 domain=provider.server)["code"] == 200
-        call = caller.call("sip:200@home.arpa")
-        incoming = str(outside.wait_incoming(timeout=10)["call"])
-        invite = outside.wait_sip("rx", "INVITE ")
-        assert f"INVITE sip:{OUTSIDE}@" in invite and "X-Homepbx" not in invite
-        pbx.wait_log(rf"event=call_forwarded .*number=200 condition=always to={OUTSIDE} trunk=provider")
-        answer_and_hear(caller, call, outside, incoming, tmp_path)
-        # while it lasted it counted on 200's outgoing limit (1 of 1); afterwards it is free again
-        pbx.wait_log(r"event=call_ended .*caller=100 callee=200")
-        call = caller.call("sip:200@home.arpa")
-        incoming = str(outside.wait_incoming(timeout=10)["call"])
-        caller.hangup(call)
-        outside.wait_state(incoming, "DISCONNECTED")
+        for _ in range(2):  # the second time: the first call's count on 200's limit (1 of 1) was released
+            call = caller.call("sip:200@home.arpa")
+            if condition == "busy":
+                family.answer(str(family.wait_incoming(timeout=5)["call"]), 486)
+            incoming = str(outside.wait_incoming(timeout=10)["call"])
+            invite = outside.wait_sip("rx", "INVITE ")
+            assert f"INVITE sip:{OUTSIDE}@" in invite and "X-Homepbx" not in invite
+            pbx.wait_log(rf"event=call_forwarded .*number=200 condition={condition} to={OUTSIDE} trunk=provider")
+            answer_and_hear(caller, call, outside, incoming, tmp_path)
+            pbx.wait_log(r"event=call_ended .*caller=100 callee=")
         pbx.assert_clean_log()
     finally:
         provider.stop()
