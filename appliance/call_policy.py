@@ -86,7 +86,34 @@ class PickupCall:
     number: str
 
 
-Decision = Refuse | RingNumber | JoinCall | RouteToTrunk
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """The call to `hops[-1][0]` goes on to `to` instead (RFC 5806 diversion)."""
+
+    to: RingNumber | RouteToTrunk
+    hops: tuple[tuple[str, str], ...]
+    """(forwarding number, condition) for every diversion on the way, first first."""
+
+    @property
+    def number(self) -> str:
+        """The number that forwarded last: a call out counts on its outgoing limit."""
+        return self.hops[-1][0]
+
+    @property
+    def chain(self) -> tuple[str, ...]:
+        return tuple(number for number, _ in self.hops)
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeSettings:
+    """A feature code from a handset: change `number`'s settings (saved in config.toml)."""
+
+    number: str
+    service: str
+    changes: Mapping[str, object]
+
+
+Decision = Refuse | RingNumber | JoinCall | RouteToTrunk | ChangeSettings
 
 OUTSIDE_NUMBER = re.compile(r"\+?[0-9*#]{1,32}")
 """What may be dialled out through a trunk once the prefix is stripped."""
@@ -112,14 +139,25 @@ class CallInProgress:
 
 ReachableDevices = Callable[[str], Sequence[str]]
 """A number -> the binding ids of its devices that can be rung now."""
+DeviceIds = Callable[[str, str], str]
+"""(number, binding id) -> the device's stable id (what `dnd_devices` names)."""
+FORWARD_CONDITIONS = ("always", "busy", "no_answer", "unreachable", "dnd")
+MAX_FORWARDS = 5
+"""Diversions one call may take; more is treated as a loop."""
+DIVERSION_REASONS = {"always": "unconditional", "busy": "user-busy", "no_answer": "no-answer",
+                     "unreachable": "unavailable", "dnd": "do-not-disturb"}
+"""RFC 5806 reasons, by condition."""
 
 
 def decide_new_call(caller: UserConfig, caller_device: str | None, dialled: str, config: Config,
                     reachable: ReachableDevices, outgoing_in_use: Mapping[str, int],
-                    calls: Sequence[CallInProgress], anchored: bool) -> Decision:
+                    calls: Sequence[CallInProgress], anchored: bool, device_ids: DeviceIds | None = None) -> Decision:
     """An authenticated handset of `caller` dialled `dialled` (a number or a feature code)."""
     if config.feature_codes.get(dialled) == "join":
         return decide_join(caller, caller_device, calls, anchored)
+    feature = decide_feature_code(caller, dialled, config)
+    if feature is not None:
+        return feature
     callee = config.user(dialled) if dialled else None
     route = _trunk_route(dialled, config) if callee is None else None
     if route is not None and route[1] in config.emergency_numbers:
@@ -140,7 +178,8 @@ def decide_new_call(caller: UserConfig, caller_device: str | None, dialled: str,
                           "trunk_channels_full")
         return RouteToTrunk(trunk.name, number, caller.caller_id or trunk.username, emergency=False)
     assert callee is not None
-    return _ring(callee, caller_device, reachable, counts_outgoing=True)
+    return _ring(callee, caller_device, reachable, counts_outgoing=True, forwarding=config if anchored else None,
+                 device_ids=device_ids, outgoing_in_use=outgoing_in_use, calls=calls)
 
 
 def pickup_request(dialled: str, config: Config) -> tuple[str | None] | None:
@@ -225,7 +264,8 @@ def decide_join(user: UserConfig, device: str | None, calls: Sequence[CallInProg
 
 
 def decide_incoming(trunk: TrunkConfig, uri_user: str, to_user: str, config: Config,
-                     reachable: ReachableDevices) -> Refuse | RingNumber:
+                     reachable: ReachableDevices, device_ids: DeviceIds | None = None,
+                     anchored: bool = True) -> Refuse | RingNumber:
     """A call the provider of `trunk` sends in (recognised by its source address, not challenged).
 
     The called number (DID) is the Request-URI's user; a provider that puts the account's
@@ -241,7 +281,8 @@ def decide_incoming(trunk: TrunkConfig, uri_user: str, to_user: str, config: Con
     callee = config.user(extension) if extension is not None else None
     if callee is None:
         return Refuse(404, "Not Found", "unknown_did")
-    return _ring(callee, None, reachable, counts_outgoing=False)
+    return _ring(callee, None, reachable, counts_outgoing=False, forwarding=config if anchored else None,
+                 device_ids=device_ids)
 
 
 def _route(incoming: Mapping[str, str], number: str) -> str | None:
@@ -254,7 +295,9 @@ def _route(incoming: Mapping[str, str], number: str) -> str | None:
 
 
 def decide_worker_leg(anchoring: CallInProgress | None, worker_port: int, dialled: str, config: Config,
-                      reachable: ReachableDevices) -> Refuse | RingNumber | ToProvider:
+                      reachable: ReachableDevices, *, device_ids: DeviceIds | None = None,
+                      outgoing_in_use: Mapping[str, int] | None = None,
+                      calls: Sequence[CallInProgress] = ()) -> Refuse | RingNumber | ToProvider | Forward:
     """A media worker's outgoing leg of an anchored call: trusted only for the call it anchors."""
     if anchoring is None or anchoring.worker_port != worker_port:
         return Refuse(403, "Forbidden", "worker_not_anchoring")
@@ -266,13 +309,167 @@ def decide_worker_leg(anchoring: CallInProgress | None, worker_port: int, dialle
     callee = config.user(dialled)
     if callee is None:
         return Refuse(404, "Not Found", "unknown_number")
-    return _ring(callee, anchoring.caller_device, reachable, counts_outgoing=False)
+    forward = forward_before_ringing(callee, anchoring.caller_device, (), config, reachable, device_ids,
+                                     outgoing_in_use or {}, calls)
+    if forward is not None:
+        return forward
+    return _ring(callee, anchoring.caller_device, reachable, counts_outgoing=False, device_ids=device_ids)
 
 
 def _ring(callee: UserConfig, caller_device: str | None, reachable: ReachableDevices, *,
-          counts_outgoing: bool) -> Refuse | RingNumber:
+          counts_outgoing: bool, forwarding: Config | None = None, device_ids: DeviceIds | None = None,
+          outgoing_in_use: Mapping[str, int] | None = None,
+          calls: Sequence[CallInProgress] = ()) -> Refuse | RingNumber:
+    """Ring `callee`'s devices; with `forwarding` (the config; the call is anchored in a
+    media worker), a forward that applies before ringing (always, DND, unreachable) leaves
+    the devices out: the worker's leg is forwarded (`decide_worker_leg`), or a refusal
+    (DND without forwarding, a loop) answers at once."""
     devices = tuple(d for d in reachable(callee.number) if d != caller_device)  # never ring the caller itself
+    if forwarding is not None:
+        forward = forward_before_ringing(callee, caller_device, (), forwarding, reachable, device_ids,
+                                         outgoing_in_use or {}, calls)
+        if isinstance(forward, Refuse):
+            return forward
+        if forward is not None:
+            return RingNumber(callee.number, (), float(callee.ring_seconds), callee.decline == "all_devices",
+                              counts_outgoing)
+    devices = ring_targets(callee, devices, device_ids)
     if not devices:
         return Refuse(480, "Temporarily Unavailable", "no_reachable_device")
-    return RingNumber(callee.number, devices, float(callee.ring_timeout), callee.decline == "all_devices",
+    return RingNumber(callee.number, devices, float(callee.ring_seconds), callee.decline == "all_devices",
                       counts_outgoing)
+
+
+# -- forwarding and do-not-disturb ------------------------------------------------------------
+
+def ring_targets(user: UserConfig, devices: Sequence[str], device_ids: DeviceIds | None) -> tuple[str, ...]:
+    """The devices that ring: a device in DND (`dnd_devices`) is left out."""
+    if device_ids is None or not user.dnd_devices:
+        return tuple(devices)
+    return tuple(d for d in devices if device_ids(user.number, d) not in user.dnd_devices)
+
+
+def ringing_condition(user: UserConfig, devices: Sequence[str], device_ids: DeviceIds | None) -> str | None:
+    """Why `user` is not simply rung (before any device rings): "always", "dnd" (the number,
+    or every reachable device, in DND), "unreachable" (no device); None: ring it."""
+    if user.forward_always:
+        return "always"
+    if user.dnd:
+        return "dnd"
+    if not devices:
+        return "unreachable"
+    if not ring_targets(user, devices, device_ids):
+        return "dnd"
+    return None
+
+
+def forward_target(user: UserConfig, condition: str) -> str:
+    """Where `user` forwards a call under `condition` ("" = nowhere); DND forwards as busy does."""
+    field = {"always": "forward_always", "busy": "forward_busy", "dnd": "forward_busy",
+             "no_answer": "forward_no_answer", "unreachable": "forward_unreachable"}[condition]
+    target: str = getattr(user, field)
+    return target
+
+
+def forward_before_ringing(user: UserConfig, caller_device: str | None, hops: tuple[tuple[str, str], ...],
+                           config: Config, reachable: ReachableDevices, device_ids: DeviceIds | None,
+                           outgoing_in_use: Mapping[str, int],
+                           calls: Sequence[CallInProgress]) -> Forward | Refuse | None:
+    """A call for `user` before anything rings: forwarded (always, DND, unreachable),
+    refused (DND without forwarding: 486; a loop: 482), or None (ring it as usual)."""
+    devices = [d for d in reachable(user.number) if d != caller_device]
+    condition = ringing_condition(user, devices, device_ids)
+    if condition is None:
+        return None
+    return decide_forward(user, condition, hops, config, reachable, device_ids, outgoing_in_use, calls,
+                          caller_device)
+
+
+def decide_forward(user: UserConfig, condition: str, hops: tuple[tuple[str, str], ...], config: Config,
+                   reachable: ReachableDevices, device_ids: DeviceIds | None, outgoing_in_use: Mapping[str, int],
+                   calls: Sequence[CallInProgress], caller_device: str | None = None) -> Forward | Refuse | None:
+    """A call for `user` meets `condition` (always / busy / no_answer / unreachable / dnd),
+    after the diversions `hops` already taken: where it goes, or why not.
+
+    None: `user` has no forwarding for it (the call fails as it would have). A target that
+    is itself forwarded before ringing is followed (its own condition, the chain grown); a
+    number met twice, or more than MAX_FORWARDS diversions, is a loop (482). A call
+    forwarded out through a trunk counts on the forwarding number's `max_outgoing_calls`.
+    """
+    target = forward_target(user, condition)
+    if not target:
+        if condition == "dnd":
+            return Refuse(486, "Busy Here (do not disturb)", "dnd")
+        return None
+    hops = (*hops, (user.number, condition))
+    if target in {number for number, _ in hops} or len(hops) > MAX_FORWARDS:
+        return Refuse(482, "Loop Detected (call forwarding)", "forward_loop")
+    callee = config.user(target)
+    if callee is not None:
+        onward = forward_before_ringing(callee, caller_device, hops, config, reachable, device_ids,
+                                        outgoing_in_use, calls)
+        if onward is not None:
+            return onward
+        devices = ring_targets(callee, [d for d in reachable(target) if d != caller_device], device_ids)
+        if not devices:
+            return Refuse(480, "Temporarily Unavailable", "no_reachable_device")
+        ring = RingNumber(target, devices, float(callee.ring_seconds), callee.decline == "all_devices", False)
+        return Forward(ring, hops)
+    route = _trunk_route(target, config)
+    if route is None or route[1] in config.emergency_numbers:
+        return Refuse(404, "Not Found (forwarding target)", "forward_target_unknown")
+    trunk, number = route
+    limit = user.max_outgoing_calls
+    in_use = outgoing_in_use.get(user.number, 0)
+    if limit and in_use >= limit:
+        return Refuse(403, f"Outgoing call limit reached ({in_use} of {limit})", "outgoing_limit")
+    channels = sum(1 for c in calls if trunk.name in (c.trunk, c.outgoing_trunk))
+    if channels >= trunk.max_channels:
+        return Refuse(503, f"Service Unavailable (all {trunk.max_channels} lines to the provider busy)",
+                      "trunk_channels_full")
+    return Forward(RouteToTrunk(trunk.name, number, user.caller_id or trunk.username, emergency=False), hops)
+
+
+def forward_condition_of(status: int) -> str | None:
+    """What a B-leg's failure means for forwarding: every device busy (486/600) is "busy",
+    no answer in time (480, 408) is "no_answer"; anything else forwards nowhere."""
+    if status in (486, 600):
+        return "busy"
+    if status in (480, 408):
+        return "no_answer"
+    return None
+
+
+_SWITCHES: Mapping[str, tuple[str, object]] = {
+    "forward_always_off": ("forward_always", ""), "forward_busy_off": ("forward_busy", ""),
+    "forward_no_answer_off": ("forward_no_answer", ""), "dnd_on": ("dnd", True), "dnd_off": ("dnd", False),
+}
+_SETTING_SERVICES = frozenset({*_SWITCHES, "dnd_toggle", "forward_always", "forward_busy", "forward_no_answer"})
+
+
+def decide_feature_code(caller: UserConfig, dialled: str, config: Config) -> ChangeSettings | Refuse | None:
+    """A forwarding or DND code (`*72300`, `*78`): the change to `caller`'s settings, a
+    refusal (no number after a prefix code: 484; forwarding to itself: 403; to a number
+    that is no extension and no trunk routes: 404), or None (not such a code)."""
+    for code in sorted(config.feature_codes, key=len, reverse=True):
+        service = config.feature_codes[code]
+        if service not in _SETTING_SERVICES or not dialled.startswith(code):
+            continue
+        if service in ("forward_always", "forward_busy", "forward_no_answer"):
+            target = dialled[len(code):]
+            if not target:
+                return Refuse(484, "Address Incomplete (dial the code, then the number)", "feature_no_number")
+            if target == caller.number:
+                return Refuse(403, "Forbidden (a number cannot forward to itself)", "forward_to_self")
+            if config.user(target) is None:
+                route = _trunk_route(target, config)
+                if route is None or target in config.emergency_numbers:
+                    return Refuse(404, "Not Found (no such number to forward to)", "forward_target_unknown")
+            return ChangeSettings(caller.number, service, {service: target})
+        if dialled != code:
+            continue
+        if service == "dnd_toggle":
+            return ChangeSettings(caller.number, service, {"dnd": not caller.dnd})
+        field, value = _SWITCHES[service]
+        return ChangeSettings(caller.number, service, {field: value})
+    return None

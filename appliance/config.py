@@ -31,6 +31,8 @@ import tomlkit.items
 
 from appliance.fileio import atomic_write
 from appliance.sip.auth import ALGORITHMS as DIGEST_ALGORITHMS
+from appliance.sip.errors import SipSyntaxError
+from appliance.sip.headers import parse_name_addr
 
 T = TypeVar("T")
 
@@ -52,18 +54,34 @@ __all__ = [
     "update_user",
 ]
 
-FEATURE_SERVICES: tuple[str, ...] = ("join", "pickup", "pickup_directed")
+FEATURE_SERVICES: tuple[str, ...] = (
+    "join", "forward_always", "forward_always_off", "forward_busy", "forward_busy_off", "forward_no_answer",
+    "forward_no_answer_off", "dnd_on", "dnd_off", "dnd_toggle", "pickup", "pickup_directed",
+)
 """Services a feature code may name."""
+PREFIX_SERVICES: frozenset[str] = frozenset({"forward_always", "forward_busy", "forward_no_answer",
+                                              "pickup_directed"})
+"""Services that take a number: their code is a prefix, the digits dialled after it are the number."""
+FORWARD_FIELDS: tuple[str, ...] = ("forward_always", "forward_busy", "forward_no_answer", "forward_unreachable")
+"""A user's forwarding targets, one per condition ("" = off)."""
 
 DECLINE_MODES: tuple[str, ...] = ("this_device", "all_devices")
 """Values of a user's ``decline`` setting."""
 
 USER_EDITABLE_FIELDS = frozenset(
-    {"name", "one_number", "max_devices", "max_outgoing_calls", "decline", "ring_timeout", "password"}
+    {"name", "one_number", "max_devices", "max_outgoing_calls", "decline", "ring_timeout", "password",
+     *FORWARD_FIELDS, "no_answer_after", "dnd", "dnd_devices"}
 )
 """Fields :func:`update_user` may change (``number`` is the user's identity)."""
 
-_DEFAULT_FEATURE_CODES = {"*74": "join", "*8": "pickup", "**": "pickup_directed"}
+_DEFAULT_FEATURE_CODES = {
+    "*74": "join",
+    "*72": "forward_always", "*73": "forward_always_off",
+    "*90": "forward_busy", "*91": "forward_busy_off",
+    "*52": "forward_no_answer", "*53": "forward_no_answer_off",
+    "*78": "dnd_on", "*79": "dnd_off", "*76": "dnd_toggle",
+    "*8": "pickup", "**": "pickup_directed",
+}
 DEFAULT_EMERGENCY_NUMBERS: tuple[str, ...] = ("112", "110", "911")
 """Numbers that are never refused and never an extension (EU, Germany, North America)."""
 TRUNK_TRANSPORTS: tuple[str, ...] = ("udp", "tcp")
@@ -180,6 +198,25 @@ class UserConfig:
     ring_timeout: int = 30
     caller_id: str = ""
     """What an outside line is asked to show for this extension; "" leaves it to the provider."""
+    forward_always: str = ""
+    """Forward every call to this number (an extension, or an outside number with a trunk's prefix); "" = off."""
+    forward_busy: str = ""
+    """Forward when every device is busy (486/600) or the number is in do-not-disturb."""
+    forward_no_answer: str = ""
+    """Forward when nobody answers within `no_answer_after` seconds."""
+    forward_unreachable: str = ""
+    """Forward when no device is registered and reachable."""
+    no_answer_after: int = 20
+    """Seconds of ringing before `forward_no_answer`; replaces `ring_timeout` while it is set."""
+    dnd: bool = False
+    """Do not disturb: no device rings; the call forwards on busy, else gets 486."""
+    dnd_devices: tuple[str, ...] = ()
+    """Devices in do-not-disturb, by their stable id (`+sip.instance`, else Contact user@host)."""
+
+    @property
+    def ring_seconds(self) -> int:
+        """How long a call rings here: `no_answer_after` while forwarding on no answer is set."""
+        return self.no_answer_after if self.forward_no_answer else self.ring_timeout
 
     @property
     def device_limit(self) -> int:
@@ -276,6 +313,19 @@ def control_socket_path(config: Config, environ: Mapping[str, str] | None = None
 
 
 # --------------------------------------------------------------------------- public API
+
+
+def device_id(instance: str | None, contact: str) -> str:
+    """A device's stable id, as `dnd_devices` names it: its `+sip.instance` (RFC 5626),
+    else its Contact's user@host:port (kept across re-registrations and restarts; the port
+    tells apart two softphones on one computer)."""
+    if instance:
+        return instance.strip("<>\"")
+    try:
+        uri = parse_name_addr(contact).uri
+    except SipSyntaxError:
+        return contact
+    return f"{uri.user}@{uri.host_port()}" if uri.user else uri.host_port()
 
 
 def load_config(path: Path) -> Config:
@@ -497,6 +547,7 @@ class _Validator:
             if code in emergency:
                 raise self.error(("feature_codes", code), "feature code is also an emergency number")
         trunks = self.trunks(data.get("trunks", []), users, feature_codes)
+        self.check_forwarding(users, trunks, emergency)
         return Config(
             path=self.path,
             server=server,
@@ -587,6 +638,12 @@ class _Validator:
             if service not in FEATURE_SERVICES:
                 raise t.error(code, f"unknown service {service!r} (known: {', '.join(FEATURE_SERVICES)})")
             codes[code] = service
+        for code, service in codes.items():
+            if service in PREFIX_SERVICES:
+                other = next((c for c in sorted(codes) if c != code and c.startswith(code)), None)
+                if other is not None:
+                    raise t.error(other, f"starts with {code!r}, the code of {service!r} that a number follows "
+                                         "(it could not be dialled)")
         return codes
 
     def users(self, value: object) -> tuple[UserConfig, ...]:
@@ -631,7 +688,46 @@ class _Validator:
             decline=decline,
             ring_timeout=t.get_int("ring_timeout", d.ring_timeout, 5, 600),
             caller_id=self.caller_id(t),
+            **{name: self.forward_target(t, name, number) for name in FORWARD_FIELDS},
+            no_answer_after=t.get_int("no_answer_after", d.no_answer_after, 5, 600),
+            dnd=t.get_bool("dnd", d.dnd),
+            dnd_devices=self.dnd_devices(t),
         )
+
+    @staticmethod
+    def forward_target(t: _Table, name: str, number: str) -> str:
+        target = t.get_str(name, "")
+        if target and not re.fullmatch(r"\+?[0-9*#]{1,32}", target):
+            raise t.error(name, f"{target!r}: must be a number (an extension, or an outside number with a "
+                                "trunk's outgoing_prefix), or \"\" for off")
+        if target == number:
+            raise t.error(name, f"{target!r}: a number cannot forward to itself")
+        return target
+
+    @staticmethod
+    def dnd_devices(t: _Table) -> tuple[str, ...]:
+        raw = t.data.get("dnd_devices", [])
+        if not isinstance(raw, list) or not all(isinstance(v, str) and v and v.isprintable() for v in raw):
+            raise t.error("dnd_devices", "must be an array of device ids (strings)")
+        return tuple(dict.fromkeys(raw))
+
+    def check_forwarding(self, users: tuple[UserConfig, ...], trunks: tuple[TrunkConfig, ...],
+                         emergency: tuple[str, ...]) -> None:
+        """Each forwarding target is an extension, or an outside number a trunk's prefix routes."""
+        numbers = {user.number for user in users}
+        prefixes = [t.outgoing_prefix for t in trunks]
+        for index, user in enumerate(users):
+            for name in FORWARD_FIELDS:
+                target = getattr(user, name)
+                if not target or target in numbers:
+                    continue
+                if target in emergency:
+                    raise self.error(("users", index, name), f"{target!r}: calls are not forwarded to an "
+                                                              "emergency number")
+                routed = any(p == "" or (target.startswith(p) and len(target) > len(p)) for p in prefixes)
+                if not routed:
+                    raise self.error(("users", index, name),
+                                     f"{target!r}: no such extension, and no trunk's outgoing_prefix routes it")
 
     @staticmethod
     def caller_id(t: _Table) -> str:

@@ -29,7 +29,7 @@ from typing import Any, Final, Protocol
 
 from appliance.config import Config, ConfigError, LiveConfig, UserConfig, control_socket_path, update_user
 from appliance.logs import fields
-from appliance.state import Event, LiveState
+from appliance.state import Event, LiveState, forwarding_json
 
 log = logging.getLogger("homepbx.control")
 
@@ -41,7 +41,9 @@ MAX_LINE: Final = 64 * 1024
 SOCKET_MODE: Final = 0o660
 _SUN_PATH_MAX: Final = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
 
-SETTABLE_FIELDS: Final = ("one_number", "max_devices", "max_outgoing_calls", "name", "decline", "ring_timeout")
+SETTABLE_FIELDS: Final = ("one_number", "max_devices", "max_outgoing_calls", "name", "decline", "ring_timeout",
+                          "forward_always", "forward_busy", "forward_no_answer", "forward_unreachable",
+                          "no_answer_after", "dnd", "dnd_devices")
 """User settings a client may change (``number`` is the identity, ``password`` is never set here)."""
 
 
@@ -157,7 +159,7 @@ class ControlServer:
     file commands edit."""
 
     def __init__(self, state: LiveState, settings: LiveConfig, steering: Steering, config_path: Path, *,
-                 queue_limit: int = QUEUE_LIMIT) -> None:
+                 queue_limit: int = QUEUE_LIMIT, edit_lock: asyncio.Lock | None = None) -> None:
         self.state = state
         self.settings = settings
         self.steering = steering
@@ -169,7 +171,7 @@ class ControlServer:
         self._senders: set[asyncio.Task[None]] = set()
         self._handlers: set[asyncio.Task[None]] = set()
         self._ids = itertools.count(1)
-        self._edit_lock = asyncio.Lock()
+        self._edit_lock = edit_lock or asyncio.Lock()  # shared with the daemon's own edits (feature codes)
 
     # -- life cycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -390,6 +392,8 @@ class ControlServer:
         for name, value in changes.items():
             if name not in SETTABLE_FIELDS:
                 raise CommandError(name, f"not a field that can be set here (settable: {', '.join(SETTABLE_FIELDS)})")
+            if name == "dnd_devices" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+                continue  # the one list: device ids
             if value is None or isinstance(value, dict | list):
                 raise CommandError(name, f"must be a single value, not {json.dumps(value)}")
         async with self._edit_lock:
@@ -429,7 +433,7 @@ def _user_json(user: UserConfig) -> dict[str, Any]:
         "number": user.number, "name": user.name, "one_number": user.one_number,
         "max_devices": user.max_devices, "device_limit": user.device_limit,
         "max_outgoing_calls": user.max_outgoing_calls, "decline": user.decline,
-        "ring_timeout": user.ring_timeout,
+        "ring_timeout": user.ring_timeout, **forwarding_json(user),
     }
 
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from appliance import sdnotify
-from appliance.config import Config, ConfigError, LiveConfig, fill_missing_passwords, load_config
+from appliance.config import Config, ConfigError, LiveConfig, fill_missing_passwords, load_config, update_user
 from appliance.control import ControlServer
 from appliance.edge.auth_gate import AuthGate
 from appliance.edge.calls import CallRouter
@@ -86,17 +86,21 @@ class Daemon:
         ) if config.media.max_calls else None
         # The trunks are made before the router: it asks them which requests come from a provider.
         self.trunks = trunks = TrunkRegistrar(settings, network, timers, state, wall=wall)
+        self.edit_lock = asyncio.Lock()  # one edit of config.toml at a time (control socket, feature codes)
         # Busy lamps: SUBSCRIBEs answered, NOTIFYs sent; told of calls with the live state.
         self.subscriptions = Subscriptions(settings, network, auth, registrar, timers)
         events = CallEventsFanOut(state, self.subscriptions)
-        self.calls = router = CallRouter(settings, network, registrar, auth, events, timers, self.media, trunks)
+        self.calls = router = CallRouter(settings, network, registrar, auth, events, timers, self.media, trunks,
+                                         user_settings=self)
         self.qualifier = Qualifier(settings, network, registrar, timers, self.device_events.publish)
         self.server_tx = ServerTransactions()
         self.edge = Edge(settings, network, auth, registrar, self.throttle, self.server_tx, router, self.qualifier,
                          self.device_events.publish, clock=timers.now, wall=wall, trunks=self.trunks,
                          subscriptions=self.subscriptions)
         # The control socket edits the config file: none without one (tests of the edge alone).
-        self.control = ControlServer(state, settings, self, config_path) if config_path is not None else None
+        self.control = ControlServer(state, settings, self, config_path,
+                                     edit_lock=self.edit_lock) if config_path is not None else None
+        self._edits: set[asyncio.Task[None]] = set()
         self._housekeeping: Deadline | None = None
         self._next_nonce_sweep = 0.0
 
@@ -194,6 +198,28 @@ class Daemon:
         self.qualifier.reschedule()
         self.trunks.reconfigure()
         self.state.emit({"event": "config_changed"})
+
+    def change_user(self, number: str, changes: dict[str, object], then: Callable[[str | None], None]) -> None:
+        """A feature code's change (`UserSettings`): config.toml edited atomically off the
+        event loop, the new config put in force, then `then` told (None, or the error)."""
+        path = self.config_path
+        if path is None:
+            then("no config file to save in")
+            return
+
+        async def edit() -> None:
+            async with self.edit_lock:
+                try:
+                    config = await asyncio.to_thread(update_user, path, number, changes)
+                except ConfigError as err:
+                    then(str(err))
+                    return
+                self.apply_config(config)
+            then(None)
+
+        task = asyncio.get_running_loop().create_task(edit())
+        self._edits.add(task)
+        task.add_done_callback(self._edits.discard)
 
     def _enforce_users(self) -> None:
         """Bindings follow the config: a number no longer configured loses its devices, and

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from appliance.config import Config, LiveConfig
+from appliance.config import Config, LiveConfig, UserConfig, device_id
 from appliance.netaddr import AddressCache
 from appliance.sip.registrar import Binding, EventKind, Registrar, RegistrarEvent
 
@@ -134,7 +134,13 @@ class LiveState:
             "registered_at": b.registered_at, "expires_at": b.expires_at,
             "reachable": b.reachable, "unreachable_reason": b.unreachable_reason,
             "state": self.device_state(b.id).value,
+            "device_id": (dev := device_id(b.instance, b.contact)),
+            "dnd": self._device_dnd(b.number, dev),
         }
+
+    def _device_dnd(self, number: str, dev: str) -> bool:
+        user = self.config.user(number)
+        return user is not None and dev in user.dnd_devices
 
     # -- calls (told by the proxy) --------------------------------------------------------
     def call_started(self, call_id: str, caller: str, callee: str, caller_device: str | None) -> None:
@@ -247,6 +253,7 @@ class LiveState:
                 "max_outgoing_calls": user.max_outgoing_calls,
                 "outgoing_in_use": self.outgoing_in_use(user.number),
                 "decline": user.decline, "ring_timeout": user.ring_timeout,
+                **forwarding_json(user),
                 "devices": devices,
             })
         server = self.config.server
@@ -257,3 +264,13 @@ class LiveState:
             "numbers": numbers, "calls": [c.to_json() for c in self.calls.values()],
             "blocked": self.blocked_json(), "trunks": self.trunks_json(),
         }
+
+
+def forwarding_json(user: UserConfig) -> dict[str, Any]:
+    """A user's forwarding and DND settings, as the TUI shows them."""
+    return {
+        "forward_always": user.forward_always, "forward_busy": user.forward_busy,
+        "forward_no_answer": user.forward_no_answer, "forward_unreachable": user.forward_unreachable,
+        "no_answer_after": user.no_answer_after, "dnd": user.dnd, "dnd_devices": list(user.dnd_devices),
+    }
+

@@ -23,6 +23,8 @@ from textual.widgets import DataTable, Footer
 from tui.client import CommandFailed, ControlClient
 from tui.messages import CommandDone, Connected, Disconnected, ModelChanged
 from tui.model import Number, PbxModel, ProtocolError
+from tui.screens.dnd_dialog import WHOLE_NUMBER, DndDialog
+from tui.screens.forward_dialog import ForwardDialog
 from tui.screens.password_dialog import PasswordDialog
 from tui.screens.setup_dialog import SetupDialog
 from tui.screens.value_dialog import ValueDialog
@@ -61,7 +63,9 @@ class HomePbxApp(App[None]):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("o", "toggle_one_number", "One-number"),
         Binding("d", "max_devices", "Devices"),
-        Binding("l", "outgoing_limit", "Out limit"),
+        Binding("l", "outgoing_limit", "Limit"),
+        Binding("f", "forwarding", "Fwd"),
+        Binding("n", "dnd", "DND"),
         Binding("s", "setup", "Set up"),
         Binding("p", "password", "Password"),
         Binding("r", "reload", "Reload"),
@@ -105,7 +109,7 @@ class HomePbxApp(App[None]):
         yield TrunkLines(id="trunks")
         yield BlockedLine(id="blocked")
         yield ResultLine(id="result")
-        yield Footer()
+        yield Footer(compact=True)  # every key fits in 80 columns
 
     def on_mount(self) -> None:
         if self.theme_name:
@@ -258,6 +262,35 @@ class HomePbxApp(App[None]):
                                  changes={field: value})
 
         self.push_screen(dialog, chosen)
+
+    def action_forwarding(self) -> None:
+        if (n := self._need_number()) is not None:
+
+            def chosen(changes: dict[str, Any] | None) -> None:
+                if changes:
+                    said = ", ".join(f"{k.replace('_', ' ')} {v if v != '' else 'off'}" for k, v in changes.items())
+                    self.run_command(f"{n.number} {said}", "set_user", number=n.number, changes=changes)
+
+            self.push_screen(ForwardDialog(n), chosen)
+
+    def action_dnd(self) -> None:
+        """Do not disturb for the number, or for one of its devices."""
+        if (n := self._need_number()) is not None:
+
+            def chosen(which: str | None) -> None:
+                if which is None:
+                    return
+                if which == WHOLE_NUMBER:
+                    self.run_command(f"{n.number} do not disturb {'off' if n.dnd else 'on'}", "set_user",
+                                     number=n.number, changes={"dnd": not n.dnd})
+                    return
+                on = which not in n.dnd_devices
+                devices = [*n.dnd_devices, which] if on else [d for d in n.dnd_devices if d != which]
+                label = next((d.label for d in self.model.devices_of(n.number) if d.device_id == which), which)
+                self.run_command(f"{n.number} {label} do not disturb {'on' if on else 'off'}", "set_user",
+                                 number=n.number, changes={"dnd_devices": devices})
+
+            self.push_screen(DndDialog(n, self.model.devices_of(n.number)), chosen)
 
     def action_setup(self) -> None:
         """What to type into a handset; its `p` comes back to action_password below."""

@@ -32,10 +32,30 @@ class Number:
     max_devices: int
     device_limit: int
     max_outgoing_calls: int  # 0 = unlimited
+    forward_always: str = ""
+    forward_busy: str = ""
+    forward_no_answer: str = ""
+    forward_unreachable: str = ""
+    no_answer_after: int = 20
+    dnd: bool = False
+    dnd_devices: tuple[str, ...] = ()
 
     @property
     def title(self) -> str:
         return f"{self.number} {self.name}".strip()
+
+    @property
+    def forwards(self) -> list[str]:
+        """Each forwarding set, as a person reads it: "busy → 300"."""
+        rules = [("always", self.forward_always), ("busy", self.forward_busy),
+                 (f"no answer {self.no_answer_after} s", self.forward_no_answer),
+                 ("unreachable", self.forward_unreachable)]
+        return [f"{when} → {target}" for when, target in rules if target]
+
+    @property
+    def mark(self) -> str:
+        """One character after the number in the table: ⊘ do not disturb, ↪ forwarding set."""
+        return "⊘" if self.dnd else "↪" if self.forwards else ""
 
 
 @dataclass(frozen=True)
@@ -49,6 +69,9 @@ class Device:
     expires_at: float
     reachable: bool
     unreachable_reason: str = ""
+    device_id: str = ""
+    """Its stable id (`dnd_devices` names devices by it)."""
+    dnd: bool = False
 
     @property
     def label(self) -> str:
@@ -274,6 +297,9 @@ def _number(raw: object) -> Number:
         number=_str(raw, "number"), name=_str(raw, "name"), one_number=one_number,
         max_devices=max_devices, device_limit=_int(raw, "device_limit", max_devices if one_number else 1),
         max_outgoing_calls=_int(raw, "max_outgoing_calls"),
+        forward_always=_str(raw, "forward_always"), forward_busy=_str(raw, "forward_busy"),
+        forward_no_answer=_str(raw, "forward_no_answer"), forward_unreachable=_str(raw, "forward_unreachable"),
+        no_answer_after=_int(raw, "no_answer_after", 20), dnd=_bool(raw, "dnd"), dnd_devices=_strs(raw, "dnd_devices"),
     )
 
 
@@ -286,6 +312,7 @@ def _device(raw: object) -> Device:
         registered_at=_float(raw, "registered_at"), expires_at=_float(raw, "expires_at"),
         reachable=_bool(raw, "reachable", True),
         unreachable_reason=_str(raw, "unreachable_reason"),
+        device_id=_str(raw, "device_id"), dnd=_bool(raw, "dnd"),
     )
 
 

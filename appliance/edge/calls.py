@@ -19,27 +19,41 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from appliance.call_policy import (
+    DIVERSION_REASONS,
     CallInProgress,
+    ChangeSettings,
+    Forward,
     JoinCall,
     PickupCall,
     Refuse,
     RingNumber,
     RouteToTrunk,
     ToProvider,
+    decide_forward,
     decide_incoming,
     decide_new_call,
     decide_pickup,
     decide_worker_leg,
+    forward_condition_of,
     pickup_request,
 )
-from appliance.config import LiveConfig
+from appliance.config import LiveConfig, TrunkConfig, device_id
 from appliance.edge.auth_gate import AuthGate
 from appliance.edge.relay import STATELESS_PREFIX, StatelessRelay
-from appliance.edge.seams import Bindings, CallEvents, MediaAnchor, Network, TrunkLookup
+from appliance.edge.seams import Bindings, CallEvents, MediaAnchor, Network, TrunkLookup, UserSettings
 from appliance.edge.timers import Timed, TimerWheel
 from appliance.edge.transport import format_host_port
 from appliance.logs import fields
-from appliance.media.protocol import HDR_CALLER, HDR_JOIN, HDR_PICKUP, HDR_TARGET, HDR_TOKEN, LOOPBACK
+from appliance.media.protocol import (
+    HDR_CALLER,
+    HDR_JOIN,
+    HDR_PICKUP,
+    HDR_PLAY,
+    HDR_TARGET,
+    HDR_TOKEN,
+    LOOPBACK,
+    PLAY_CONFIRM,
+)
 from appliance.sip.authenticator import Outcome
 from appliance.sip.errors import SipSyntaxError
 from appliance.sip.headers import parse_name_addr, parse_via
@@ -101,6 +115,10 @@ class Dialog:
     """On a call's first dialog: devices that joined it (`*74`) and are talking now."""
     counted_as_joined: bool = False
     """On a JOIN dialog: it is counted in its call's `joined`."""
+    hops: tuple[tuple[str, str], ...] = ()
+    """On a call's first dialog: the diversions the call took (number, condition), first first."""
+    charged: list[str] = field(default_factory=list)
+    """On a call's first dialog: numbers whose outgoing count a forward out through a trunk holds."""
     caller_tag: str = field(init=False)
     """The From tag of the INVITE: which way an in-dialog request goes (read once, not per request)."""
 
@@ -117,8 +135,9 @@ class CallRouter:
 
     def __init__(self, settings: LiveConfig, network: Network, bindings: Bindings, auth: AuthGate,
                  live: CallEvents, timers: TimerWheel, media: MediaAnchor | None,
-                 trunks: TrunkLookup | None = None) -> None:
+                 trunks: TrunkLookup | None = None, user_settings: UserSettings | None = None) -> None:
         self.settings = settings
+        self.user_settings = user_settings
         self.trunks = trunks
         self.network = network
         self.bindings = bindings
@@ -225,8 +244,11 @@ class CallRouter:
             self._pickup(request, flow, dest, key, decided, caller, caller_device, now)
             return
         decision = decide_new_call(user, caller_device, dialled, config, self._reachable, self.outgoing,
-                                   self._in_progress(), anchored=self.media is not None)
-        if isinstance(decision, Refuse):
+                                   self._in_progress(), anchored=self.media is not None,
+                                   device_ids=self._device_id)
+        if isinstance(decision, ChangeSettings):
+            self._change_settings(request, flow, dest, key, decision, caller_device, dialled)
+        elif isinstance(decision, Refuse):
             self._refuse(request, dest, decision, caller, dialled)
         elif isinstance(decision, JoinCall):
             self._join(request, flow, dest, key, decision, caller, now)
@@ -253,7 +275,8 @@ class CallRouter:
             to_user = ""
         number = _outside_number(request)
         did = dialled or to_user
-        decision = decide_incoming(trunk, dialled, to_user, config, self._reachable)
+        decision = decide_incoming(trunk, dialled, to_user, config, self._reachable, self._device_id,
+                                   anchored=self.media is not None)
         if isinstance(decision, Refuse):
             log.info("event=trunk_call_refused %s", fields(number=number, did=did, trunk=trunk_name,
                                                            status=decision.status, reason=decision.why))
@@ -298,7 +321,7 @@ class CallRouter:
         self._reply(request, dest, 100, "Trying")
         headers = [(HDR_TARGET, f"<sip:{decision.number}@{media.edge_address}>"), (HDR_CALLER, identity)]
         # The A-leg's own timer only backs up the B-leg's ring timeout, which decides.
-        settings = ForkSettings(decision.ring_timeout + 15.0)
+        settings = ForkSettings(self._backup_timeout(decision))
         media.anchor(dialog.token, lambda port: self._to_worker(dialog, dest, key, port, settings, headers))
 
     def _call_out(self, request: Request, flow: Flow, dest: Flow, key: str | None, decision: RouteToTrunk,
@@ -359,7 +382,12 @@ class CallRouter:
         a_leg = self._calls.get(token)
         config = self.settings.current
         decision = decide_worker_leg(self._progress_of(a_leg) if a_leg else None, flow.port, dialled, config,
-                                     self._reachable)
+                                     self._reachable, device_ids=self._device_id, outgoing_in_use=self.outgoing,
+                                     calls=self._in_progress())
+        if isinstance(decision, Forward):
+            assert a_leg is not None
+            self._forward_leg(request, flow, dest, key, a_leg, decision, now)
+            return
         if isinstance(decision, ToProvider):
             assert a_leg is not None
             self._to_provider(request, flow, dest, key, a_leg, decision, now)
@@ -370,13 +398,13 @@ class CallRouter:
             return
         assert a_leg is not None
         dialog = Dialog(token, Role.B, request, a_leg.caller, decision.number, flow, None, trunk=a_leg.trunk)
-        settings = ForkSettings(decision.ring_timeout, decline_all=decision.decline_all)
+        settings = self._ring_settings(decision)
         identity = self._identity(a_leg.caller, a_leg.trunk)
         self._start_fork(dialog, dest, key, self._targets(decision), settings, [("P-Asserted-Identity", identity)],
                          now)
 
     def _to_provider(self, request: Request, flow: Flow, dest: Flow, key: str | None, a_leg: Dialog,
-                     decision: ToProvider, now: float) -> None:
+                     decision: ToProvider, now: float, extra_headers: list[tuple[str, str]] | None = None) -> None:
         """The worker's leg of a call out, to the provider: Request-URI sip:<number>@<server>,
         the INVITE re-sent with the trunk's credentials when challenged (the worker never
         sees the challenge), the offer cut to G.711."""
@@ -403,7 +431,7 @@ class CallRouter:
                 return g711_only(body)
             return body
 
-        self._start_fork(dialog, dest, key, [target], ForkSettings(CALL_OUT_TIMEOUT), [], now,
+        self._start_fork(dialog, dest, key, [target], ForkSettings(CALL_OUT_TIMEOUT), extra_headers or [], now,
                          authorize=authorize, relay_body=offer)
 
     def _join(self, request: Request, flow: Flow, dest: Flow, key: str | None, decision: JoinCall, number: str,
@@ -457,6 +485,185 @@ class CallRouter:
                   if d.role is Role.B and d.fork is not None and d.fork.answered is None and not d.ended}
         return [self._progress_of(d) for t in tokens if (d := self._calls.get(t)) is not None and not d.ended
                 and d.answer is None]
+    # -- call forwarding, DND and their feature codes ------------------------------------------
+    def _device_id(self, number: str, binding_id: str) -> str:
+        """A device's stable id (what `dnd_devices` names), from its binding."""
+        for b in self.bindings.bindings(number):
+            if b.id == binding_id:
+                return device_id(b.instance, b.contact)
+        return binding_id
+
+    def _ring_settings(self, decision: RingNumber) -> ForkSettings:
+        """Ring settings of a B-leg: a callee that forwards on busy or no answer holds the
+        fork's final answer, so the same transaction can ring the target (`_exhausted`)."""
+        user = self.settings.current.user(decision.number)
+        hold = user is not None and bool(user.forward_busy or user.forward_no_answer)
+        return ForkSettings(decision.ring_timeout, decline_all=decision.decline_all, hold_final=hold)
+
+    def _backup_timeout(self, decision: RingNumber) -> float:
+        """The A-leg's backup timer: past the B-leg's ring timeout, and for a callee that
+        forwards, past a forward's own ringing too (the B-leg decides either way)."""
+        user = self.settings.current.user(decision.number)
+        if user is not None and any((user.forward_always, user.forward_busy, user.forward_no_answer,
+                                     user.forward_unreachable, user.dnd)):
+            return CALL_OUT_TIMEOUT + 30.0
+        return decision.ring_timeout + 15.0
+
+    def _diversion(self, hops: tuple[tuple[str, str], ...]) -> list[tuple[str, str]]:
+        """RFC 5806 Diversion headers, the latest diversion first."""
+        realm = self.settings.current.server.realm
+        return [("Diversion", f"<sip:{number}@{realm}>;reason={DIVERSION_REASONS[condition]};counter=1")
+                for number, condition in reversed(hops)]
+
+    def _note_forward(self, a_leg: Dialog, forward: Forward) -> None:
+        a_leg.hops = forward.hops
+        to = forward.to
+        log.info("event=call_forwarded %s", fields(
+            call=a_leg.token, caller=a_leg.caller, number=forward.number, condition=forward.hops[-1][1],
+            to=to.number, trunk=to.trunk if isinstance(to, RouteToTrunk) else "-",
+            chain=">".join(forward.chain)))
+        if isinstance(to, RouteToTrunk):  # counts on the forwarding number's outgoing limit
+            self.outgoing[forward.number] = self.outgoing.get(forward.number, 0) + 1
+            a_leg.charged.append(forward.number)
+
+    def _release_charges(self, first: Dialog) -> None:
+        for number in first.charged:
+            left = self.outgoing.get(number, 1) - 1
+            if left > 0:
+                self.outgoing[number] = left
+            else:
+                self.outgoing.pop(number, None)
+        first.charged.clear()
+
+    def _forward_leg(self, request: Request, flow: Flow, dest: Flow, key: str | None, a_leg: Dialog,
+                     forward: Forward, now: float) -> None:
+        """The worker's leg of a call forwarded before ringing (always, DND, unreachable):
+        to the target's devices, or out through a trunk; the worker never knows."""
+        self._note_forward(a_leg, forward)
+        headers = self._diversion(forward.hops)
+        to = forward.to
+        if isinstance(to, RouteToTrunk):
+            trunk = next(t for t in self.settings.current.trunks if t.name == to.trunk)
+            _as_trunk_caller(request, to, trunk)
+            self._to_provider(request, flow, dest, key, a_leg, ToProvider(trunk, to.number), now, headers)
+            return
+        dialog = Dialog(a_leg.token, Role.B, request, a_leg.caller, to.number, flow, None, trunk=a_leg.trunk)
+        identity = self._identity(a_leg.caller, a_leg.trunk)
+        self._start_fork(dialog, dest, key, self._targets(to), self._ring_settings(to),
+                         [("P-Asserted-Identity", identity), *headers], now)
+
+    def _exhausted(self, dialog: Dialog, status: int) -> None:
+        """Every device of a B-leg failed, or nobody answered in time: forward on busy or
+        no answer within the same transaction (`Fork.retarget`), else the held answer."""
+        fork = dialog.fork
+        if fork is None:
+            return
+        now = self.timers.now()
+        a_leg = self._calls.get(dialog.token)
+        condition = forward_condition_of(status)
+        config = self.settings.current
+        user = config.user(dialog.callee) if a_leg is not None and condition and dialog.role is Role.B else None
+        decision = None
+        if user is not None and a_leg is not None and condition is not None:
+            decision = decide_forward(user, condition, a_leg.hops, config, self._reachable, self._device_id,
+                                      self.outgoing, self._in_progress(), a_leg.caller_device)
+        if decision is None:
+            self._apply(dialog, fork.finish(now))
+            return
+        if isinstance(decision, Refuse):
+            log.info("event=forward_refused %s", fields(call=dialog.token, number=dialog.callee,
+                                                        status=decision.status, reason=decision.why))
+            self._apply(dialog, fork.finish(now, make_response(fork.request, decision.status, decision.reason)))
+            return
+        assert a_leg is not None
+        self._note_forward(a_leg, decision)
+        headers = self._diversion(decision.hops)
+        to = decision.to
+        if isinstance(to, RingNumber):
+            dialog.callee = to.number
+            self._apply(dialog, fork.retarget(self._targets(to), now, self._ring_settings(to), headers))
+            return
+        trunk = next(t for t in config.trunks if t.name == to.trunk)
+        provider = self.trunks.provider_flow(trunk.name) if self.trunks is not None else None
+        if provider is None:
+            log.warning("event=call_out_failed %s", fields(call=a_leg.token, trunk=trunk.name,
+                                                           reason="provider_not_resolved"))
+            self._apply(dialog, fork.finish(now, make_response(
+                fork.request, 503, "Service Unavailable (provider not reachable)")))
+            return
+        dialog.callee, dialog.outgoing_trunk = to.number, trunk.name
+        _as_trunk_caller(fork.request, to, trunk)
+        target = Target("", f"sip:{to.number}@{trunk.server}", provider, provider.transport == "tcp")
+
+        def authorize(invite: Request, challenge: Response) -> tuple[str, str] | None:
+            return credentials(invite, challenge, username=trunk.auth_user, password=trunk.password,
+                               cnonce=new_tag())
+
+        between = self.relay.body_between
+
+        def offer(message: Request | Response, source: Flow, to_flow: Flow) -> bytes:
+            body = between(message, source, to_flow)
+            if isinstance(message, Request) and is_sdp(message.get("Content-Type")):
+                return g711_only(body)
+            return body
+
+        self._apply(dialog, fork.retarget([target], now, ForkSettings(CALL_OUT_TIMEOUT), headers,
+                                          authorize=authorize, relay_body=offer))
+
+    def _change_settings(self, request: Request, flow: Flow, dest: Flow, key: str | None,
+                         decision: ChangeSettings, caller_device: str | None, dialled: str) -> None:
+        """A forwarding or DND code from a handset: saved and put in force, then confirmed
+        (`_confirm`). Retransmissions of the INVITE meanwhile are absorbed (a toggle is
+        applied once)."""
+        changes = dict(decision.changes)
+        said = ",".join(f"{k}={v}" for k, v in changes.items())
+        if self.user_settings is None:
+            self._reply(request, dest, 503, "Service Unavailable (settings cannot be saved)")
+            return
+        dialog = Dialog(new_tag(), Role.A, request, decision.number, dialled, flow, caller_device)
+        if key:
+            self._forks[key] = dialog
+        self._reply(request, dest, 100, "Trying")
+
+        def done(error: str | None) -> None:
+            if error is not None:
+                log.warning("event=feature_code_failed %s", fields(number=decision.number, code=decision.service,
+                                                                   changes=said, error=error))
+                self._reply(request, dest, 500, "Server Internal Error (settings not saved)")
+                self._forget_confirm(dialog, key)
+                return
+            log.info("event=feature_code %s", fields(number=decision.number, device=caller_device or "-",
+                                                     code=decision.service, changes=said))
+            self._confirm(dialog, dest, key, decision)
+
+        self.user_settings.change_user(decision.number, changes, done)
+
+    def _confirm(self, dialog: Dialog, dest: Flow, key: str | None, decision: ChangeSettings) -> None:
+        """Tell the handset its code was applied: a media worker answers, beeps and hangs up
+        (`X-Homepbx-Play: confirm`); without a worker, a final answer whose phrase says what
+        is now set."""
+        text = ", ".join(f"{k.replace('_', ' ')} {'on' if v is True else 'off' if v in (False, '') else v}"
+                         for k, v in decision.changes.items())
+        media = self.media
+        if media is None:
+            self._reply(dialog.invite, dest, 480, f"Temporarily Unavailable (done: {text})")
+            self._forget_confirm(dialog, key)
+            return
+
+        def anchored(port: int | None) -> None:
+            if port is None:  # every worker busy: the change is made all the same
+                self._reply(dialog.invite, dest, 480, f"Temporarily Unavailable (done: {text})")
+                self._forget_confirm(dialog, key)
+                self._end(dialog, "no_media_worker")
+                return
+            self._to_worker(dialog, dest, key, port, ForkSettings(30.0), [(HDR_PLAY, PLAY_CONFIRM)])
+
+        self._calls[dialog.token] = dialog
+        media.anchor(dialog.token, anchored)
+
+    def _forget_confirm(self, dialog: Dialog, key: str | None) -> None:
+        if key and self._forks.get(key) is dialog:
+            del self._forks[key]
 
     # -- facts for the policy -----------------------------------------------------------------
     def _reachable(self, number: str) -> list[str]:
@@ -630,6 +837,8 @@ class CallRouter:
                                                            device=dialog.caller_device, ringing=dialog.callee))
         elif event.kind == "failed":
             self._end(dialog, f"status_{event.status}")
+        elif event.kind == "exhausted":
+            self._exhausted(dialog, event.status or 480)
 
     def _send_request(self, request: Request, dest: Flow, reliable: bool) -> None:
         via = parse_via(request.get("Via") or "")
@@ -684,6 +893,7 @@ class CallRouter:
                 log.info("event=call_left %s", fields(call=dialog.token, device=dialog.caller_device))
             return
         self._calls.pop(dialog.token, None)
+        self._release_charges(dialog)
         if dialog.counts_outgoing:
             left = self.outgoing.get(dialog.caller, 1) - 1
             if left > 0:
@@ -801,6 +1011,17 @@ def _outside_number(request: Request) -> str:
         if re.fullmatch(r"\+?[0-9*#]{1,32}", user):
             return user
     return "anonymous"
+
+
+def _as_trunk_caller(request: Request, to: RouteToTrunk, trunk: TrunkConfig) -> None:
+    """A call forwarded out: the provider is told the caller is the family's line (its
+    caller ID, as on a call out; a provider accepts no other From), the tag kept so the
+    worker's dialog stays the same; who forwarded it is in the Diversion header."""
+    try:
+        tag = parse_name_addr(request.get("From") or "").tag
+    except SipSyntaxError:
+        tag = None
+    request.set("From", f"<sip:{to.caller_id}@{trunk.server}>" + (f";tag={tag}" if tag else ""))
 
 
 def _shift_cseq(message: Request | Response, delta: int) -> None:

@@ -137,3 +137,12 @@ class MediaAnchor(Protocol):
         ...
 
     def call_over(self, token: str) -> None: ...
+
+
+class UserSettings(Protocol):
+    """Change a user's settings from a handset's feature code (call forwarding, DND): saved
+    in config.toml atomically and put in force, as the control socket's set_user does."""
+
+    def change_user(self, number: str, changes: dict[str, object], then: Callable[[str | None], None]) -> None:
+        """Apply `changes` to user `number`, then tell `then` None (done) or why not."""
+        ...

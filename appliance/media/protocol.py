@@ -63,6 +63,10 @@ SIP (edge -> worker)
   answered (``P-Asserted-Identity`` naming the picker), the two are bridged and the
   B-leg is CANCELled (the edge's fork then CANCELs the ringing devices).  481 when the
   token is not this worker's call or the call is no longer ringing.
+- Confirmation: an INVITE with ``X-Homepbx-Token`` and ``X-Homepbx-Play: confirm`` (a
+  handset's feature code was applied): answered at once, ``CONFIRM_BEEPS`` short beeps of
+  ``CONFIRM_TONE_HZ`` played to it, then BYE; no B-leg.  The session ends as any call
+  (``call_ended``).
 - Hang-up rules: A leaving ends the call (BYE to everyone else).  B or a joiner leaving
   leaves the rest talking as long as A and at least one other leg are up; once A is
   alone it is hung up too.  A cancelling before the answer CANCELs the B-leg.
@@ -100,6 +104,11 @@ HDR_TARGET: Final = "X-Homepbx-Target"
 HDR_CALLER: Final = "X-Homepbx-Caller"
 HDR_JOIN: Final = "X-Homepbx-Join"
 HDR_PICKUP: Final = "X-Homepbx-Pickup"
+HDR_PLAY: Final = "X-Homepbx-Play"
+PLAY_CONFIRM: Final = "confirm"
+CONFIRM_TONE_HZ: Final = 880
+CONFIRM_BEEPS: Final = 3
+"""Beeps of 200 ms (100 ms apart) that say "done" to a handset that dialled a feature code."""
 INTERNAL_HEADER_PREFIX: Final = "X-Homepbx-"
 """The edge strips every header with this prefix from anything that leaves the box."""
 HDR_PAI: Final = "P-Asserted-Identity"

@@ -514,6 +514,9 @@ class Worker(PjHost):
             self.refuse(leg, 503, "Shutting Down")
             return
         token = (msg.get(P.HDR_TOKEN) or "").strip()
+        if (msg.get(P.HDR_PLAY) or "").strip() == P.PLAY_CONFIRM:
+            self.play_confirm(leg, token, msg)
+            return
         if (msg.get(P.HDR_PICKUP) or "").strip() == "1":
             self.pickup(leg, token, msg)
         elif (msg.get(P.HDR_JOIN) or "").strip() == "1":
@@ -559,6 +562,54 @@ class Worker(PjHost):
             session.ending = True
             self.answer(a, 500, "B-leg Failed")
             self.dirty = True
+
+    # -- confirmation beeps (a feature code applied) ------------------------------------------
+    def play_confirm(self, leg: Leg, token: str, msg: Request) -> None:
+        """Answer, beep CONFIRM_BEEPS times, hang up: the handset hears its code was applied."""
+        if self.session is not None:
+            self.refuse(leg, 486, "Busy Here")
+            return
+        if not token:
+            self.refuse(leg, 400, f"Missing {P.HDR_TOKEN}")
+            return
+        leg.name = P.LEG_A
+        leg.remote = strip_tag(msg.get("From") or "")
+        session = Session(token=token, caller="", target="", a=leg)
+        leg.session = session
+        self.session = session
+        self.set_codec_order(offered_codecs(msg.body.decode("utf-8", "replace")))
+        self.out.emit(P.EV_CALL_STARTED, token=token, call_id=msg.get("Call-ID"), caller="", target="confirm")
+        self.answer(leg, 200, headers={P.HDR_TOKEN: token})
+        self.after(0.1, lambda: self.confirm_beeps(leg, 30))
+
+    def confirm_beeps(self, leg: Leg, tries: int) -> None:
+        """Once the leg's audio is up (re-checked every 100 ms, `tries` times): the beeps, then BYE."""
+        if leg.disconnected:
+            return
+        port = leg.audio_media()
+        if port is None:
+            if tries > 0:
+                self.after(0.1, lambda: self.confirm_beeps(leg, tries - 1))
+            else:
+                self.hangup(leg)
+            return
+        gen = pj.ToneGenerator()
+        gen.createToneGenerator(16000, 1)
+        tones = pj.ToneDescVector()
+        for _ in range(P.CONFIRM_BEEPS):
+            desc = pj.ToneDesc()
+            desc.freq1 = desc.freq2 = P.CONFIRM_TONE_HZ
+            desc.on_msec, desc.off_msec = 200, 100
+            tones.append(desc)
+        gen.play(tones, False)
+        gen.startTransmit(port)
+
+        def done() -> None:
+            with contextlib.suppress(pj.Error):
+                gen.stopTransmit(port)
+            self.hangup(leg)
+
+        self.after(0.3 * P.CONFIRM_BEEPS + 0.2, done)
 
     def join(self, leg: Leg, token: str, msg: Request) -> None:
         session = self.session

@@ -79,7 +79,7 @@ class SendRequest(NamedTuple, Generic[Dest]):
 class ForkEvent:
     """What a person would see: a device rings, stops, answers; the call fails."""
 
-    kind: str  # "ringing" | "stopped" | "answered" | "failed"
+    kind: str  # "ringing" | "stopped" | "answered" | "failed" | "exhausted" (hold_final: no final sent yet)
     binding_id: str | None = None
     status: int | None = None
 
@@ -95,6 +95,9 @@ Authorize = Callable[[Request, Response], tuple[str, str] | None]
 class ForkSettings:
     ring_timeout: float
     decline_all: bool = False
+    hold_final: bool = False
+    """Every branch failed or the ring timeout passed: keep the final response and say
+    "exhausted"; the owner then `retarget`s the fork (call forwarding) or `finish`es it."""
 
 
 class Fork(Generic[Dest]):
@@ -128,6 +131,7 @@ class Fork(Generic[Dest]):
         self.answered: Branch[Dest] | None = None
         self.final_sent = False
         self._responses: list[Response] = []
+        self.held: Response | None = None
 
     # -- start --------------------------------------------------------------------------------
     def start(self, targets: list[Target[Dest]], now: float) -> list[ForkAction[Dest]]:
@@ -275,10 +279,46 @@ class Fork(Generic[Dest]):
         self.branches[branch_id] = retry
         return self._up(tx.start())
 
+    def finish(self, now: float, response: Response | None = None) -> list[ForkAction[Dest]]:
+        """After "exhausted": send the held final response (or `response`) upstream."""
+        if self.final_sent:
+            return []
+        final = response or self.held or make_response(self.request, 480, "Temporarily Unavailable")
+        self.settings.hold_final = False
+        return self._final(final, now)
+
+    def retarget(self, targets: list[Target[Dest]], now: float, settings: ForkSettings,
+                 extra_headers: list[tuple[str, str]], *, authorize: Authorize | None = None,
+                 relay_body: RelayBody[Dest] | None = None) -> list[ForkAction[Dest]]:
+        """After "exhausted": ring new targets for the same upstream transaction (call
+        forwarding); the old branches are cancelled, their answers forgotten."""
+        if self.final_sent:
+            return []
+        actions = self._cancel_others(None, None, now)
+        self.held = None
+        self._responses = []
+        self.settings = settings
+        self.ring_deadline = now + settings.ring_timeout
+        self._extra = [*self._extra, *extra_headers]
+        if authorize is not None:
+            self._authorize = authorize
+        if relay_body is not None:
+            self._relay_body = relay_body
+        for target in targets:
+            branch_id = "z9hG4bK" + new_tag() + new_tag()
+            tx: InviteClient[Dest] = InviteClient(self._branch_request(target, branch_id), target.dest,
+                                                  target.reliable, now)
+            self.branches[branch_id] = Branch(target, tx)
+            actions += self._up(tx.start())
+        if not targets:
+            actions += self.finish(now)
+        return actions
+
     def cancel(self, now: float, reason: str | None = None) -> list[ForkAction[Dest]]:
         """The caller CANCELled: cancel every branch and answer the INVITE with 487."""
         if self.final_sent:
             return []
+        self.settings.hold_final = False
         actions = self._cancel_others(None, reason, now)
         actions += self._final(make_response(self.request, 487, "Request Terminated"), now)
         return actions
@@ -359,6 +399,13 @@ class Fork(Generic[Dest]):
         return self._final(final, now)
 
     def _final(self, response: Response, now: float) -> list[ForkAction[Dest]]:
+        if self.settings.hold_final:
+            if self.held is not None:
+                return []  # exhausted already: the owner decides
+            self.held = response
+            self.ring_deadline = None
+            return [ForkEvent("exhausted", status=response.status)]
+        self.held = None
         self.final_sent = True
         self.ring_deadline = None
         actions = [ForkEvent("failed", status=response.status), *self._up(self.server.respond(response, now))]

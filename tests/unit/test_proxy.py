@@ -734,3 +734,69 @@ def test_a_branch_cancelled_before_it_rang_gets_its_cancel_from_what_the_fork_ke
     invite_via = h.branch("dev2")[1].tx.request.get("Via")
     assert cancel.get_all("Via") == [invite_via] and cancel.get("CSeq") == "2 CANCEL"
     assert cancel.get("Reason") == ANSWERED_ELSEWHERE
+# -- call forwarding: the final held, the same transaction re-targeted ------------------------
+
+
+def holding(n: int = 2, ring_timeout: float = 5.0) -> Harness:
+    h = Harness(n, ring_timeout=ring_timeout)
+    h.fork.settings.hold_final = True
+    return h
+
+
+def test_hold_final_every_device_busy_is_exhausted_not_answered_upstream() -> None:
+    h = holding()
+    h.ring_all()
+    h.reply("dev1", 486, now=T0 + 1)
+    actions = h.reply("dev2", 486, now=T0 + 2)
+    assert events(actions, "exhausted") == [ForkEvent("exhausted", status=486)]
+    assert upstream(actions) == [] and not h.fork.final_sent
+    assert events(h.reply("dev2", 486, now=T0 + 2.1), "exhausted") == []  # said once
+
+
+def test_hold_final_no_answer_cancels_the_devices_and_waits() -> None:
+    h = holding()
+    h.ring_all()
+    actions = h.run_timers(T0 + 5.0)
+    assert len(requests(actions, "CANCEL")) == 2
+    assert events(actions, "exhausted") == [ForkEvent("exhausted", status=480)]
+    assert upstream(actions) == [] and not h.fork.final_sent
+
+
+def test_retarget_rings_new_targets_for_the_same_caller_and_their_answer_goes_up() -> None:
+    h = holding()
+    h.ring_all()
+    h.run_timers(T0 + 5.0)
+    actions = h.fork.retarget([target(9)], T0 + 5.0, ForkSettings(30.0), [("Diversion", "<sip:200@home.arpa>")])
+    [invite] = sent_to(actions, "dev9")
+    assert isinstance(invite, Request) and invite.get("Diversion") == "<sip:200@home.arpa>"
+    assert invite.call_id == h.branch("dev1")[1].tx.request.call_id
+    h.reply("dev9", 180, now=T0 + 5.1)
+    answered = h.reply("dev9", 200, now=T0 + 6)
+    assert [r.status for r in upstream(answered)] == [200]
+    assert h.fork.answered is not None and h.fork.answered.target.dest == "dev9"
+
+
+def test_retarget_target_busy_too_ends_with_its_answer_not_the_first_devices() -> None:
+    h = holding(1)
+    h.reply("dev1", 486, now=T0 + 1)
+    h.fork.retarget([target(9)], T0 + 1, ForkSettings(30.0), [])
+    actions = h.reply("dev9", 603, now=T0 + 2)
+    assert [r.status for r in upstream(actions)] == [603]
+    assert events(actions, "failed") == [ForkEvent("failed", status=603)]
+
+
+def test_finish_sends_the_held_answer_or_a_given_one() -> None:
+    h = holding(1)
+    h.reply("dev1", 486, now=T0 + 1)
+    assert [r.status for r in upstream(h.fork.finish(T0 + 1))] == [486]
+    h = holding(1)
+    h.reply("dev1", 486, now=T0 + 1)
+    loop = make_response(h.request, 482, "Loop Detected")
+    assert [r.status for r in upstream(h.fork.finish(T0 + 1, loop))] == [482]
+
+
+def test_a_caller_cancel_is_answered_even_when_finals_are_held() -> None:
+    h = holding()
+    h.ring_all()
+    actions = h.fork.cancel(T0 + 1)
+    assert [r.status for r in upstream(actions)] == [487]

@@ -9,7 +9,7 @@ from textual.containers import VerticalScroll
 from textual.widgets import Static
 
 from tui import format
-from tui.model import Device, DeviceState, PbxModel
+from tui.model import Device, DeviceState, Number, PbxModel
 
 STATE_STYLE = {
     DeviceState.IDLE: ("○", "dim"),
@@ -48,10 +48,24 @@ class DevicesPanel(VerticalScroll):
         devices = model.devices_of(n.number)
         one = "one-number ON" if n.one_number else "one-number off"
         self.border_title = f"{n.title} · {one} · {len(devices)}/{n.device_limit}"
+        rules = self._rules(n)
         if not devices:
-            body.update(Text("no device registered", style="dim"))
+            body.update(Group(*rules, Text("no device registered", style="dim")))
             return
-        body.update(Group(*(self._device(model, d, now) for d in devices)))
+        body.update(Group(*rules, *(self._device(model, d, now) for d in devices)))
+
+    @staticmethod
+    def _rules(n: Number) -> list[Text]:
+        """The number's do-not-disturb and forwarding, one line above its devices (none when unset)."""
+        if not n.dnd and not n.forwards:
+            return []
+        text = Text(no_wrap=True, overflow="ellipsis")
+        if n.dnd:
+            text.append("⊘ do not disturb", style="bold red")
+        for i, rule in enumerate(n.forwards):
+            text.append(" · " if i or n.dnd else "", style="dim")
+            text.append(f"↪ {rule}" if i == 0 else rule, style="cyan")
+        return [text]
 
     @staticmethod
     def _device(model: PbxModel, device: Device, now: float) -> Text:
@@ -59,6 +73,8 @@ class DevicesPanel(VerticalScroll):
         mark, style = STATE_STYLE[state]
         text = Text(no_wrap=True, overflow="ellipsis")
         text.append(f"{device.label}", style="bold")
+        if device.dnd:
+            text.append(" ⊘ DND", style="bold red")
         text.append(f"  {device.transport} {device.address}\n", style="")
         text.append(f"  {mark} ", style=style)
         text.append(_state_line(model, device, state, now), style=style)

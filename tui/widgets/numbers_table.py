@@ -1,4 +1,5 @@
-"""Every number: name, one-number on/off, devices registered / allowed, outgoing in use / allowed."""
+"""Every number: name, one-number on/off, devices registered / allowed, outgoing in use / allowed;
+a mark after the number: ⊘ do not disturb, ↪ forwarding set (the devices panel says which)."""
 
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ class NumbersTable(DataTable[Text]):
         full = registered >= n.device_limit
         in_use = model.outgoing_in_use(number)
         return [
-            Text(n.number, style="bold"),
+            Text.assemble((n.number, "bold"), (n.mark, "bold red" if n.dnd else "bold cyan")),
             Text(n.name, no_wrap=True, overflow="ellipsis"),
             Text("ON", style="bold green") if n.one_number else Text("off", style="dim"),
             Text(f"{registered}/{n.device_limit}", style="yellow" if full else ""),
