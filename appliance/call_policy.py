@@ -222,3 +222,25 @@ def _ring(callee: UserConfig, caller_device: str | None, reachable: ReachableDev
         return Refuse(480, "Temporarily Unavailable", "no_reachable_device")
     return RingNumber(callee.number, devices, float(callee.ring_timeout), callee.decline == "all_devices",
                       counts_outgoing)
+
+
+def decide_transfer(transferor: UserConfig, device: str | None, dialled: str, config: Config,
+                    reachable: ReachableDevices, outgoing_in_use: Mapping[str, int],
+                    calls: Sequence[CallInProgress], *, counted_call: bool) -> Refuse | RingNumber | RouteToTrunk:
+    """A transfer (REFER) by an extension: its call's other party is sent to `dialled`.
+
+    Authorised exactly as a call `transferor` places itself from `device` (unknown number
+    404, its outgoing limit 403, an outside number through a trunk's prefix `RouteToTrunk`),
+    except that the call being transferred, when it is counted on the transferor's
+    limit (`counted_call`), is not counted twice: the transferor leaves it. Feature codes
+    are no transfer targets (404).
+    """
+    if any(dialled.startswith(code) for code in config.feature_codes):
+        return Refuse(404, "Not Found", "transfer_to_feature_code")
+    in_use = dict(outgoing_in_use)
+    if counted_call and in_use.get(transferor.number, 0) > 0:
+        in_use[transferor.number] -= 1
+    decision = decide_new_call(transferor, device, dialled, config, reachable, in_use, calls, anchored=True)
+    if isinstance(decision, JoinCall):  # not reachable: feature codes are refused above
+        return Refuse(404, "Not Found", "transfer_to_feature_code")
+    return decision
