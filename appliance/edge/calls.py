@@ -27,6 +27,7 @@ from appliance.call_policy import (
     ToProvider,
     decide_incoming,
     decide_new_call,
+    decide_transfer,
     decide_worker_leg,
 )
 from appliance.config import LiveConfig
@@ -36,7 +37,7 @@ from appliance.edge.seams import Bindings, CallEvents, MediaAnchor, Network, Tru
 from appliance.edge.timers import Timed, TimerWheel
 from appliance.edge.transport import format_host_port
 from appliance.logs import fields
-from appliance.media.protocol import HDR_CALLER, HDR_JOIN, HDR_TARGET, HDR_TOKEN, LOOPBACK
+from appliance.media.protocol import HDR_CALLER, HDR_JOIN, HDR_TARGET, HDR_TOKEN, HDR_TRANSFER, LOOPBACK
 from appliance.sip.authenticator import Outcome
 from appliance.sip.errors import SipSyntaxError
 from appliance.sip.headers import parse_name_addr, parse_via
@@ -96,6 +97,9 @@ class Dialog:
     """On a call's first dialog: devices that joined it (`*74`) and are talking now."""
     counted_as_joined: bool = False
     """On a JOIN dialog: it is counted in its call's `joined`."""
+    transferring: bool = False
+    """On a call's first dialog: a transfer (or Replaces) has run in it, so a party may leave
+    while the call goes on in its worker; the worker's `call_ended` ends the call."""
     caller_tag: str = field(init=False)
     """The From tag of the INVITE: which way an in-dialog request goes (read once, not per request)."""
 
@@ -190,6 +194,9 @@ class CallRouter:
             self._reply(request, dest, 400, "Malformed From or Request-URI")
             return
         if self.media is not None and self.media.is_worker(flow):
+            if request.get(HDR_TRANSFER) is not None:
+                self._transfer_leg(request, flow, dest, key, dialled, now)
+                return
             self._worker_leg(request, flow, dest, key, dialled, now)
             return
         trunk = self.trunks.trunk_at(flow) if self.trunks is not None else None
@@ -210,6 +217,9 @@ class CallRouter:
             self._reply(request, dest, 483, "Too Many Hops")
             return
         caller_device = self._device_of(caller, flow)
+        if request.get("Replaces") is not None and self.media is not None:
+            self._replaces(request, flow, dest, key, caller, None, now)
+            return
         decision = decide_new_call(user, caller_device, dialled, config, self._reachable, self.outgoing,
                                    self._in_progress(), anchored=self.media is not None)
         if isinstance(decision, Refuse):
@@ -602,7 +612,7 @@ class CallRouter:
 
     def _end(self, dialog: Dialog, reason: str) -> None:
         """A dialog is over; what that means for the call depends on its leg."""
-        if dialog.ended:
+        if dialog.ended or self._left_after_transfer(dialog, reason):
             return
         dialog.ended = True
         # Keep the dialog a while (64*T1) so a retransmitted BYE still finds its way.
@@ -639,13 +649,18 @@ class CallRouter:
             self._end(dialog, reason)
 
     def worker_died(self, token: str) -> None:
-        """A worker vanished mid-call: BYE every party we still can, end the call."""
+        """A worker vanished mid-call: BYE every party we still can, end the call, and
+        forget its dialogs at once, so their in-dialog requests get 481 and are not relayed
+        to a dead port."""
         for dialog in [c for c in self._dialogs.values() if c.token == token and not c.ended]:
             self._bye_party(dialog)
             self._end(dialog, "media_worker_died")
         a_leg = self._calls.get(token)
         if a_leg is not None:
+            a_leg.transferring = False
             self._end(a_leg, "media_worker_died")
+        for dialog in [c for c in self._dialogs.values() if c.token == token]:
+            self._forget_dialog(dialog)
 
     def _bye_party(self, dialog: Dialog) -> None:
         """BYE, in the worker's place, to the device or caller on the far side of a dialog."""
@@ -700,6 +715,9 @@ class CallRouter:
         dest = dialog.callee_flow if towards_callee else dialog.caller_flow
         if towards_callee and dialog.cseq_delta:
             _shift_cseq(request, dialog.cseq_delta)  # the worker's request, in the provider's CSeq space
+        if request.method == "REFER" and self._is_worker(dest) and not self._refer_to_worker(
+                request, dialog, towards_callee, reply_to):
+            return
         if not self.relay.forward(request, dest, None if request.method == "ACK" else reply_to, now, flow):
             if request.method != "ACK":
                 self._reply(request, reply_to, 483, "Too Many Hops")
@@ -710,6 +728,132 @@ class CallRouter:
     def _is_worker(self, flow: Flow) -> bool:
         return self.media is not None and self.media.is_worker(flow)
 
+    # -- transfer (REFER) and Replaces ----------------------------------------------------------
+    def _refer_to_worker(self, request: Request, dialog: Dialog, towards_callee: bool, reply_to: Flow) -> bool:
+        """A REFER from a party X to the worker: its Refer-To becomes the edge, with the call's
+        token and X's number (`HDR_TRANSFER`) as URI headers, which pjsua puts on the INVITE
+        it sends for it; a `Replaces` is kept, nothing else. So the transfer leg always
+        comes back here, whatever host the handset named, and is authorised as X. False:
+        answered here (not an extension's REFER, or a Refer-To we cannot use)."""
+        media = self.media
+        assert media is not None
+        number = dialog.caller if towards_callee else dialog.callee
+        config = self.settings.current
+        if (towards_callee and dialog.trunk is not None) or config.user(number) is None:
+            self._reply(request, reply_to, 403, "Forbidden (only an extension can transfer)")
+            return False
+        value = request.get("Refer-To")
+        if value is None:
+            return True  # the worker answers 400 itself
+        inner = value[value.find("<") + 1:value.rfind(">")] if "<" in value else value.split(";", 1)[0]
+        match = _REFER_TARGET.match(inner.strip())
+        if match is None:
+            self._reply(request, reply_to, 400, "Bad Refer-To (a number at this box expected)")
+            return False
+        uri_headers = [h for h in (match.group(2) or "").split("&") if h.split("=", 1)[0].lower() == "replaces"]
+        uri_headers += [f"{HDR_TOKEN}={dialog.token}", f"{HDR_TRANSFER}={number}"]
+        request.set("Refer-To", f"<sip:{match.group(1)}@{media.edge_address}?{'&'.join(uri_headers)}>")
+        log.info("event=transfer_requested %s", fields(call=dialog.token, by=number, target=match.group(1)))
+        return True
+
+    def _transfer_leg(self, request: Request, flow: Flow, dest: Flow, key: str | None, dialled: str,
+                      now: float) -> None:
+        """A worker's leg for a REFER it took: authorised as the transferring extension
+        (`decide_transfer`) and rung like a call of that extension's, or, with Replaces,
+        relayed to the worker holding the named dialog."""
+        token = request.get(HDR_TOKEN) or ""
+        number = (request.get(HDR_TRANSFER) or "").strip()
+        first = self._calls.get(token)
+        config = self.settings.current
+        user = config.user(number)
+        if (first is None or first.ended or first.worker_port != flow.port or user is None
+                or number not in (first.caller, first.callee) or (first.trunk is not None and number == first.caller)):
+            self._reply(request, dest, 403, "Forbidden")
+            return
+        if request.get("Replaces") is not None:
+            self._replaces(request, flow, dest, key, number, first, now)
+            return
+        by_caller = number == first.caller
+        decision = decide_transfer(user, first.caller_device if by_caller else None, dialled, config,
+                                   self._reachable, self.outgoing, self._in_progress(),
+                                   counted_call=by_caller and first.counts_outgoing)
+        if isinstance(decision, Refuse):
+            log.info("event=transfer_refused %s", fields(call=token, by=number, target=dialled,
+                                                         status=decision.status, reason=decision.why))
+            self._reply(request, dest, decision.status, decision.reason)
+            return
+        first.transferring = True
+        log.info("event=transfer %s", fields(call=token, by=number, target=dialled))
+        if isinstance(decision, RouteToTrunk):
+            trunk = next(t for t in config.trunks if t.name == decision.trunk)
+            self._to_provider(request, flow, dest, key, first, ToProvider(trunk, decision.number), now)
+            return
+        other, trunk_name = (first.callee, None) if by_caller else (first.caller, first.trunk)
+        dialog = Dialog(token, Role.B, request, other, decision.number, flow, None, trunk=trunk_name)
+        settings = ForkSettings(decision.ring_timeout, decline_all=decision.decline_all)
+        self._start_fork(dialog, dest, key, self._targets(decision), settings,
+                         [("P-Asserted-Identity", self._identity(other, trunk_name))], now)
+
+    def _replaces(self, request: Request, flow: Flow, dest: Flow, key: str | None, number: str,
+                  origin: Dialog | None, now: float) -> None:
+        """An INVITE with Replaces (RFC 3891), from a worker's transfer leg (`origin`: the
+        call it belongs to) or straight from a handset of `number`: relayed to the worker
+        holding the confirmed dialog it names; 481 when there is none."""
+        named = self._named_dialog(request.get("Replaces") or "")
+        if named is None or named.ended:
+            self._reply(request, dest, 481, "Call/Transaction Does Not Exist")
+            return
+        if named.answer is None:
+            self._replaces_early(request, dest, named, number)
+            return
+        worker = next((f for f in (named.callee_flow, named.caller_flow) if f is not None and self._is_worker(f)), None)
+        if worker is None:
+            self._reply(request, dest, 481, "Call/Transaction Does Not Exist")
+            return
+        replaced_call = self._calls.get(named.token)
+        if replaced_call is not None:
+            replaced_call.transferring = True
+        if origin is not None:
+            origin.transferring = True
+        token = origin.token if origin is not None else named.token
+        device = None if origin is not None else self._device_of(number, flow)
+        dialog = Dialog(token, Role.B, request, number, named.callee, flow, device)
+        log.info("event=replaces %s", fields(call=token, by=number, replaced_call=named.token, worker=worker.port))
+        target = Target("", f"sip:{_dialled_number(request.uri) or 'replaces'}@{LOOPBACK}:{worker.port}", worker,
+                        False)
+        self._start_fork(dialog, dest, key, [target], ForkSettings(30.0), [], now)
+
+    def _replaces_early(self, request: Request, dest: Flow, named: Dialog, number: str) -> None:
+        """An INVITE with Replaces naming a dialog still ringing (early): that is pickup
+        of the ringing call. Not served yet: 481."""
+        self._reply(request, dest, 481, "Call/Transaction Does Not Exist")
+
+    def _named_dialog(self, replaces: str) -> Dialog | None:
+        """The dialog a Replaces header value names (Call-ID and both tags), or None."""
+        call_id, *params = [p.strip() for p in replaces.split(";")]
+        tags = {}
+        for param in params:
+            name, _, value = param.partition("=")
+            tags[name.strip().lower()] = value.strip()
+        dialog = self._dialogs.get(call_id)
+        if dialog is None or "to-tag" not in tags or "from-tag" not in tags:
+            return None
+        callee_tag = _tag(dialog.answer.get("To")) if dialog.answer is not None else None
+        if dialog.answer is None:
+            return dialog if dialog.caller_tag in (tags["to-tag"], tags["from-tag"]) else None
+        if {tags["to-tag"], tags["from-tag"]} != {dialog.caller_tag, callee_tag}:
+            return None
+        return dialog
+
+    def _left_after_transfer(self, dialog: Dialog, reason: str) -> bool:
+        """A party of a call with a transfer left (its BYE): the call goes on in its worker,
+        which ends it (`worker_call_ended`)."""
+        return dialog.role is Role.A and dialog.transferring and reason.startswith("bye_from")
+
+
+
+_REFER_TARGET = re.compile(r"sips?:([0-9A-Za-z*#+._%-]{1,64})@[^?]*(?:\?(.*))?$")
+"""A Refer-To URI we act on: a user part (the target number), headers (only Replaces kept)."""
 
 
 def _tag(value: str | None) -> str | None:
