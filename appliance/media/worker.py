@@ -177,8 +177,9 @@ class Leg(pj.Call):  # type: ignore[misc]
         self.remote = ""
         self.dialog: direct_bye.Dialog | None = None
         """What a BYE around the edge needs, should the edge die (see direct_bye)."""
-        self.stands_for: Leg | None = None
-        """A transfer or replacing leg: the leg it takes the place of once answered."""
+        self._stands_for: weakref.ref[Leg] | None = None
+        """A transfer or replacing leg: the leg it takes the place of once answered (weakly:
+        a reaped Leg must be gone everywhere at once, see Session.forget)."""
 
     def onCallState(self, prm: Any) -> None:
         self.worker.guard("onCallState", self.worker.on_call_state, self, prm)
@@ -208,6 +209,14 @@ class Leg(pj.Call):  # type: ignore[misc]
 
     def alive(self) -> bool:
         return not self.disconnected
+
+    @property
+    def stands_for(self) -> Leg | None:
+        return self._stands_for() if self._stands_for is not None else None
+
+    @stands_for.setter
+    def stands_for(self, leg: Leg | None) -> None:
+        self._stands_for = weakref.ref(leg) if leg is not None else None
 
     def audio_media(self) -> Any:
         """The active audio stream's bridge port, or None."""
@@ -249,6 +258,8 @@ class Session:
     transfer: Leg | None = None
     """The leg placed or answered for a transfer, until it is answered or fails."""
     transfer_seq: int = 0
+    vacated: str = ""
+    """The role ("a", "b", "j") of the leg a running transfer stands for, once that leg is reaped."""
     links: set[tuple[str, int, str, int]] = field(default_factory=set)
     """Bridge connections made: (source leg, its port, sink leg, its port)."""
     join_seq: int = 0
@@ -268,6 +279,8 @@ class Session:
     def forget(self, leg: Leg) -> None:
         """Drop a reaped leg.  pjsua2's ~Call clears the user data of its call id, so a
         Call object kept after its id is reused would orphan the new call."""
+        if self.transfer is not None and self.transfer.stands_for is leg:
+            self.vacated = "a" if self.a is leg else "b" if self.b is leg else "j"
         if self.a is leg:
             self.a = None
         if self.b is leg:
@@ -828,22 +841,25 @@ class Worker(PjHost):
         return True
 
     def transfer_state(self, s: Session, t: Leg, state: int, code: int) -> None:
-        x = t.stands_for
+        x = t.stands_for  # None: it hung up and is reaped already
         if state == pj.PJSIP_INV_STATE_CONFIRMED:
             s.transfer = None
-            if x is None or s.ending:
+            if s.ending:
                 self.hangup(t)
                 return
+            name = x.name if x is not None else s.vacated
             self.take_place(s, x, t)
-            self.out.emit(P.EV_TRANSFERRED, token=s.token, leg=x.name, new_leg=t.name, remote=t.identity or t.remote)
+            self.out.emit(P.EV_TRANSFERRED, token=s.token, leg=name, new_leg=t.name, remote=t.identity or t.remote)
             self.connect_bridge(s)
-            # Weakly: a Leg kept past its reaping could outlive the reuse of its call id.
-            released = weakref.ref(x)
-            self.after(P.TRANSFER_RELEASE_S, lambda: self.hangup(released()))
+            if x is not None:
+                # Weakly: a Leg kept past its reaping could outlive the reuse of its call id.
+                released = weakref.ref(x)
+                self.after(P.TRANSFER_RELEASE_S, lambda: self.hangup(released()))
         elif state == pj.PJSIP_INV_STATE_DISCONNECTED:
             s.transfer = None
+            s.vacated = ""
             self.out.emit(P.EV_TRANSFER_FAILED, token=s.token, leg=x.name if x else "", code=code)
-            if x is not None and not x.alive() and not s.ending:
+            if (x is None or not x.alive()) and not s.ending:
                 # The transferring party is gone too: nobody is left for the other side.
                 s.set_reason(P.REASON_CALLEE_HANGUP)
                 s.ending = True
@@ -852,17 +868,26 @@ class Worker(PjHost):
             else:
                 self.check_alone(s)
 
-    def take_place(self, s: Session, x: Leg, new: Leg) -> None:
+    def take_place(self, s: Session, x: Leg | None, new: Leg) -> None:
         """`new` takes the role of `x` in the session; `x` leaves the bridge and the session
         (so its hang-up no longer counts as a party leaving)."""
-        if s.a is x:
+        if x is not None and s.a is x:
             s.a = new
-        elif s.b is x:
+        elif x is not None and s.b is x:
             s.b = new
-        elif x in s.joiners:
+        elif x is not None and x in s.joiners:
             s.joiners[s.joiners.index(x)] = new
+        elif s.vacated == "a" and s.a is None:  # `x` is gone and reaped already
+            s.a = new
+        elif s.vacated == "b" and s.b is None:
+            s.b = new
+        else:
+            s.joiners.append(new)
+        s.vacated = ""
         new.stands_for = None
         new.confirmed = True
+        if x is None:
+            return
         port = x.audio_media()
         if port is not None:
             for other in s.legs():

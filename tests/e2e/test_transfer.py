@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,8 +19,10 @@ import pytest
 
 from appliance.simulator import tones
 from appliance.simulator.handset import Handset
+from appliance.sip.message import Response
 from tests.e2e.conftest import DaemonFactory
 from tests.support.pbx import Daemon, user_block
+from tests.support.rawsip import RawClient
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -143,3 +146,112 @@ def test_failed_transfer_resumes(pbx_factory: DaemonFactory, handset_factory: Ha
     b.wait_state(b_call, "DISCONNECTED")
     assert_alive(worker_pids(pbx))
     assert_no_worker_died(pbx)
+
+
+# -- no handset request kills a worker; a dead worker is forgotten --------------------------------
+
+SDP = (b"v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+       b"m=audio 40000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n")
+
+
+class RawDialog:
+    """A raw caller's answered call through the edge: sends in-dialog requests byte by byte."""
+
+    def __init__(self, raw: RawClient, answer: Response, number: str) -> None:
+        self.raw = raw
+        self.number = number
+        self.to = answer.get("To") or ""
+        self.target = (answer.get("Contact") or "").strip("<>").split(">")[0]
+        self.routes = answer.get_all("Record-Route")
+        self.invite_cseq = raw.cseq
+        self.cseq = raw.cseq + 10
+
+    def request(self, method: str, headers: list[tuple[str, str]] = (), body: bytes = b"") -> bytes:
+        self.cseq += 1
+        cseq = self.invite_cseq if method == "ACK" else self.cseq
+        lines = [f"{method} {self.target} SIP/2.0",
+                 f"Via: SIP/2.0/UDP 127.0.0.1:{self.raw.port};branch=z9hG4bK{os.urandom(6).hex()};rport",
+                 "Max-Forwards: 70", f"From: <sip:{self.number}@home.arpa>;tag={self.raw.call_id[:8]}",
+                 f"To: {self.to}", f"Call-ID: {self.raw.call_id}", f"CSeq: {cseq} {method}",
+                 *[f"Route: {r}" for r in self.routes], *[f"{k}: {v}" for k, v in headers],
+                 f"Content-Length: {len(body)}", "", ""]
+        return "\r\n".join(lines).encode() + body
+
+    def send(self, method: str, headers: list[tuple[str, str]] = (), body: bytes = b"") -> Response | None:
+        self.raw.send(self.request(method, headers, body))
+        if method == "ACK":
+            return None
+        while True:
+            response = self.raw.final()
+            if response.cseq[1] == method:
+                return response
+
+
+def raw_call(pbx: Daemon, callee: Handset) -> RawDialog:
+    callee.auto_answer("answer")
+    raw = RawClient(pbx.port)
+    answer = raw.invite_with_auth("200", "100", "secret", body=SDP)
+    assert answer.status == 200
+    dialog = RawDialog(raw, answer, "100")
+    dialog.send("ACK")
+    return dialog
+
+
+def test_odd_in_dialog_requests_never_kill_the_worker(pbx_factory: DaemonFactory,
+                                                       handset_factory: HandsetFactory) -> None:
+    pbx, _, b, c = house(pbx_factory, handset_factory)
+    dialog = raw_call(pbx, b)
+    b_call = str(b.wait_state(str(b.wait_incoming()["call"]), "CONFIRMED")["call"])
+    pids = worker_pids(pbx)
+    assert_alive(pids)
+    answers = {}
+    answers["refer_no_refer_to"] = dialog.send("REFER")
+    answers["refer_garbage"] = dialog.send("REFER", [("Refer-To", "<\x01garbage:::>")])
+    answers["refer_elsewhere"] = dialog.send("REFER", [("Refer-To", "<sip:300@192.0.2.1:5099;transport=tcp>")])
+    answers["refer_second"] = dialog.send("REFER", [("Refer-To", "<sip:300@home.arpa>")])
+    answers["refer_bad_replaces"] = dialog.send("REFER", [("Refer-To", "<sip:300@home.arpa?Replaces=nonsense>")])
+    answers["info"] = dialog.send("INFO", [("Content-Type", "application/dtmf-relay")], b"Signal=5\r\nDuration=160\r\n")
+    answers["message"] = dialog.send("MESSAGE", [("Content-Type", "text/plain")], b"hello")
+    answers["update"] = dialog.send("UPDATE")
+    answers["options"] = dialog.send("OPTIONS")
+    statuses = {name: r.status if r is not None else None for name, r in answers.items()}
+    assert statuses["refer_no_refer_to"] == 400 and statuses["refer_garbage"] == 400
+    assert statuses["refer_elsewhere"] == 202  # the leg goes to the edge all the same: 300 rings
+    assert statuses["refer_second"] == 491  # one transfer at a time
+    assert all(s is not None and s >= 200 for s in statuses.values()), statuses
+    time.sleep(1.0)  # the failed transfers' NOTIFYs, any late failure
+    assert_alive(pids)
+    assert_no_worker_died(pbx)
+    assert b.events_of("call_state", call=b_call, state="DISCONNECTED") == []  # the call is still up
+    # The transferring party hangs up while the first transfer's target (300) rings: the
+    # call waits for 300, which answers and talks with B.
+    c_call = str(c.wait_incoming()["call"])
+    bye = dialog.send("BYE")
+    assert bye is not None and bye.status == 200
+    c.answer(c_call, 200)
+    c.wait_for("media", call=c_call, status="active")
+    assert b.events_of("call_state", call=b_call, state="DISCONNECTED") == []
+    b.hangup(b_call)
+    c.wait_state(c_call, "DISCONNECTED")
+    pbx.wait_log("event=call_ended")
+    assert_alive(pids)
+    assert_no_worker_died(pbx)
+    dialog.raw.close()
+
+
+def test_dead_worker_is_forgotten_at_once(pbx_factory: DaemonFactory, handset_factory: HandsetFactory) -> None:
+    pbx, _, b, _ = house(pbx_factory, handset_factory)
+    pbx.allow_errors("media_worker")
+    dialog = raw_call(pbx, b)
+    b_call = str(b.wait_incoming()["call"])
+    (pid,) = worker_pids(pbx)
+    os.kill(pid, signal.SIGKILL)
+    pbx.wait_log("event=media_worker_lost")
+    assert b.wait_state(b_call, "DISCONNECTED")["end_request"] == "BYE"  # the edge BYEd the device
+    bye = dialog.send("BYE")
+    assert bye is not None and bye.status == 481  # not relayed to the dead port
+    # Nothing more comes for that BYE (no relay, so no 408 or retransmission later).
+    dialog.raw.sock.settimeout(1.0)
+    with pytest.raises(TimeoutError):
+        dialog.raw.recv()
+    dialog.raw.close()
