@@ -826,6 +826,7 @@ class CallRouter:
     def _replaces_early(self, request: Request, dest: Flow, named: Dialog, number: str) -> None:
         """An INVITE with Replaces naming a dialog still ringing (early): that is pickup
         of the ringing call. Not served yet: 481."""
+        log.info("event=replaces_early %s", fields(call=named.token, by=number))
         self._reply(request, dest, 481, "Call/Transaction Does Not Exist")
 
     def _named_dialog(self, replaces: str) -> Dialog | None:

@@ -255,3 +255,86 @@ def test_dead_worker_is_forgotten_at_once(pbx_factory: DaemonFactory, handset_fa
     with pytest.raises(TimeoutError):
         dialog.raw.recv()
     dialog.raw.close()
+
+
+# -- attended: REFER with Replaces, and a direct INVITE with Replaces ------------------------------
+
+def test_attended_transfer_with_replaces(pbx_factory: DaemonFactory, handset_factory: HandsetFactory,
+                                         tmp_path: Path) -> None:
+    """B talks to A (call 1, worker W1), puts A on hold and calls C (call 2, worker W2), then
+    REFERs call 1 with Replaces naming call 2: A ends up talking to C, B is released from both."""
+    pbx, a, b, c = house(pbx_factory, handset_factory)
+    a_call, b_call1 = connect(a, b, "200")
+    b.send("hold", call=b_call1)
+    b.wait_for("media", call=b_call1, status="local_hold")
+    b_call2, c_call = connect(b, c, "300")
+    assert len(worker_pids(pbx)) == 2
+    b.send("transfer", call=b_call1, replaces=b_call2)
+    assert b.wait_for("transfer_status", call=b_call1, final=True, timeout=8)["code"] == 200
+    # W2 replaced its leg to B with the one from W1 and BYEd B; B leaves call 1 (or is released).
+    assert b.wait_state(b_call2, "DISCONNECTED")["end_request"] == "BYE"
+    b.hangup(b_call1)
+    b.wait_state(b_call1, "DISCONNECTED")
+    pbx.wait_log(r"event=replaces .*by=200")
+    hear_each_other((a, a_call), (c, c_call), tmp_path)
+    assert a.events_of("call_state", call=a_call, state="DISCONNECTED") == []
+    assert c.events_of("call_state", call=c_call, state="DISCONNECTED") == []
+    a.hangup(a_call)
+    c.wait_state(c_call, "DISCONNECTED")
+    for _ in range(2):
+        pbx.wait_log("event=call_ended")
+    assert_alive(worker_pids(pbx))
+    assert_no_worker_died(pbx)
+
+
+def dialog_of(phone: Handset, status: str) -> tuple[str, str, str]:
+    """Call-ID, From tag and To tag of the INVITE's `status` response the phone received."""
+    deadline = time.monotonic() + 5
+    while True:
+        found = [m for m in phone.sip_messages("rx") if m.startswith(f"SIP/2.0 {status}")
+                 and re.search(r"(?im)^CSeq:\s*\d+ INVITE", m)]
+        if found or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert found, status
+    value = {k.strip().lower(): v.strip() for k, _, v in
+             (line.partition(":") for line in found[-1].split("\r\n")[1:] if ":" in line)}
+    return value["call-id"], value["from"].split("tag=")[1].split(";")[0], value["to"].split("tag=")[1].split(";")[0]
+
+
+def test_direct_invite_with_replaces(pbx_factory: DaemonFactory, handset_factory: HandsetFactory,
+                                     tmp_path: Path) -> None:
+    """A handset's own INVITE with Replaces naming an answered call's dialog is challenged and
+    relayed to the worker holding it: C takes A's place in A's call with B. One naming a
+    ringing call gets 481 (pickup's hook), as does one naming no dialog."""
+    pbx = pbx_factory([user_block("100"), user_block("200"), user_block("300")])
+    a = handset_factory("p100", trace=True)
+    b, c = handset_factory("p200"), handset_factory("p300")
+    for phone, number in ((a, "100"), (b, "200"), (c, "300")):
+        assert phone.register(pbx.registrar, number, "secret")["code"] == 200
+
+    # Ringing: a Replaces naming the early dialog is refused with 481 for now.
+    a_call = a.call("sip:200@home.arpa")
+    b_call = str(b.wait_incoming()["call"])
+    call_id, from_tag, to_tag = dialog_of(a, "180")
+    early = c.call("sip:100@home.arpa", headers={"Replaces": f"{call_id};to-tag={to_tag};from-tag={from_tag}"})
+    assert c.wait_state(early, "DISCONNECTED")["last_status"] == 481
+    pbx.wait_log(r"event=replaces_early .*by=300")
+    nothing = c.call("sip:100@home.arpa", headers={"Replaces": "no-such-call;to-tag=x;from-tag=y"})
+    assert c.wait_state(nothing, "DISCONNECTED")["last_status"] == 481
+
+    b.answer(b_call, 200)
+    a.wait_state(a_call, "CONFIRMED")
+    b.wait_for("media", call=b_call, status="active")
+    call_id, from_tag, to_tag = dialog_of(a, "200")
+    c_call = c.call("sip:100@home.arpa", headers={"Replaces": f"{call_id};to-tag={to_tag};from-tag={from_tag}"})
+    c.wait_state(c_call, "CONFIRMED")
+    assert a.wait_state(a_call, "DISCONNECTED")["end_request"] == "BYE"
+    c.wait_for("media", call=c_call, status="active")
+    hear_each_other((b, b_call), (c, c_call), tmp_path)
+    pbx.wait_log(r"event=replaces .*by=300")
+    c.hangup(c_call)
+    b.wait_state(b_call, "DISCONNECTED")
+    pbx.wait_log("event=call_ended")
+    assert_alive(worker_pids(pbx))
+    assert_no_worker_died(pbx)
