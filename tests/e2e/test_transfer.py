@@ -21,6 +21,7 @@ from appliance.simulator import tones
 from appliance.simulator.handset import Handset
 from appliance.sip.message import Response
 from tests.e2e.conftest import DaemonFactory
+from tests.support.baresip import Baresip
 from tests.support.pbx import Daemon, user_block
 from tests.support.rawsip import RawClient
 
@@ -336,5 +337,38 @@ def test_direct_invite_with_replaces(pbx_factory: DaemonFactory, handset_factory
     c.hangup(c_call)
     b.wait_state(b_call, "DISCONNECTED")
     pbx.wait_log("event=call_ended")
+    assert_alive(worker_pids(pbx))
+    assert_no_worker_died(pbx)
+
+
+def test_blind_transfer_from_baresip(pbx_factory: DaemonFactory, handset_factory: HandsetFactory,
+                                     baresip: Callable[..., Baresip], tmp_path: Path) -> None:
+    """Debian's baresip as the transferring phone (`/transfer 300` on its console)."""
+    pbx = pbx_factory([user_block("100"), user_block("200", "pw-200"), user_block("300")])
+    a, c = handset_factory("p100"), handset_factory("p300")
+    assert a.register(pbx.registrar, "100", "secret")["code"] == 200
+    assert c.register(pbx.registrar, "300", "secret")["code"] == 200
+    phone = baresip(tmp_path / "baresip", pbx, "200", "pw-200", 1700, "44000-44999", auto_answer=True)
+    phone.wait_for("registered successfully")
+    a_call = a.call("sip:200@home.arpa")
+    a.wait_state(a_call, "CONFIRMED", timeout=10)
+    phone.wait_for("Call established")
+    phone.command("/transfer 300")
+    c_call = str(c.wait_incoming(timeout=10)["call"])
+    c.answer(c_call, 200)
+    c.wait_for("media", call=c_call, status="active")
+    pbx.wait_log(r"event=transfer .*by=200 target=300")
+    # baresip is released: it hangs up after the 200 NOTIFY (or the worker would BYE it).
+    deadline = time.monotonic() + 8
+    while True:
+        at = phone.command("/listcalls")
+        line = phone.wait_for("Active calls", start=at)
+        if "(0)" in line or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert "Active calls (0)" in line
+    hear_each_other((a, a_call), (c, c_call), tmp_path)
+    c.hangup(c_call)
+    a.wait_state(a_call, "DISCONNECTED")
     assert_alive(worker_pids(pbx))
     assert_no_worker_died(pbx)
