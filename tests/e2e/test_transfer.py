@@ -114,7 +114,7 @@ def test_blind_transfer_by_the_caller_who_stays_on_line(pbx_factory: DaemonFacto
     NOTIFY: the worker releases it; the transferred party and the target talk on."""
     pbx, a, b, c = house(pbx_factory, handset_factory)
     a_call, b_call = connect(a, b, "200")
-    a.send("transfer", call=a_call, uri="sip:300@home.arpa")
+    a.send("transfer", call=a_call, uri=f"sip:300@127.0.0.1:{pbx.port}")  # the issue: the worker died here
     c_call = str(c.wait_incoming()["call"])
     c.answer(c_call, 200)
     assert a.wait_for("transfer_status", call=a_call, final=True)["code"] == 200
