@@ -806,6 +806,10 @@ class CallRouter:
         if named.answer is None:
             self._replaces_early(request, dest, named, number)
             return
+        if origin is not None and number not in (named.caller, named.callee):
+            # A REFER's Replaces joins two calls of the transferring extension, no one else's.
+            self._reply(request, dest, 403, "Forbidden (not a call of the transferring extension)")
+            return
         worker = next((f for f in (named.callee_flow, named.caller_flow) if f is not None and self._is_worker(f)), None)
         if worker is None:
             self._reply(request, dest, 481, "Call/Transaction Does Not Exist")
