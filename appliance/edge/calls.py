@@ -786,6 +786,10 @@ class CallRouter:
         log.info("event=transfer %s", fields(call=token, by=number, target=dialled))
         if isinstance(decision, RouteToTrunk):
             trunk = next(t for t in config.trunks if t.name == decision.trunk)
+            # pjsua sends a transfer's INVITE as the worker's account: the provider is given
+            # the caller ID a call of the extension's would carry (the tag, the dialog's, kept).
+            tag = _tag(request.get("From"))
+            request.set("From", f"<sip:{decision.caller_id}@{trunk.server}>" + (f";tag={tag}" if tag else ""))
             self._to_provider(request, flow, dest, key, first, ToProvider(trunk, decision.number), now)
             return
         other, trunk_name = (first.callee, None) if by_caller else (first.caller, first.trunk)

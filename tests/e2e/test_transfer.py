@@ -22,6 +22,8 @@ from appliance.simulator.handset import Handset
 from appliance.sip.message import Response
 from tests.e2e.conftest import DaemonFactory
 from tests.support.baresip import Baresip
+from tests.support.kamailio import DID, OUTSIDE, OUTSIDE_PASSWORD, PASSWORD, Kamailio
+from tests.support.kamailio import available as kamailio_available
 from tests.support.pbx import Daemon, user_block
 from tests.support.rawsip import RawClient
 
@@ -372,3 +374,40 @@ def test_blind_transfer_from_baresip(pbx_factory: DaemonFactory, handset_factory
     a.wait_state(a_call, "DISCONNECTED")
     assert_alive(worker_pids(pbx))
     assert_no_worker_died(pbx)
+
+
+@pytest.mark.skipif(not kamailio_available(), reason="Debian's kamailio package is not installed")
+def test_blind_transfer_to_an_outside_number(pbx_factory: DaemonFactory, handset_factory: HandsetFactory,
+                                             tmp_path: Path) -> None:
+    """B transfers A to 0 + an outside phone at the provider (Kamailio): placed as B's call
+    out (B's caller ID, the trunk's credentials); A and the outside phone talk."""
+    provider = Kamailio(tmp_path / "kamailio", {DID: PASSWORD, OUTSIDE: OUTSIDE_PASSWORD}).start()
+    try:
+        trunk = ("[[trunks]]\nname = \"provider\"\n"
+                 f'server = "{provider.server}"\nusername = "{DID}"\npassword = "{PASSWORD}"\n')
+        pbx = pbx_factory([user_block("100"), user_block("200")], extra=trunk)
+        a, b = handset_factory("p100"), handset_factory("p200")
+        assert a.register(pbx.registrar, "100", "secret")["code"] == 200
+        assert b.register(pbx.registrar, "200", "secret")["code"] == 200
+        outside = handset_factory("outside", trace=True, codecs=["PCMA/8000"])
+        assert outside.register(f"sip:{provider.server}", OUTSIDE, OUTSIDE_PASSWORD,
+                                domain=provider.server)["code"] == 200
+        pbx.wait_log(r"event=trunk_registered trunk=provider")
+        a_call, b_call = connect(a, b, "200")
+        b.send("transfer", call=b_call, uri=f"sip:0{OUTSIDE}@home.arpa")
+        o_call = str(outside.wait_incoming(timeout=8)["call"])
+        invite = outside.wait_sip("rx", "INVITE ")
+        assert f"sip:{DID}@" in next(line for line in invite.split("\r\n") if line.startswith(("From:", "f:")))
+        assert "X-Homepbx" not in invite
+        outside.answer(o_call, 200)
+        assert b.wait_for("transfer_status", call=b_call, final=True, timeout=8)["code"] == 200
+        b.hangup(b_call)
+        outside.wait_for("media", call=o_call, status="active")
+        hear_each_other((a, a_call), (outside, o_call), tmp_path)
+        outside.hangup(o_call)
+        a.wait_state(a_call, "DISCONNECTED")
+        pbx.wait_log("event=call_ended")
+        assert_alive(worker_pids(pbx))
+        assert_no_worker_died(pbx)
+    finally:
+        provider.stop()
