@@ -793,6 +793,10 @@ class CallRouter:
             self._to_provider(request, flow, dest, key, first, ToProvider(trunk, decision.number), now)
             return
         other, trunk_name = (first.callee, None) if by_caller else (first.caller, first.trunk)
+        # The target sees who it is being put through to (as a B-leg's From shows the caller),
+        # not the worker's account that pjsua sends a transfer as; the tag is kept.
+        tag = _tag(request.get("From"))
+        request.set("From", self._identity(other, trunk_name) + (f";tag={tag}" if tag else ""))
         dialog = Dialog(token, Role.B, request, other, decision.number, flow, None, trunk=trunk_name)
         settings = ForkSettings(decision.ring_timeout, decline_all=decision.decline_all)
         self._start_fork(dialog, dest, key, self._targets(decision), settings,
