@@ -24,6 +24,7 @@ from tests.e2e.conftest import DaemonFactory
 from tests.support.baresip import Baresip
 from tests.support.kamailio import DID, OUTSIDE, OUTSIDE_PASSWORD, PASSWORD, Kamailio
 from tests.support.kamailio import available as kamailio_available
+from tests.support.linphone import Linphone
 from tests.support.pbx import Daemon, user_block
 from tests.support.rawsip import RawClient
 
@@ -411,3 +412,37 @@ def test_blind_transfer_to_an_outside_number(pbx_factory: DaemonFactory, handset
         assert_no_worker_died(pbx)
     finally:
         provider.stop()
+
+
+def test_attended_transfer_from_linphone(pbx_factory: DaemonFactory, handset_factory: HandsetFactory,
+                                         linphone: Callable[..., Linphone], tmp_path: Path) -> None:
+    """Debian's linphonec as the transferring phone: `transfer 1 --to-call 2` (REFER with
+    Replaces, once sent straight to 127.0.0.1:5060 by the worker)."""
+    pbx = pbx_factory([user_block("100"), user_block("200", "pw-200"), user_block("300")])
+    a, c = handset_factory("p100"), handset_factory("p300")
+    assert a.register(pbx.registrar, "100", "secret")["code"] == 200
+    assert c.register(pbx.registrar, "300", "secret")["code"] == 200
+    c.auto_answer("answer")
+    phone = linphone(tmp_path / "linphone", pbx, "200", "pw-200", 1700, "45000-45999")
+    phone.wait_registered()
+    a_call = a.call("sip:200@home.arpa")
+    phone.wait_for(r"Receiving new incoming call from .*sip:100@")
+    at = phone.command("answer")
+    phone.wait_for(r"Media streams established", start=at)
+    a.wait_state(a_call, "CONFIRMED")
+    at = phone.command("pause")
+    phone.wait_for(r"Pausing call 1", start=at)
+    time.sleep(0.5)
+    at = phone.command("call sip:300@127.0.0.1")
+    c_call = str(c.wait_incoming(timeout=10)["call"])
+    phone.wait_for(r"Media streams established with sip:300@", start=at)
+    at = phone.command("transfer 1 --to-call 2")
+    pbx.wait_log(r"event=replaces .*by=200", timeout=10)
+    phone.wait_for(r"Call 1 with .* ended", timeout=10, start=at)
+    phone.wait_for(r"Call 2 with .* ended", timeout=10, start=at)
+    c.wait_for("media", call=c_call, status="active")
+    hear_each_other((a, a_call), (c, c_call), tmp_path)
+    a.hangup(a_call)
+    c.wait_state(c_call, "DISCONNECTED")
+    assert_alive(worker_pids(pbx))
+    assert_no_worker_died(pbx)
