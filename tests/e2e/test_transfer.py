@@ -211,9 +211,11 @@ def test_odd_in_dialog_requests_never_kill_the_worker(pbx_factory: DaemonFactory
     answers = {}
     answers["refer_no_refer_to"] = dialog.send("REFER")
     answers["refer_garbage"] = dialog.send("REFER", [("Refer-To", "<\x01garbage:::>")])
+    answers["refer_bad_replaces"] = dialog.send("REFER", [("Refer-To", "<sip:300@home.arpa?Replaces=nonsense>")])
+    answers["refer_bad_escape"] = dialog.send("REFER", [("Refer-To", "<sip:3%zz@home.arpa?Replaces=%zz>")])
+    time.sleep(0.5)  # those transfers fail at once: they leave no transfer running
     answers["refer_elsewhere"] = dialog.send("REFER", [("Refer-To", "<sip:300@192.0.2.1:5099;transport=tcp>")])
     answers["refer_second"] = dialog.send("REFER", [("Refer-To", "<sip:300@home.arpa>")])
-    answers["refer_bad_replaces"] = dialog.send("REFER", [("Refer-To", "<sip:300@home.arpa?Replaces=nonsense>")])
     answers["info"] = dialog.send("INFO", [("Content-Type", "application/dtmf-relay")], b"Signal=5\r\nDuration=160\r\n")
     answers["message"] = dialog.send("MESSAGE", [("Content-Type", "text/plain")], b"hello")
     answers["update"] = dialog.send("UPDATE")
