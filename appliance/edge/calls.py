@@ -767,7 +767,7 @@ class CallRouter:
         config = self.settings.current
         user = config.user(number)
         if (first is None or first.ended or first.worker_port != flow.port or user is None
-                or number not in (first.caller, first.callee) or (first.trunk is not None and number == first.caller)):
+                or not self._party_of(token, number) or (first.trunk is not None and number == first.caller)):
             self._reply(request, dest, 403, "Forbidden")
             return
         if request.get("Replaces") is not None:
@@ -801,6 +801,10 @@ class CallRouter:
         settings = ForkSettings(decision.ring_timeout, decline_all=decision.decline_all)
         self._start_fork(dialog, dest, key, self._targets(decision), settings,
                          [("P-Asserted-Identity", self._identity(other, trunk_name))], now)
+
+    def _party_of(self, token: str, number: str) -> bool:
+        """Is `number` one of the parties of call `token` now (a transfer's target too)?"""
+        return any(number in (d.caller, d.callee) for d in self._dialogs.values() if d.token == token and not d.ended)
 
     def _replaces(self, request: Request, flow: Flow, dest: Flow, key: str | None, number: str,
                   origin: Dialog | None, now: float) -> None:

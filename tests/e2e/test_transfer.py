@@ -103,8 +103,18 @@ def test_blind_transfer_by_the_callee(pbx_factory: DaemonFactory, handset_factor
     hear_each_other((a, a_call), (c, c_call), tmp_path)
     pbx.wait_log(r"event=transfer .*by=200 target=300")
     assert_alive(worker_pids(pbx))
-    # C hangs up: the call ends for A, and at the edge.
+    # The target may transfer in turn: C puts A through to B again.
+    c.send("transfer", call=c_call, uri="sip:200@home.arpa")
+    b_again = str(b.wait_incoming(timeout=5)["call"])
+    b.answer(b_again, 200)
+    assert c.wait_for("transfer_status", call=c_call, final=True, timeout=5)["code"] == 200
     c.hangup(c_call)
+    b.wait_for("media", call=b_again, status="active")
+    (tmp_path / "again").mkdir()
+    hear_each_other((a, a_call), (b, b_again), tmp_path / "again")
+    pbx.wait_log(r"event=transfer .*by=300 target=200")
+    # B hangs up: the call ends for A, and at the edge.
+    b.hangup(b_again)
     a.wait_state(a_call, "DISCONNECTED")
     pbx.wait_log("event=call_ended")
     assert_alive(worker_pids(pbx))
