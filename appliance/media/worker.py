@@ -21,6 +21,10 @@ Why it is built this way (figures in ``bench/media.py``):
   unregistered thread, which aborts); the main loop collects when a call ends.
 - pjsua2 callbacks only record facts and queue jobs (``later``); jobs run right after
   ``libHandleEvents`` returns, so no pjsua2 operation is nested inside a callback.
+- A REFER or an INVITE with Replaces is the one place a callback creates something: pjsua2
+  wants the new call's object before the callback returns, and without one it reuses the
+  transferring leg's ``Call`` for the new call (the worker used to die when that call
+  ended).  So the worker hands it a ``Leg`` of its own (``newCall``), or refuses.
 - A reaped ``Leg`` is dropped everywhere at once: pjsua2's ``~Call`` clears the user data
   of its call id, so an old object outliving the reuse of its id would orphan a new call.
 - The B-leg's From is set per call with ``SipTxOption.localUri``: one account serves
