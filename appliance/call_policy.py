@@ -473,3 +473,25 @@ def decide_feature_code(caller: UserConfig, dialled: str, config: Config) -> Cha
         field, value = _SWITCHES[service]
         return ChangeSettings(caller.number, service, {field: value})
     return None
+def decide_transfer(transferor: UserConfig, device: str | None, dialled: str, config: Config,
+                    reachable: ReachableDevices, outgoing_in_use: Mapping[str, int],
+                    calls: Sequence[CallInProgress], *, counted_call: bool,
+                    device_ids: DeviceIds | None = None) -> Refuse | RingNumber | RouteToTrunk:
+    """A transfer (REFER) by an extension: its call's other party is sent to `dialled`.
+
+    Authorised exactly as a call `transferor` places itself from `device` (unknown number
+    404, its outgoing limit 403, an outside number through a trunk's prefix `RouteToTrunk`),
+    except that the call being transferred, when it is counted on the transferor's
+    limit (`counted_call`), is not counted twice: the transferor leaves it. Feature codes
+    are no transfer targets (404).
+    """
+    if any(dialled.startswith(code) for code in config.feature_codes):
+        return Refuse(404, "Not Found", "transfer_to_feature_code")
+    in_use = dict(outgoing_in_use)
+    if counted_call and in_use.get(transferor.number, 0) > 0:
+        in_use[transferor.number] -= 1
+    decision = decide_new_call(transferor, device, dialled, config, reachable, in_use, calls, anchored=True,
+                               device_ids=device_ids)
+    if isinstance(decision, (JoinCall, ChangeSettings)):  # not reachable: feature codes are refused above
+        return Refuse(404, "Not Found", "transfer_to_feature_code")
+    return decision

@@ -33,6 +33,7 @@ from appliance.call_policy import (
     decide_incoming,
     decide_new_call,
     decide_pickup,
+    decide_transfer,
     decide_worker_leg,
     forward_condition_of,
     pickup_request,
@@ -51,6 +52,7 @@ from appliance.media.protocol import (
     HDR_PLAY,
     HDR_TARGET,
     HDR_TOKEN,
+    HDR_TRANSFER,
     LOOPBACK,
     PLAY_CONFIRM,
 )
@@ -119,6 +121,9 @@ class Dialog:
     """On a call's first dialog: the diversions the call took (number, condition), first first."""
     charged: list[str] = field(default_factory=list)
     """On a call's first dialog: numbers whose outgoing count a forward out through a trunk holds."""
+    transferring: bool = False
+    """On a call's first dialog: a transfer (or Replaces) has run in it, so a party may leave
+    while the call goes on in its worker; the worker's `call_ended` ends the call."""
     caller_tag: str = field(init=False)
     """The From tag of the INVITE: which way an in-dialog request goes (read once, not per request)."""
 
@@ -214,6 +219,9 @@ class CallRouter:
             self._reply(request, dest, 400, "Malformed From or Request-URI")
             return
         if self.media is not None and self.media.is_worker(flow):
+            if request.get(HDR_TRANSFER) is not None:
+                self._transfer_leg(request, flow, dest, key, dialled, now)
+                return
             self._worker_leg(request, flow, dest, key, dialled, now)
             return
         trunk = self.trunks.trunk_at(flow) if self.trunks is not None else None
@@ -235,8 +243,8 @@ class CallRouter:
             return
         caller_device = self._device_of(caller, flow)
         replaces = request.get("Replaces")
-        if replaces is not None:
-            self._replaces(request, flow, dest, key, replaces, caller, caller_device, now)
+        if replaces is not None and self.media is not None:
+            self._replaces_from_handset(request, flow, dest, key, replaces, caller, caller_device, now)
             return
         pickup = pickup_request(dialled, config)
         if pickup is not None:
@@ -444,14 +452,14 @@ class CallRouter:
         self._start_fork(dialog, dest, key, [target], ForkSettings(30.0),
                          [(HDR_TOKEN, decision.token), (HDR_JOIN, "1")], now, record_route=True)
 
-    def _replaces(self, request: Request, flow: Flow, dest: Flow, key: str | None, replaces: str, caller: str,
-                  caller_device: str | None, now: float) -> None:
-        """INVITE with Replaces (RFC 3891). A call-id our dialog-info NOTIFY named for a
-        ringing call (a BLF key's pickup, usually `;early-only`) picks that call up; any
-        other dialog: 481 (confirmed dialogs are the transfer's, routed before this)."""
+    def _replaces_from_handset(self, request: Request, flow: Flow, dest: Flow, key: str | None, replaces: str,
+                               caller: str, caller_device: str | None, now: float) -> None:
+        """A handset's INVITE with Replaces (RFC 3891). A call-id our dialog-info NOTIFY named
+        for a ringing call (a BLF key's pickup, usually `;early-only`) picks that call up; any
+        other names a dialog through the box (`_replaces`: attended transfer, taking a call over)."""
         call_id = replaces.split(";", 1)[0].strip()
         if not any(c.token == call_id for c in self._ringing()):
-            self._reply(request, dest, 481, "Call/Transaction Does Not Exist")
+            self._replaces(request, flow, dest, key, caller, None, now)
             return
         config = self.settings.current
         user = config.user(caller)
@@ -871,7 +879,7 @@ class CallRouter:
 
     def _end(self, dialog: Dialog, reason: str) -> None:
         """A dialog is over; what that means for the call depends on its leg."""
-        if dialog.ended:
+        if dialog.ended or self._left_after_transfer(dialog, reason):
             return
         dialog.ended = True
         dialog.invite = dialog.invite.skeleton()  # lingers with what a late BYE needs, not its SDP
@@ -914,13 +922,18 @@ class CallRouter:
             self._end(dialog, reason)
 
     def worker_died(self, token: str) -> None:
-        """A worker vanished mid-call: BYE every party we still can, end the call."""
+        """A worker vanished mid-call: BYE every party we still can, end the call, and
+        forget its dialogs at once, so their in-dialog requests get 481 and are not relayed
+        to a dead port."""
         for dialog in [c for c in self._dialogs.values() if c.token == token and not c.ended]:
             self._bye_party(dialog)
             self._end(dialog, "media_worker_died")
         a_leg = self._calls.get(token)
         if a_leg is not None:
+            a_leg.transferring = False
             self._end(a_leg, "media_worker_died")
+        for dialog in [c for c in self._dialogs.values() if c.token == token]:
+            self._forget_dialog(dialog)
 
     def _bye_party(self, dialog: Dialog) -> None:
         """BYE, in the worker's place, to the device or caller on the far side of a dialog."""
@@ -975,6 +988,9 @@ class CallRouter:
         dest = dialog.callee_flow if towards_callee else dialog.caller_flow
         if towards_callee and dialog.cseq_delta:
             _shift_cseq(request, dialog.cseq_delta)  # the worker's request, in the provider's CSeq space
+        if request.method == "REFER" and self._is_worker(dest) and not self._refer_to_worker(
+                request, dialog, towards_callee, reply_to):
+            return
         if not self.relay.forward(request, dest, None if request.method == "ACK" else reply_to, now, flow):
             if request.method != "ACK":
                 self._reply(request, reply_to, 483, "Too Many Hops")
@@ -985,6 +1001,150 @@ class CallRouter:
     def _is_worker(self, flow: Flow) -> bool:
         return self.media is not None and self.media.is_worker(flow)
 
+    # -- transfer (REFER) and Replaces ----------------------------------------------------------
+    def _refer_to_worker(self, request: Request, dialog: Dialog, towards_callee: bool, reply_to: Flow) -> bool:
+        """A REFER from a party X to the worker: its Refer-To becomes the edge, with the call's
+        token and X's number (`HDR_TRANSFER`) as URI headers, which pjsua puts on the INVITE
+        it sends for it; a `Replaces` is kept, nothing else. So the transfer leg always
+        comes back here, whatever host the handset named, and is authorised as X. False:
+        answered here (not an extension's REFER, or a Refer-To we cannot use)."""
+        media = self.media
+        assert media is not None
+        number = dialog.caller if towards_callee else dialog.callee
+        config = self.settings.current
+        if (towards_callee and dialog.trunk is not None) or config.user(number) is None:
+            self._reply(request, reply_to, 403, "Forbidden (only an extension can transfer)")
+            return False
+        value = request.get("Refer-To")
+        if value is None:
+            return True  # the worker answers 400 itself
+        inner = value[value.find("<") + 1:value.rfind(">")] if "<" in value else value.split(";", 1)[0]
+        match = _REFER_TARGET.match(inner.strip())
+        if match is None:
+            self._reply(request, reply_to, 400, "Bad Refer-To (a number at this box expected)")
+            return False
+        uri_headers = [h for h in (match.group(2) or "").split("&") if h.split("=", 1)[0].lower() == "replaces"]
+        uri_headers += [f"{HDR_TOKEN}={dialog.token}", f"{HDR_TRANSFER}={number}"]
+        request.set("Refer-To", f"<sip:{match.group(1)}@{media.edge_address}?{'&'.join(uri_headers)}>")
+        log.info("event=transfer_requested %s", fields(call=dialog.token, by=number, target=match.group(1)))
+        return True
+
+    def _transfer_leg(self, request: Request, flow: Flow, dest: Flow, key: str | None, dialled: str,
+                      now: float) -> None:
+        """A worker's leg for a REFER it took: authorised as the transferring extension
+        (`decide_transfer`) and rung like a call of that extension's, or, with Replaces,
+        relayed to the worker holding the named dialog."""
+        token = request.get(HDR_TOKEN) or ""
+        number = (request.get(HDR_TRANSFER) or "").strip()
+        first = self._calls.get(token)
+        config = self.settings.current
+        user = config.user(number)
+        if (first is None or first.ended or first.worker_port != flow.port or user is None
+                or not self._party_of(token, number) or (first.trunk is not None and number == first.caller)):
+            self._reply(request, dest, 403, "Forbidden")
+            return
+        if request.get("Replaces") is not None:
+            self._replaces(request, flow, dest, key, number, first, now)
+            return
+        by_caller = number == first.caller
+        decision = decide_transfer(user, first.caller_device if by_caller else None, dialled, config,
+                                   self._reachable, self.outgoing, self._in_progress(),
+                                   counted_call=by_caller and first.counts_outgoing, device_ids=self._device_id)
+        if isinstance(decision, Refuse):
+            log.info("event=transfer_refused %s", fields(call=token, by=number, target=dialled,
+                                                         status=decision.status, reason=decision.why))
+            self._reply(request, dest, decision.status, decision.reason)
+            return
+        first.transferring = True
+        log.info("event=transfer %s", fields(call=token, by=number, target=dialled))
+        if isinstance(decision, RouteToTrunk):
+            trunk = next(t for t in config.trunks if t.name == decision.trunk)
+            # pjsua sends a transfer's INVITE as the worker's account: the provider is given
+            # the caller ID a call of the extension's would carry (the tag, the dialog's, kept).
+            tag = _tag(request.get("From"))
+            request.set("From", f"<sip:{decision.caller_id}@{trunk.server}>" + (f";tag={tag}" if tag else ""))
+            self._to_provider(request, flow, dest, key, first, ToProvider(trunk, decision.number), now)
+            return
+        other, trunk_name = (first.callee, None) if by_caller else (first.caller, first.trunk)
+        # The target sees who it is being put through to (as a B-leg's From shows the caller),
+        # not the worker's account that pjsua sends a transfer as; the tag is kept.
+        tag = _tag(request.get("From"))
+        request.set("From", self._identity(other, trunk_name) + (f";tag={tag}" if tag else ""))
+        dialog = Dialog(token, Role.B, request, other, decision.number, flow, None, trunk=trunk_name)
+        settings = ForkSettings(decision.ring_timeout, decline_all=decision.decline_all)
+        self._start_fork(dialog, dest, key, self._targets(decision), settings,
+                         [("P-Asserted-Identity", self._identity(other, trunk_name))], now)
+
+    def _party_of(self, token: str, number: str) -> bool:
+        """Is `number` one of the parties of call `token` now (a transfer's target too)?"""
+        return any(number in (d.caller, d.callee) for d in self._dialogs.values() if d.token == token and not d.ended)
+
+    def _replaces(self, request: Request, flow: Flow, dest: Flow, key: str | None, number: str,
+                  origin: Dialog | None, now: float) -> None:
+        """An INVITE with Replaces (RFC 3891), from a worker's transfer leg (`origin`: the
+        call it belongs to) or straight from a handset of `number`: relayed to the worker
+        holding the confirmed dialog it names; 481 when there is none."""
+        named = self._named_dialog(request.get("Replaces") or "")
+        if named is None or named.ended:
+            self._reply(request, dest, 481, "Call/Transaction Does Not Exist")
+            return
+        if named.answer is None:
+            self._replaces_early(request, dest, named, number)
+            return
+        if number not in (named.caller, named.callee):
+            # A REFER's Replaces joins two calls of the transferring extension, and a handset
+            # takes over only a call of its own number: no one else's.
+            self._reply(request, dest, 403, "Forbidden (not a call of this extension)")
+            return
+        worker = next((f for f in (named.callee_flow, named.caller_flow) if f is not None and self._is_worker(f)), None)
+        if worker is None:
+            self._reply(request, dest, 481, "Call/Transaction Does Not Exist")
+            return
+        replaced_call = self._calls.get(named.token)
+        if replaced_call is not None:
+            replaced_call.transferring = True
+        if origin is not None:
+            origin.transferring = True
+        token = origin.token if origin is not None else named.token
+        device = None if origin is not None else self._device_of(number, flow)
+        dialog = Dialog(token, Role.B, request, number, named.callee, flow, device)
+        log.info("event=replaces %s", fields(call=token, by=number, replaced_call=named.token, worker=worker.port))
+        target = Target("", f"sip:{_dialled_number(request.uri) or 'replaces'}@{LOOPBACK}:{worker.port}", worker,
+                        False)
+        self._start_fork(dialog, dest, key, [target], ForkSettings(30.0), [], now)
+
+    def _replaces_early(self, request: Request, dest: Flow, named: Dialog, number: str) -> None:
+        """An INVITE with Replaces naming a dialog still ringing (early): that is pickup
+        of the ringing call. Not served yet: 481."""
+        log.info("event=replaces_early %s", fields(call=named.token, by=number))
+        self._reply(request, dest, 481, "Call/Transaction Does Not Exist")
+
+    def _named_dialog(self, replaces: str) -> Dialog | None:
+        """The dialog a Replaces header value names (Call-ID and both tags), or None."""
+        call_id, *params = [p.strip() for p in replaces.split(";")]
+        tags = {}
+        for param in params:
+            name, _, value = param.partition("=")
+            tags[name.strip().lower()] = value.strip()
+        dialog = self._dialogs.get(call_id)
+        if dialog is None or "to-tag" not in tags or "from-tag" not in tags:
+            return None
+        callee_tag = _tag(dialog.answer.get("To")) if dialog.answer is not None else None
+        if dialog.answer is None:
+            return dialog if dialog.caller_tag in (tags["to-tag"], tags["from-tag"]) else None
+        if {tags["to-tag"], tags["from-tag"]} != {dialog.caller_tag, callee_tag}:
+            return None
+        return dialog
+
+    def _left_after_transfer(self, dialog: Dialog, reason: str) -> bool:
+        """A party of a call with a transfer left (its BYE): the call goes on in its worker,
+        which ends it (`worker_call_ended`)."""
+        return dialog.role is Role.A and dialog.transferring and reason.startswith("bye_from")
+
+
+
+_REFER_TARGET = re.compile(r"sips?:([0-9A-Za-z*#+._%-]{1,64})@[^?]*(?:\?(.*))?$")
+"""A Refer-To URI we act on: a user part (the target number), headers (only Replaces kept)."""
 
 
 def _tag(value: str | None) -> str | None:

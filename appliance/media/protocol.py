@@ -32,6 +32,10 @@ Events (worker -> edge, stdout)
   been answered is gone; the call may go on (see "hang-up rules").
 - ``{"event": "call_ended", "token": T, "reason": R, "code": N, "duration": S}``: every leg
   is gone; the worker is idle again.  R is one of the ``REASON_*`` values.
+- ``{"event": "transfer", "token": T, "leg": X, "new_leg": "t1", "target": URI}``: a REFER
+  (or an INVITE with Replaces, target ``replaces``) was taken; ``{"event": "transferred",
+  ...}`` when the new leg took X's place, ``{"event": "transfer_failed", ..., "code": N}``
+  when it failed (extra events; the edge may ignore them).
 - ``{"event": "pong", "seq": N, "busy": bool, "calls": N}``: reply to ``ping`` (calls =
   calls finished so far).
 - ``{"event": "error", "message": ...}``: a bad command or an unexpected failure (logged,
@@ -67,6 +71,23 @@ SIP (edge -> worker)
   handset's feature code was applied): answered at once, ``CONFIRM_BEEPS`` short beeps of
   ``CONFIRM_TONE_HZ`` played to it, then BYE; no B-leg.  The session ends as any call
   (``call_ended``).
+- Transfer (REFER, RFC 3515): the edge relays a REFER from a party X to the worker with
+  its Refer-To rewritten to ``<sip:<target>@<edge>?X-Homepbx-Token=T&X-Homepbx-Transfer=<X's
+  number>>`` (a ``Replaces`` header of the Refer-To kept, every other one dropped).  pjsua
+  answers ``202``, sends the INVITE to that URI (its URI headers become headers of the
+  INVITE, so it carries the token, the transferring number and any ``Replaces``) on a
+  ``Leg`` the worker created for it (``t1``; pjsua2 would otherwise reuse X's ``Call``
+  object for the new call), and NOTIFYs X with the sipfrag of each status (100, 18x, 200 or
+  the failure).  The edge authorises the leg as X's extension (``call_policy.decide_transfer``)
+  and rings the target like any call of X's, or relays an INVITE with ``Replaces`` to the
+  worker holding the named dialog.  On the target's 200 the new leg takes X's place (X is
+  cut from the bridge and BYEd ``TRANSFER_RELEASE_S`` later unless it hangs up first, as
+  it should after the 200 NOTIFY); on a failure nothing else changes and X can resume.
+  One transfer at a time per call: a second REFER meanwhile gets 491.  If X hangs up
+  while the target rings, the call waits for the target's answer.
+- Replaces (RFC 3891): an INVITE with ``Replaces`` naming one of the worker's confirmed
+  dialogs (pjsua checks Call-ID and tags, 481 otherwise) is answered on a ``Leg`` created
+  for it (``r1``), which takes the replaced leg's place; pjsua BYEs the replaced party.
 - Hang-up rules: A leaving ends the call (BYE to everyone else).  B or a joiner leaving
   leaves the rest talking as long as A and at least one other leg are up; once A is
   alone it is hung up too.  A cancelling before the answer CANCELs the B-leg.
@@ -109,9 +130,15 @@ PLAY_CONFIRM: Final = "confirm"
 CONFIRM_TONE_HZ: Final = 880
 CONFIRM_BEEPS: Final = 3
 """Beeps of 200 ms (100 ms apart) that say "done" to a handset that dialled a feature code."""
+HDR_TRANSFER: Final = "X-Homepbx-Transfer"
+"""On a worker's transfer leg: the number of the extension that asked for the transfer
+(written by the edge into the Refer-To it relays to the worker; see "Transfer")."""
 INTERNAL_HEADER_PREFIX: Final = "X-Homepbx-"
 """The edge strips every header with this prefix from anything that leaves the box."""
 HDR_PAI: Final = "P-Asserted-Identity"
+
+TRANSFER_RELEASE_S: Final = 4.0
+"""After a transfer succeeded, how long the transferring party may take to hang up itself."""
 
 # --- limits -----------------------------------------------------------------------------
 MAX_LEGS: Final = 3
@@ -135,6 +162,9 @@ EV_CALL_ANSWERED: Final = "call_answered"
 EV_LEG_JOINED: Final = "leg_joined"
 EV_LEG_LEFT: Final = "leg_left"
 EV_CALL_ENDED: Final = "call_ended"
+EV_TRANSFER: Final = "transfer"
+EV_TRANSFERRED: Final = "transferred"
+EV_TRANSFER_FAILED: Final = "transfer_failed"
 EV_PONG: Final = "pong"
 EV_ERROR: Final = "error"
 EV_BYE: Final = "bye"
@@ -148,6 +178,9 @@ CMD_QUIT: Final = "quit"
 LEG_A: Final = "a"
 LEG_B: Final = "b"
 JOIN_LEG_PREFIX: Final = "j"
+TRANSFER_LEG_PREFIX: Final = "t"
+"""A leg placed for a REFER ("t1", ...) or answered for an INVITE with Replaces ("r1", ...)."""
+REPLACING_LEG_PREFIX: Final = "r"
 
 # --- call_ended reasons -----------------------------------------------------------------
 REASON_CALLER_HANGUP: Final = "caller_hangup"

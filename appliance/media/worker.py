@@ -21,6 +21,10 @@ Why it is built this way (figures in ``bench/media.py``):
   unregistered thread, which aborts); the main loop collects when a call ends.
 - pjsua2 callbacks only record facts and queue jobs (``later``); jobs run right after
   ``libHandleEvents`` returns, so no pjsua2 operation is nested inside a callback.
+- A REFER or an INVITE with Replaces is the one place a callback creates something: pjsua2
+  wants the new call's object before the callback returns, and without one it reuses the
+  transferring leg's ``Call`` for the new call (the worker used to die when that call
+  ended).  So the worker hands it a ``Leg`` of its own (``newCall``), or refuses.
 - A reaped ``Leg`` is dropped everywhere at once: pjsua2's ``~Call`` clears the user data
   of its call id, so an old object outliving the reuse of its id would orphan a new call.
 - The B-leg's From is set per call with ``SipTxOption.localUri``: one account serves
@@ -50,6 +54,7 @@ import signal
 import socket
 import sys
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -176,6 +181,9 @@ class Leg(pj.Call):  # type: ignore[misc]
         self.remote = ""
         self.dialog: direct_bye.Dialog | None = None
         """What a BYE around the edge needs, should the edge die (see direct_bye)."""
+        self._stands_for: weakref.ref[Leg] | None = None
+        """A transfer or replacing leg: the leg it takes the place of once answered (weakly:
+        a reaped Leg must be gone everywhere at once, see Session.forget)."""
 
     def onCallState(self, prm: Any) -> None:
         self.worker.guard("onCallState", self.worker.on_call_state, self, prm)
@@ -186,8 +194,33 @@ class Leg(pj.Call):  # type: ignore[misc]
     def onDtmfDigit(self, prm: Any) -> None:
         self.worker.guard("onDtmfDigit", self.worker.on_dtmf, self, str(prm.digit))
 
+    def onCallTransferRequest(self, prm: Any) -> None:
+        # Refused unless the worker takes it with a Leg of its own: without a newCall,
+        # pjsua2 would reuse this very object for the new call (the worker used to die of
+        # that when the new call ended).
+        prm.statusCode = 500
+        self.worker.guard("onCallTransferRequest", self.worker.on_transfer_request, self, prm)
+
+    def onCallReplaceRequest(self, prm: Any) -> None:
+        prm.statusCode = 500  # same reason as above
+        self.worker.guard("onCallReplaceRequest", self.worker.on_replace_request, self, prm)
+
+    def onCallReplaced(self, prm: Any) -> None:
+        self.worker.guard("onCallReplaced", self.worker.on_replaced, self, prm)
+
+    def onCallTransferStatus(self, prm: Any) -> None:
+        prm.cont = False  # the worker's transfers are not this leg's; nothing to follow
+
     def alive(self) -> bool:
         return not self.disconnected
+
+    @property
+    def stands_for(self) -> Leg | None:
+        return self._stands_for() if self._stands_for is not None else None
+
+    @stands_for.setter
+    def stands_for(self, leg: Leg | None) -> None:
+        self._stands_for = weakref.ref(leg) if leg is not None else None
 
     def audio_media(self) -> Any:
         """The active audio stream's bridge port, or None."""
@@ -226,6 +259,11 @@ class Session:
     a: Leg | None
     b: Leg | None = None
     joiners: list[Leg] = field(default_factory=list)
+    transfer: Leg | None = None
+    """The leg placed or answered for a transfer, until it is answered or fails."""
+    transfer_seq: int = 0
+    vacated: str = ""
+    """The role ("a", "b", "j") of the leg a running transfer stands for, once that leg is reaped."""
     links: set[tuple[str, int, str, int]] = field(default_factory=set)
     """Bridge connections made: (source leg, its port, sink leg, its port)."""
     join_seq: int = 0
@@ -237,7 +275,7 @@ class Session:
     code: int = 0
 
     def legs(self) -> list[Leg]:
-        return [leg for leg in (self.a, self.b, *self.joiners) if leg is not None]
+        return [leg for leg in (self.a, self.b, *self.joiners, self.transfer) if leg is not None]
 
     def a_alive(self) -> bool:
         return self.a is not None and self.a.alive()
@@ -245,12 +283,16 @@ class Session:
     def forget(self, leg: Leg) -> None:
         """Drop a reaped leg.  pjsua2's ~Call clears the user data of its call id, so a
         Call object kept after its id is reused would orphan the new call."""
+        if self.transfer is not None and self.transfer.stands_for is leg:
+            self.vacated = "a" if self.a is leg else "b" if self.b is leg else "j"
         if self.a is leg:
             self.a = None
         if self.b is leg:
             self.b = None
         if leg in self.joiners:
             self.joiners.remove(leg)
+        if self.transfer is leg:
+            self.transfer = None
         leg.session = None
 
     def set_reason(self, reason: str, code: int = 0) -> None:
@@ -674,7 +716,7 @@ class Worker(PjHost):
     def note_dialog(self, leg: Leg, msg: Request | Response | None) -> None:
         """Keep what a direct BYE needs: the B-leg's 2xx (tags, the callee's Contact);
         on a leg we answered, our tag from the 18x/2xx we sent or the ACK we got."""
-        if leg.name == P.LEG_B:
+        if leg.name == P.LEG_B or leg.name.startswith(P.TRANSFER_LEG_PREFIX):
             if isinstance(msg, Response) and 200 <= msg.status < 300:
                 if not leg.identity:
                     leg.identity = msg.get(P.HDR_PAI) or strip_tag(msg.get("To") or "")
@@ -686,9 +728,13 @@ class Worker(PjHost):
     def leg_state(self, s: Session, leg: Leg, state: int, code: int, reason: str) -> None:
         if leg.session is not s:
             return
-        if leg is s.b:
+        if leg is s.transfer:
+            self.transfer_state(s, leg, state, code)
+        elif leg is s.b:
             self.b_state(s, leg, state, code, reason)
         elif leg is s.a:
+            if state == pj.PJSIP_INV_STATE_DISCONNECTED and self.transferor_left(s, leg):
+                return
             if state == pj.PJSIP_INV_STATE_DISCONNECTED:
                 if s.answered:
                     self.out.emit(P.EV_LEG_LEFT, token=s.token, leg=leg.name, code=code)
@@ -810,6 +856,131 @@ class Worker(PjHost):
                 prm.digits = digit
                 with contextlib.suppress(pj.Error):
                     leg.sendDtmf(prm)
+
+    # -- transfer (REFER) and Replaces -------------------------------------------------------
+    def on_transfer_request(self, x: Leg, prm: Any) -> None:
+        """A REFER on leg `x` (in a callback): take it on a Leg of our own, or refuse it.
+        pjsua answers 202, sends the INVITE to the Refer-To (which the edge wrote: see
+        the protocol's "Transfer") and NOTIFYs `x` of its progress."""
+        s = x.session
+        if s is None or x not in s.legs() or not s.answered or s.ending or not x.confirmed:
+            prm.statusCode = 603
+            return
+        if s.transfer is not None:
+            prm.statusCode = 491  # one transfer at a time
+            return
+        assert self.acc is not None
+        s.transfer_seq += 1
+        t = Leg(self, self.acc)
+        t.name = f"{P.TRANSFER_LEG_PREFIX}{s.transfer_seq}"
+        t.session = s
+        t.stands_for = x
+        t.remote = str(prm.dstUri)
+        s.transfer = t
+        self.legs.append(t)
+        prm.newCall = t
+        prm.statusCode = 202
+        self.out.emit(P.EV_TRANSFER, token=s.token, leg=x.name, new_leg=t.name, target=str(prm.dstUri))
+
+    def on_replace_request(self, old: Leg, prm: Any) -> None:
+        """An INVITE with Replaces naming leg `old` (in a callback): answered on a Leg of ours."""
+        s = old.session
+        if s is None or old not in s.legs() or not s.answered or s.ending:
+            prm.statusCode = 481
+            return
+        if s.transfer is not None:
+            prm.statusCode = 486
+            return
+        assert self.acc is not None
+        s.transfer_seq += 1
+        r = Leg(self, self.acc)
+        r.name = f"{P.REPLACING_LEG_PREFIX}{s.transfer_seq}"
+        r.session = s
+        r.stands_for = old
+        msg = parse_sip(str(prm.rdata.wholeMsg))
+        if isinstance(msg, Request):
+            r.dialog = direct_bye.incoming(msg)
+        s.transfer = r
+        self.legs.append(r)
+        prm.newCall = r
+        prm.statusCode = 200
+        self.out.emit(P.EV_TRANSFER, token=s.token, leg=old.name, new_leg=r.name, target="replaces")
+
+    def on_replaced(self, old: Leg, prm: Any) -> None:
+        """pjsua replaced `old` with the new call; the new leg's CONFIRMED state does the work."""
+        new = prm.newCall
+        if not isinstance(new, Leg) or new.stands_for is not old:
+            self.out.emit(P.EV_ERROR, where="onCallReplaced", leg=old.name, message="unexpected new call")
+
+    def transferor_left(self, s: Session, leg: Leg) -> bool:
+        """The leg a transfer runs for hung up before the target answered: the call waits
+        for the target (a phone may hang up right after the REFER's 202)."""
+        t = s.transfer
+        if t is None or t.stands_for is not leg or not t.alive():
+            return False
+        self.out.emit(P.EV_LEG_LEFT, token=s.token, leg=leg.name, code=0)
+        return True
+
+    def transfer_state(self, s: Session, t: Leg, state: int, code: int) -> None:
+        x = t.stands_for  # None: it hung up and is reaped already
+        if state == pj.PJSIP_INV_STATE_CONFIRMED:
+            s.transfer = None
+            if s.ending:
+                self.hangup(t)
+                return
+            name = x.name if x is not None else s.vacated
+            self.take_place(s, x, t)
+            self.out.emit(P.EV_TRANSFERRED, token=s.token, leg=name, new_leg=t.name, remote=t.identity or t.remote)
+            self.connect_bridge(s)
+            if x is not None:
+                # Weakly: a Leg kept past its reaping could outlive the reuse of its call id.
+                released = weakref.ref(x)
+                self.after(P.TRANSFER_RELEASE_S, lambda: self.hangup(released()))
+        elif state == pj.PJSIP_INV_STATE_DISCONNECTED:
+            s.transfer = None
+            s.vacated = ""
+            self.out.emit(P.EV_TRANSFER_FAILED, token=s.token, leg=x.name if x else "", code=code)
+            if (x is None or not x.alive()) and not s.ending:
+                # The transferring party is gone too: nobody is left for the other side.
+                s.set_reason(P.REASON_CALLEE_HANGUP)
+                s.ending = True
+                for other in s.legs():
+                    self.hangup(other)
+            else:
+                self.check_alone(s)
+
+    def take_place(self, s: Session, x: Leg | None, new: Leg) -> None:
+        """`new` takes the role of `x` in the session; `x` leaves the bridge and the session
+        (so its hang-up no longer counts as a party leaving)."""
+        if x is not None and s.a is x:
+            s.a = new
+        elif x is not None and s.b is x:
+            s.b = new
+        elif x is not None and x in s.joiners:
+            s.joiners[s.joiners.index(x)] = new
+        elif s.vacated == "a" and s.a is None:  # `x` is gone and reaped already
+            s.a = new
+        elif s.vacated == "b" and s.b is None:
+            s.b = new
+        else:
+            s.joiners.append(new)
+        s.vacated = ""
+        new.stands_for = None
+        new.confirmed = True
+        if x is None:
+            return
+        port = x.audio_media()
+        if port is not None:
+            for other in s.legs():
+                theirs = other.audio_media() if other is not x else None
+                if theirs is not None:
+                    with contextlib.suppress(pj.Error):
+                        port.stopTransmit(theirs)
+                    with contextlib.suppress(pj.Error):
+                        theirs.stopTransmit(port)
+        s.links = {k for k in s.links if x.name not in (k[0], k[2])}
+        x.session = None
+        x.name = f"{x.name}-released"
 
 
 def rx_message(e: Any) -> Request | Response | None:
