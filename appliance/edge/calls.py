@@ -531,8 +531,13 @@ class CallRouter:
             to=to.number, trunk=to.trunk if isinstance(to, RouteToTrunk) else "-",
             chain=">".join(forward.chain)))
         if isinstance(to, RouteToTrunk):  # counts on the forwarding number's outgoing limit
-            self.outgoing[forward.number] = self.outgoing.get(forward.number, 0) + 1
-            a_leg.charged.append(forward.number)
+            self._charge(a_leg, forward.number)
+
+    def _charge(self, first: Dialog, number: str) -> None:
+        """A call out that `number` caused (a forward, a transfer) counts on its outgoing
+        limit until the call ends."""
+        self.outgoing[number] = self.outgoing.get(number, 0) + 1
+        first.charged.append(number)
 
     def _release_charges(self, first: Dialog) -> None:
         for number in first.charged:
@@ -1063,6 +1068,8 @@ class CallRouter:
             # the caller ID a call of the extension's would carry (the tag, the dialog's, kept).
             tag = _tag(request.get("From"))
             request.set("From", f"<sip:{decision.caller_id}@{trunk.server}>" + (f";tag={tag}" if tag else ""))
+            if not (by_caller and first.counts_outgoing):  # the transferor places this call out
+                self._charge(first, number)
             self._to_provider(request, flow, dest, key, first, ToProvider(trunk, decision.number), now)
             return
         other, trunk_name = (first.callee, None) if by_caller else (first.caller, first.trunk)

@@ -392,12 +392,13 @@ def test_blind_transfer_from_baresip(pbx_factory: DaemonFactory, handset_factory
 def test_blind_transfer_to_an_outside_number(pbx_factory: DaemonFactory, handset_factory: HandsetFactory,
                                              tmp_path: Path) -> None:
     """B transfers A to 0 + an outside phone at the provider (Kamailio): placed as B's call
-    out (B's caller ID, the trunk's credentials); A and the outside phone talk."""
+    out (B's caller ID, the trunk's credentials, B's outgoing limit while it lasts); A and
+    the outside phone talk."""
     provider = Kamailio(tmp_path / "kamailio", {DID: PASSWORD, OUTSIDE: OUTSIDE_PASSWORD}).start()
     try:
         trunk = ("[[trunks]]\nname = \"provider\"\n"
                  f'server = "{provider.server}"\nusername = "{DID}"\npassword = "{PASSWORD}"\n')
-        pbx = pbx_factory([user_block("100"), user_block("200")], extra=trunk)
+        pbx = pbx_factory([user_block("100"), user_block("200", max_outgoing_calls=1)], extra=trunk)
         a, b = handset_factory("p100"), handset_factory("p200")
         assert a.register(pbx.registrar, "100", "secret")["code"] == 200
         assert b.register(pbx.registrar, "200", "secret")["code"] == 200
@@ -416,6 +417,8 @@ def test_blind_transfer_to_an_outside_number(pbx_factory: DaemonFactory, handset
         b.hangup(b_call)
         outside.wait_for("media", call=o_call, status="active")
         hear_each_other((a, a_call), (outside, o_call), tmp_path)
+        again = b.call(f"sip:0{OUTSIDE}@home.arpa")  # B's one call out is the transferred one
+        assert b.wait_state(again, "DISCONNECTED")["last_status"] == 403
         outside.hangup(o_call)
         a.wait_state(a_call, "DISCONNECTED")
         pbx.wait_log("event=call_ended")
