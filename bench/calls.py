@@ -443,6 +443,9 @@ def main() -> None:
     parser.add_argument("--answer", choices=("one", "all"), default="one",
                         help="one device answers per call, or all at once (the proxy BYEs the losers)")
     parser.add_argument("--profile", metavar="FILE", help="py-spy the daemon for 5 s under load (raw format)")
+    parser.add_argument("--linger", type=float, default=0.0, metavar="S",
+                        help="also print the daemon's RSS this many seconds after the load (finished calls "
+                             "linger 32 s: 35 shows what stays)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -476,6 +479,9 @@ def main() -> None:
             load = run_phase(port, callers, numbers, args.callers, args.seconds, args.window, "T", proc.pid,
                              args.profile)
             print(f"daemon RSS after load: {rss_kib(proc.pid) / 1024:.1f} MB")
+            if args.linger > 0:
+                time.sleep(args.linger)
+                print(f"daemon RSS {args.linger:.0f} s after the load: {rss_kib(proc.pid) / 1024:.1f} MB")
             stop.set()
             arrivals: dict[str, list[float]] = {}
             answered = cleaned = cancelled = repeated = 0
