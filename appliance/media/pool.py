@@ -53,6 +53,8 @@ CRASH_WINDOW: Final = 5.0
 MAX_BACKOFF: Final = 30.0
 ACQUIRE_TIMEOUT: Final = 6.0
 """How long a new call waits for a worker (its 100 Trying sent) before 503."""
+END_GRACE: Final = 0.5
+"""How long a released worker in a call has to report its end before it is told to end it."""
 FULL_GRACE: Final = 1.0
 """How long a call that finds max_calls held waits for one to end (a worker reports its
 call's end a moment after the BYE went by) before 503."""
@@ -344,16 +346,22 @@ class WorkerPool:
 
     def release(self, worker: Worker, token: str | None = None) -> None:
         """Give back a worker whose call never reached it (or that should be ended);
-        ignored when `token` names another call.  A worker in a call is told to end it
-        and becomes idle on its call_ended.  Idempotent."""
+        ignored when `token` names another call.  A worker in a call becomes idle on its
+        call_ended; it is told to end the call only if it has not within END_GRACE (the
+        edge releases on the BYE it relays to the worker: an end_all sent at once raced
+        that BYE, and the worker BYEd a caller that had just hung up).  Idempotent."""
         if worker.state is not WorkerState.BUSY:
             return
         if token is not None and worker.token is not None and token != worker.token:
             return
         if worker.in_call:
-            worker.send(P.CMD_END_ALL)
+            asyncio.get_running_loop().call_later(END_GRACE, self._end_if_still, worker, worker.token)
             return
         self._to_idle(worker, self.cooldown)
+
+    def _end_if_still(self, worker: Worker, token: str | None) -> None:
+        if worker.state is WorkerState.BUSY and worker.in_call and worker.token == token:
+            worker.send(P.CMD_END_ALL)
 
     async def stop(self) -> None:
         """Clean shutdown of every worker (each BYEs its call and exits); whatever has not

@@ -44,7 +44,10 @@ def _failed(workdir: Path) -> tuple[int, int]:
     return int(last[head.index("SuccessfulCall(C)")]), int(last[head.index("FailedCall(C)")])
 
 
-def test_a_burst_of_anchored_calls_loses_none(pbx_factory: DaemonFactory, tmp_path: Path) -> None:
+@pytest.mark.parametrize("hold_ms", [500, 0])
+def test_a_burst_of_anchored_calls_loses_none(pbx_factory: DaemonFactory, tmp_path: Path, hold_ms: int) -> None:
+    """hold 0: the caller's BYE right behind its ACK (the edge releases the worker on that
+    BYE while the BYE is still on its way to the worker)."""
     assert shutil.which("sipp"), "sipp is not installed: `make deps` installs Debian's sip-tester"
     low = random.randrange(20000, 50000, 2)  # RTP slices of its own (other tests run beside it)
     pbx = pbx_factory([user_block("200", "pw-200"), user_block("201", "pw-201")],
@@ -64,7 +67,10 @@ def test_a_burst_of_anchored_calls_loses_none(pbx_factory: DaemonFactory, tmp_pa
         started.append(callee)
         caller_dir = tmp_path / "caller"
         caller_dir.mkdir()
-        caller = _sipp("caller.xml", caller_dir, free_port(), pbx.port, "-s", "201", "-au", "200", "-ap", "pw-200",
+        scenario = caller_dir / "caller.xml"
+        scenario.write_text((SCENARIOS / "caller.xml").read_text().replace(
+            '<pause milliseconds="500"/>', f'<pause milliseconds="{hold_ms}"/>' if hold_ms else ""))
+        caller = _sipp(str(scenario), caller_dir, free_port(), pbx.port, "-s", "201", "-au", "200", "-ap", "pw-200",
                        "-set", "caller", "200", "-m", str(CALLS), "-l", str(IN_FLIGHT), "-r", "300")
         started.append(caller)
         caller.communicate(timeout=75)

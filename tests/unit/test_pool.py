@@ -138,6 +138,8 @@ def test_acquire_until_exhausted_then_calls_end_and_release(fake: list[str]) -> 
         third.send("fake_call", token="t3")
         await until(lambda: third.in_call)
         pool.release(third)
+        await asyncio.sleep(0.2)  # first it may end the call itself (the BYE on its way to it)
+        assert third.in_call and state(third) is WorkerState.BUSY
         await until(lambda: third.state is WorkerState.IDLE)
         assert rec.events[-1][1]["reason"] == "end_all"
 
