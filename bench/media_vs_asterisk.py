@@ -302,6 +302,9 @@ def _anchor(name: str, script: Path, port: int, env: dict[str, str], pidfile: Pa
 
     def start() -> None:
         subprocess.run(["bash", str(script), "start"], env=full_env, check=True, capture_output=True)
+        if script == ASTERISK_SH:  # contacts of an earlier run live on in its astdb (3 at most)
+            subprocess.run(["bash", str(script), "cli", "database deltree registrar/contact"], env=full_env,
+                           capture_output=True)
 
     def stop() -> None:
         subprocess.run(["bash", str(script), "stop"], env=full_env, capture_output=True)
@@ -348,6 +351,7 @@ class Sipp:
         self.caller_plain.write_text(caller_scenario(None, 0))
         (workdir / "callee.xml").write_text(callee_scenario())
         (workdir / "register.xml").write_text(REGISTER)
+        (workdir / "unregister.xml").write_text(REGISTER.replace("Expires: 3600", "Expires: 0"))
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def _cmd(self, scenario: Path, port: int, target: Target, *args: str) -> list[str]:
@@ -377,6 +381,10 @@ class Sipp:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            # Unregister: Asterisk keeps contacts across restarts (and takes 3 at most).
+            subprocess.run(self._cmd(self.dir / "unregister.xml", port, target, "-m", "1", "-s", CALLEE,
+                                     "-au", CALLEE, "-ap", CALLEE_PW, "-timeout", "10s"),
+                           cwd=work, capture_output=True)
 
     def calls(self, target: Target, calls: int, in_flight: int, scenario: Path | None = None,
               rtt: bool = False, wait: bool = True) -> Run | subprocess.Popen[bytes]:
@@ -586,6 +594,8 @@ def main(argv: list[str] | None = None) -> None:
                 target.start()
                 try:
                     phase()
+                except Exception as exc:  # one system's failure still leaves the others' figures
+                    print(f"  {target.name}: failed: {exc!r}", flush=True)
                 finally:
                     target.stop()
             targets[target.name] = target
