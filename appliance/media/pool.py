@@ -219,7 +219,7 @@ class WorkerPool:
         acquire_timeout: float = ACQUIRE_TIMEOUT,
         max_starting: int = 0,
         recycle_after: int = 200,
-        idle_retire_after: float = 60.0,
+        idle_retire_after: float = 20.0,
         stop_timeout: float = 5.0,
         log_level: int = 1,
         worker_args: Sequence[str] = (),
@@ -723,7 +723,8 @@ class WorkerPool:
 
     def _shrink(self, now: float) -> None:
         """Retire workers idle for `idle_retire_after` beyond the warm_target kept warm: a
-        burst of calls should not hold 8 MB per worker for good."""
+        burst of calls should not hold 8 MB and 0.3 % of a core (pjmedia's thread polls
+        every 10 ms) per idle worker for long; warm_target still covers the recent rate."""
         idle = sorted((w for w in self.workers if w.state is WorkerState.IDLE), key=lambda w: w.idle_since)
         keep = warm_target(arrival_rate(self._arrivals, now), self.start_seconds, self.min_idle, self.max_calls)
         for worker in idle[: max(0, len(idle) - keep)]:
