@@ -60,6 +60,7 @@ bench: venv
 	$(BIN)/python bench/crash.py
 	$(BIN)/python bench/trunk.py
 	$(BIN)/python bench/lamps.py
+	$(BIN)/python bench/media_vs_asterisk.py
 
 # The appliance's disk image, build/image/homepbx-<version>-amd64.img (as root; image/README.md).
 .PHONY: image

@@ -30,6 +30,8 @@ class MediaLink:
         self._pool: WorkerPool | None = None  # made by start(), once the edge's address is known
         self._address = ""
         self._by_token: dict[str, Worker] = {}
+        self._finding: dict[str, asyncio.Task[None]] = {}
+        """Calls still waiting for a worker (their 100 Trying sent), by token."""
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -69,20 +71,28 @@ class MediaLink:
         return any(worker.sip_port == flow.port and worker.pid for worker in self._pool.workers)
 
     def anchor(self, token: str, then: Callable[[int | None], None]) -> None:
-        """Find a worker for call `token` and continue with its SIP port (None: all busy)."""
+        """Find a worker for call `token` and continue with its SIP port (None: max_calls
+        calls in progress, or none ready within the pool's acquire_timeout).  The call
+        waits for a worker to start rather than being refused while capacity is free."""
         async def acquire() -> None:
             worker = await self.pool.acquire(token)
+            self._finding.pop(token, None)
             if worker is not None:
                 self._by_token[token] = worker
                 log.info("event=media_worker_call %s", fields(token=token, pid=worker.pid, port=worker.sip_port))
             then(worker.sip_port if worker is not None else None)
 
         task = asyncio.get_running_loop().create_task(acquire())
+        self._finding[token] = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     def call_over(self, token: str) -> None:
-        """The edge is done with a call: a worker that never got it goes back to the pool."""
+        """The edge is done with a call: a wait for its worker is dropped (the caller
+        cancelled), a worker that never got it goes back to the pool."""
+        finding = self._finding.pop(token, None)
+        if finding is not None:
+            finding.cancel()
         worker = self._by_token.pop(token, None)
         if worker is not None:
             self.pool.release(worker, token)

@@ -2,8 +2,12 @@
 
 asyncio only, and never imports pjsua2: a worker is a child process spoken to in JSON
 lines (see :mod:`.protocol`).  One worker carries one call, so ``max_calls`` is also the
-most worker processes alive at once; ``min_idle`` of them are kept warm because a worker
-takes ~100 ms to start, far more than the call-setup budget.
+most worker processes alive at once.  A worker takes ~100 ms to start (more on a busy box),
+far more than the call-setup budget, so the pool keeps workers warm ahead of demand: at
+least ``min_idle``, and as many as the recent arrival rate would use up while one starts
+(:func:`warm_target`).  A call that still finds none idle waits for one (``acquire`` is
+bounded by ``acquire_timeout``); only ``max_calls`` calls in progress refuse it.  At most
+``max_starting`` workers start at once, so a burst does not starve the box's few cores.
 
 Life of a worker: STARTING -> IDLE -> BUSY (acquired) -> COOLING (its ``call_ended``) ->
 IDLE ... -> RETIRING (recycled after ``recycle_after`` calls, or the pool stops) -> DEAD.  A worker
@@ -24,18 +28,20 @@ import contextlib
 import enum
 import itertools
 import logging
+import math
 import os
 import signal
 import socket
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, Final
 
 from appliance.media import protocol as P
 
-__all__ = ["Worker", "WorkerPool", "WorkerState"]
+__all__ = ["Worker", "WorkerPool", "WorkerState", "arrival_rate", "warm_target"]
 
 log = logging.getLogger("homepbx.media")
 
@@ -45,6 +51,41 @@ SPARE_SLOTS: Final = 2
 CRASH_WINDOW: Final = 5.0
 """A worker dying within this many seconds of its start counts as a crash loop."""
 MAX_BACKOFF: Final = 30.0
+ACQUIRE_TIMEOUT: Final = 6.0
+"""How long a new call waits for a worker (its 100 Trying sent) before 503."""
+END_GRACE: Final = 0.5
+"""How long a released worker in a call has to report its end before it is told to end it."""
+FULL_GRACE: Final = 1.0
+"""How long a call that finds max_calls held waits for one to end (a worker reports its
+call's end a moment after the BYE went by) before 503."""
+RATE_WINDOWS: Final = (1.0, 10.0)
+"""Arrival rate: the higher of the last second's and the last ten seconds' (see arrival_rate)."""
+WARM_HEADROOM: Final = 2.0
+"""Keep warm what arrives in this many worker start times (see warm_target)."""
+
+
+def arrival_rate(arrivals: Sequence[float], now: float, windows: Sequence[float] = RATE_WINDOWS) -> float:
+    """Calls per second lately, from the arrival times (oldest first): the highest rate
+    over each window ending `now`, so a burst is seen within a second and a steady trickle
+    is not forgotten between two calls."""
+    best = 0.0
+    for window in windows:
+        count = 0
+        for t in reversed(arrivals):
+            if now - t > window:
+                break
+            count += 1
+        best = max(best, count / window)
+    return best
+
+
+def warm_target(rate: float, start_seconds: float, min_idle: int, room: int) -> int:
+    """How many workers to keep idle or starting: the calls expected to arrive while
+    WARM_HEADROOM workers start one after the other (`rate` calls/s, `start_seconds` per
+    start), at least `min_idle`, never more than `room` (max_calls less the calls held)."""
+    want = max(min_idle, math.ceil(rate * max(start_seconds, 0.0) * WARM_HEADROOM))
+    return max(0, min(want, room))
+
 
 EventCallback = Callable[["Worker", dict[str, Any]], None]
 DiedCallback = Callable[["Worker", list[str]], None]
@@ -67,8 +108,6 @@ class Worker:
         self.slot = slot
         self.rtp_ports = ports
         self.state = WorkerState.STARTING
-        self.claimed = False
-        """STARTING but already promised to an acquire() that waits for it."""
         self.proc: asyncio.subprocess.Process | None = None
         """Set when the worker was exec'd; None when forked by the zygote."""
         self.writer: asyncio.StreamWriter | None = None
@@ -100,8 +139,8 @@ class Worker:
 
     @property
     def warm(self) -> bool:
-        """Idle, or starting and not yet promised to anyone."""
-        return self.state in (WorkerState.IDLE, WorkerState.STARTING) and not self.claimed
+        """Idle, or soon to be: starting, or resting after a call."""
+        return self.state in (WorkerState.IDLE, WorkerState.STARTING, WorkerState.COOLING)
 
     def send(self, cmd: str, **fields: Any) -> bool:
         """Queue one command line; False when the worker can no longer be told."""
@@ -177,8 +216,10 @@ class WorkerPool:
         health_interval: float = 2.0,
         cooldown: float = 0.6,
         ready_timeout: float = 10.0,
+        acquire_timeout: float = ACQUIRE_TIMEOUT,
+        max_starting: int = 0,
         recycle_after: int = 200,
-        idle_retire_after: float = 60.0,
+        idle_retire_after: float = 20.0,
         stop_timeout: float = 5.0,
         log_level: int = 1,
         worker_args: Sequence[str] = (),
@@ -200,6 +241,9 @@ class WorkerPool:
         self.health_interval = health_interval
         self.cooldown = cooldown
         self.ready_timeout = ready_timeout
+        self.acquire_timeout = acquire_timeout
+        self.max_starting = max_starting or max(2, 2 * (os.cpu_count() or 1))
+        """Workers starting at once, at most (0: twice the cores, at least 2)."""
         self.recycle_after = recycle_after
         self.idle_retire_after = idle_retire_after
         self.stop_timeout = stop_timeout
@@ -223,6 +267,12 @@ class WorkerPool:
         self._backoff = 0.0
         self._respawn_at = 0.0
         self._topup_pending = False
+        self._waiters: deque[tuple[str | None, asyncio.Future[Worker | None]]] = deque()
+        """Calls waiting for a worker, first come first served."""
+        self._arrivals: deque[float] = deque(maxlen=4096)
+        self.start_seconds = 0.2
+        """How long a worker takes to become ready, smoothed over the last starts."""
+        self._start_failures = 0
 
     # -- public ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -234,51 +284,84 @@ class WorkerPool:
         if spawned:
             await asyncio.wait([asyncio.ensure_future(self._wait_ready(w)) for w in spawned])
         self._health = asyncio.get_running_loop().create_task(self._health_loop(), name="media-health")
-        self._schedule_topup()
+        self._plan()
 
     async def acquire(self, token: str | None = None) -> Worker | None:
-        """A worker for a new call, marked BUSY; None when max_calls are all busy (the
-        edge answers 503 with Retry-After).  Returns at once when a warm worker is idle,
-        else waits for one to start (~100 ms)."""
+        """A worker for a new call, marked BUSY.  Returns at once when one is idle, else
+        waits (first come first served) until one is ready, at most `acquire_timeout`
+        (FULL_GRACE when max_calls calls are already held or waiting); None when the wait
+        runs out (the edge answers 503 with Retry-After).  Cancelling the caller's task
+        drops the wait (a worker handed over meanwhile goes back to the pool)."""
         if self._stopping or not self._started:
             return None
-        worker = next((w for w in self.workers if w.state is WorkerState.IDLE and not w.claimed), None)
-        if worker is None:
-            worker = next((w for w in self.workers if w.state is WorkerState.STARTING and not w.claimed), None)
-            if worker is None:
-                if self._live_count() >= self.max_calls:
-                    return None
-                worker = self._spawn()
-                if worker is None:
-                    return None
-            worker.claimed = True
-            try:
-                await self._wait_ready(worker)
-            except Exception:
-                return None
-            finally:
-                worker.claimed = False
-            if worker.state is not WorkerState.IDLE or self._stopping:
-                return None
+        loop = asyncio.get_running_loop()
+        self._arrivals.append(time.monotonic())
+        if not self._waiters:
+            worker = next((w for w in self.workers if w.state is WorkerState.IDLE), None)
+            if worker is not None:
+                self._assign(worker, token)
+                self._plan()
+                return worker
+        full = self.busy_count + len(self._waiters) >= self.max_calls
+        future: asyncio.Future[Worker | None] = loop.create_future()
+        entry = (token, future)
+        self._waiters.append(entry)
+        timeout = min(FULL_GRACE, self.acquire_timeout) if full else self.acquire_timeout
+        timer = loop.call_later(timeout, self._wait_expired, token, future, full)
+        self._plan()
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled() and (worker := future.result()) is not None:
+                self.release(worker, token)
+            raise
+        finally:
+            timer.cancel()
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(entry)
+
+    def _wait_expired(self, token: str | None, future: asyncio.Future[Worker | None], full: bool) -> None:
+        if not future.done():
+            # max_calls held is capacity, not a fault; no worker ready in time while
+            # capacity was free is worth a warning.
+            log.log(logging.INFO if full else logging.WARNING, "event=media_wait_timeout token=%s full=%s stats=%s",
+                    token, full, self.stats())
+            future.set_result(None)
+
+    def _assign(self, worker: Worker, token: str | None) -> None:
         worker.state = WorkerState.BUSY
-        worker.claimed = False
         worker.token = token
         worker.in_call = False
-        self._schedule_topup()
-        return worker
+
+    def _hand_over(self, worker: Worker) -> bool:
+        """An idle worker goes to the first call still waiting; False when none waits."""
+        while self._waiters:
+            token, future = self._waiters.popleft()
+            if future.done():
+                continue
+            self._assign(worker, token)
+            future.set_result(worker)
+            return True
+        return False
 
     def release(self, worker: Worker, token: str | None = None) -> None:
         """Give back a worker whose call never reached it (or that should be ended);
-        ignored when `token` names another call.  A worker in a call is told to end it
-        and becomes idle on its call_ended.  Idempotent."""
+        ignored when `token` names another call.  A worker in a call becomes idle on its
+        call_ended; it is told to end the call only if it has not within END_GRACE (the
+        edge releases on the BYE it relays to the worker: an end_all sent at once raced
+        that BYE, and the worker BYEd a caller that had just hung up).  Idempotent."""
         if worker.state is not WorkerState.BUSY:
             return
         if token is not None and worker.token is not None and token != worker.token:
             return
         if worker.in_call:
-            worker.send(P.CMD_END_ALL)
+            asyncio.get_running_loop().call_later(END_GRACE, self._end_if_still, worker, worker.token)
             return
         self._to_idle(worker, self.cooldown)
+
+    def _end_if_still(self, worker: Worker, token: str | None) -> None:
+        if worker.state is WorkerState.BUSY and worker.in_call and worker.token == token:
+            worker.send(P.CMD_END_ALL)
 
     async def stop(self) -> None:
         """Clean shutdown of every worker (each BYEs its call and exits); whatever has not
@@ -288,6 +371,9 @@ class WorkerPool:
             self._health.cancel()
         for task in list(self._tasks):
             task.cancel()
+        for _, future in self._waiters:
+            if not future.done():
+                future.set_result(None)
         for worker in self.workers:
             if worker.state is not WorkerState.DEAD:
                 worker.state = WorkerState.RETIRING
@@ -322,7 +408,7 @@ class WorkerPool:
 
     @property
     def idle_count(self) -> int:
-        return sum(1 for w in self.workers if w.state is WorkerState.IDLE and not w.claimed)
+        return sum(1 for w in self.workers if w.state is WorkerState.IDLE)
 
     @property
     def busy_count(self) -> int:
@@ -335,6 +421,7 @@ class WorkerPool:
             "busy": self.busy_count,
             "starting": sum(1 for w in self.workers if w.state is WorkerState.STARTING),
             "cooling": sum(1 for w in self.workers if w.state is WorkerState.COOLING),
+            "waiting": len(self._waiters),
             "max_calls": self.max_calls,
             "pids": [w.pid for w in self.workers if w.pid],
         }
@@ -359,8 +446,15 @@ class WorkerPool:
         worker = Worker(next(self._ids), slot, self.slots[slot])
         self.workers.append(worker)
         # Not in self._tasks: stop() must let readers see their worker's clean exit.
-        worker.reader = asyncio.get_running_loop().create_task(self._run(worker), name=f"media-worker-{worker.id}")
+        loop = asyncio.get_running_loop()
+        worker.reader = loop.create_task(self._run(worker), name=f"media-worker-{worker.id}")
+        loop.call_later(self.ready_timeout, self._not_ready, worker)
         return worker
+
+    def _not_ready(self, worker: Worker) -> None:
+        if worker.state is WorkerState.STARTING:
+            worker.exit_reason = "not ready in time"
+            worker.kill()
 
     def _argv(self, worker: Worker) -> list[str]:
         return [
@@ -530,9 +624,10 @@ class WorkerPool:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _schedule_topup(self) -> None:
-        """Keep min_idle workers idle or starting, within max_calls."""
-        if self._stopping or self._topup_pending:
+    def _plan(self) -> None:
+        """Start workers ahead of demand: the calls waiting, plus warm_target() for the
+        recent arrival rate, within max_calls, max_starting and the crash backoff."""
+        if self._stopping or not self._started or self._topup_pending:
             return
         delay = max(self._respawn_at - time.monotonic(), 0.0)
         if delay > 0:
@@ -541,15 +636,24 @@ class WorkerPool:
             async def later() -> None:
                 await asyncio.sleep(delay)
                 self._topup_pending = False
-                self._schedule_topup()
+                self._plan()
 
             self._task(later(), "media-topup")
             return
-        warm = sum(1 for w in self.workers if w.warm)
-        while warm < self.min_idle and self._live_count() < self.max_calls:
+        counts = dict.fromkeys(WorkerState, 0)
+        for w in self.workers:
+            counts[w.state] += 1
+        starting, busy = counts[WorkerState.STARTING], counts[WorkerState.BUSY]
+        warm = starting + counts[WorkerState.IDLE] + counts[WorkerState.COOLING]
+        live = warm + busy
+        waiting = sum(1 for _, f in self._waiters if not f.done())
+        rate = arrival_rate(self._arrivals, time.monotonic())
+        want = waiting + warm_target(rate, self.start_seconds, self.min_idle, self.max_calls - busy - waiting)
+        spawn = min(want - warm, self.max_calls - live, self.max_starting - starting,
+                    len(self.slots) - len(self._used_slots))
+        for _ in range(max(spawn, 0)):
             if self._spawn() is None:
                 break
-            warm += 1
 
     # -- events ----------------------------------------------------------------------------
     def _on_event(self, worker: Worker, event: dict[str, Any]) -> None:
@@ -557,11 +661,20 @@ class WorkerPool:
         if kind == P.EV_READY:
             worker.sip_port = int(event.get("sip_port", 0))
             worker.pid = int(event.get("pid", worker.pid))
+            took = time.monotonic() - worker.started_at
+            self.start_seconds = 0.7 * self.start_seconds + 0.3 * min(took, self.ready_timeout)
+            if self._start_failures:
+                log.info("event=media_worker_start_recovered failures=%s", self._start_failures)
+                self._start_failures = 0
             if worker.state is WorkerState.STARTING:
                 worker.state = WorkerState.IDLE
+                worker.idle_since = time.monotonic()
+                self._hand_over(worker)
             if not worker.ready.done():
                 worker.ready.set_result(None)
-            log.debug("event=media_worker_ready worker=%s pid=%s port=%s", worker.id, worker.pid, worker.sip_port)
+            log.debug("event=media_worker_ready worker=%s pid=%s port=%s took=%.3f", worker.id, worker.pid,
+                      worker.sip_port, took)
+            self._plan()
             return
         if kind == P.EV_PONG:
             if event.get("seq") == worker.ping_seq:
@@ -605,14 +718,16 @@ class WorkerPool:
         else:
             worker.state = WorkerState.IDLE
             worker.idle_since = time.monotonic()
-        self._schedule_topup()
+            self._hand_over(worker)
+        self._plan()
 
     def _shrink(self, now: float) -> None:
-        """Retire workers idle for `idle_retire_after` beyond the `min_idle` kept warm: a
-        burst of calls should not hold 8 MB per worker for good."""
-        idle = sorted((w for w in self.workers if w.state is WorkerState.IDLE and not w.claimed),
-                      key=lambda w: w.idle_since)
-        for worker in idle[: max(0, len(idle) - self.min_idle)]:
+        """Retire workers idle for `idle_retire_after` beyond the warm_target kept warm: a
+        burst of calls should not hold 8 MB and 0.3 % of a core (pjmedia's thread polls
+        every 10 ms) per idle worker for long; warm_target still covers the recent rate."""
+        idle = sorted((w for w in self.workers if w.state is WorkerState.IDLE), key=lambda w: w.idle_since)
+        keep = warm_target(arrival_rate(self._arrivals, now), self.start_seconds, self.min_idle, self.max_calls)
+        for worker in idle[: max(0, len(idle) - keep)]:
             if now - worker.idle_since >= self.idle_retire_after:
                 self._retire(worker, f"idle for {now - worker.idle_since:.0f}s")
 
@@ -638,25 +753,33 @@ class WorkerPool:
         expected = previous is WorkerState.RETIRING
         if expected:
             log.debug("event=media_worker_exit worker=%s pid=%s reason=%r", worker.id, worker.pid, worker.exit_reason)
-            self._schedule_topup()
+            self._plan()
             return
         tokens = [worker.token] if worker.token and (previous is WorkerState.BUSY) else []
-        log.warning(
-            "event=media_worker_died worker=%s pid=%s rc=%s state=%s reason=%r tokens=%s",
-            worker.id, worker.pid, worker.returncode, previous.value, worker.exit_reason, tokens,
-        )  # fmt: skip
         now = time.monotonic()
         if now - worker.started_at < CRASH_WINDOW:
             self._backoff = min(max(self._backoff * 2, 0.5), MAX_BACKOFF)
             self._respawn_at = now + self._backoff
         else:
             self._backoff = 0.0
+        if previous is WorkerState.STARTING:
+            # Reported once until a worker starts again; retried after the backoff.
+            self._start_failures += 1
+            level = logging.WARNING if self._start_failures == 1 else logging.DEBUG
+            log.log(level, "event=media_worker_start_failed worker=%s rc=%s reason=%r failures=%s retry_in=%.1f",
+                    worker.id, worker.returncode, worker.exit_reason, self._start_failures,
+                    max(self._respawn_at - now, 0.0))
+        else:
+            log.warning(
+                "event=media_worker_died worker=%s pid=%s rc=%s state=%s reason=%r tokens=%s",
+                worker.id, worker.pid, worker.returncode, previous.value, worker.exit_reason, tokens,
+            )  # fmt: skip
         if self.worker_died is not None and previous is not WorkerState.STARTING:
             try:
                 self.worker_died(worker, tokens)
             except Exception:
                 log.exception("event=media_worker_died_callback_failed worker=%s", worker.id)
-        self._schedule_topup()
+        self._plan()
 
     # -- health ----------------------------------------------------------------------------
     async def _health_loop(self) -> None:

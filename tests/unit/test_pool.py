@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import sys
 import time
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 
 from appliance.media import protocol as P
-from appliance.media.pool import Worker, WorkerPool, WorkerState
+from appliance.media.pool import Worker, WorkerPool, WorkerState, arrival_rate, warm_target
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -28,6 +29,8 @@ def emit(**ev):
     sys.stdout.write(json.dumps(ev) + "\n"); sys.stdout.flush()
 if os.environ.get("FAKE_CRASH_AT_START"):
     sys.exit(3)
+if os.path.exists(os.environ.get("FAKE_DELAY_FLAG", "/nonexistent")):
+    import time; time.sleep(float(os.environ["FAKE_START_DELAY"]))
 emit(event="ready", sip_port=40000 + os.getpid() % 1000, pid=os.getpid(), rtp_ports=rtp)
 token, hang = None, False
 for line in sys.stdin:
@@ -120,9 +123,11 @@ def test_acquire_until_exhausted_then_calls_end_and_release(fake: list[str]) -> 
         first.send("fake_call", token="t1")
         first.send("fake_end", token="t1")
         await until(lambda: first.state is WorkerState.COOLING)  # pjlib frees sockets late
-        assert await pool.acquire("t4") is None
-        await until(lambda: first.state is WorkerState.IDLE)
+        # A slot is free: the next call waits for the resting worker instead of a 503.
+        assert await pool.acquire("t4") is first and first.token == "t4"
         assert [e["event"] for w, e in rec.events if w is first] == ["call_started", "call_ended"]
+        pool.release(first, "t4")
+        await until(lambda: first.state is WorkerState.IDLE)
         # A release naming another call is ignored; a plain one frees the worker.
         pool.release(second, "t-other")
         assert state(second) is WorkerState.BUSY
@@ -133,6 +138,8 @@ def test_acquire_until_exhausted_then_calls_end_and_release(fake: list[str]) -> 
         third.send("fake_call", token="t3")
         await until(lambda: third.in_call)
         pool.release(third)
+        await asyncio.sleep(0.2)  # first it may end the call itself (the BYE on its way to it)
+        assert third.in_call and state(third) is WorkerState.BUSY
         await until(lambda: third.state is WorkerState.IDLE)
         assert rec.events[-1][1]["reason"] == "end_all"
 
@@ -224,7 +231,8 @@ def test_idle_workers_beyond_min_idle_retire(fake: list[str]) -> None:
     run_pool(fake, body, min_idle=1, max_calls=3, cooldown=0.0, health_interval=0.2, idle_retire_after=0.5)
 
 
-def test_crash_loop_backs_off_and_stop_refuses_new_calls(fake: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_crash_loop_backs_off_and_stop_refuses_new_calls(fake: list[str], monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv("FAKE_CRASH_AT_START", "1")
     spawned: list[int] = []
 
@@ -237,11 +245,14 @@ def test_crash_loop_backs_off_and_stop_refuses_new_calls(fake: list[str], monkey
             return worker
 
         pool._spawn = counting  # type: ignore[method-assign]
-        assert await pool.acquire("x") is None
+        assert await pool.acquire("x") is None  # waited acquire_timeout for a worker, then 503
         await asyncio.sleep(1.0)
         assert len(spawned) <= 4  # backed off, not a fork loop
 
-    run_pool(fake, body, min_idle=1, max_calls=2)
+    with caplog.at_level(logging.DEBUG, logger="homepbx.media"):
+        run_pool(fake, body, min_idle=1, max_calls=2, acquire_timeout=0.5)
+    failures = [r for r in caplog.records if "media_worker_start_failed" in r.getMessage()]
+    assert len(failures) >= 2 and [r.levelno for r in failures].count(logging.WARNING) == 1  # reported once
 
     async def stopped() -> None:
         pool = WorkerPool(worker_command=fake, rtp_ports="10000-10999")
@@ -250,6 +261,90 @@ def test_crash_loop_backs_off_and_stop_refuses_new_calls(fake: list[str], monkey
 
     monkeypatch.delenv("FAKE_CRASH_AT_START")
     asyncio.run(stopped())
+
+
+def test_warm_target_covers_the_arrivals_while_workers_start() -> None:
+    # Quiet: min_idle.  A trickle still rounds up to a worker ahead.
+    assert warm_target(0.0, 0.2, 1, 64) == 1
+    assert warm_target(0.5, 0.2, 0, 64) == 1
+    # 100 calls/s while a start takes 0.15 s: 15 arrive per start, twice over.
+    assert warm_target(100.0, 0.15, 1, 64) == 30
+    # Never beyond the room left under max_calls, never negative.
+    assert warm_target(1000.0, 0.3, 1, 10) == 10
+    assert warm_target(50.0, 0.2, 2, 0) == 0
+    assert warm_target(50.0, 0.2, 2, -3) == 0
+
+
+def test_arrival_rate_sees_a_burst_at_once_and_keeps_a_trickle() -> None:
+    assert arrival_rate([], 100.0) == 0.0
+    burst = [99.5 + i * 0.01 for i in range(40)]  # 40 calls in the last half second
+    assert arrival_rate(burst, 100.0) == 40.0
+    trickle = [91.0, 93.0, 95.0, 97.0, 99.0]  # one every two seconds
+    assert arrival_rate(trickle, 100.0) == 1.0  # the last second holds one: max(1/1, 5/10)
+    assert arrival_rate(trickle, 100.5) == 0.5  # none in the last second: the 10-s window
+    assert arrival_rate(trickle, 200.0) == 0.0
+
+
+def test_a_burst_waits_for_workers_instead_of_being_refused(fake: list[str]) -> None:
+    """Twelve calls at once with one warm worker: each waits for a worker to start (at
+    most max_starting at once), none is refused; a thirteenth beyond max_calls is."""
+    most_starting = [0]
+
+    async def body(pool: WorkerPool, rec: Recorder) -> None:
+        original = pool._spawn
+
+        def counting() -> Worker | None:
+            worker = original()
+            most_starting[0] = max(most_starting[0], pool.stats()["starting"])
+            return worker
+
+        pool._spawn = counting  # type: ignore[method-assign]
+        got = await asyncio.gather(*(pool.acquire(f"b{i}") for i in range(12)))
+        assert all(got) and len({w.pid for w in got if w}) == 12
+        t0 = time.monotonic()
+        assert await pool.acquire("over") is None  # max_calls in progress: 503 after a short grace
+        assert time.monotonic() - t0 < 1.5
+        assert 2 <= most_starting[0] <= 3
+
+    run_pool(fake, body, min_idle=1, max_calls=12, max_starting=3)
+
+
+def test_a_cancelled_wait_gives_its_worker_back(fake: list[str], tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    flag = tmp_path / "slow"
+    monkeypatch.setenv("FAKE_START_DELAY", "0.8")
+    monkeypatch.setenv("FAKE_DELAY_FLAG", str(flag))
+
+    async def body(pool: WorkerPool, rec: Recorder) -> None:
+        flag.touch()  # workers started from now on take 0.8 s
+        held = await pool.acquire("held")
+        assert held is not None and pool.idle_count == 0
+        waiting = asyncio.get_running_loop().create_task(pool.acquire("gone"))
+        await until(lambda: pool.stats()["waiting"] == 1)
+        waiting.cancel()  # the caller's CANCEL
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert pool.stats()["waiting"] == 0
+        await until(lambda: pool.idle_count >= 1)  # the worker started for it stays warm
+        assert not any(w.token == "gone" for w in pool.workers) and pool.busy_count == 1
+        assert await pool.acquire("next") is not None
+
+    run_pool(fake, body, min_idle=1, max_calls=3)
+
+
+def test_a_wait_is_bounded(fake: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    flag = tmp_path / "slow"
+    monkeypatch.setenv("FAKE_START_DELAY", "2")
+    monkeypatch.setenv("FAKE_DELAY_FLAG", str(flag))
+
+    async def body(pool: WorkerPool, rec: Recorder) -> None:
+        flag.touch()
+        assert await pool.acquire("first") is not None
+        t0 = time.monotonic()
+        assert await pool.acquire("late") is None  # no worker ready within acquire_timeout: 503
+        assert 0.25 <= time.monotonic() - t0 < 1.5
+
+    run_pool(fake, body, min_idle=1, max_calls=3, acquire_timeout=0.3)
 
 
 def test_protocol_helpers() -> None:
