@@ -14,6 +14,7 @@ from appliance.sip.message import Request
 from appliance.voicemail.mailbox import Mailbox
 from tests.e2e.conftest import DaemonFactory
 from tests.e2e.test_blf import Watcher
+from tests.support.baresip import Baresip
 from tests.support.control import ControlConn, control_block
 from tests.support.pbx import user_block
 
@@ -107,4 +108,23 @@ def test_a_device_subscribing_later_sees_messages_already_waiting(pbx_factory: D
         phone.wait_notify(summary(2, 0), timeout=1.0)
     finally:
         phone.close()
+    pbx.assert_clean_log()
+
+
+def test_baresip_message_lamp(pbx_factory: DaemonFactory, baresip: Callable[..., Baresip], tmp_path: Path) -> None:
+    """Debian's baresip (its mwi module subscribes to its own mailbox after registering)
+    prints each message-summary it gets: dark, lit with one new message, dark once heard."""
+    pbx = pbx_factory([user_block("100")], extra=control_block())
+    root = pbx.config.parent / "state" / "voicemail"
+    phone = baresip(tmp_path / "baresip", pbx, "100", "secret", 1000, "44000-44999", mwi=True)
+    phone.wait_for("Messages-Waiting: no")
+    start = len(phone.output.lines)
+    message_id = leave_message(root, "100", "200")
+    phone.wait_for("Messages-Waiting: yes", start=start)
+    phone.wait_for("Voice-Message: 1/0 (0/0)", start=start)
+    start = len(phone.output.lines)
+    with ControlConn(pbx.config.parent / "ctl.sock") as control:
+        assert control.command("mark_heard", number="100", message_id=message_id)["reply"] == "ok"
+    phone.wait_for("Messages-Waiting: no", start=start)
+    phone.wait_for("Voice-Message: 0/1 (0/0)", start=start)
     pbx.assert_clean_log()
