@@ -29,6 +29,8 @@ log = logging.getLogger("homepbx.voicemail")
 
 WATCH_INTERVAL = 2.0
 """How often the mailbox directories are checked for changes made by hand."""
+TMP_MAX_AGE = 86400.0
+"""A recording in progress older than this was left by a process that died: removed at start."""
 
 
 class MessageLamps(Protocol):
@@ -54,6 +56,15 @@ class Voicemail:
         self._watch: Deadline | None = None
 
     def start(self) -> None:
+        """Sweep recordings abandoned by a crash (a day old), then watch for changes by hand."""
+        for number in self.mailbox.numbers():
+            try:
+                removed = self.mailbox.sweep_tmp(number, TMP_MAX_AGE, self.wall())
+            except OSError as err:
+                log.warning("event=voicemail_sweep_failed %s", fields(number=number, error=err))
+                continue
+            if removed:
+                log.info("event=voicemail_tmp_swept %s", fields(number=number, files=removed))
         self._watch = self.timers.every(WATCH_INTERVAL, self._check_by_hand)
 
     async def stop(self) -> None:

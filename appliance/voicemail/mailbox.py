@@ -187,6 +187,24 @@ class Mailbox:
         tmp.mkdir(parents=True, exist_ok=True)
         return tmp / f"rec-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}.wav"
 
+    def sweep_tmp(self, number: str, older_than: float, now: float) -> int:
+        """Remove recordings left in ``<number>/tmp`` by a process that died while recording,
+        if last written more than ``older_than`` seconds before ``now``; how many went."""
+        tmp = self._dir(number) / "tmp"
+        removed = 0
+        try:
+            entries = list(tmp.iterdir())
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            try:
+                if entry.is_file() and now - entry.stat().st_mtime > older_than:
+                    entry.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
+
     def add(self, number: str, wav: Path, caller: str, caller_name: str, seconds: float,
             received: float) -> Message:
         """Move the finished recording ``wav`` in as a new message (not heard yet).

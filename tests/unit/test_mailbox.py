@@ -145,3 +145,13 @@ def test_two_processes_adding_at_once_lose_nothing(tmp_path: Path) -> None:
     assert [p.wait(timeout=30) for p in procs] == [0, 0, 0]
     box = Mailbox(tmp_path)
     assert box.counts("100") == (0, 90)
+
+
+def test_sweep_tmp_removes_only_old_recordings(tmp_path: Path) -> None:
+    box = Mailbox(tmp_path)
+    assert box.sweep_tmp("100", 3600, time.time()) == 0
+    old, fresh = recording(box, "100"), recording(box, "100")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    kept = box.add("100", recording(box, "100"), "200", "", 1, RECEIVED)
+    assert box.sweep_tmp("100", 3600, time.time()) == 1
+    assert not old.exists() and fresh.exists() and box.messages("100") == [kept]

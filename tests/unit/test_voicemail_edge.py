@@ -127,3 +127,18 @@ def test_a_recording_outside_the_mailbox_is_refused(tmp_path: Path, path: str,
         assert (tmp_path / "200" / "tmp" / "rec.wav").exists()
 
     asyncio.run(main())
+
+
+def test_start_sweeps_recordings_a_crash_left_behind(tmp_path: Path) -> None:
+    async def main() -> None:
+        box = Box(tmp_path)  # wall clock: 1_780_000_000
+        stale, current = box.mailbox.recording_path("100"), box.mailbox.recording_path("200")
+        stale.write_bytes(b"RIFF")
+        current.write_bytes(b"RIFF")
+        os.utime(stale, (1_780_000_000 - 2 * 86400,) * 2)
+        os.utime(current, (1_780_000_000 - 60,) * 2)
+        box.vm.start()
+        assert not stale.exists() and current.exists()
+        await box.vm.stop()
+
+    asyncio.run(main())
