@@ -25,6 +25,7 @@ from tui.messages import CommandDone, Connected, Disconnected, ModelChanged
 from tui.model import Number, PbxModel, ProtocolError
 from tui.screens.dnd_dialog import WHOLE_NUMBER, DndDialog
 from tui.screens.forward_dialog import ForwardDialog
+from tui.screens.messages_screen import MessageAction, MessagesScreen
 from tui.screens.password_dialog import PasswordDialog
 from tui.screens.setup_dialog import SetupDialog
 from tui.screens.value_dialog import ValueDialog
@@ -61,11 +62,12 @@ class HomePbxApp(App[None]):
     }
     """
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("o", "toggle_one_number", "One-number"),
+        Binding("o", "toggle_one_number", "1#"),
         Binding("d", "max_devices", "Devices"),
         Binding("l", "outgoing_limit", "Limit"),
         Binding("f", "forwarding", "Fwd"),
         Binding("n", "dnd", "DND"),
+        Binding("m", "messages", "Msgs"),
         Binding("s", "setup", "Set up"),
         Binding("p", "password", "Password"),
         Binding("r", "reload", "Reload"),
@@ -183,6 +185,10 @@ class HomePbxApp(App[None]):
         kind = self.model.apply(message)
         if kind == "auth_abandoned":
             self.query_one(ResultLine).show(False, abandoned_notice(message))
+        elif kind == "messages_changed":
+            view = self._messages_view(str(message.get("number", "")))
+            if view is not None:
+                self.load_messages(view.number)
         stamp = message.get("time")
         self.post_message(ModelChanged({kind}, float(stamp) if isinstance(stamp, int | float) else None))
 
@@ -301,6 +307,39 @@ class HomePbxApp(App[None]):
         if (n := self._need_number()) is not None:
             self.run_command(f"{n.number} password", "show_password", number=n.number)
 
+    def action_messages(self) -> None:
+        """The number's voice messages: who, when, how long, new or heard; delete."""
+        if (n := self._need_number()) is not None:
+            self.push_screen(MessagesScreen(n.number, n.title, self.clock))
+            self.load_messages(n.number)
+
+    def _messages_view(self, number: str) -> MessagesScreen | None:
+        view = self.screen_stack[-1] if self.screen_stack else None
+        if not isinstance(view, MessagesScreen):
+            view = next((s for s in self.screen_stack if isinstance(s, MessagesScreen)), None)
+        return view if view is not None and view.number == number else None
+
+    @work(group="messages", exclusive=True, exit_on_error=False)
+    async def load_messages(self, number: str) -> None:
+        client = self.client
+        try:
+            if client is None:
+                raise ConnectionError("not connected to the daemon")
+            reply = await client.command("messages", number=number)
+        except CommandFailed as err:
+            text = f"{err.field}: {err.message}" if err.field else err.message
+        except (ConnectionError, OSError) as err:
+            text = str(err)
+        else:
+            if (view := self._messages_view(number)) is not None:
+                view.show(reply)
+            return
+        if (view := self._messages_view(number)) is not None:
+            view.error(f"messages of {number}: {text}")
+
+    def on_message_action(self, message: MessageAction) -> None:
+        self.run_command(message.label, message.command, number=message.number, message_id=message.message_id)
+
     def action_reload(self) -> None:
         self.run_command("reload config", "reload")
 
@@ -330,3 +369,11 @@ class HomePbxApp(App[None]):
             self.query_one(ResultLine).show(True, f"{number} password shown")
             return
         self.query_one(ResultLine).show(message.ok, message.text)
+        if message.command in ("delete_message", "mark_heard"):
+            number = str(message.reply.get("number", ""))
+            view = self._messages_view(number) if message.ok else next(
+                (s for s in self.screen_stack if isinstance(s, MessagesScreen)), None)
+            if view is not None and message.ok:
+                self.load_messages(number)
+            elif view is not None:
+                view.error(message.text)

@@ -14,8 +14,10 @@ wheel and sent along the subscriber's flow; a 481, any other failure or a timeou
 subscription, as does its expiry (a last NOTIFY `terminated;reason=timeout`). Subscriptions
 are capped per device and overall.
 
-Message waiting: `Messages-Waiting: no` until a mailbox exists; the answering machine
-hands its counts in as `mailbox` (number -> (new, old)) and calls `mailbox_changed(number)`.
+Message waiting (RFC 3842): the answering machine (`edge.voicemail.Voicemail`) hands its
+counts in as `mailbox` (number -> (new, old), kept in memory there) and calls
+`mailbox_changed(number)` when they change: every message-summary subscriber of the
+number then gets a NOTIFY.
 """
 
 from __future__ import annotations

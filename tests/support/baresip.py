@@ -28,9 +28,11 @@ class Baresip(ConsoleProcess):
 
     def __init__(self, workdir: Path, pbx: Daemon, number: str, password: str, tone_hz: int,
                  rtp_ports: str, *, auto_answer: bool = False, transport: str = "udp",
-                 codec: str | None = None, registrar: str | None = None, watch: tuple[str, ...] = ()) -> None:
+                 codec: str | None = None, registrar: str | None = None, watch: tuple[str, ...] = (),
+                 mwi: bool = False) -> None:
         """`registrar` (host:port): register there instead of at `pbx` (an outside phone at the provider);
-        `watch`: numbers whose presence it subscribes to (its contact and presence modules)."""
+        `watch`: numbers whose presence it subscribes to (its contact and presence modules);
+        `mwi`: subscribe to its own message-summary (the mwi module; each NOTIFY body is printed)."""
         if not shutil.which("baresip"):
             pytest.skip("baresip is not installed (`make test` installs Debian's baresip-core)")
         self.dumps = workdir / "dump"
@@ -43,6 +45,7 @@ class Baresip(ConsoleProcess):
             + "module ausine.so\nmodule sndfile.so\nmodule stdio.so\n"
             "module_app account.so\nmodule_app menu.so\n"
             + ("module_app contact.so\nmodule_app presence.so\n" if watch else "")
+            + ("module_app mwi.so\n" if mwi else "")
             + f"audio_source ausine,{tone_hz}\n"
             # ausine makes 48 kHz stereo only; baresip resamples to G.711.
             "ausrc_srate 48000\nausrc_channels 2\n"

@@ -19,6 +19,7 @@ from appliance.state import LiveState
 from tests.tui import fixtures
 from tui.app import HomePbxApp
 from tui.messages import CommandDone, Disconnected
+from tui.screens.messages_screen import MessagesScreen
 
 pytestmark = [pytest.mark.tui, pytest.mark.timeout(60)]
 
@@ -136,3 +137,42 @@ def test_blocked_addresses(snap_compare: SnapCompare) -> None:
                       "reason": "auth_failures"})
 
     assert snap_compare(make_app(), run_before=with_house(then=block))
+
+
+def test_messages_view(snap_compare: SnapCompare) -> None:
+    """`m` on 200: its voice messages, newest first, new ones marked."""
+    now = fixtures.fixed_clock()
+    reply = {"number": "200", "new": 2, "old": 1, "messages": [
+        {"id": "20240611-104000-aaaaaa", "caller": "100", "name": "Grandpa", "received": now - 120, "seconds": 12.4,
+         "heard": False},
+        {"id": "20240611-090000-bbbbbb", "caller": "4930999999", "name": "", "received": now - 6000, "seconds": 75,
+         "heard": False},
+        {"id": "20240609-180000-cccccc", "caller": "4930555555", "name": "", "received": now - 2 * 86400,
+         "seconds": 8, "heard": True},
+    ]}
+
+    async def open_view(pilot: Pilot[None]) -> None:
+        app = pilot.app
+        assert isinstance(app, HomePbxApp)
+        await pilot.press("m")  # not connected: the view says so, then gets the list below
+        await pilot.pause()
+        assert isinstance(app.screen, MessagesScreen)
+        app.screen.show(reply)
+
+    assert snap_compare(make_app(), run_before=with_house(then=open_view))
+
+
+def test_delete_message_asks_first(snap_compare: SnapCompare) -> None:
+    async def open_and_delete(pilot: Pilot[None]) -> None:
+        app = pilot.app
+        assert isinstance(app, HomePbxApp)
+        await pilot.press("m")
+        await pilot.pause()
+        assert isinstance(app.screen, MessagesScreen)
+        app.screen.show({"number": "200", "messages": [
+            {"id": "20240611-104000-aaaaaa", "caller": "100", "name": "Grandpa",
+             "received": fixtures.fixed_clock() - 120, "seconds": 12.4, "heard": False}]})
+        await pilot.pause()
+        await pilot.press("d")
+
+    assert snap_compare(make_app(), run_before=with_house(then=open_and_delete))

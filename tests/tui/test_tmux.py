@@ -101,7 +101,7 @@ def test_tui_in_a_real_terminal(pbx_factory: PbxFactory, handset_factory: Handse
         screen = tmux.wait(lambda s: "200   Family" in s and "no device registered" in s and "q Quit" in s,
                            what="the numbers")
         assert len(screen.splitlines()) <= 24 and max(len(line) for line in screen.splitlines()) <= 80
-        assert "o One-number" in screen and "q Quit" in screen  # the keys fit on the bottom line
+        assert "o 1#" in screen and "m Msgs" in screen and "q Quit" in screen  # the keys fit on the bottom line
 
         assert kitchen.register(pbx.registrar, "200", "secret")["code"] == 200
         assert grandpa.register(pbx.registrar, "100", "secret")["code"] == 200
