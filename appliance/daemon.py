@@ -35,6 +35,9 @@ from appliance.edge.tcp_limits import TcpLimits
 from appliance.edge.timers import Deadline, TimerWheel
 from appliance.edge.transport import Transports
 from appliance.edge.trunks import TrunkRegistrar
+from appliance.history.recorder import HistoryRecorder
+from appliance.history.store import FILE_NAME as HISTORY_FILE
+from appliance.history.store import CallHistory, CallRecord
 from appliance.logs import fields
 from appliance.sip.auth import NonceManager
 from appliance.sip.authenticator import Authenticator
@@ -89,7 +92,12 @@ class Daemon:
         self.edit_lock = asyncio.Lock()  # one edit of config.toml at a time (control socket, feature codes)
         # Busy lamps: SUBSCRIBEs answered, NOTIFYs sent; told of calls with the live state.
         self.subscriptions = Subscriptions(settings, network, auth, registrar, timers)
-        events = CallEventsFanOut(state, self.subscriptions)
+        # The call history: a row per call, committed by its own thread, then announced.
+        self.history = CallHistory(state_dir / HISTORY_FILE, max_days=config.history.max_days,
+                                   max_rows=config.history.max_rows, on_committed=self._history_committed, wall=wall)
+        self.history_recorder = HistoryRecorder(settings, registrar, self.history, wall=wall)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        events = CallEventsFanOut(state, self.subscriptions, self.history_recorder)
         self.calls = router = CallRouter(settings, network, registrar, auth, events, timers, self.media, trunks,
                                          user_settings=self)
         self.qualifier = Qualifier(settings, network, registrar, timers, self.device_events.publish)
@@ -98,8 +106,8 @@ class Daemon:
                          self.device_events.publish, clock=timers.now, wall=wall, trunks=self.trunks,
                          subscriptions=self.subscriptions)
         # The control socket edits the config file: none without one (tests of the edge alone).
-        self.control = ControlServer(state, settings, self, config_path,
-                                     edit_lock=self.edit_lock) if config_path is not None else None
+        self.control = ControlServer(state, settings, self, config_path, edit_lock=self.edit_lock,
+                                     history=self.history) if config_path is not None else None
         self._edits: set[asyncio.Task[None]] = set()
         self._housekeeping: Deadline | None = None
         self._next_nonce_sweep = 0.0
@@ -114,6 +122,8 @@ class Daemon:
 
     # -- life cycle ------------------------------------------------------------------------
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await asyncio.to_thread(self.history.open)
         kept = self.store.load(self.wall())
         if kept:
             log.info("event=bindings_restored %s", fields(count=kept))
@@ -142,6 +152,18 @@ class Daemon:
         self.timers.cancel()
         self.store.flush_now()
         await self.transports.close()
+        await asyncio.to_thread(self.history.close)
+
+    def _history_committed(self, records: list[CallRecord]) -> None:
+        """The writer thread committed rows: only now are they shown (the TUI re-reads its History view)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        calls = [r.call_id for r in records]
+        try:
+            loop.call_soon_threadsafe(lambda: self.state.emit({"event": "history_changed", "calls": calls}))
+        except RuntimeError:  # the loop closed meanwhile (shutdown)
+            pass
 
     def _housekeep(self, now: float) -> None:
         self.device_events.publish(self.registrar.expire(self.wall()))
@@ -197,6 +219,7 @@ class Daemon:
         self._enforce_users()
         self.qualifier.reschedule()
         self.trunks.reconfigure()
+        self.history.configure(config.history.max_days, config.history.max_rows)
         self.state.emit({"event": "config_changed"})
 
     def change_user(self, number: str, changes: dict[str, object], then: Callable[[str | None], None]) -> None:
