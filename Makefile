@@ -59,6 +59,7 @@ bench: venv
 	$(BIN)/python bench/tcp_attack.py
 	$(BIN)/python bench/crash.py
 	$(BIN)/python bench/trunk.py
+	$(BIN)/python bench/history.py
 
 # The appliance's disk image, build/image/homepbx-<version>-amd64.img (as root; image/README.md).
 .PHONY: image
