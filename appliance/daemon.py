@@ -15,6 +15,7 @@ import gc
 import logging
 import os
 import signal
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -123,7 +124,11 @@ class Daemon:
     # -- life cycle ------------------------------------------------------------------------
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        await asyncio.to_thread(self.history.open)
+        try:
+            await asyncio.to_thread(self.history.open)
+        except (sqlite3.Error, OSError, RuntimeError) as err:  # the calls go on; only their rows are missing
+            log.error("event=history_unavailable %s", fields(path=self.history.path, error=err,
+                                                             action="running_without_history"))
         kept = self.store.load(self.wall())
         if kept:
             log.info("event=bindings_restored %s", fields(count=kept))

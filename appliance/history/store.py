@@ -238,8 +238,10 @@ class CallHistory:
 
     # -- writing -------------------------------------------------------------------------------
     def add(self, record: CallRecord) -> None:
-        """Queue a finished call; never blocks (the writer thread commits it within ~50 ms)."""
-        self._queue.put(record)
+        """Queue a finished call; never blocks (the writer thread commits it within ~50 ms).
+        Without a writer (never opened, or the file could not be opened) the row is dropped."""
+        if self._thread is not None:
+            self._queue.put(record)
 
     def _run(self) -> None:
         conn = self._writer

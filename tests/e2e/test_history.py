@@ -158,3 +158,17 @@ def test_an_outside_call_is_an_incoming_row(pbx_factory: DaemonFactory, handset_
 @pytest.mark.skip(reason="extend when the answering machine (VOICEMAIL-MEDIA) is merged: outcome 'voicemail'")
 def test_a_call_to_the_answering_machine_is_a_voicemail_row() -> None:
     raise AssertionError("to be written with the answering machine")
+
+
+def test_an_unreadable_database_leaves_the_calls_working(pbx_factory: DaemonFactory,
+                                                         handset_factory: HandsetFactory, tmp_path: Path) -> None:
+    """A history file that is no database (a bad disk, a stray copy): logged once, calls go on."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / "history.sqlite3").write_bytes(b"this is not an SQLite database" * 100)
+    pbx, kitchen, family, control = house(pbx_factory, handset_factory)
+    pbx.wait_log(r"event=history_unavailable .*action=running_without_history")
+    pbx.allow_errors(r"event=history_unavailable")
+    talk(kitchen, family, seconds=0.2)
+    reply = control.command("history", limit=5)
+    assert (reply["reply"], reply["field"]) == ("error", "history")
