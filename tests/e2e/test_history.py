@@ -138,8 +138,8 @@ def provider(tmp_path: Path) -> Iterator[Kamailio]:
 
 
 @pytest.mark.skipif(not available(), reason="Debian's kamailio package is not installed")
-def test_an_outside_call_is_an_incoming_row(pbx_factory: DaemonFactory, handset_factory: HandsetFactory,
-                                            provider: Kamailio) -> None:
+def test_outside_calls_are_incoming_and_outgoing_rows(pbx_factory: DaemonFactory, handset_factory: HandsetFactory,
+                                                      provider: Kamailio) -> None:
     trunk = ("[[trunks]]\nname = \"provider\"\n"
              f'server = "{provider.server}"\nusername = "{DID}"\npassword = "{PASSWORD}"\n'
              f'incoming = {{ "{DID}" = "200" }}\n\n')
@@ -149,10 +149,14 @@ def test_an_outside_call_is_an_incoming_row(pbx_factory: DaemonFactory, handset_
     reg = outside.register(f"sip:{provider.server}", OUTSIDE, OUTSIDE_PASSWORD, domain=provider.server)
     assert reg["code"] == 200, reg
     talk(outside, family, f"sip:{DID}@{provider.server}", seconds=0.5)
-    (row,) = history(control, 1)
-    assert (row["direction"], row["caller"], row["callee"], row["trunk"], row["outcome"]) == (
-        "incoming", OUTSIDE, "200", "provider", "answered")
-    assert row["answered_number"] == "200"
+    talk(family, outside, f"sip:0{OUTSIDE}@home.arpa", seconds=0.5)  # out through the provider
+    incoming, outgoing = history(control, 2)
+    assert (incoming["direction"], incoming["caller"], incoming["callee"], incoming["trunk"],
+            incoming["outcome"], incoming["answered_number"]) == ("incoming", OUTSIDE, "200", "provider", "answered",
+                                                                  "200")
+    assert (outgoing["direction"], outgoing["caller"], outgoing["caller_name"], outgoing["callee"],
+            outgoing["trunk"], outgoing["outcome"]) == ("outgoing", "200", "Family", OUTSIDE, "provider", "answered")
+    assert outgoing["duration"] > 0.3
 
 
 @pytest.mark.skip(reason="extend when the answering machine (VOICEMAIL-MEDIA) is merged: outcome 'voicemail'")
