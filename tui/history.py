@@ -13,6 +13,8 @@ OUTCOME_WORDS = {
     "answered": "answered", "missed": "MISSED", "declined": "declined", "busy": "busy",
     "forwarded": "forwarded", "voicemail": "voicemail", "failed": "failed", "cancelled": "cancelled",
 }
+CONDITION_WORDS = {"always": "always", "busy": "busy", "no_answer": "no ans", "unreachable": "unreach", "dnd": "dnd"}
+"""Why a call was forwarded, short (the Outcome column is narrow)."""
 DIRECTION_MARKS = {"incoming": "←", "outgoing": "→", "internal": "·"}
 
 
@@ -30,23 +32,31 @@ class HistoryLine:
     duration: str
 
 
+WIDTHS = {"who": 17, "to": 11, "outcome": 12, "answered_by": 10}
+"""Columns clipped to fit 80 terminal columns."""
+
+
+def clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
 def party(number: str, name: str) -> str:
     return f"{number} {name}".strip() if name and name != number else number
 
 
 def when(stamp: float, now: float) -> str:
-    """Today's calls by clock time; older ones by date and time."""
+    """Today's calls by clock time; older ones by day, month and time (15.11. 09:30)."""
     then = time.localtime(stamp)
     if time.strftime("%Y-%m-%d", then) == time.strftime("%Y-%m-%d", time.localtime(now)):
         return time.strftime("%H:%M", then)
-    return time.strftime("%d %b %H:%M", then)
+    return time.strftime("%d.%m. %H:%M", then)
 
 
 def outcome_text(row: Mapping[str, Any]) -> str:
     word = OUTCOME_WORDS.get(str(row.get("outcome", "")), str(row.get("outcome", "")))
     if row.get("outcome") == "forwarded" and row.get("forwarded_to"):
-        condition = str(row.get("condition") or "").replace("_", " ")
-        return f"→ {row['forwarded_to']}" + (f" ({condition})" if condition else "")
+        condition = CONDITION_WORDS.get(str(row.get("condition") or ""), "")
+        return f"→ {row['forwarded_to']}" + (f" {condition}" if condition else "")
     return word
 
 
@@ -65,10 +75,10 @@ def history_lines(rows: Sequence[Mapping[str, Any]], now: float) -> list[History
             id=int(row.get("id") or 0),
             missed=row.get("outcome") == "missed",
             when=when(float(row.get("started") or 0), now),
-            who=f"{mark} {party(str(row.get('caller', '')), str(row.get('caller_name', '')))}",
-            to=party(str(row.get("callee", "")), str(row.get("callee_name", ""))),
-            outcome=outcome_text(row),
-            answered_by=by or "-",
+            who=clip(f"{mark} {party(str(row.get('caller', '')), str(row.get('caller_name', '')))}", WIDTHS["who"]),
+            to=clip(party(str(row.get("callee", "")), str(row.get("callee_name", ""))), WIDTHS["to"]),
+            outcome=clip(outcome_text(row), WIDTHS["outcome"]),
+            answered_by=clip(by or "-", WIDTHS["answered_by"]),
             duration=format.duration(float(row.get("duration") or 0)) if row.get("answered") is not None else "-",
         ))
     return lines

@@ -38,7 +38,7 @@ def test_missed_calls_come_first_then_the_newest() -> None:
     answered = lines[3]
     assert (answered.who, answered.to, answered.outcome, answered.answered_by, answered.duration) == (
         "· 100 Grandpa", "200 Family", "answered", "Kitchen", "00:27")
-    assert lines[2].outcome == "→ 300 (no answer)"
+    assert lines[2].outcome == "→ 300 no ans"
     assert (lines[0].outcome, lines[0].answered_by, lines[0].duration) == ("MISSED", "-", "-")
 
 

@@ -58,7 +58,7 @@ class HistoryView(Screen[None]):
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
-        table.add_columns("When", "Who", "To", "Outcome", "Answered by", "Length")
+        table.add_columns("When", "Who", "To", "Outcome", "Answered", "Length")
         self.reload()
 
     @work(exclusive=True, group="history", exit_on_error=False)
