@@ -183,6 +183,16 @@ class MediaConfig:
 
 
 @dataclass(frozen=True)
+class HistoryConfig:
+    """The call history (state_dir/history.sqlite3): how long rows are kept."""
+
+    max_days: int = 365
+    """Rows older than this many days are pruned; 0 keeps them whatever their age."""
+    max_rows: int = 100_000
+    """At most this many rows, the oldest pruned first; 0: no limit."""
+
+
+@dataclass(frozen=True)
 class UserConfig:
     """One extension: a number that rings one device, or several with one_number."""
 
@@ -271,6 +281,7 @@ class Config:
     users: tuple[UserConfig, ...]
     trunks: tuple[TrunkConfig, ...] = ()
     emergency_numbers: tuple[str, ...] = DEFAULT_EMERGENCY_NUMBERS
+    history: HistoryConfig = HistoryConfig()
     _by_number: Mapping[str, UserConfig] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -524,7 +535,7 @@ class _Validator:
 
     def config(self, data: dict[str, Any]) -> Config:
         top = self.table((), data, ("server", "registration", "control", "media", "feature_codes", "users",
-                                    "trunks", "emergency_numbers"))
+                                    "trunks", "emergency_numbers", "history"))
         server = self.server(top.section("server", ("listen", "realm", "state_dir", "digest_algorithms",
                                                     *_TCP_KEYS)))
         registration = self.registration(
@@ -535,6 +546,7 @@ class _Validator:
         )
         control = self.control(top.section("control", ("socket", "group")))
         media = self.media(top.section("media", ("max_calls", "min_idle", "rtp_ports")))
+        history = self.history(top.section("history", ("max_days", "max_rows")))
         emergency = tuple(top.get_unique_list("emergency_numbers", list(DEFAULT_EMERGENCY_NUMBERS),
                                               _parse_emergency, "number"))
         users = self.users(data.get("users", []))
@@ -558,6 +570,7 @@ class _Validator:
             users=users,
             trunks=trunks,
             emergency_numbers=emergency,
+            history=history,
         )
 
     def server(self, t: _Table) -> ServerConfig:
@@ -621,6 +634,11 @@ class _Validator:
         if not 1024 <= low < high <= 65535:
             raise t.error("rtp_ports", f'{ports!r}: must be "LOW-HIGH" with 1024 <= LOW < HIGH <= 65535')
         return MediaConfig(max_calls=max_calls, min_idle=min_idle, rtp_port_low=low, rtp_port_high=high)
+
+    def history(self, t: _Table) -> HistoryConfig:
+        d = HistoryConfig()
+        return HistoryConfig(max_days=t.get_int("max_days", d.max_days, 0, 36500),
+                             max_rows=t.get_int("max_rows", d.max_rows, 0, 10_000_000))
 
     def feature_codes(self, value: object, users: tuple[UserConfig, ...]) -> dict[str, str]:
         if not isinstance(value, dict):

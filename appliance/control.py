@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Final, Protocol
 
 from appliance.config import Config, ConfigError, LiveConfig, UserConfig, control_socket_path, update_user
+from appliance.history.store import CallHistory
 from appliance.logs import fields
 from appliance.state import Event, LiveState, forwarding_json
 from appliance.voicemail.mailbox import Message, valid_id
@@ -40,6 +41,8 @@ QUEUE_LIMIT: Final = 1000
 MAX_LINE: Final = 64 * 1024
 """Longest command line accepted; a longer one closes the connection."""
 SOCKET_MODE: Final = 0o660
+HISTORY_MAX_LIMIT: Final = 1000
+"""Most rows one `history` command returns (page with `before`)."""
 _SUN_PATH_MAX: Final = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
 
 SETTABLE_FIELDS: Final = ("one_number", "max_devices", "max_outgoing_calls", "name", "decline", "ring_timeout",
@@ -172,9 +175,10 @@ class ControlServer:
 
     def __init__(self, state: LiveState, settings: LiveConfig, steering: Steering, config_path: Path, *,
                  queue_limit: int = QUEUE_LIMIT, edit_lock: asyncio.Lock | None = None,
-                 messages: MessageStore | None = None) -> None:
+                 messages: MessageStore | None = None, history: CallHistory | None = None) -> None:
         self.state = state
         self.messages = messages
+        self.history = history
         self.settings = settings
         self.steering = steering
         self.config_path = config_path
@@ -373,8 +377,8 @@ class ControlServer:
             request_id = message.get("id")
             cmd = message.get("cmd")
             if not isinstance(cmd, str):
-                raise CommandError("cmd", "missing (a string: set_user, show_password, reload, snapshot, ping, "
-                                          "messages, mark_heard, delete_message)")
+                raise CommandError("cmd", "missing (a string: set_user, show_password, reload, snapshot, history, "
+                                          "ping, messages, mark_heard, delete_message)")
             handler = getattr(self, f"_cmd_{cmd}", None)
             if handler is None:
                 raise CommandError("cmd", f"unknown command {cmd!r}")
@@ -432,6 +436,29 @@ class ControlServer:
         assert user is not None
         log.info("event=password_shown %s", fields(client=client, peer_uid=uid, number=number))
         return {"number": number, "password": user.password}
+
+    async def _cmd_history(self, message: Mapping[str, Any], client: int, uid: int) -> dict[str, Any]:
+        """Calls from the history database, newest first: only committed rows, read by a
+        thread of its own (the event loop never waits on the disk)."""
+        if self.history is None:
+            raise CommandError("cmd", "no call history in this daemon")
+        limit = message.get("limit", 100)
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= HISTORY_MAX_LIMIT:
+            raise CommandError("limit", f"must be an integer from 1 to {HISTORY_MAX_LIMIT}")
+        before = message.get("before")
+        if before is not None and (isinstance(before, bool) or not isinstance(before, int | float)):
+            raise CommandError("before", "must be a unix time (a number), or absent")
+        missed_only = message.get("missed_only", False)
+        if not isinstance(missed_only, bool):
+            raise CommandError("missed_only", "must be true or false")
+        try:
+            rows = await asyncio.to_thread(self.history.query, limit=limit,
+                                           before=float(before) if before is not None else None,
+                                           missed_only=missed_only)
+        except Exception as err:  # sqlite3.Error, a vanished file: the client is told, the daemon goes on
+            log.warning("event=history_read_failed %s", fields(client=client, error=err))
+            raise CommandError("history", f"cannot read the call history: {err}") from None
+        return {"calls": rows, "more": len(rows) == limit}
 
     async def _cmd_reload(self, message: Mapping[str, Any], client: int, uid: int) -> dict[str, Any]:
         async with self._edit_lock:

@@ -15,6 +15,7 @@ import gc
 import logging
 import os
 import signal
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +37,9 @@ from appliance.edge.timers import Deadline, TimerWheel
 from appliance.edge.transport import Transports
 from appliance.edge.trunks import TrunkRegistrar
 from appliance.edge.voicemail import Voicemail
+from appliance.history.recorder import HistoryRecorder
+from appliance.history.store import FILE_NAME as HISTORY_FILE
+from appliance.history.store import CallHistory, CallRecord
 from appliance.logs import fields
 from appliance.sip.auth import NonceManager
 from appliance.sip.authenticator import Authenticator
@@ -96,8 +100,12 @@ class Daemon:
         # The trunks are made before the router: it asks them which requests come from a provider.
         self.trunks = trunks = TrunkRegistrar(settings, network, timers, state, wall=wall)
         self.edit_lock = asyncio.Lock()  # one edit of config.toml at a time (control socket, feature codes)
-        # Busy lamps (the subscriptions made above) are told of calls with the live state.
-        events = CallEventsFanOut(state, self.subscriptions)
+        # The call history: a row per call, committed by its own thread, then announced.
+        self.history = CallHistory(state_dir / HISTORY_FILE, max_days=config.history.max_days,
+                                   max_rows=config.history.max_rows, on_committed=self._history_committed, wall=wall)
+        self.history_recorder = HistoryRecorder(settings, registrar, self.history, wall=wall)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        events = CallEventsFanOut(state, self.subscriptions, self.history_recorder)
         self.calls = router = CallRouter(settings, network, registrar, auth, events, timers, self.media, trunks,
                                          user_settings=self)
         self.qualifier = Qualifier(settings, network, registrar, timers, self.device_events.publish)
@@ -107,7 +115,7 @@ class Daemon:
                          subscriptions=self.subscriptions)
         # The control socket edits the config file: none without one (tests of the edge alone).
         self.control = ControlServer(state, settings, self, config_path, edit_lock=self.edit_lock,
-                                     messages=voicemail) if config_path is not None else None
+                                     messages=voicemail, history=self.history) if config_path is not None else None
         self._edits: set[asyncio.Task[None]] = set()
         self._housekeeping: Deadline | None = None
         self._next_nonce_sweep = 0.0
@@ -122,6 +130,12 @@ class Daemon:
 
     # -- life cycle ------------------------------------------------------------------------
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        try:
+            await asyncio.to_thread(self.history.open)
+        except (sqlite3.Error, OSError, RuntimeError) as err:  # the calls go on; only their rows are missing
+            log.error("event=history_unavailable %s", fields(path=self.history.path, error=err,
+                                                             action="running_without_history"))
         kept = self.store.load(self.wall())
         if kept:
             log.info("event=bindings_restored %s", fields(count=kept))
@@ -152,6 +166,18 @@ class Daemon:
         self.timers.cancel()
         self.store.flush_now()
         await self.transports.close()
+        await asyncio.to_thread(self.history.close)
+
+    def _history_committed(self, records: list[CallRecord]) -> None:
+        """The writer thread committed rows: only now are they shown (the TUI re-reads its History view)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        calls = [r.call_id for r in records]
+        try:
+            loop.call_soon_threadsafe(lambda: self.state.emit({"event": "history_changed", "calls": calls}))
+        except RuntimeError:  # the loop closed meanwhile (shutdown)
+            pass
 
     def _housekeep(self, now: float) -> None:
         self.device_events.publish(self.registrar.expire(self.wall()))
@@ -207,6 +233,7 @@ class Daemon:
         self._enforce_users()
         self.qualifier.reschedule()
         self.trunks.reconfigure()
+        self.history.configure(config.history.max_days, config.history.max_rows)
         self.state.emit({"event": "config_changed"})
 
     def change_user(self, number: str, changes: dict[str, object], then: Callable[[str | None], None]) -> None:

@@ -143,7 +143,8 @@ class LiveState:
         return user is not None and dev in user.dnd_devices
 
     # -- calls (told by the proxy) --------------------------------------------------------
-    def call_started(self, call_id: str, caller: str, callee: str, caller_device: str | None) -> None:
+    def call_started(self, call_id: str, caller: str, callee: str, caller_device: str | None, *,
+                     trunk: str | None = None, caller_name: str = "") -> None:
         call = CallView(call_id, caller, callee, caller_device, started_at=self.wall())
         self.calls[call_id] = call
         self._call_changed("call_started", call)
@@ -199,6 +200,12 @@ class LiveState:
         call.phase = CallPhase.ENDED
         call.ringing.clear()
         self._call_changed("call_ended", call, reason=reason)
+
+    def call_forwarded(self, call_id: str, number: str, to: str, condition: str) -> None:
+        pass  # the devices of the target ring as any (device_ringing)
+
+    def call_to_voicemail(self, call_id: str, number: str) -> None:
+        pass  # the worker answers: nothing a person sees in the live view
 
     def _call_changed(self, kind: str, call: CallView, **extra: Any) -> None:
         event: Event = {"event": kind, "call": call.to_json(), **extra}

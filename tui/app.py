@@ -25,6 +25,7 @@ from tui.messages import CommandDone, Connected, Disconnected, ModelChanged
 from tui.model import Number, PbxModel, ProtocolError
 from tui.screens.dnd_dialog import WHOLE_NUMBER, DndDialog
 from tui.screens.forward_dialog import ForwardDialog
+from tui.screens.history_view import HistoryView
 from tui.screens.messages_screen import MessageAction, MessagesScreen
 from tui.screens.password_dialog import PasswordDialog
 from tui.screens.setup_dialog import SetupDialog
@@ -39,6 +40,8 @@ from tui.widgets.status_bar import StatusBar
 from tui.widgets.trunk_lines import TrunkLines
 
 RETRY_INTERVAL = 2.0
+HISTORY_ROWS = 200
+"""Calls the History view reads (the newest)."""
 SIXTEEN_COLOUR = ("standard", "windows")
 
 
@@ -70,7 +73,8 @@ class HomePbxApp(App[None]):
         Binding("m", "messages", "Msgs"),
         Binding("s", "setup", "Set up"),
         Binding("p", "password", "Password"),
-        Binding("r", "reload", "Reload"),
+        Binding("h", "history", "History"),
+        Binding("r", "reload", "Reload", show=False),  # documented in the README; the footer has 80 columns
         Binding("q", "quit", "Quit"),
         Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
     ]
@@ -122,6 +126,10 @@ class HomePbxApp(App[None]):
         self.set_interval(1.0, self.tick)
         if self.connect:
             self.stay_connected()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """In the History view only its own keys (and quit) work: the others act on the main screen."""
+        return action == "quit" or not isinstance(self.screen, HistoryView)
 
     @property
     def selected(self) -> Number | None:
@@ -183,6 +191,8 @@ class HomePbxApp(App[None]):
     def feed(self, message: dict[str, Any]) -> None:
         """Apply a snapshot or event from the daemon, and schedule a redraw."""
         kind = self.model.apply(message)
+        if kind == "history_changed" and isinstance(self.screen, HistoryView):
+            self.screen.reload()
         if kind == "auth_abandoned":
             self.query_one(ResultLine).show(False, abandoned_notice(message))
         elif kind == "messages_changed":
@@ -339,6 +349,17 @@ class HomePbxApp(App[None]):
 
     def on_message_action(self, message: MessageAction) -> None:
         self.run_command(message.label, message.command, number=message.number, message_id=message.message_id)
+    def action_history(self) -> None:
+        """The calls recorded, missed ones first (read from the daemon's history database)."""
+        self.push_screen(HistoryView(self.fetch_history, self.clock))
+
+    async def fetch_history(self, missed_only: bool) -> list[dict[str, Any]]:
+        client = self.client
+        if client is None:
+            raise ConnectionError("not connected to the daemon")
+        reply = await client.command("history", limit=HISTORY_ROWS, missed_only=missed_only)
+        calls = reply.get("calls")
+        return [c for c in calls if isinstance(c, dict)] if isinstance(calls, list) else []
 
     def action_reload(self) -> None:
         self.run_command("reload config", "reload")

@@ -312,7 +312,8 @@ class CallRouter:
         if decision.counts_outgoing:
             self.outgoing[caller] = self.outgoing.get(caller, 0) + 1
         self._calls[dialog.token] = dialog
-        self.live.call_started(dialog.token, caller, decision.number, caller_device)
+        self.live.call_started(dialog.token, caller, decision.number, caller_device, trunk=trunk,
+                               caller_name=_display_name(request) if trunk is not None else "")
         log.info("event=call_started %s", fields(call=dialog.token, caller=caller, callee=decision.number,
                                                  devices=len(decision.devices)))
         identity = self._identity(caller, trunk)
@@ -349,7 +350,7 @@ class CallRouter:
         if decision.counts_outgoing:
             self.outgoing[caller] = self.outgoing.get(caller, 0) + 1
         self._calls[dialog.token] = dialog
-        self.live.call_started(dialog.token, caller, decision.number, caller_device)
+        self.live.call_started(dialog.token, caller, decision.number, caller_device, trunk=trunk.name)
         log.info("event=call_out %s", fields(call=dialog.token, caller=caller, number=decision.number,
                                              trunk=trunk.name, caller_id=decision.caller_id,
                                              emergency=decision.emergency))
@@ -526,6 +527,7 @@ class CallRouter:
     def _note_forward(self, a_leg: Dialog, forward: Forward) -> None:
         a_leg.hops = forward.hops
         to = forward.to
+        self.live.call_forwarded(a_leg.token, forward.number, to.number, forward.hops[-1][1])
         log.info("event=call_forwarded %s", fields(
             call=a_leg.token, caller=a_leg.caller, number=forward.number, condition=forward.hops[-1][1],
             to=to.number, trunk=to.trunk if isinstance(to, RouteToTrunk) else "-",
@@ -1161,6 +1163,17 @@ def _tag(value: str | None) -> str | None:
         return parse_name_addr(value).tag
     except SipSyntaxError:
         return None
+
+
+def _display_name(request: Request) -> str:
+    """The display name in From (an outside caller's name as the provider gives it), "" if none
+    or withheld."""
+    if "id" in (request.get("Privacy") or "").replace(" ", "").lower().split(";"):
+        return ""
+    try:
+        return parse_name_addr(request.get("From") or "").display[:64]
+    except SipSyntaxError:
+        return ""
 
 
 def _outside_number(request: Request) -> str:

@@ -57,9 +57,14 @@ PublishDeviceEvents = Callable[[list[RegistrarEvent]], None]
 
 
 class CallEvents(Protocol):
-    """What the live state (hence the TUI) is told about calls."""
+    """What the live state (hence the TUI), the busy lamps and the call history are told about calls."""
 
-    def call_started(self, call_id: str, caller: str, callee: str, caller_device: str | None) -> None: ...
+    def call_started(self, call_id: str, caller: str, callee: str, caller_device: str | None, *,
+                     trunk: str | None = None, caller_name: str = "") -> None:
+        """A call begins. `trunk`: the trunk it came in on (then `caller` is the outside
+        number and `caller_name` what the provider calls it) or leaves by (then `callee`
+        is the outside number)."""
+        ...
 
     def device_ringing(self, call_id: str, binding_id: str) -> None: ...
 
@@ -73,6 +78,15 @@ class CallEvents(Protocol):
 
     def call_ended(self, call_id: str, reason: str) -> None: ...
 
+    def call_forwarded(self, call_id: str, number: str, to: str, condition: str) -> None:
+        """`number` forwards the call to `to` (an extension or an outside number) on
+        `condition` (always, busy, no_answer, unreachable, dnd)."""
+        ...
+
+    def call_to_voicemail(self, call_id: str, number: str) -> None:
+        """The call goes to `number`'s answering machine."""
+        ...
+
 
 class CallEventsFanOut:
     """One `CallEvents` for the router that tells several sinks (the live state, the busy
@@ -81,9 +95,10 @@ class CallEventsFanOut:
     def __init__(self, *sinks: CallEvents) -> None:
         self.sinks = sinks
 
-    def call_started(self, call_id: str, caller: str, callee: str, caller_device: str | None) -> None:
+    def call_started(self, call_id: str, caller: str, callee: str, caller_device: str | None, *,
+                     trunk: str | None = None, caller_name: str = "") -> None:
         for sink in self.sinks:
-            sink.call_started(call_id, caller, callee, caller_device)
+            sink.call_started(call_id, caller, callee, caller_device, trunk=trunk, caller_name=caller_name)
 
     def device_ringing(self, call_id: str, binding_id: str) -> None:
         for sink in self.sinks:
@@ -108,6 +123,14 @@ class CallEventsFanOut:
     def call_ended(self, call_id: str, reason: str) -> None:
         for sink in self.sinks:
             sink.call_ended(call_id, reason)
+
+    def call_forwarded(self, call_id: str, number: str, to: str, condition: str) -> None:
+        for sink in self.sinks:
+            sink.call_forwarded(call_id, number, to, condition)
+
+    def call_to_voicemail(self, call_id: str, number: str) -> None:
+        for sink in self.sinks:
+            sink.call_to_voicemail(call_id, number)
 
 
 class TrunkLookup(Protocol):

@@ -320,7 +320,8 @@ class Subscriptions:
                                                        event=sub.event, reason=reason))
 
     # -- CallEvents ----------------------------------------------------------------------------
-    def call_started(self, call_id: str, caller: str, callee: str, caller_device: str | None) -> None:
+    def call_started(self, call_id: str, caller: str, callee: str, caller_device: str | None, *,
+                     trunk: str | None = None, caller_name: str = "") -> None:
         is_extension = caller_device is not None or self.settings.current.user(caller) is not None
         self._calls[call_id] = _Call(call_id, caller, callee, is_extension)
         self._changed(caller if is_extension else None)
@@ -361,6 +362,12 @@ class Subscriptions:
         if call is not None:
             self._changed(call.caller if call.caller_is_extension else None, call.callee, call.answerer,
                           *call.joined)
+
+    def call_forwarded(self, call_id: str, number: str, to: str, condition: str) -> None:
+        pass  # the lamps follow the devices that ring and answer, wherever the call went
+
+    def call_to_voicemail(self, call_id: str, number: str) -> None:
+        pass
 
     def _number_of(self, binding_id: str | None) -> str | None:
         if not binding_id:

@@ -176,3 +176,36 @@ def test_delete_message_asks_first(snap_compare: SnapCompare) -> None:
         await pilot.press("d")
 
     assert snap_compare(make_app(), run_before=with_house(then=open_and_delete))
+def test_history_view(snap_compare: SnapCompare) -> None:
+    """`h`: the calls recorded, missed ones first and in red."""
+    now = fixtures.fixed_clock()
+
+    def row(n: int, outcome: str, ago: float, **extra: object) -> dict[str, object]:
+        return {"id": n, "call_id": f"c{n}", "started": now - ago, "ended": now - ago + 30, "caller": "100",
+                "caller_name": "Grandpa", "callee": "200", "callee_name": "Family", "direction": "internal",
+                "outcome": outcome, "answered": None, "answered_by": "", "answered_number": "", "duration": 0.0,
+                "forwarded_to": "", "condition": "", "trunk": "", "reason": "", **extra}
+
+    rows = [
+        row(6, "answered", 300, caller="+4930123456", caller_name="Dr Weber", direction="incoming", trunk="line",
+            answered=now - 295, answered_by="Kitchen", answered_number="200", duration=134.0),
+        row(5, "missed", 900, caller="+4930123456", caller_name="", direction="incoming", trunk="line"),
+        row(4, "forwarded", 3600, callee="300", callee_name="Office", forwarded_to="200", condition="busy",
+            answered=now - 3590, answered_by="Living room", answered_number="200", duration=61.0),
+        row(3, "busy", 7200, caller="300", caller_name="Office"),
+        row(2, "declined", 86400 * 2),
+        row(1, "missed", 86400 * 3, caller="300", caller_name="Office"),
+    ]
+
+    async def fetch(missed_only: bool) -> list[dict[str, object]]:
+        return [r for r in rows if r["outcome"] == "missed" or not missed_only]
+
+    async def press(pilot: Pilot[None]) -> None:
+        app = pilot.app
+        assert isinstance(app, HomePbxApp)
+        app.fetch_history = fetch  # type: ignore[method-assign]
+        await pilot.press("h")
+        await pilot.pause()
+        await pilot.pause()
+
+    assert snap_compare(make_app(), run_before=with_house(then=press))

@@ -868,3 +868,17 @@ def test_emergency_numbers_replaced_and_checked() -> None:
     assert (err.line, err.key) == (1, "emergency_numbers[1]") and "2-6 digits" in err.message
     err = error_of('emergency_numbers = ["112"]\n[[users]]\nnumber = "112"\n')
     assert (err.line, err.key) == (3, "users[0].number")
+
+
+def test_history_bounds_defaults_and_errors_with_file_and_line(tmp_path: Path) -> None:
+    base = '[server]\nlisten = ["127.0.0.1:5060"]\n'
+    config = parse_config(base, tmp_path / "config.toml")
+    assert (config.history.max_days, config.history.max_rows) == (365, 100_000)
+    config = parse_config(base + "[history]\nmax_days = 30\nmax_rows = 0\n", tmp_path / "config.toml")
+    assert (config.history.max_days, config.history.max_rows) == (30, 0)
+    with pytest.raises(ConfigError) as err:
+        parse_config(base + "[history]\nmax_days = 7\nmax_rows = -1\n", tmp_path / "config.toml")
+    assert str(err.value).startswith(f"{tmp_path / 'config.toml'}:5: history.max_rows:")
+    with pytest.raises(ConfigError) as err:
+        parse_config(base + "[history]\nmax_dayz = 7\n", tmp_path / "config.toml")
+    assert "history.max_dayz: unknown key (did you mean 'max_days'?)" in str(err.value)

@@ -1,0 +1,275 @@
+"""The call history store and recorder: migrations, pruning, outcomes from the router's
+events, group commit off the caller's thread, and durability of committed rows."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from appliance.config import LiveConfig, parse_config
+from appliance.edge.seams import CallEventsFanOut
+from appliance.history.recorder import HistoryRecorder, outcome_of
+from appliance.history.store import MIGRATIONS, SCHEMA_VERSION, CallHistory, CallRecord, connect, migrate, prune, query
+from appliance.sip.registrar import Binding, Flow
+
+CONFIG = """
+[server]
+listen = ["127.0.0.1:5060"]
+[[users]]
+number = "100"
+name = "Kitchen"
+password = "pw100"
+[[users]]
+number = "200"
+name = "Family"
+password = "pw200"
+[[trunks]]
+name = "line"
+server = "sip.example.net"
+username = "u"
+password = "p"
+outgoing_prefix = "0"
+incoming = { "*" = "200" }
+"""
+
+
+def record(n: int, *, started: float = 1000.0, outcome: str = "answered") -> CallRecord:
+    return CallRecord(call_id=f"c{n}", started=started, ended=started + 5, caller="100", callee="200",
+                      direction="internal", outcome=outcome)
+
+
+# -- schema ------------------------------------------------------------------------------------
+def columns(conn: sqlite3.Connection) -> list[str]:
+    return [row[1] for row in conn.execute("PRAGMA table_info(calls)")]
+
+
+def test_migrations_from_an_empty_file(tmp_path: Path) -> None:
+    conn = connect(tmp_path / "h.sqlite3")
+    assert migrate(conn) == (0, SCHEMA_VERSION)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert {"forwarded_to", "condition", "trunk", "answered_by", "duration", "reason"} <= set(columns(conn))
+    assert migrate(conn) == (SCHEMA_VERSION, SCHEMA_VERSION)  # again: nothing to do
+
+
+def test_migration_from_v1_keeps_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "h.sqlite3"
+    conn = connect(path)
+    assert migrate(conn, MIGRATIONS[:1]) == (0, 1)
+    conn.execute("INSERT INTO calls (call_id, started, ended, caller, callee, direction, outcome, duration) "
+                 "VALUES ('old', 10, 20, '100', '200', 'internal', 'answered', 8)")
+    conn.close()
+    history = CallHistory(path, wall=lambda: 100.0)  # pruned by age at open: the row is young
+    history.open()
+    try:
+        rows = history.query()
+        assert [(r["call_id"], r["duration"], r["forwarded_to"], r["trunk"]) for r in rows] == [("old", 8, "", "")]
+        conn = connect(path)
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert "calls_outcome_started" in {r[1] for r in conn.execute("PRAGMA index_list(calls)")}
+    finally:
+        history.close()
+
+
+def test_a_failed_migration_step_leaves_the_previous_version(tmp_path: Path) -> None:
+    conn = connect(tmp_path / "h.sqlite3")
+    broken = (*MIGRATIONS[:1], ("ALTER TABLE calls ADD COLUMN x TEXT", "NOT SQL"))
+    with pytest.raises(sqlite3.OperationalError):
+        migrate(conn, broken)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert "x" not in columns(conn)
+
+
+# -- pruning -----------------------------------------------------------------------------------
+def test_prune_by_age_and_by_count(tmp_path: Path) -> None:
+    conn = connect(tmp_path / "h.sqlite3")
+    migrate(conn)
+    day = 86400.0
+    now = 100 * day
+    history = CallHistory(tmp_path / "unused")
+    rows = [record(i, started=now - (50 - i) * day) for i in range(50)]  # one a day, the newest today
+    conn.executemany(f"INSERT INTO calls ({', '.join(r for r in rows[0].to_json())}) VALUES "
+                     f"({', '.join('?' * len(rows[0].to_json()))})", [tuple(r.to_json().values()) for r in rows])
+    del history
+    assert prune(conn, now, max_days=30, max_rows=0) == 20  # older than 30 days
+    assert prune(conn, now, max_days=30, max_rows=10) == 20
+    left = query(conn, limit=100)
+    assert [r["call_id"] for r in left] == [f"c{i}" for i in range(49, 39, -1)]  # the newest 10
+    assert prune(conn, now, max_days=0, max_rows=0) == 0
+
+
+def test_store_prunes_at_open(tmp_path: Path) -> None:
+    path = tmp_path / "h.sqlite3"
+    history = CallHistory(path, max_rows=3, wall=lambda: 2000.0)
+    history.open()
+    for i in range(5):
+        history.add(record(i))
+    history.close()
+    reopened = CallHistory(path, max_rows=3, wall=lambda: 2000.0)
+    reopened.open()
+    try:
+        assert [r["call_id"] for r in reopened.query()] == ["c4", "c3", "c2"]
+    finally:
+        reopened.close()
+
+
+# -- writing -----------------------------------------------------------------------------------
+def test_group_commit_off_the_callers_thread_then_announced(tmp_path: Path) -> None:
+    committed: list[tuple[list[str], str]] = []
+    history = CallHistory(tmp_path / "h.sqlite3", batch_seconds=0.2,
+                          on_committed=lambda rs: committed.append(([r.call_id for r in rs],
+                                                                    threading.current_thread().name)))
+    history.open()
+    try:
+        started = time.perf_counter()
+        for i in range(100):
+            history.add(record(i))
+        assert time.perf_counter() - started < 0.05  # add never waits for the disk
+        assert committed == []  # nothing announced before it is committed
+        deadline = time.monotonic() + 5
+        while sum(len(c[0]) for c in committed) < 100 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sum(len(c[0]) for c in committed) == 100
+        assert len(committed) <= 2  # one commit for the burst (two if it straddled a batch)
+        assert {name for _, name in committed} == {"history-writer"}
+        assert history.stats.commits == len(committed)
+        # What was announced is there for another connection (the control socket's reader).
+        assert len(history.query(limit=1000)) == 100
+    finally:
+        history.close()
+
+
+def test_close_writes_what_is_queued(tmp_path: Path) -> None:
+    history = CallHistory(tmp_path / "h.sqlite3", batch_seconds=10.0)
+    history.open()
+    history.add(record(1))
+    history.close()
+    conn = connect(tmp_path / "h.sqlite3")
+    assert conn.execute("SELECT count(*) FROM calls").fetchone()[0] == 1
+
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from appliance.history.store import CallHistory, CallRecord
+history = CallHistory(Path(sys.argv[1]))
+history.open()
+history.on_committed = lambda rows: print(" ".join(r.call_id for r in rows), flush=True)
+n = 0
+while True:
+    history.add(CallRecord(call_id=f"c{n}", started=n, ended=n + 1, caller="100", callee="200",
+                           direction="internal", outcome="answered"))
+    n += 1
+    time.sleep(0.001)
+"""
+
+
+def test_committed_rows_survive_kill_9(tmp_path: Path) -> None:
+    """A writer killed mid-burst: every row it announced is in the file, which is sound."""
+    path = tmp_path / "h.sqlite3"
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[2])
+    assert proc.stdout is not None
+    announced: list[str] = []
+    while len(announced) < 300:
+        line = proc.stdout.readline()
+        assert line, "the writer died"
+        announced.extend(line.split())
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    announced.extend(proc.stdout.read().split())  # lines it printed before dying
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    stored = {row[0] for row in conn.execute("SELECT call_id FROM calls")}
+    assert set(announced) <= stored
+
+
+# -- outcomes from events -----------------------------------------------------------------------
+@pytest.mark.parametrize(("direction", "kwargs", "reason", "expected"), [
+    ("internal", {"answered": True}, "bye_from_caller", "answered"),
+    ("internal", {"rang": True}, "status_480", "missed"),
+    ("internal", {"rang": True}, "status_487", "missed"),
+    ("internal", {}, "status_487", "cancelled"),
+    ("internal", {"rang": True}, "status_603", "declined"),
+    ("internal", {"rang": True}, "status_486", "busy"),
+    ("incoming", {"rang": True}, "status_600", "busy"),
+    ("internal", {"forwarded": True, "answered": True}, "bye_from_callee", "forwarded"),
+    ("internal", {"voicemail": True}, "caller_hangup", "voicemail"),
+    ("outgoing", {}, "status_487", "cancelled"),
+    ("outgoing", {}, "status_480", "failed"),
+    ("outgoing", {}, "status_503", "failed"),
+    ("internal", {}, "no_media_worker", "failed"),
+])
+def test_outcome_mapping(direction: str, kwargs: dict[str, bool], reason: str, expected: str) -> None:
+    flags = {"answered": False, "rang": False, "forwarded": False, "voicemail": False, **kwargs}
+    assert outcome_of(direction, reason=reason, **flags) == expected
+
+
+class Rows:
+    def __init__(self) -> None:
+        self.rows: list[CallRecord] = []
+
+    def add(self, record: CallRecord) -> None:
+        self.rows.append(record)
+
+
+class Devices:
+    def get(self, binding_id: str) -> Binding | None:
+        if binding_id != "b1":
+            return None
+        return Binding("b1", "200", "sip:200@192.0.2.5", None, "x", 1, 0, 0, Flow("udp", "192.0.2.5", 5062, ""),
+                       user_agent="Yealink T46")
+
+
+def recorder() -> tuple[HistoryRecorder, Rows, list[float]]:
+    now = [1000.0]
+    settings = LiveConfig(parse_config(CONFIG, Path("/etc/homepbx/config.toml")))
+    rows = Rows()
+    return HistoryRecorder(settings, Devices(), rows, wall=lambda: now[0]), rows, now
+
+
+def test_recorder_internal_answered_call() -> None:
+    rec, rows, now = recorder()
+    events = CallEventsFanOut(rec)
+    events.call_started("t1", "100", "200", "dev100")
+    events.device_ringing("t1", "b1")
+    now[0] += 4
+    events.call_answered("t1", "b1")
+    now[0] += 60
+    assert rows.rows == []  # nothing written while the call goes on
+    events.call_ended("t1", "bye_from_caller")
+    (row,) = rows.rows
+    assert (row.direction, row.outcome, row.caller_name, row.callee_name) == ("internal", "answered", "Kitchen",
+                                                                              "Family")
+    assert (row.started, row.answered, row.ended, row.duration) == (1000.0, 1004.0, 1064.0, 60.0)
+    assert (row.answered_by, row.answered_number) == ("Yealink T46", "200")
+
+
+def test_recorder_outside_calls_and_forwarding() -> None:
+    rec, rows, now = recorder()
+    rec.call_started("in", "+4930123", "200", None, trunk="line", caller_name="Grandma")
+    rec.device_ringing("in", "b1")
+    rec.call_ended("in", "status_487")
+    rec.call_started("out", "100", "0301234", "dev100", trunk="line")
+    rec.call_answered("out", None)
+    now[0] += 30
+    rec.call_ended("out", "bye_from_callee")
+    rec.call_started("fw", "100", "200", "dev100")
+    rec.call_forwarded("fw", "200", "100", "no_answer")
+    rec.call_ended("fw", "status_480")
+    incoming, outgoing, forwarded = rows.rows
+    assert (incoming.direction, incoming.outcome, incoming.caller_name, incoming.trunk) == (
+        "incoming", "missed", "Grandma", "line")
+    assert (outgoing.direction, outgoing.outcome, outgoing.duration, outgoing.answered_number) == (
+        "outgoing", "answered", 30.0, "0301234")
+    assert (forwarded.outcome, forwarded.forwarded_to, forwarded.condition) == ("forwarded", "100", "no_answer")
+    rec.call_ended("unknown", "status_480")  # a call it never saw start: nothing
+    assert len(rows.rows) == 3
