@@ -418,15 +418,28 @@ class CallRouter:
         the INVITE re-sent with the trunk's credentials when challenged (the worker never
         sees the challenge), the offer cut to G.711."""
         trunk = decision.trunk
-        provider = self.trunks.provider_flow(trunk.name) if self.trunks is not None else None
-        if provider is None:
-            log.warning("event=call_out_failed %s", fields(call=a_leg.token, trunk=trunk.name,
-                                                           reason="provider_not_resolved"))
+        branch = self._provider_branch(trunk, decision.number, a_leg.token)
+        if branch is None:
             self._reply(request, dest, 503, "Service Unavailable (provider not reachable)")
             return
+        target, authorize, offer = branch
         dialog = Dialog(a_leg.token, Role.B, request, a_leg.caller, decision.number, flow, None,
                         outgoing_trunk=trunk.name)
-        target = Target("", f"sip:{decision.number}@{trunk.server}", provider, provider.transport == "tcp")
+        self._start_fork(dialog, dest, key, [target], ForkSettings(CALL_OUT_TIMEOUT), extra_headers or [], now,
+                         authorize=authorize, relay_body=offer)
+
+    def _provider_branch(self, trunk: TrunkConfig, number: str,
+                         token: str) -> tuple[Target[Flow], Authorize, RelayBody[Flow]] | None:
+        """What a fork needs to ring `number` at the provider of `trunk`: the target
+        (sip:<number>@<server> over the provider's flow), the trunk's credentials for its
+        challenge (the worker never sees it) and the offer cut to G.711. None (logged):
+        the provider is not resolved."""
+        provider = self.trunks.provider_flow(trunk.name) if self.trunks is not None else None
+        if provider is None:
+            log.warning("event=call_out_failed %s", fields(call=token, trunk=trunk.name,
+                                                           reason="provider_not_resolved"))
+            return None
+        target = Target("", f"sip:{number}@{trunk.server}", provider, provider.transport == "tcp")
 
         def authorize(invite: Request, challenge: Response) -> tuple[str, str] | None:
             return credentials(invite, challenge, username=trunk.auth_user, password=trunk.password,
@@ -440,8 +453,7 @@ class CallRouter:
                 return g711_only(body)
             return body
 
-        self._start_fork(dialog, dest, key, [target], ForkSettings(CALL_OUT_TIMEOUT), extra_headers or [], now,
-                         authorize=authorize, relay_body=offer)
+        return target, authorize, offer
 
     def _join(self, request: Request, flow: Flow, dest: Flow, key: str | None, decision: JoinCall, number: str,
               now: float) -> None:
@@ -599,29 +611,14 @@ class CallRouter:
             self._apply(dialog, fork.retarget(self._targets(to), now, self._ring_settings(to), headers))
             return
         trunk = next(t for t in config.trunks if t.name == to.trunk)
-        provider = self.trunks.provider_flow(trunk.name) if self.trunks is not None else None
-        if provider is None:
-            log.warning("event=call_out_failed %s", fields(call=a_leg.token, trunk=trunk.name,
-                                                           reason="provider_not_resolved"))
+        branch = self._provider_branch(trunk, to.number, a_leg.token)
+        if branch is None:
             self._apply(dialog, fork.finish(now, make_response(
                 fork.request, 503, "Service Unavailable (provider not reachable)")))
             return
+        target, authorize, offer = branch
         dialog.callee, dialog.outgoing_trunk = to.number, trunk.name
         _as_trunk_caller(fork.request, to, trunk)
-        target = Target("", f"sip:{to.number}@{trunk.server}", provider, provider.transport == "tcp")
-
-        def authorize(invite: Request, challenge: Response) -> tuple[str, str] | None:
-            return credentials(invite, challenge, username=trunk.auth_user, password=trunk.password,
-                               cnonce=new_tag())
-
-        between = self.relay.body_between
-
-        def offer(message: Request | Response, source: Flow, to_flow: Flow) -> bytes:
-            body = between(message, source, to_flow)
-            if isinstance(message, Request) and is_sdp(message.get("Content-Type")):
-                return g711_only(body)
-            return body
-
         self._apply(dialog, fork.retarget([target], now, ForkSettings(CALL_OUT_TIMEOUT), headers,
                                           authorize=authorize, relay_body=offer))
 
