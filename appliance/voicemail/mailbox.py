@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.fileio import atomic_write
+from appliance.fileio import atomic_write, fsync_dir
 from appliance.logs import fields
 
 log = logging.getLogger("homepbx.voicemail")
@@ -250,7 +250,7 @@ class Mailbox:
                     path.unlink()
                     found = True
             if found:
-                _fsync_dir(d)
+                fsync_dir(d)
         return found
 
     def set_greeting(self, number: str, wav: Path) -> None:
@@ -265,7 +265,7 @@ class Mailbox:
                 (d / GREETING).unlink()
             except FileNotFoundError:
                 return False
-            _fsync_dir(d)
+            fsync_dir(d)
         return True
 
 
@@ -295,12 +295,4 @@ def _move_in(source: Path, target: Path) -> None:
             raise
         with contextlib.suppress(FileNotFoundError):
             source.unlink()
-    _fsync_dir(target.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(target.parent)
