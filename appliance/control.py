@@ -489,18 +489,19 @@ class ControlServer:
         return {"number": number, "new": new, "old": len(listed) - new, "messages": [_message_json(m) for m in listed]}
 
     async def _cmd_mark_heard(self, message: Mapping[str, Any], client: int, uid: int) -> dict[str, Any]:
-        number, message_id = self._number(message), self._message_id(message)
-        if not await self._store().mark_heard(number, message_id):
-            raise CommandError("message_id", f"no message {message_id} for {number}")
-        log.info("event=control_command %s", fields(client=client, peer_uid=uid, cmd="mark_heard", number=number,
-                                                    message_id=message_id, result="ok"))
-        return {"number": number, "message_id": message_id}
+        return await self._change_message("mark_heard", message, client, uid)
 
     async def _cmd_delete_message(self, message: Mapping[str, Any], client: int, uid: int) -> dict[str, Any]:
+        return await self._change_message("delete_message", message, client, uid)
+
+    async def _change_message(self, cmd: str, message: Mapping[str, Any], client: int, uid: int) -> dict[str, Any]:
+        """mark_heard or delete_message: one message of a number, logged; `message_id` if there is none."""
         number, message_id = self._number(message), self._message_id(message)
-        if not await self._store().delete(number, message_id):
+        store = self._store()
+        change = store.mark_heard if cmd == "mark_heard" else store.delete
+        if not await change(number, message_id):
             raise CommandError("message_id", f"no message {message_id} for {number}")
-        log.info("event=control_command %s", fields(client=client, peer_uid=uid, cmd="delete_message", number=number,
+        log.info("event=control_command %s", fields(client=client, peer_uid=uid, cmd=cmd, number=number,
                                                     message_id=message_id, result="ok"))
         return {"number": number, "message_id": message_id}
 
