@@ -192,6 +192,9 @@ class LiveState:
             return
         self._call_changed("call_left", call, device=binding_id)
 
+    def call_to_voicemail(self, call_id: str, number: str) -> None:
+        pass  # the worker answers: nothing a person sees in the live view
+
     def call_ended(self, call_id: str, reason: str) -> None:
         call = self.calls.pop(call_id, None)
         if call is None:

@@ -73,6 +73,10 @@ class CallEvents(Protocol):
 
     def call_ended(self, call_id: str, reason: str) -> None: ...
 
+    def call_to_voicemail(self, call_id: str, number: str) -> None:
+        """The call goes to `number`'s answering machine."""
+        ...
+
 
 class CallEventsFanOut:
     """One `CallEvents` for the router that tells several sinks (the live state, the busy
@@ -108,6 +112,22 @@ class CallEventsFanOut:
     def call_ended(self, call_id: str, reason: str) -> None:
         for sink in self.sinks:
             sink.call_ended(call_id, reason)
+
+    def call_to_voicemail(self, call_id: str, number: str) -> None:
+        for sink in self.sinks:
+            sink.call_to_voicemail(call_id, number)
+
+
+class VoicemailEvents(Protocol):
+    """What the media workers report of the answering machine (edge.media_link passes it on)."""
+
+    def voicemail_recorded(self, token: str, number: str, caller: str, path: str, seconds: float) -> None:
+        """A message for `number` was recorded at `path` (a tmp file of the mailbox store)."""
+        ...
+
+    def mailbox_changed(self, number: str) -> None:
+        """The mailbox menu marked a message heard, deleted one, or changed the greeting."""
+        ...
 
 
 class TrunkLookup(Protocol):

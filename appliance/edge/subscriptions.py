@@ -354,6 +354,9 @@ class Subscriptions:
             call.joined.discard(number)
             self._changed(number)
 
+    def call_to_voicemail(self, call_id: str, number: str) -> None:
+        pass
+
     def call_ended(self, call_id: str, reason: str) -> None:
         call = self._calls.pop(call_id, None)
         if call is not None:
