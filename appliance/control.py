@@ -30,6 +30,7 @@ from typing import Any, Final, Protocol
 from appliance.config import Config, ConfigError, LiveConfig, UserConfig, control_socket_path, update_user
 from appliance.logs import fields
 from appliance.state import Event, LiveState, forwarding_json
+from appliance.voicemail.mailbox import Message, valid_id
 
 log = logging.getLogger("homepbx.control")
 
@@ -154,13 +155,26 @@ class Steering(Protocol):
         ...
 
 
+class MessageStore(Protocol):
+    """The answering machine's messages (edge.voicemail.Voicemail): each change also
+    updates the number's message lamps."""
+
+    async def messages(self, number: str) -> list[Message]: ...
+
+    async def mark_heard(self, number: str, message_id: str) -> bool: ...
+
+    async def delete(self, number: str, message_id: str) -> bool: ...
+
+
 class ControlServer:
     """Serves the control socket: the live state out, commands in; ``config_path`` is the
     file commands edit."""
 
     def __init__(self, state: LiveState, settings: LiveConfig, steering: Steering, config_path: Path, *,
-                 queue_limit: int = QUEUE_LIMIT, edit_lock: asyncio.Lock | None = None) -> None:
+                 queue_limit: int = QUEUE_LIMIT, edit_lock: asyncio.Lock | None = None,
+                 messages: MessageStore | None = None) -> None:
         self.state = state
+        self.messages = messages
         self.settings = settings
         self.steering = steering
         self.config_path = config_path
@@ -359,7 +373,8 @@ class ControlServer:
             request_id = message.get("id")
             cmd = message.get("cmd")
             if not isinstance(cmd, str):
-                raise CommandError("cmd", "missing (a string: set_user, show_password, reload, snapshot, ping)")
+                raise CommandError("cmd", "missing (a string: set_user, show_password, reload, snapshot, ping, "
+                                          "messages, mark_heard, delete_message)")
             handler = getattr(self, f"_cmd_{cmd}", None)
             if handler is None:
                 raise CommandError("cmd", f"unknown command {cmd!r}")
@@ -426,6 +441,48 @@ class ControlServer:
             raise CommandError(field, str(error), key=error.key or None)
         log.info("event=control_command %s", fields(client=client, peer_uid=uid, cmd="reload", result="ok"))
         return {"users": len(self.settings.current.users)}
+
+    # -- the answering machine's messages -----------------------------------------------------
+    def _store(self) -> MessageStore:
+        if self.messages is None:
+            raise CommandError("cmd", "no answering machine in this daemon")
+        return self.messages
+
+    @staticmethod
+    def _message_id(message: Mapping[str, Any]) -> str:
+        message_id = message.get("message_id")
+        if not isinstance(message_id, str) or not valid_id(message_id):
+            raise CommandError("message_id", "missing or malformed (a message's id, as `messages` lists it)")
+        return message_id
+
+    async def _cmd_messages(self, message: Mapping[str, Any], client: int, uid: int) -> dict[str, Any]:
+        number = self._number(message)
+        listed = await self._store().messages(number)
+        new = sum(1 for m in listed if not m.heard)
+        return {"number": number, "new": new, "old": len(listed) - new, "messages": [_message_json(m) for m in listed]}
+
+    async def _cmd_mark_heard(self, message: Mapping[str, Any], client: int, uid: int) -> dict[str, Any]:
+        number, message_id = self._number(message), self._message_id(message)
+        if not await self._store().mark_heard(number, message_id):
+            raise CommandError("message_id", f"no message {message_id} for {number}")
+        log.info("event=control_command %s", fields(client=client, peer_uid=uid, cmd="mark_heard", number=number,
+                                                    message_id=message_id, result="ok"))
+        return {"number": number, "message_id": message_id}
+
+    async def _cmd_delete_message(self, message: Mapping[str, Any], client: int, uid: int) -> dict[str, Any]:
+        number, message_id = self._number(message), self._message_id(message)
+        if not await self._store().delete(number, message_id):
+            raise CommandError("message_id", f"no message {message_id} for {number}")
+        log.info("event=control_command %s", fields(client=client, peer_uid=uid, cmd="delete_message", number=number,
+                                                    message_id=message_id, result="ok"))
+        return {"number": number, "message_id": message_id}
+
+
+def _message_json(message: Message) -> dict[str, Any]:
+    return {
+        "id": message.id, "caller": message.caller, "name": message.caller_name, "received": message.received,
+        "seconds": message.seconds, "heard": message.heard, "file": str(message.wav),
+    }
 
 
 def _user_json(user: UserConfig) -> dict[str, Any]:

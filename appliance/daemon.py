@@ -35,6 +35,7 @@ from appliance.edge.tcp_limits import TcpLimits
 from appliance.edge.timers import Deadline, TimerWheel
 from appliance.edge.transport import Transports
 from appliance.edge.trunks import TrunkRegistrar
+from appliance.edge.voicemail import Voicemail
 from appliance.logs import fields
 from appliance.sip.auth import NonceManager
 from appliance.sip.authenticator import Authenticator
@@ -43,6 +44,7 @@ from appliance.sip.registrar import Flow, Registrar
 from appliance.sip.throttle import FailureThrottle
 from appliance.sip.transaction import ServerTransactions
 from appliance.state import LiveState
+from appliance.voicemail.mailbox import Mailbox
 
 log = logging.getLogger("homepbx")
 
@@ -78,6 +80,13 @@ class Daemon:
         # Lost TCP connections go to the qualifier and the trunks, both made below (`_tcp_lost`).
         self.transports = network = Transports(timers, TcpLimits.of(config.server), has_binding=self._tcp_bound,
                                                on_lost=self._tcp_lost)
+        # The answering machine's store of messages and the lamps that show it: the lamps
+        # (message-summary subscriptions) read the counts the store keeps.
+        voicemail: Voicemail
+        self.subscriptions = Subscriptions(settings, network, auth, registrar, timers,
+                                           mailbox=lambda number: voicemail.counts(number))
+        self.voicemail = voicemail = Voicemail(settings, Mailbox(state_dir / "voicemail"), timers,
+                                               self.subscriptions, publish=state.emit, wall=wall)
         router: CallRouter  # the media link reports to the router, made just below
         self.media = MediaLink(
             config.media,
@@ -88,8 +97,7 @@ class Daemon:
         # The trunks are made before the router: it asks them which requests come from a provider.
         self.trunks = trunks = TrunkRegistrar(settings, network, timers, state, wall=wall)
         self.edit_lock = asyncio.Lock()  # one edit of config.toml at a time (control socket, feature codes)
-        # Busy lamps: SUBSCRIBEs answered, NOTIFYs sent; told of calls with the live state.
-        self.subscriptions = Subscriptions(settings, network, auth, registrar, timers)
+        # Busy lamps (the subscriptions made above) are told of calls with the live state.
         events = CallEventsFanOut(state, self.subscriptions)
         self.calls = router = CallRouter(settings, network, registrar, auth, events, timers, self.media, trunks,
                                          user_settings=self)
@@ -99,8 +107,8 @@ class Daemon:
                          self.device_events.publish, clock=timers.now, wall=wall, trunks=self.trunks,
                          subscriptions=self.subscriptions)
         # The control socket edits the config file: none without one (tests of the edge alone).
-        self.control = ControlServer(state, settings, self, config_path,
-                                     edit_lock=self.edit_lock) if config_path is not None else None
+        self.control = ControlServer(state, settings, self, config_path, edit_lock=self.edit_lock,
+                                     messages=voicemail) if config_path is not None else None
         self._edits: set[asyncio.Task[None]] = set()
         self._housekeeping: Deadline | None = None
         self._next_nonce_sweep = 0.0
@@ -125,6 +133,7 @@ class Daemon:
         self._housekeeping = self.timers.every(HOUSEKEEPING_INTERVAL, self._housekeep)
         self.qualifier.start()
         self.trunks.start()
+        self.voicemail.start()
         if self.media is not None:
             host, _, port = self.addresses[0].rpartition(":")
             await self.media.start(host.strip("[]"), int(port))
@@ -136,6 +145,7 @@ class Daemon:
             await self.control.stop()
         if self.media is not None:
             await self.media.stop()  # workers BYE their calls and exit
+        await self.voicemail.stop()  # a message being stored lands first
         self.qualifier.stop()
         self.trunks.stop()  # unregisters at the providers while the sockets are still open
         if self._housekeeping is not None:

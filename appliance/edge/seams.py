@@ -159,6 +159,20 @@ class MediaAnchor(Protocol):
     def call_over(self, token: str) -> None: ...
 
 
+class VoicemailEvents(Protocol):
+    """What the media link tells of the answering machine (edge.voicemail.Voicemail: the
+    store and the message lamps; the call history listens too)."""
+
+    def voicemail_recorded(self, token: str, number: str, caller: str, path: str, seconds: float) -> None:
+        """Call `token` left `number` a message: the finished recording at `path` (made by
+        `Mailbox.recording_path`), `seconds` long, from `caller`."""
+        ...
+
+    def mailbox_changed(self, number: str) -> None:
+        """A worker's mailbox menu changed `number`'s messages (heard, deleted, greeting)."""
+        ...
+
+
 class UserSettings(Protocol):
     """Change a user's settings from a handset's feature code (call forwarding, DND): saved
     in config.toml atomically and put in force, as the control socket's set_user does."""

@@ -90,11 +90,16 @@ def pidf(entity: str, basic_open: bool, note: str = "", *, on_the_phone: bool = 
 
 
 def message_summary(account: str, waiting: bool = False, new: int = 0, old: int = 0) -> bytes:
-    """RFC 3842 §5.2: `Messages-Waiting: yes|no`, the account, and a voice-message count
-    when there are messages."""
-    lines = [f"Messages-Waiting: {'yes' if waiting else 'no'}", f"Message-Account: {account}"]
-    if waiting or new or old:
-        lines.append(f"Voice-Message: {new}/{old}")
+    """RFC 3842 §5.2: `Messages-Waiting: yes|no`, the account, and the voice-message counts
+    `new/old (urgent new/urgent old)`, always given (0/0 included: some handsets show the
+    count only from this line, and clear it only when they read 0)."""
+    if new < 0 or old < 0:
+        raise ValueError("negative message count")
+    lines = [
+        f"Messages-Waiting: {'yes' if waiting else 'no'}",
+        f"Message-Account: {account}",
+        f"Voice-Message: {new}/{old} (0/0)",
+    ]
     return ("\r\n".join(lines) + "\r\n").encode()
 
 

@@ -111,5 +111,14 @@ def test_pidf_and_message_summary() -> None:
     closed = ET.fromstring(pidf("sip:200@home.arpa", False))
     assert closed.findtext("p:tuple/p:status/p:basic", namespaces=NS) == "closed"
     assert closed.find("dm:person", NS) is None
-    assert message_summary("sip:100@home.arpa") == b"Messages-Waiting: no\r\nMessage-Account: sip:100@home.arpa\r\n"
-    assert b"Voice-Message: 2/1" in message_summary("sip:100@home.arpa", waiting=True, new=2, old=1)
+
+
+def test_message_summary_body_rfc3842() -> None:
+    assert message_summary("sip:100@home.arpa") == (
+        b"Messages-Waiting: no\r\nMessage-Account: sip:100@home.arpa\r\nVoice-Message: 0/0 (0/0)\r\n")
+    assert message_summary("sip:100@home.arpa", waiting=True, new=2, old=1) == (
+        b"Messages-Waiting: yes\r\nMessage-Account: sip:100@home.arpa\r\nVoice-Message: 2/1 (0/0)\r\n")
+    # Heard messages kept: the lamp is dark, the count of old ones still shown.
+    assert message_summary("sip:100@home.arpa", waiting=False, new=0, old=3).endswith(b"Voice-Message: 0/3 (0/0)\r\n")
+    with pytest.raises(ValueError):
+        message_summary("sip:100@home.arpa", new=-1)
