@@ -105,6 +105,8 @@ mkdir -p "$WHEELS" "$WORK/src"
 tar -C "$REPO" --exclude=./.git --exclude=./.venv --exclude=./build --exclude=./state --exclude='*.so' \
     --exclude=__pycache__ --exclude=.mypy_cache --exclude=.pytest_cache --exclude=.ruff_cache \
     --exclude=.hypothesis -cf - . | tar -C "$WORK/src" -xf -
+# The answering machine's spoken prompts, rendered here (espeak-ng) so the wheel carries them.
+PYTHONPATH="$WORK/src" "$VENV/bin/python" -m appliance.media.render_prompts "$WORK/src/appliance/media/prompts" >/dev/null
 "$VENV/bin/pip" wheel --quiet --no-deps --no-build-isolation --wheel-dir "$WHEELS" "$WORK/src"
 "$VENV/bin/pip" freeze --exclude-editable --local | grep -v '^homepbx' >"$WORK/constraints.txt"
 "$VENV/bin/pip" download --quiet --only-binary=:all: --python-version 3.11 --platform manylinux2014_x86_64 \

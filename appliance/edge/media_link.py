@@ -54,13 +54,14 @@ class MediaLink:
         host = "127.0.0.1" if edge_host in ("0.0.0.0", "::", "localhost") else edge_host
         self._address = f"{host}:{edge_port}"
         media = self.media
+        store = self.voicemail_dir
         self._pool = WorkerPool(
             media.min_idle, media.max_calls, (media.rtp_port_low, media.rtp_port_high),
             self._address, rtp_address=P.rtp_address(edge_host), on_event=self._on_event, worker_died=self._died,
             # One call at a time uses at most ~8 of pjlib's 64 socket slots, which come back
             # 500 ms after a call; a short rest is enough to never run out.
             cooldown=0.1,
-            worker_args=["--voicemail-dir", str(self.voicemail_dir)] if self.voicemail_dir is not None else [],
+            worker_args=["--voicemail-dir", str(store.resolve())] if store is not None else [],
         )
         await self._pool.start()
 

@@ -118,18 +118,6 @@ class CallEventsFanOut:
             sink.call_to_voicemail(call_id, number)
 
 
-class VoicemailEvents(Protocol):
-    """What the media workers report of the answering machine (edge.media_link passes it on)."""
-
-    def voicemail_recorded(self, token: str, number: str, caller: str, path: str, seconds: float) -> None:
-        """A message for `number` was recorded at `path` (a tmp file of the mailbox store)."""
-        ...
-
-    def mailbox_changed(self, number: str) -> None:
-        """The mailbox menu marked a message heard, deleted one, or changed the greeting."""
-        ...
-
-
 class TrunkLookup(Protocol):
     """Which trunk's provider a request comes from, by its source address alone (edge.trunks)."""
 

@@ -5,7 +5,7 @@ Both run on the worker's main thread, in jobs and timers (`PjHost.later`/`after`
 a pjsua2 callback.  What is heard is a `Speaker`'s playlist (prompts, message files, tones)
 on the caller's bridge port; what is recorded is an `AudioMediaRecorder` fed from that port
 (WAV, 16-bit mono, the bridge's rate).  A prompt is a WAV file rendered at build time
-(:mod:`.render_prompts`); a missing one is a short tone, so a box built without
+(:mod:`.render_prompts`, which holds their texts); a missing one is a short tone, so a box built without
 ``espeak-ng`` still works, by ear.  Timing comes from the files' own lengths (the stdlib
 ``wave`` module), not from pjsua2's end-of-file callbacks, which run on its threads.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import re
 import sys
 import wave
 from collections.abc import Callable, Sequence
@@ -24,29 +25,9 @@ from typing import Any, Protocol
 import pjsua2 as pj
 
 from appliance.media import protocol as P
+from appliance.media.render_prompts import PROMPTS_DIR
+from appliance.voicemail.mailbox import Mailbox
 
-PROMPTS_DIR = Path(__file__).resolve().parent / P.PROMPTS_DIR_NAME
-PROMPTS: dict[str, str] = {
-    "greeting": "The person you are calling is not available. Please leave a message after the tone.",
-    "you_have": "You have",
-    "new_messages": "new messages,",
-    "old_messages": "and old messages.",
-    "menu": "Press 1 to listen, 2 for the next message, 3 to delete it, 4 to record your greeting, "
-            "0 to hear this again.",
-    "after_message": "Press 1 to hear it again, 2 for the next message, 3 to delete it.",
-    "message": "Message.",
-    "no_messages": "There are no messages.",
-    "no_more_messages": "There are no more messages.",
-    "deleted": "Message deleted.",
-    "record_greeting": "Record your greeting after the tone. Press hash when you are done.",
-    "greeting_saved": "Your greeting is saved.",
-    "greeting_not_saved": "Nothing was recorded. Your greeting is unchanged.",
-    "many": "many",
-    **{f"n{i}": word for i, word in enumerate((
-        "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
-        "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"))},
-}
-"""Prompt name -> what it says (English); ``make prompts`` renders each to <name>.wav."""
 BRIDGE_RATE = 16000
 TONE_MS = 300
 
@@ -99,6 +80,12 @@ def wav_rms(path: Path) -> float:
 def is_message(path: Path) -> bool:
     """Long and loud enough to keep (not a hang-up at the tone, not silence)."""
     return wav_seconds(path) >= P.VOICEMAIL_MIN_S and wav_rms(path) >= P.SILENCE_RMS
+
+
+def caller_number(identity: str) -> str:
+    """`"Grandpa" <sip:100@home.arpa>` -> "100" (the user part; "" when there is none)."""
+    match = re.search(r"sips?:([^@>;:]+)@", identity)
+    return match.group(1) if match else ""
 
 
 def count_words(n: int) -> str:
@@ -191,9 +178,7 @@ class Recorder:
         return self.path
 
 
-def _mailbox(root: Path) -> Any:
-    from appliance.voicemail.mailbox import Mailbox  # the store: pure stdlib
-
+def _mailbox(root: Path) -> Mailbox:
     return Mailbox(root)
 
 
@@ -249,7 +234,8 @@ class AnsweringMachine:
         if not is_message(path):
             path.unlink(missing_ok=True)
             return
-        self.host.emit(P.EV_VOICEMAIL_RECORDED, token=self.token, number=self.number, caller=self.caller,
+        self.host.emit(P.EV_VOICEMAIL_RECORDED, token=self.token, number=self.number,
+                       caller=caller_number(self.caller) or "anonymous",
                        path=str(path), seconds=round(wav_seconds(path), 2))
 
 
@@ -316,12 +302,9 @@ class MailboxMenu:
         message = self.messages[self.index]
         if not message.heard:
             self.mailbox.mark_heard(self.number, message.id)
-            self.messages[self.index] = self.mailbox_message(message.id) or message
+            self.messages[self.index] = self.mailbox.message(self.number, message.id) or message
             self.host.emit(P.EV_MAILBOX_CHANGED, number=self.number)
-        self.say(["message", self.root / self.number / f"{message.id}.wav", "after_message"])
-
-    def mailbox_message(self, message_id: str) -> Any:
-        return next((m for m in self.mailbox.messages(self.number) if m.id == message_id), None)
+        self.say(["message", message.wav, "after_message"])
 
     def _delete(self) -> None:
         if not 0 <= self.index < len(self.messages):
