@@ -92,6 +92,16 @@ def count_words(n: int) -> str:
     return f"n{n}" if 0 <= n <= 20 else "many"
 
 
+def when_written(host: Host, path: Path, then: Callable[[], None], tries: int = 30) -> None:
+    """Run `then` once a closed recording's WAV header is written.  pjmedia writes it when
+    the recorder's port is destroyed, which the conference bridge does on its next tick,
+    not at once (checked every 100 ms, for 3 s at most)."""
+    if tries <= 0 or wav_seconds(path) > 0 or not path.exists() or path.stat().st_size <= 44:
+        then()
+        return
+    host.after(0.1, lambda: when_written(host, path, then, tries - 1))
+
+
 class Speaker:
     """Plays sounds one after another to a port; a new `play` (or `stop`) cuts the old one."""
 
@@ -231,6 +241,9 @@ class AnsweringMachine:
             return
         path = self.recorder.close()
         self.recorder = None
+        when_written(self.host, path, lambda: self._judge(path))
+
+    def _judge(self, path: Path) -> None:
         if not is_message(path):
             path.unlink(missing_ok=True)
             return
@@ -334,6 +347,9 @@ class MailboxMenu:
         if recorder is None:
             return
         path = recorder.close()
+        when_written(self.host, path, lambda: self._keep_greeting(path))
+
+    def _keep_greeting(self, path: Path) -> None:
         if not is_message(path):
             path.unlink(missing_ok=True)
             self.say(["greeting_not_saved", "menu"])

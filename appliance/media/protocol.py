@@ -103,8 +103,9 @@ SIP (edge -> worker)
   ``BEEP_HZ`` beep, and records A (WAV, 16-bit mono, the bridge's rate) to
   ``Mailbox.recording_path`` until A hangs up or the maximum is reached (then BYE).  A
   recording shorter than ``VOICEMAIL_MIN_S`` or quieter than ``SILENCE_RMS`` is deleted;
-  otherwise ``voicemail_recorded`` goes out, before ``call_ended`` (reason
-  ``caller_hangup``, or ``callee_hangup`` when the maximum was reached).  The mailbox
+  otherwise ``voicemail_recorded`` goes out, shortly after ``call_ended`` (reason
+  ``caller_hangup``, or ``callee_hangup`` when the maximum was reached): pjmedia finishes
+  a WAV file on the bridge's next tick after the recorder is closed.  The mailbox
   store's root is the worker's ``--voicemail-dir``; without one the 480 goes to A as any
   failure.
 - Mailbox: an INVITE with ``X-Homepbx-Token`` and ``X-Homepbx-Mailbox: <number>`` (the
