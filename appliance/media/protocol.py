@@ -98,8 +98,8 @@ SIP (edge -> worker)
   ``X-Homepbx-Voicemail: <number>`` (and ``X-Homepbx-Voicemail-Max: <seconds>``, the
   longest message, default ``VOICEMAIL_MAX_S``) when the call goes to that number's
   answering machine (no answer in time, busy, DND, no reachable device).  Instead of
-  passing the failure to A, the worker answers A (``P-Asserted-Identity`` the number's),
-  plays the number's greeting (``Mailbox.greeting``, else the default prompt), a
+  passing the failure to A, the worker answers A (``call_answered`` with ``answered_by``
+  ``voicemail:<number>``), plays the number's greeting (``Mailbox.greeting``, else the default prompt), a
   ``BEEP_HZ`` beep, and records A (WAV, 16-bit mono, the bridge's rate) to
   ``Mailbox.recording_path`` until A hangs up or the maximum is reached (then BYE).  A
   recording shorter than ``VOICEMAIL_MIN_S`` or quieter than ``SILENCE_RMS`` is deleted;

@@ -293,3 +293,36 @@ def test_a_daemon_killed_during_a_recording_loses_no_earlier_message(
         again.assert_clean_log()
     finally:
         again.stop()
+
+
+def test_a_greeting_recorded_from_the_handset_is_what_the_next_caller_hears(
+        pbx_factory: DaemonFactory, handset_factory: HandsetFactory, tmp_path: Path) -> None:
+    pbx, phones = start(pbx_factory, handset_factory, register=("100", "200"), greeting=False)
+    owner = phones["200"]
+    call = owner.call(f"sip:*97@127.0.0.1:{pbx.port}")
+    owner.wait_state(call, "CONFIRMED", timeout=5)
+    owner.wait_for("media", call=call, status="active")
+    owner.dtmf(call, "4")  # "record your greeting after the tone", the tone
+    time.sleep(6.0)
+    owner.play_tone(call, 660)
+    time.sleep(2.5)
+    owner.dtmf(call, "#")
+    deadline = time.monotonic() + 5
+    while mailbox(pbx).greeting("200") is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    greeting = mailbox(pbx).greeting("200")
+    assert greeting is not None
+    assert sustained(greeting, 660, seconds=1.0, floor_db=-20)
+    owner.hangup(call)
+    owner.wait_state(call, "DISCONNECTED")
+    caller = phones["100"]
+    phones["200"].auto_answer("reject", code=486)  # busy: the answering machine at once
+    call = caller.call(f"sip:200@127.0.0.1:{pbx.port}")
+    caller.wait_state(call, "CONFIRMED", timeout=5)
+    caller.wait_for("media", call=call, status="active")
+    caller.record(call, tmp_path / "greeting-heard.wav")
+    time.sleep(2.5)
+    heard = caller.stop_media(call)["path"]
+    caller.hangup(call)
+    assert sustained(heard, 660, seconds=1.0)
+    pbx.assert_clean_log()
