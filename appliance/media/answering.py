@@ -219,13 +219,13 @@ class AnsweringMachine:
         self.speaker.play(port, sounds, lambda: self._record(port))
 
     def _record(self, port: Any) -> None:
-        if self.closed or self.leg.disconnected:
+        if self.closed or self.leg is None or self.leg.disconnected:
             return
         self.recorder = Recorder(port, Path(self.mailbox.recording_path(self.number)))
         self.host.after(self.max_seconds, self._enough)
 
     def _enough(self) -> None:
-        if not self.closed and self.recorder is not None:
+        if not self.closed and self.recorder is not None and self.leg is not None:
             self.host.hang_up(self.leg)
 
     def on_digit(self, digit: str) -> None:
@@ -236,6 +236,7 @@ class AnsweringMachine:
         if self.closed:
             return
         self.closed = True
+        self.leg = None  # timers may hold this object a while: never a reaped Call with it
         self.speaker.stop()
         if self.recorder is None:
             return
@@ -362,6 +363,8 @@ class MailboxMenu:
         if self.closed:
             return
         self.closed = True
+        self.leg = None  # timers may hold this object a while: never a reaped Call with it
+        self.port = None
         self.speaker.stop()
         if self.greeting is not None:
             self._greeting_done()  # hung up while recording: what was said is the greeting
