@@ -65,7 +65,7 @@ check_requirements() {
         echo "build.sh: warning: written for a Debian 12 (bookworm) build machine" >&2
     fi
     need_tools mmdebstrap=mmdebstrap mkfs.ext4=e2fsprogs mkfs.vfat=dosfstools mcopy=mtools \
-        sfdisk=fdisk python3=python3 du=coreutils truncate=coreutils || ok=0
+        sfdisk=fdisk python3=python3 du=coreutils truncate=coreutils espeak-ng=espeak-ng || ok=0
     if ! [ -x "$VENV/bin/pip" ] || ! [ -x "$VENV/bin/homepbx" ]; then
         echo "build.sh: the project's venv ($VENV) is missing: run \`make venv\` first (or \`make image\`)" >&2
         ok=0
