@@ -22,6 +22,8 @@ from appliance.simulator import tones
 from appliance.simulator.handset import Handset
 from appliance.voicemail.mailbox import Mailbox, Message
 from tests.e2e.conftest import DaemonFactory
+from tests.e2e.test_blf import Watcher
+from tests.e2e.test_mwi import summary
 from tests.support.baresip import Baresip
 from tests.support.pbx import Daemon, user_block
 
@@ -164,32 +166,37 @@ def test_a_hang_up_right_away_or_silence_leaves_no_message(
     clean(pbx)
 
 
-def test_the_mailbox_code_plays_the_message_back_and_deletes_it(
+def test_the_mailbox_code_plays_the_message_back_and_deletes_it_and_the_lamp_follows(
         pbx_factory: DaemonFactory, handset_factory: HandsetFactory, tmp_path: Path) -> None:
     pbx, phones = start(pbx_factory, handset_factory, register=("100", "200"))
-    leave_message(pbx, phones["100"], ringing=phones["200"])
-    [message] = stored(pbx)
-    listener = phones["200"]
-    call = listener.call(f"sip:*97@127.0.0.1:{pbx.port}")
-    listener.wait_state(call, "CONFIRMED", timeout=5)
-    listener.wait_for("media", call=call, status="active")
-    time.sleep(0.5)
-    heard = tmp_path / "heard.wav"
-    listener.record(call, heard)
-    listener.dtmf(call, "1")
-    time.sleep(4.5)
-    heard_path = listener.stop_media(call)["path"]
-    assert sustained(heard_path, TONE, seconds=1.5)
-    found = mailbox(pbx).message("200", message.id)
-    assert found is not None and found.heard
-    listener.dtmf(call, "3")
-    deadline = time.monotonic() + 5
-    while mailbox(pbx).messages("200") and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert mailbox(pbx).messages("200") == []
-    assert not message.wav.exists()
-    listener.hangup(call)
-    listener.wait_state(call, "DISCONNECTED")
+    lamp = Watcher(pbx.port, "200")  # a device of 200 watching its message lamp
+    try:
+        assert lamp.subscribe("200", "message-summary").status == 200
+        lamp.wait_notify(summary(0, 0))
+        leave_message(pbx, phones["100"], ringing=phones["200"])
+        [message] = stored(pbx)
+        lamp.wait_notify(summary(1, 0))
+        listener = phones["200"]
+        call = listener.call(f"sip:*97@127.0.0.1:{pbx.port}")
+        listener.wait_state(call, "CONFIRMED", timeout=5)
+        listener.wait_for("media", call=call, status="active")
+        time.sleep(0.5)
+        listener.record(call, tmp_path / "heard.wav")
+        listener.dtmf(call, "1")
+        time.sleep(4.5)
+        heard = listener.stop_media(call)["path"]
+        assert sustained(heard, TONE, seconds=1.5)
+        found = mailbox(pbx).message("200", message.id)
+        assert found is not None and found.heard
+        lamp.wait_notify(summary(0, 1))  # heard: the lamp goes dark
+        listener.dtmf(call, "3")
+        lamp.wait_notify(summary(0, 0))
+        assert mailbox(pbx).messages("200") == []
+        assert not message.wav.exists()
+        listener.hangup(call)
+        listener.wait_state(call, "DISCONNECTED")
+    finally:
+        lamp.close()
     clean(pbx)
 
 
