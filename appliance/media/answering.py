@@ -178,6 +178,14 @@ class Recorder:
         self.rec.createRecorder(str(path))
         port.startTransmit(self.rec)
 
+    def follow(self, port: Any) -> None:
+        """Record `port` from now on (the caller's stream was re-made)."""
+        if self.rec is None:
+            return
+        with contextlib.suppress(pj.Error):
+            port.startTransmit(self.rec)  # connecting a connected pair again is harmless
+        self.port = port
+
     def close(self) -> Path:
         """Stop; the WAV header is written when the recorder is destroyed."""
         rec, self.rec = self.rec, None
@@ -210,8 +218,13 @@ class AnsweringMachine:
         self.closed = False
 
     def media_ready(self, port: Any) -> None:
-        """The caller's audio is up: the greeting, the beep, then record."""
-        if self.started or self.closed:
+        """The caller's audio is up: the greeting, the beep, then record.  Again after a
+        re-INVITE re-made the stream: the recording goes on from the new port."""
+        if self.closed:
+            return
+        if self.started:
+            if self.recorder is not None:
+                self.recorder.follow(port)
             return
         self.started = True
         greeting = self.mailbox.greeting(self.number)
