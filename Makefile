@@ -10,8 +10,9 @@ CONFIG ?= config.toml
 # we did not write, iproute2 (the box's addresses, network namespaces for the LAN audio test), tmux for the
 # terminal test of the TUI, procps for process checks; systemd, shellcheck,
 # dosfstools, mtools, fdisk and e2fsprogs for the checks of the systemd units and of the disk image recipe;
-# mmdebstrap, qemu, OVMF, sshpass and ssh to build the disk image and boot it in the test).
-DEB_PACKAGES := python3 python3-venv python3-dev gcc sip-tester baresip-core linphone-cli sipsak kamailio iproute2 tmux procps systemd shellcheck dosfstools mtools fdisk e2fsprogs \
+# mmdebstrap, qemu, OVMF, sshpass and ssh to build the disk image and boot it in the test;
+# espeak-ng renders the answering machine's spoken prompts, `make prompts`).
+DEB_PACKAGES := python3 python3-venv python3-dev gcc sip-tester baresip-core linphone-cli sipsak kamailio iproute2 tmux procps systemd shellcheck dosfstools mtools fdisk e2fsprogs espeak-ng \
 	mmdebstrap qemu-system-x86 qemu-utils ovmf sshpass openssh-client
 
 # HOMEPBX_NATIVE=0 (environment or command line): plain Python, nothing compiled.
@@ -21,20 +22,29 @@ NATIVE := $(VENV)/.native-$(HOMEPBX_NATIVE)
 # the compiled code.
 NATIVE_SOURCES := setup.py $(shell find appliance -name '*.py')
 
-.PHONY: run demo test lint unit e2e bench deps venv native clean-native clean
+.PHONY: run demo test lint unit e2e bench deps venv native clean-native clean prompts
+
+# The answering machine's spoken prompts, WAV files rendered by espeak-ng from the texts in
+# appliance/media/render_prompts.py (gitignored; a missing prompt is played as a tone).
+PROMPTS_STAMP := appliance/media/prompts/.rendered
+prompts: $(PROMPTS_STAMP)
+
+$(PROMPTS_STAMP): appliance/media/render_prompts.py | deps
+	$(PYTHON) -m appliance.media.render_prompts appliance/media/prompts
+	touch $@
 
 # The daemon on the shipped config with the TUI attached (daemon log: state/daemon.log);
 # quitting the TUI stops the daemon. Without a terminal it runs the daemon alone, in the foreground.
-run: venv
+run: venv prompts
 	$(BIN)/homepbx run --tui --config $(CONFIG)
 
 # A daemon on a temporary config, four simulated handsets and calls, with the TUI.
-demo: venv
+demo: venv prompts
 	$(BIN)/homepbx demo
 
 # The whole suite, the disk image build and its boot in QEMU included (about 8 minutes;
 # HOMEPBX_IMAGE_TEST=0 leaves the image out).
-test: venv lint
+test: venv lint prompts
 	HOMEPBX_IMAGE_TEST=$${HOMEPBX_IMAGE_TEST:-1} $(BIN)/python -m pytest -q
 
 lint: venv
@@ -45,7 +55,7 @@ lint: venv
 unit: venv
 	$(BIN)/python -m pytest -q tests/unit
 
-e2e: venv
+e2e: venv prompts
 	$(BIN)/python -m pytest -q tests/e2e
 
 bench: venv
@@ -65,7 +75,7 @@ bench: venv
 
 # The appliance's disk image, build/image/homepbx-<version>-amd64.img (as root; image/README.md).
 .PHONY: image
-image: venv
+image: venv prompts
 	$$([ "$$(id -u)" = 0 ] || echo sudo) image/build.sh
 
 # Installs missing Debian packages (as root, or through sudo) on a fresh machine.

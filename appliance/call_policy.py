@@ -105,6 +105,24 @@ class Forward:
 
 
 @dataclass(frozen=True, slots=True)
+class ToVoicemail:
+    """The call goes to `number`'s answering machine (`condition`: why), which takes a
+    message of at most `max_seconds`."""
+
+    number: str
+    condition: str
+    max_seconds: int
+
+
+@dataclass(frozen=True, slots=True)
+class OpenMailbox:
+    """The mailbox code from a device of `number`: a media worker plays its messages."""
+
+    number: str
+    device: str
+
+
+@dataclass(frozen=True, slots=True)
 class ChangeSettings:
     """A feature code from a handset: change `number`'s settings (saved in config.toml)."""
 
@@ -297,7 +315,7 @@ def _route(incoming: Mapping[str, str], number: str) -> str | None:
 def decide_worker_leg(anchoring: CallInProgress | None, worker_port: int, dialled: str, config: Config,
                       reachable: ReachableDevices, *, device_ids: DeviceIds | None = None,
                       outgoing_in_use: Mapping[str, int] | None = None,
-                      calls: Sequence[CallInProgress] = ()) -> Refuse | RingNumber | ToProvider | Forward:
+                      calls: Sequence[CallInProgress] = ()) -> Refuse | RingNumber | ToProvider | Forward | ToVoicemail:
     """A media worker's outgoing leg of an anchored call: trusted only for the call it anchors."""
     if anchoring is None or anchoring.worker_port != worker_port:
         return Refuse(403, "Forbidden", "worker_not_anchoring")
@@ -374,9 +392,10 @@ def forward_target(user: UserConfig, condition: str) -> str:
 def forward_before_ringing(user: UserConfig, caller_device: str | None, hops: tuple[tuple[str, str], ...],
                            config: Config, reachable: ReachableDevices, device_ids: DeviceIds | None,
                            outgoing_in_use: Mapping[str, int],
-                           calls: Sequence[CallInProgress]) -> Forward | Refuse | None:
+                           calls: Sequence[CallInProgress]) -> Forward | Refuse | ToVoicemail | None:
     """A call for `user` before anything rings: forwarded (always, DND, unreachable),
-    refused (DND without forwarding: 486; a loop: 482), or None (ring it as usual)."""
+    to the answering machine (DND, unreachable, without forwarding), refused (DND without
+    either: 486; a loop: 482), or None (ring it as usual)."""
     devices = [d for d in reachable(user.number) if d != caller_device]
     condition = ringing_condition(user, devices, device_ids)
     if condition is None:
@@ -387,17 +406,22 @@ def forward_before_ringing(user: UserConfig, caller_device: str | None, hops: tu
 
 def decide_forward(user: UserConfig, condition: str, hops: tuple[tuple[str, str], ...], config: Config,
                    reachable: ReachableDevices, device_ids: DeviceIds | None, outgoing_in_use: Mapping[str, int],
-                   calls: Sequence[CallInProgress], caller_device: str | None = None) -> Forward | Refuse | None:
+                   calls: Sequence[CallInProgress], caller_device: str | None = None,
+                   ) -> Forward | Refuse | ToVoicemail | None:
     """A call for `user` meets `condition` (always / busy / no_answer / unreachable / dnd),
     after the diversions `hops` already taken: where it goes, or why not.
 
-    None: `user` has no forwarding for it (the call fails as it would have). A target that
+    Without forwarding for it, the answering machine of `user` when it takes the call
+    (`decide_voicemail`), else None (the call fails as it would have). A target that
     is itself forwarded before ringing is followed (its own condition, the chain grown); a
     number met twice, or more than MAX_FORWARDS diversions, is a loop (482). A call
     forwarded out through a trunk counts on the forwarding number's `max_outgoing_calls`.
     """
     target = forward_target(user, condition)
     if not target:
+        voicemail = decide_voicemail(user, condition)
+        if voicemail is not None:
+            return voicemail
         if condition == "dnd":
             return Refuse(486, "Busy Here (do not disturb)", "dnd")
         return None
@@ -412,7 +436,8 @@ def decide_forward(user: UserConfig, condition: str, hops: tuple[tuple[str, str]
             return onward
         devices = ring_targets(callee, [d for d in reachable(target) if d != caller_device], device_ids)
         if not devices:
-            return Refuse(480, "Temporarily Unavailable", "no_reachable_device")
+            return decide_voicemail(callee, "unreachable") or Refuse(480, "Temporarily Unavailable",
+                                                                     "no_reachable_device")
         ring = RingNumber(target, devices, float(callee.ring_seconds), callee.decline == "all_devices", False)
         return Forward(ring, hops)
     route = _trunk_route(target, config)
@@ -428,6 +453,33 @@ def decide_forward(user: UserConfig, condition: str, hops: tuple[tuple[str, str]
         return Refuse(503, f"Service Unavailable (all {trunk.max_channels} lines to the provider busy)",
                       "trunk_channels_full")
     return Forward(RouteToTrunk(trunk.name, number, user.caller_id or trunk.username, emergency=False), hops)
+
+
+VOICEMAIL_CONDITIONS = ("busy", "no_answer", "unreachable", "dnd")
+
+
+def decide_voicemail(user: UserConfig, condition: str) -> ToVoicemail | None:
+    """Does `user`'s answering machine take a call that meets `condition`? Never for
+    "always" (that is forwarding); busy and DND only with `voicemail_on_busy` and
+    `voicemail_on_dnd`. Forwarding, where set for the condition, is asked first and wins."""
+    if not user.voicemail or condition not in VOICEMAIL_CONDITIONS:
+        return None
+    if (condition == "busy" and not user.voicemail_on_busy) or (condition == "dnd" and not user.voicemail_on_dnd):
+        return None
+    return ToVoicemail(user.number, condition, user.voicemail_max_seconds)
+
+
+def decide_mailbox(caller: UserConfig, device: str | None, dialled: str, config: Config,
+                   anchored: bool) -> OpenMailbox | Refuse | None:
+    """The mailbox code (service "voicemail"): a registered device of `caller` opens its own
+    number's mailbox (403 for anything else, 503 without media workers); None: not that code."""
+    if config.feature_codes.get(dialled) != "voicemail":
+        return None
+    if device is None:
+        return Refuse(403, f"Not a registered device of {caller.number}", "mailbox_unregistered_device")
+    if not anchored:
+        return Refuse(503, "Service Unavailable (the mailbox needs media workers)", "mailbox_no_media")
+    return OpenMailbox(caller.number, device)
 
 
 def forward_condition_of(status: int) -> str | None:

@@ -56,7 +56,7 @@ __all__ = [
 
 FEATURE_SERVICES: tuple[str, ...] = (
     "join", "forward_always", "forward_always_off", "forward_busy", "forward_busy_off", "forward_no_answer",
-    "forward_no_answer_off", "dnd_on", "dnd_off", "dnd_toggle", "pickup", "pickup_directed",
+    "forward_no_answer_off", "dnd_on", "dnd_off", "dnd_toggle", "pickup", "pickup_directed", "voicemail",
 )
 """Services a feature code may name."""
 PREFIX_SERVICES: frozenset[str] = frozenset({"forward_always", "forward_busy", "forward_no_answer",
@@ -65,12 +65,16 @@ PREFIX_SERVICES: frozenset[str] = frozenset({"forward_always", "forward_busy", "
 FORWARD_FIELDS: tuple[str, ...] = ("forward_always", "forward_busy", "forward_no_answer", "forward_unreachable")
 """A user's forwarding targets, one per condition ("" = off)."""
 
+VOICEMAIL_FIELDS: tuple[str, ...] = ("voicemail", "voicemail_after", "voicemail_on_busy", "voicemail_on_dnd",
+                                      "voicemail_max_seconds")
+"""A user's answering machine settings."""
+
 DECLINE_MODES: tuple[str, ...] = ("this_device", "all_devices")
 """Values of a user's ``decline`` setting."""
 
 USER_EDITABLE_FIELDS = frozenset(
     {"name", "one_number", "max_devices", "max_outgoing_calls", "decline", "ring_timeout", "password",
-     *FORWARD_FIELDS, "no_answer_after", "dnd", "dnd_devices"}
+     *FORWARD_FIELDS, "no_answer_after", "dnd", "dnd_devices", *VOICEMAIL_FIELDS}
 )
 """Fields :func:`update_user` may change (``number`` is the user's identity)."""
 
@@ -81,6 +85,7 @@ _DEFAULT_FEATURE_CODES = {
     "*52": "forward_no_answer", "*53": "forward_no_answer_off",
     "*78": "dnd_on", "*79": "dnd_off", "*76": "dnd_toggle",
     "*8": "pickup", "**": "pickup_directed",
+    "*97": "voicemail",
 }
 DEFAULT_EMERGENCY_NUMBERS: tuple[str, ...] = ("112", "110", "911")
 """Numbers that are never refused and never an extension (EU, Germany, North America)."""
@@ -222,11 +227,25 @@ class UserConfig:
     """Do not disturb: no device rings; the call forwards on busy, else gets 486."""
     dnd_devices: tuple[str, ...] = ()
     """Devices in do-not-disturb, by their stable id (`+sip.instance`, else Contact user@host)."""
+    voicemail: bool = False
+    """The answering machine takes calls nobody answers (after `voicemail_after` seconds of
+    ringing), and calls to a number with no reachable device; forwarding wins over it."""
+    voicemail_after: int = 20
+    """Seconds of ringing before the answering machine answers."""
+    voicemail_on_busy: bool = True
+    """Every device busy: the answering machine answers at once."""
+    voicemail_on_dnd: bool = True
+    """Do not disturb: the answering machine answers instead of a busy signal."""
+    voicemail_max_seconds: int = 120
+    """The longest message a caller may leave."""
 
     @property
     def ring_seconds(self) -> int:
-        """How long a call rings here: `no_answer_after` while forwarding on no answer is set."""
-        return self.no_answer_after if self.forward_no_answer else self.ring_timeout
+        """How long a call rings here: `no_answer_after` while forwarding on no answer is set,
+        else `voicemail_after` while the answering machine is on."""
+        if self.forward_no_answer:
+            return self.no_answer_after
+        return self.voicemail_after if self.voicemail else self.ring_timeout
 
     @property
     def device_limit(self) -> int:
@@ -710,6 +729,11 @@ class _Validator:
             no_answer_after=t.get_int("no_answer_after", d.no_answer_after, 5, 600),
             dnd=t.get_bool("dnd", d.dnd),
             dnd_devices=self.dnd_devices(t),
+            voicemail=t.get_bool("voicemail", d.voicemail),
+            voicemail_after=t.get_int("voicemail_after", d.voicemail_after, 5, 600),
+            voicemail_on_busy=t.get_bool("voicemail_on_busy", d.voicemail_on_busy),
+            voicemail_on_dnd=t.get_bool("voicemail_on_dnd", d.voicemail_on_dnd),
+            voicemail_max_seconds=t.get_int("voicemail_max_seconds", d.voicemail_max_seconds, 5, 3600),
         )
 
     @staticmethod

@@ -96,6 +96,7 @@ class Daemon:
             config.media,
             on_call_ended=lambda token, reason: router.worker_call_ended(token, reason),
             on_worker_died=lambda token: router.worker_died(token),
+            voicemail=voicemail, voicemail_dir=state_dir / "voicemail",
         ) if config.media.max_calls else None
         # The trunks are made before the router: it asks them which requests come from a provider.
         self.trunks = trunks = TrunkRegistrar(settings, network, timers, state, wall=wall)

@@ -65,7 +65,7 @@ check_requirements() {
         echo "build.sh: warning: written for a Debian 12 (bookworm) build machine" >&2
     fi
     need_tools mmdebstrap=mmdebstrap mkfs.ext4=e2fsprogs mkfs.vfat=dosfstools mcopy=mtools \
-        sfdisk=fdisk python3=python3 du=coreutils truncate=coreutils || ok=0
+        sfdisk=fdisk python3=python3 du=coreutils truncate=coreutils espeak-ng=espeak-ng || ok=0
     if ! [ -x "$VENV/bin/pip" ] || ! [ -x "$VENV/bin/homepbx" ]; then
         echo "build.sh: the project's venv ($VENV) is missing: run \`make venv\` first (or \`make image\`)" >&2
         ok=0
@@ -105,6 +105,8 @@ mkdir -p "$WHEELS" "$WORK/src"
 tar -C "$REPO" --exclude=./.git --exclude=./.venv --exclude=./build --exclude=./state --exclude='*.so' \
     --exclude=__pycache__ --exclude=.mypy_cache --exclude=.pytest_cache --exclude=.ruff_cache \
     --exclude=.hypothesis -cf - . | tar -C "$WORK/src" -xf -
+# The answering machine's spoken prompts, rendered here (espeak-ng) so the wheel carries them.
+PYTHONPATH="$WORK/src" "$VENV/bin/python" -m appliance.media.render_prompts "$WORK/src/appliance/media/prompts" >/dev/null
 "$VENV/bin/pip" wheel --quiet --no-deps --no-build-isolation --wheel-dir "$WHEELS" "$WORK/src"
 "$VENV/bin/pip" freeze --exclude-editable --local | grep -v '^homepbx' >"$WORK/constraints.txt"
 "$VENV/bin/pip" download --quiet --only-binary=:all: --python-version 3.11 --platform manylinux2014_x86_64 \

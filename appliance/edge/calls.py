@@ -24,13 +24,16 @@ from appliance.call_policy import (
     ChangeSettings,
     Forward,
     JoinCall,
+    OpenMailbox,
     PickupCall,
     Refuse,
     RingNumber,
     RouteToTrunk,
     ToProvider,
+    ToVoicemail,
     decide_forward,
     decide_incoming,
+    decide_mailbox,
     decide_new_call,
     decide_pickup,
     decide_transfer,
@@ -48,11 +51,14 @@ from appliance.logs import fields
 from appliance.media.protocol import (
     HDR_CALLER,
     HDR_JOIN,
+    HDR_MAILBOX,
     HDR_PICKUP,
     HDR_PLAY,
     HDR_TARGET,
     HDR_TOKEN,
     HDR_TRANSFER,
+    HDR_VOICEMAIL,
+    HDR_VOICEMAIL_MAX,
     LOOPBACK,
     PLAY_CONFIRM,
 )
@@ -251,6 +257,10 @@ class CallRouter:
             decided = decide_pickup(user, caller_device, pickup[0], config, self._ringing(), self.media is not None)
             self._pickup(request, flow, dest, key, decided, caller, caller_device, now)
             return
+        mailbox = decide_mailbox(user, caller_device, dialled, config, self.media is not None)
+        if mailbox is not None:
+            self._mailbox(request, flow, dest, key, mailbox, caller)
+            return
         decision = decide_new_call(user, caller_device, dialled, config, self._reachable, self.outgoing,
                                    self._in_progress(), anchored=self.media is not None,
                                    device_ids=self._device_id)
@@ -401,6 +411,10 @@ class CallRouter:
             assert a_leg is not None
             self._to_provider(request, flow, dest, key, a_leg, decision, now)
             return
+        if isinstance(decision, ToVoicemail):
+            assert a_leg is not None
+            self._reply(request, dest, *self._to_voicemail(a_leg, decision))
+            return
         if not isinstance(decision, RingNumber):
             assert isinstance(decision, Refuse)
             self._reply(request, dest, decision.status, decision.reason)
@@ -518,7 +532,7 @@ class CallRouter:
         """Ring settings of a B-leg: a callee that forwards on busy or no answer holds the
         fork's final answer, so the same transaction can ring the target (`_exhausted`)."""
         user = self.settings.current.user(decision.number)
-        hold = user is not None and bool(user.forward_busy or user.forward_no_answer)
+        hold = user is not None and bool(user.forward_busy or user.forward_no_answer or user.voicemail)
         return ForkSettings(decision.ring_timeout, decline_all=decision.decline_all, hold_final=hold)
 
     def _backup_timeout(self, decision: RingNumber) -> float:
@@ -529,6 +543,34 @@ class CallRouter:
                                      user.forward_unreachable, user.dnd)):
             return CALL_OUT_TIMEOUT + 30.0
         return decision.ring_timeout + 15.0
+
+    def _to_voicemail(self, a_leg: Dialog, decision: ToVoicemail) -> tuple[int, str, list[tuple[str, str]]]:
+        """The worker's leg goes to the answering machine: the final answer that tells the
+        worker so (it answers the caller and records; see the protocol's "Answering machine")."""
+        self.live.call_to_voicemail(a_leg.token, decision.number)
+        log.info("event=call_to_voicemail %s", fields(call=a_leg.token, caller=a_leg.caller, number=decision.number,
+                                                      condition=decision.condition))
+        return 480, "Temporarily Unavailable (answering machine)", [
+            (HDR_VOICEMAIL, decision.number), (HDR_VOICEMAIL_MAX, str(decision.max_seconds))]
+
+    def _mailbox(self, request: Request, flow: Flow, dest: Flow, key: str | None, decision: OpenMailbox | Refuse,
+                 caller: str) -> None:
+        """The mailbox code: a media worker answers and runs the number's mailbox menu
+        (`X-Homepbx-Mailbox`); only a registered device of the number gets there."""
+        media = self.media
+        if isinstance(decision, Refuse) or media is None:
+            refused = decision if isinstance(decision, Refuse) else Refuse(503, "Service Unavailable", "no_media")
+            log.info("event=mailbox_refused %s", fields(number=caller, status=refused.status, reason=refused.why))
+            self._reply(request, dest, refused.status, refused.reason)
+            return
+        dialog = Dialog(new_tag(), Role.A, request, caller, decision.number, flow, decision.device)
+        if key:
+            self._forks[key] = dialog
+        self._calls[dialog.token] = dialog
+        self._reply(request, dest, 100, "Trying")
+        log.info("event=mailbox_opened %s", fields(call=dialog.token, number=decision.number, device=decision.device))
+        media.anchor(dialog.token, lambda port: self._to_worker(dialog, dest, key, port, ForkSettings(30.0),
+                                                                [(HDR_MAILBOX, decision.number)]))
 
     def _diversion(self, hops: tuple[tuple[str, str], ...]) -> list[tuple[str, str]]:
         """RFC 5806 Diversion headers, the latest diversion first."""
@@ -596,6 +638,11 @@ class CallRouter:
                                       self.outgoing, self._in_progress(), a_leg.caller_device)
         if decision is None:
             self._apply(dialog, fork.finish(now))
+            return
+        if isinstance(decision, ToVoicemail):
+            assert a_leg is not None
+            status, reason, headers = self._to_voicemail(a_leg, decision)
+            self._apply(dialog, fork.finish(now, make_response(fork.request, status, reason, headers=headers)))
             return
         if isinstance(decision, Refuse):
             log.info("event=forward_refused %s", fields(call=dialog.token, number=dialog.callee,

@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from appliance.config import MediaConfig
+from appliance.edge.seams import VoicemailEvents
 from appliance.logs import fields
 from appliance.media import protocol as P
 from appliance.media.pool import Worker, WorkerPool
@@ -23,8 +25,13 @@ log = logging.getLogger("homepbx.media")
 
 class MediaLink:
     def __init__(self, media: MediaConfig, *, on_call_ended: Callable[[str, str], None],
-                 on_worker_died: Callable[[str], None]) -> None:
+                 on_worker_died: Callable[[str], None], voicemail: VoicemailEvents | None = None,
+                 voicemail_dir: Path | None = None) -> None:
         self.media = media
+        self.voicemail = voicemail
+        """Told of the answering machine's recordings and of mailbox changes (None: ignored)."""
+        self.voicemail_dir = voicemail_dir
+        """The mailbox store's root, handed to the workers (None: no answering machine)."""
         self.on_call_ended = on_call_ended
         self.on_worker_died = on_worker_died
         self._pool: WorkerPool | None = None  # made by start(), once the edge's address is known
@@ -49,12 +56,14 @@ class MediaLink:
         host = "127.0.0.1" if edge_host in ("0.0.0.0", "::", "localhost") else edge_host
         self._address = f"{host}:{edge_port}"
         media = self.media
+        store = self.voicemail_dir
         self._pool = WorkerPool(
             media.min_idle, media.max_calls, (media.rtp_port_low, media.rtp_port_high),
             self._address, rtp_address=P.rtp_address(edge_host), on_event=self._on_event, worker_died=self._died,
             # One call at a time uses at most ~8 of pjlib's 64 socket slots, which come back
             # 500 ms after a call; a short rest is enough to never run out.
             cooldown=0.1,
+            worker_args=["--voicemail-dir", str(store.resolve())] if store is not None else [],
         )
         await self._pool.start()
 
@@ -98,10 +107,31 @@ class MediaLink:
             self.pool.release(worker, token)
 
     def _on_event(self, worker: Worker, event: dict[str, Any]) -> None:
-        if event.get("event") == P.EV_CALL_ENDED:
+        kind = event.get("event")
+        if kind in (P.EV_VOICEMAIL_RECORDED, P.EV_MAILBOX_CHANGED):
+            self._voicemail_event(event)
+        if kind == P.EV_CALL_ENDED:
             token = str(event.get("token") or "")
             self._by_token.pop(token, None)
             self.on_call_ended(token, str(event.get("reason") or "ended"))
+
+    def _voicemail_event(self, event: dict[str, Any]) -> None:
+        """The answering machine's news, passed on; a sink's failure is logged, never fatal."""
+        number = str(event.get("number") or "")
+        try:
+            if event.get("event") == P.EV_MAILBOX_CHANGED:
+                if self.voicemail is not None:
+                    self.voicemail.mailbox_changed(number)
+                return
+            seconds = float(event.get("seconds") or 0.0)
+            log.info("event=voicemail_recorded %s", fields(call=event.get("token"), number=number,
+                                                           caller=event.get("caller"), seconds=round(seconds, 1)))
+            if self.voicemail is not None:
+                self.voicemail.voicemail_recorded(str(event.get("token") or ""), number,
+                                                  str(event.get("caller") or ""), str(event.get("path") or ""),
+                                                  seconds)
+        except Exception:
+            log.exception("event=voicemail_event_failed %s", fields(event=event.get("event"), number=number))
 
     def _died(self, worker: Worker, tokens: list[str]) -> None:
         log.warning("event=media_worker_lost %s", fields(pid=worker.pid, calls=",".join(tokens) or "-"))

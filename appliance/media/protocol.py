@@ -5,7 +5,8 @@ the media library.  Every name here is used by both sides; change them together.
 
 Process
 -------
-``python -m appliance.media.worker --sip-port 0 --rtp-ports LOW-HIGH --rtp-address ADDR --edge HOST:PORT``
+``python -m appliance.media.worker --sip-port 0 --rtp-ports LOW-HIGH --rtp-address ADDR --edge HOST:PORT
+[--voicemail-dir DIR]``
 
 The worker binds one UDP SIP transport on 127.0.0.1 (port 0 = ephemeral), RTP/RTCP
 pairs inside LOW-HIGH only on ADDR (:func:`rtp_address`: where the edge listens), and
@@ -36,6 +37,11 @@ Events (worker -> edge, stdout)
   (or an INVITE with Replaces, target ``replaces``) was taken; ``{"event": "transferred",
   ...}`` when the new leg took X's place, ``{"event": "transfer_failed", ..., "code": N}``
   when it failed (extra events; the edge may ignore them).
+- ``{"event": "voicemail_recorded", "token": T, "number": N, "caller": C, "path": P,
+  "seconds": S}``: a message was recorded for number N (P: a file under the mailbox's
+  ``tmp/`` the edge moves in with ``Mailbox.add``); none for silence or a hang-up at once.
+- ``{"event": "mailbox_changed", "number": N}``: the mailbox menu marked a message heard,
+  deleted one, or saved a greeting.
 - ``{"event": "pong", "seq": N, "busy": bool, "calls": N}``: reply to ``ping`` (calls =
   calls finished so far).
 - ``{"event": "error", "message": ...}``: a bad command or an unexpected failure (logged,
@@ -88,6 +94,29 @@ SIP (edge -> worker)
 - Replaces (RFC 3891): an INVITE with ``Replaces`` naming one of the worker's confirmed
   dialogs (pjsua checks Call-ID and tags, 481 otherwise) is answered on a ``Leg`` created
   for it (``r1``), which takes the replaced leg's place; pjsua BYEs the replaced party.
+- Answering machine: the edge answers the B-leg INVITE with a final ``480`` carrying
+  ``X-Homepbx-Voicemail: <number>`` (and ``X-Homepbx-Voicemail-Max: <seconds>``, the
+  longest message, default ``VOICEMAIL_MAX_S``) when the call goes to that number's
+  answering machine (no answer in time, busy, DND, no reachable device).  Instead of
+  passing the failure to A, the worker answers A (``call_answered`` with ``answered_by``
+  ``voicemail:<number>``), plays the number's greeting (``Mailbox.greeting``, else the default prompt), a
+  ``BEEP_HZ`` beep, and records A (WAV, 16-bit mono, the bridge's rate) to
+  ``Mailbox.recording_path`` until A hangs up or the maximum is reached (then BYE).  A
+  recording shorter than ``VOICEMAIL_MIN_S`` or quieter than ``SILENCE_RMS`` is deleted;
+  otherwise ``voicemail_recorded`` goes out, shortly after ``call_ended`` (reason
+  ``caller_hangup``, or ``callee_hangup`` when the maximum was reached): pjmedia finishes
+  a WAV file on the bridge's next tick after the recorder is closed.  The mailbox
+  store's root is the worker's ``--voicemail-dir``; without one the 480 goes to A as any
+  failure.
+- Mailbox: an INVITE with ``X-Homepbx-Token`` and ``X-Homepbx-Mailbox: <number>`` (the
+  edge sends it only for a registered device of that number that dialled the mailbox
+  code) is answered at once; no B-leg.  A spoken menu driven by DTMF (RFC 4733, else
+  SIP INFO): "you have N new and M old messages", then 1 play (new messages first,
+  newest first; played = heard), 2 next, 3 delete, 4 record a greeting (after the
+  tone, ``#`` to stop; ``GREETING_MAX_S`` at most), 0 the menu again.  A change of the
+  store (heard, deleted, greeting) emits ``mailbox_changed``.  Prompts are WAV files in
+  ``PROMPTS_DIR`` (rendered at build time by ``make prompts``); a missing prompt is
+  replaced by a short ``PROMPT_FALLBACK_HZ`` tone, never an error.
 - Hang-up rules: A leaving ends the call (BYE to everyone else).  B or a joiner leaving
   leaves the rest talking as long as A and at least one other leg are up; once A is
   alone it is hung up too.  A cancelling before the answer CANCELs the B-leg.
@@ -130,6 +159,24 @@ PLAY_CONFIRM: Final = "confirm"
 CONFIRM_TONE_HZ: Final = 880
 CONFIRM_BEEPS: Final = 3
 """Beeps of 200 ms (100 ms apart) that say "done" to a handset that dialled a feature code."""
+HDR_VOICEMAIL: Final = "X-Homepbx-Voicemail"
+"""On the edge's 480 to a B-leg: the number whose answering machine takes the call."""
+HDR_VOICEMAIL_MAX: Final = "X-Homepbx-Voicemail-Max"
+"""With HDR_VOICEMAIL: the longest message in seconds."""
+HDR_MAILBOX: Final = "X-Homepbx-Mailbox"
+"""On an A-leg INVITE: open this number's mailbox menu (no B-leg)."""
+VOICEMAIL_MAX_S: Final = 120
+VOICEMAIL_MIN_S: Final = 1.5
+"""A shorter recording is no message (a caller who hung up at the tone)."""
+SILENCE_RMS: Final = 100
+"""RMS of the 16-bit samples below which a recording is silence (about -50 dBFS)."""
+GREETING_MAX_S: Final = 60
+BEEP_HZ: Final = 1000
+"""The tone after the greeting: speak now."""
+PROMPT_FALLBACK_HZ: Final = 620
+"""Played in place of a prompt whose WAV file is missing."""
+PROMPTS_DIR_NAME: Final = "prompts"
+"""Prompts are appliance/media/prompts/<name>.wav (``make prompts``, gitignored)."""
 HDR_TRANSFER: Final = "X-Homepbx-Transfer"
 """On a worker's transfer leg: the number of the extension that asked for the transfer
 (written by the edge into the Refer-To it relays to the worker; see "Transfer")."""
@@ -165,6 +212,8 @@ EV_CALL_ENDED: Final = "call_ended"
 EV_TRANSFER: Final = "transfer"
 EV_TRANSFERRED: Final = "transferred"
 EV_TRANSFER_FAILED: Final = "transfer_failed"
+EV_VOICEMAIL_RECORDED: Final = "voicemail_recorded"
+EV_MAILBOX_CHANGED: Final = "mailbox_changed"
 EV_PONG: Final = "pong"
 EV_ERROR: Final = "error"
 EV_BYE: Final = "bye"

@@ -61,13 +61,14 @@ import sys
 import time
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pjsua2 as pj
 
 from appliance.jsonlines import Emitter, private_stdout
 from appliance.logs import fields
-from appliance.media import direct_bye
+from appliance.media import answering, direct_bye
 from appliance.media import protocol as P
 from appliance.pjerrors import pj_error_text
 from appliance.pjhost import STDIN_CLOSED, LogWriter, PjHost, block_signals, set_g722_pcm_shift
@@ -186,6 +187,9 @@ class Leg(pj.Call):  # type: ignore[misc]
         self.remote = ""
         self.dialog: direct_bye.Dialog | None = None
         """What a BYE around the edge needs, should the edge die (see direct_bye)."""
+        self.voicemail: tuple[str, int] | None = None
+        """For the B-leg: the edge's 480 sent the call to this number's answering machine
+        (number, longest message in seconds)."""
         self._stands_for: weakref.ref[Leg] | None = None
         """A transfer or replacing leg: the leg it takes the place of once answered (weakly:
         a reaped Leg must be gone everywhere at once, see Session.forget)."""
@@ -278,6 +282,8 @@ class Session:
     ending: bool = False
     reason: str = ""
     code: int = 0
+    machine: answering.AnsweringMachine | answering.MailboxMenu | None = None
+    """The answering machine or the mailbox menu this session is (no B-leg)."""
 
     def legs(self) -> list[Leg]:
         return [leg for leg in (self.a, self.b, *self.joiners, self.transfer) if leg is not None]
@@ -486,6 +492,7 @@ class Worker(PjHost):
             return
         self.session = None
         self.calls_done += 1
+        self.close_machine(session)
         duration = time.monotonic() - session.answered_at if session.answered else 0.0
         for leg in session.legs():
             session.forget(leg)
@@ -563,6 +570,9 @@ class Worker(PjHost):
         token = (msg.get(P.HDR_TOKEN) or "").strip()
         if (msg.get(P.HDR_PLAY) or "").strip() == P.PLAY_CONFIRM:
             self.play_confirm(leg, token, msg)
+            return
+        if msg.get(P.HDR_MAILBOX) is not None:
+            self.open_mailbox(leg, token, msg)
             return
         if (msg.get(P.HDR_PICKUP) or "").strip() == "1":
             self.pickup(leg, token, msg)
@@ -707,6 +717,8 @@ class Worker(PjHost):
             self.note_dialog(leg, rx_message(prm.e) or tx_message(prm.e))
         if state in (pj.PJSIP_INV_STATE_CONNECTING, pj.PJSIP_INV_STATE_CONFIRMED):
             leg.established = True
+        if state == pj.PJSIP_INV_STATE_DISCONNECTED and leg.name == P.LEG_B:
+            self.note_voicemail(leg, rx_message(prm.e))
         if state == pj.PJSIP_INV_STATE_DISCONNECTED:
             leg.disconnected = True
             leg.code = code
@@ -788,6 +800,9 @@ class Worker(PjHost):
             )
         elif state == pj.PJSIP_INV_STATE_DISCONNECTED:
             if not s.answered:
+                if b.voicemail is not None and a.alive() and not s.ending and self.args.voicemail_dir:
+                    self.start_voicemail(s, a, *b.voicemail)
+                    return
                 if a.alive():
                     final = code if 300 <= code <= 699 else 500
                     phrase = reason if 300 <= code <= 699 else "B-leg Failed"
@@ -815,6 +830,8 @@ class Worker(PjHost):
             session.links = {k for k in session.links if leg.name not in (k[0], k[2])}
             if leg.media_active:
                 self.later(lambda: self.connect_bridge(session))
+                if session.machine is not None and leg is session.a:
+                    self.later(lambda: self.machine_media(session, leg))
 
     def connect_bridge(self, s: Session) -> None:
         """Everyone hears everyone else (not themselves): both directions of every pair
@@ -844,7 +861,10 @@ class Worker(PjHost):
 
     def on_dtmf(self, leg: Leg, digit: str) -> None:
         session = leg.session
-        if session is not None:
+        if session is not None and session.machine is not None:
+            machine = session.machine
+            self.later(lambda: self.guard("machine", machine.on_digit, digit))
+        elif session is not None:
             self.later(lambda: self.relay_dtmf(session, leg, digit))
 
     def relay_dtmf(self, s: Session, source: Leg, digit: str) -> None:
@@ -861,6 +881,89 @@ class Worker(PjHost):
                 prm.digits = digit
                 with contextlib.suppress(pj.Error):
                     leg.sendDtmf(prm)
+
+    # -- answering machine and mailbox menu (appliance.media.answering) ------------------------
+    def note_voicemail(self, b: Leg, msg: Request | Response | None) -> None:
+        """The edge's final answer to the B-leg sends the call to an answering machine."""
+        if not isinstance(msg, Response) or msg.status < 300:
+            return
+        number = (msg.get(P.HDR_VOICEMAIL) or "").strip()
+        if not number.isdigit():
+            return
+        try:
+            longest = int(msg.get(P.HDR_VOICEMAIL_MAX) or P.VOICEMAIL_MAX_S)
+        except ValueError:
+            longest = P.VOICEMAIL_MAX_S
+        b.voicemail = (number, max(1, longest))
+
+    def start_voicemail(self, s: Session, a: Leg, number: str, longest: int) -> None:
+        """Answer A for `number`'s answering machine: greeting, beep, record (answering.py)."""
+        try:
+            s.machine = answering.AnsweringMachine(self, Path(self.args.voicemail_dir), s.token, number,
+                                                   s.caller, a, longest)
+        except Exception as exc:  # the store unreadable: the caller gets the failure as before
+            self.out.emit(P.EV_ERROR, where="voicemail", message=str(exc))
+            s.set_reason(P.REASON_REJECTED, 480)
+            s.ending = True
+            self.answer(a, 480, "Temporarily Unavailable", headers={P.HDR_TOKEN: s.token})
+            return
+        s.answered = True
+        s.answered_at = time.monotonic()
+        self.answer(a, 200, headers={P.HDR_TOKEN: s.token})
+        self.out.emit(P.EV_CALL_ANSWERED, token=s.token, answered_by=f"voicemail:{number}",
+                      codecs={P.LEG_A: a.codec()})
+        self.after(0.1, lambda: self.machine_media(s, a))
+
+    def open_mailbox(self, leg: Leg, token: str, msg: Request) -> None:
+        """The mailbox code: answer at once, then the menu (answering.py)."""
+        if self.session is not None:
+            self.refuse(leg, 486, "Busy Here")
+            return
+        number = (msg.get(P.HDR_MAILBOX) or "").strip()
+        if not token or not number.isdigit() or not self.args.voicemail_dir:
+            self.refuse(leg, 400 if not token else 404, "No Mailbox Here")
+            return
+        leg.name = P.LEG_A
+        leg.remote = strip_tag(msg.get("From") or "")
+        session = Session(token=token, caller="", target="", a=leg)
+        try:
+            session.machine = answering.MailboxMenu(self, Path(self.args.voicemail_dir), number, leg)
+        except Exception as exc:
+            self.out.emit(P.EV_ERROR, where="mailbox", message=str(exc))
+            self.refuse(leg, 500, "Mailbox Unreadable")
+            return
+        leg.session = session
+        self.session = session
+        self.set_codec_order(offered_codecs(msg.body.decode("utf-8", "replace")))
+        self.out.emit(P.EV_CALL_STARTED, token=token, call_id=msg.get("Call-ID"), caller="", target="mailbox")
+        session.answered = True
+        session.answered_at = time.monotonic()
+        self.answer(leg, 200, headers={P.HDR_TOKEN: token})
+        self.after(0.1, lambda: self.machine_media(session, leg))
+
+    def machine_media(self, s: Session, leg: Leg) -> None:
+        """Once A's audio is up, the machine starts (harmless to call again)."""
+        machine = s.machine
+        if machine is None or leg.session is not s or leg.disconnected:
+            return
+        port = leg.audio_media()
+        if port is not None:
+            self.guard("machine", machine.media_ready, port)
+
+    def close_machine(self, s: Session) -> None:
+        machine, s.machine = s.machine, None
+        if machine is not None:
+            self.guard("machine", machine.close)
+
+    def emit(self, event: str, **fields: Any) -> None:
+        self.out.emit(event, **fields)
+
+    def hang_up(self, leg: Any) -> None:
+        """The answering machine's longest message is reached: BYE the caller."""
+        s = leg.session if isinstance(leg, Leg) else None
+        if s is not None:
+            s.set_reason(P.REASON_CALLEE_HANGUP)
+        self.hangup(leg)
 
     # -- transfer (REFER) and Replaces -------------------------------------------------------
     def on_transfer_request(self, x: Leg, prm: Any) -> None:
@@ -1035,6 +1138,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--media-thread", action=argparse.BooleanOptionalAction, default=True,
                         help="RTP on pjmedia's own thread (default); --no-media-thread: on the main loop's ioqueue")
+    parser.add_argument("--voicemail-dir", default="",
+                        help="the mailbox store's root (<state_dir>/voicemail); empty: no answering machine")
     return parser.parse_args(argv)
 
 

@@ -91,7 +91,8 @@ def test_empty_file_gives_defaults(tmp_path: Path) -> None:
     assert dict(cfg.feature_codes) == {
         "*74": "join", "*72": "forward_always", "*73": "forward_always_off", "*90": "forward_busy",
         "*91": "forward_busy_off", "*52": "forward_no_answer", "*53": "forward_no_answer_off",
-        "*78": "dnd_on", "*79": "dnd_off", "*76": "dnd_toggle", "*8": "pickup", "**": "pickup_directed"}
+        "*78": "dnd_on", "*79": "dnd_off", "*76": "dnd_toggle", "*8": "pickup", "**": "pickup_directed",
+            "*97": "voicemail"}
     assert cfg.users == ()
     assert cfg.user("200") is None
 

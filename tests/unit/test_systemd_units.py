@@ -234,7 +234,8 @@ def test_build_sh_explains_what_is_missing(tmp_path: Path) -> None:
     result = run("/bin/bash", IMAGE / "build.sh", "--check", env={"PATH": str(bin_dir)})
     assert result.returncode != 0
     for tool_name, package in (("mmdebstrap", "mmdebstrap"), ("mkfs.vfat", "dosfstools"),
-                               ("mcopy", "mtools"), ("sfdisk", "fdisk"), ("mkfs.ext4", "e2fsprogs")):
+                               ("mcopy", "mtools"), ("sfdisk", "fdisk"), ("mkfs.ext4", "e2fsprogs"),
+                               ("espeak-ng", "espeak-ng")):
         assert f"{tool_name} (Debian package {package})" in result.stderr, result.stderr
     assert re.search(r"apt-get install .*dosfstools", result.stderr)
 
