@@ -159,9 +159,21 @@ def test_outside_calls_are_incoming_and_outgoing_rows(pbx_factory: DaemonFactory
     assert outgoing["duration"] > 0.3
 
 
-@pytest.mark.skip(reason="extend when the answering machine (VOICEMAIL-MEDIA) is merged: outcome 'voicemail'")
-def test_a_call_to_the_answering_machine_is_a_voicemail_row() -> None:
-    raise AssertionError("to be written with the answering machine")
+def test_a_call_to_the_answering_machine_is_a_voicemail_row(pbx_factory: DaemonFactory,
+                                                            handset_factory: HandsetFactory) -> None:
+    """400 has its answering machine on and no handset: the call is answered by it at once
+    (unreachable), and its row says so."""
+    pbx, kitchen, family, control = house(pbx_factory, handset_factory,
+                                          extra=user_block("400", name="Study", voicemail=True))
+    call = kitchen.call("sip:400@home.arpa")
+    kitchen.wait_state(call, "CONFIRMED", timeout=10)
+    pbx.wait_log(r"event=call_to_voicemail .*number=400")
+    time.sleep(0.5)
+    kitchen.hangup(call)
+    kitchen.wait_state(call, "DISCONNECTED")
+    [row] = history(control, 1)
+    assert (row["caller"], row["callee"], row["direction"], row["outcome"]) == ("100", "400", "internal",
+                                                                                "voicemail")
 
 
 def test_an_unreadable_database_leaves_the_calls_working(pbx_factory: DaemonFactory,
