@@ -207,6 +207,15 @@ class LiveState:
     def call_to_voicemail(self, call_id: str, number: str) -> None:
         pass  # the worker answers: nothing a person sees in the live view
 
+    def call_transferred(self, call_id: str, caller: str, callee: str, binding_id: str | None) -> None:
+        call = self.calls.get(call_id)
+        if call is None:
+            return
+        if caller != call.caller:
+            call.caller_device = None  # the calling handset transferred the call and left it
+        call.caller, call.callee, call.answered_by = caller, callee, binding_id
+        self._call_changed("call_transferred", call, device=binding_id)
+
     def _call_changed(self, kind: str, call: CallView, **extra: Any) -> None:
         event: Event = {"event": kind, "call": call.to_json(), **extra}
         self.emit(event)

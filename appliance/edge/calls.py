@@ -883,7 +883,14 @@ class CallRouter:
                 dialog.cseq_delta = fork.answered.tx.request.cseq[0] - dialog.invite.cseq[0]
             if dialog.role is Role.JOIN and dialog.answer is not None:
                 self._count_join(dialog, +1)
-            if shows_devices:
+            first = self._calls.get(dialog.token)
+            if shows_devices and first is not None and first.transferring and first.answer is not None:
+                # A transfer's leg: the call already talks; a new party takes a place in it.
+                dialog.answered_by = event.binding_id
+                live.call_transferred(dialog.token, dialog.caller, dialog.callee, event.binding_id or None)
+                log.info("event=call_transferred %s", fields(call=dialog.token, caller=dialog.caller,
+                                                             callee=dialog.callee, device=event.binding_id))
+            elif shows_devices:
                 dialog.answered_by = event.binding_id
                 live.call_answered(dialog.token, event.binding_id or None)
                 log.info("event=call_answered %s", fields(call=dialog.token, device=event.binding_id))

@@ -83,6 +83,11 @@ class CallEvents(Protocol):
         `condition` (always, busy, no_answer, unreachable, dnd)."""
         ...
 
+    def call_transferred(self, call_id: str, caller: str, callee: str, binding_id: str | None) -> None:
+        """A transfer (or a call pull) put a new party in: the call is now between `caller`
+        and `callee`, whose device `binding_id` answered."""
+        ...
+
     def call_to_voicemail(self, call_id: str, number: str) -> None:
         """The call goes to `number`'s answering machine."""
         ...
@@ -127,6 +132,10 @@ class CallEventsFanOut:
     def call_forwarded(self, call_id: str, number: str, to: str, condition: str) -> None:
         for sink in self.sinks:
             sink.call_forwarded(call_id, number, to, condition)
+
+    def call_transferred(self, call_id: str, caller: str, callee: str, binding_id: str | None) -> None:
+        for sink in self.sinks:
+            sink.call_transferred(call_id, caller, callee, binding_id)
 
     def call_to_voicemail(self, call_id: str, number: str) -> None:
         for sink in self.sinks:

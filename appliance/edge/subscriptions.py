@@ -369,6 +369,17 @@ class Subscriptions:
     def call_to_voicemail(self, call_id: str, number: str) -> None:
         pass
 
+    def call_transferred(self, call_id: str, caller: str, callee: str, binding_id: str | None) -> None:
+        call = self._calls.get(call_id)
+        if call is None:
+            return
+        before = (call.caller if call.caller_is_extension else None, call.callee, call.answerer)
+        call.caller_is_extension = call.caller_is_extension if caller == call.caller else \
+            self.settings.current.user(caller) is not None
+        call.caller, call.callee = caller, callee
+        call.answerer = self._number_of(binding_id) or callee
+        self._changed(*before, call.caller if call.caller_is_extension else None, call.callee, call.answerer)
+
     def _number_of(self, binding_id: str | None) -> str | None:
         if not binding_id:
             return None

@@ -126,6 +126,9 @@ class HistoryRecorder:
         if call is not None:
             call.forwarded_to, call.condition = to, condition
 
+    def call_transferred(self, call_id: str, caller: str, callee: str, binding_id: str | None) -> None:
+        pass  # the row keeps who called whom and who answered first
+
     def call_to_voicemail(self, call_id: str, number: str) -> None:
         call = self._calls.get(call_id)
         if call is not None:

@@ -22,6 +22,7 @@ from appliance.simulator.handset import Handset
 from appliance.sip.message import Response
 from tests.e2e.conftest import DaemonFactory
 from tests.support.baresip import Baresip
+from tests.support.control import ControlConn, control_block
 from tests.support.kamailio import DID, OUTSIDE, OUTSIDE_PASSWORD, PASSWORD, Kamailio
 from tests.support.kamailio import available as kamailio_available
 from tests.support.linphone import Linphone
@@ -118,6 +119,27 @@ def test_blind_transfer_by_the_callee(pbx_factory: DaemonFactory, handset_factor
     a.wait_state(a_call, "DISCONNECTED")
     pbx.wait_log("event=call_ended")
     assert_alive(worker_pids(pbx))
+    assert_no_worker_died(pbx)
+
+
+def test_the_live_view_follows_a_transfer(pbx_factory: DaemonFactory, handset_factory: HandsetFactory) -> None:
+    """After B puts A through to C, the TUI's view of the call (the control socket's events)
+    says 100 talks to 300, answered by C's handset, not to 200 any more."""
+    pbx, a, b, c = house(pbx_factory, handset_factory, control_block())
+    control = ControlConn(pbx.config.parent / "ctl.sock")
+    a_call, b_call = connect(a, b, "200")
+    b.send("transfer", call=b_call, uri="sip:300@home.arpa")
+    c_call = str(c.wait_incoming(timeout=5)["call"])
+    c.answer(c_call, 200)
+    moved = control.wait_event("call_transferred")["call"]
+    assert (moved["caller"], moved["callee"], moved["phase"]) == ("100", "300", "answered")
+    snapshot = control.command("snapshot")
+    [c_device] = [d["id"] for n in snapshot["snapshot"]["numbers"] if n["number"] == "300" for d in n["devices"]]
+    assert moved["answered_by"] == c_device
+    b.wait_state(b_call, "DISCONNECTED", timeout=8)  # released (it hangs up, or the box BYEs it)
+    c.hangup(c_call)
+    a.wait_state(a_call, "DISCONNECTED")
+    assert control.wait_event("call_ended")["call"]["callee"] == "300"
     assert_no_worker_died(pbx)
 
 
