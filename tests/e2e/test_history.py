@@ -163,7 +163,7 @@ def test_a_call_to_the_answering_machine_is_a_voicemail_row(pbx_factory: DaemonF
                                                             handset_factory: HandsetFactory) -> None:
     """400 has its answering machine on and no handset: the call is answered by it at once
     (unreachable), and its row says so."""
-    pbx, kitchen, family, control = house(pbx_factory, handset_factory,
+    pbx, kitchen, _family, control = house(pbx_factory, handset_factory,
                                           extra=user_block("400", name="Study", voicemail=True))
     call = kitchen.call("sip:400@home.arpa")
     kitchen.wait_state(call, "CONFIRMED", timeout=10)
