@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import array
 import math
+import sqlite3
 import time
 import wave
 from collections.abc import Callable
@@ -296,6 +297,14 @@ def test_a_daemon_killed_during_a_recording_loses_no_earlier_message(
     caller.wait_state(call, "DISCONNECTED", timeout=10)  # the worker BYEs it directly
     assert [m.id for m in mailbox(pbx).messages("200")] == [first.id]
     assert first.wav.read_bytes() == data
+    # Nor the call history: the first call's row was committed when it ended.
+    history = sqlite3.connect(load_config(pbx.config).server.state_dir / "history.sqlite3")
+    try:
+        assert history.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        rows = history.execute("SELECT caller, callee, outcome FROM calls").fetchall()
+        assert ("100", "200", "voicemail") in rows
+    finally:
+        history.close()
     # A new daemon on the same state directory still has it, and takes new messages.
     again = Daemon(pbx.config, pbx.port).start()
     try:
