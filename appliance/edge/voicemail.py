@@ -57,6 +57,10 @@ class Voicemail:
 
     def start(self) -> None:
         """Sweep recordings abandoned by a crash (a day old), then watch for changes by hand."""
+        try:
+            self.mailbox.prepare()
+        except OSError as err:
+            log.warning("event=voicemail_store_unavailable %s", fields(root=self.mailbox.root, error=err))
         for number in self.mailbox.numbers():
             try:
                 removed = self.mailbox.sweep_tmp(number, TMP_MAX_AGE, self.wall())

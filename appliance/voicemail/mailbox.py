@@ -45,6 +45,11 @@ _ID = re.compile(r"[0-9]{8}-[0-9]{6}-[0-9a-f]{6}")
 GREETING = "greeting.wav"
 
 
+SHARED_DIR = 0o750
+SHARED_FILE = 0o640
+"""Messages, sidecars and greetings: the daemon's user writes, its group (the `pbx`
+login on the appliance) reads; nobody else (the daemon's umask is 0077)."""
+
 def valid_number(number: str) -> bool:
     return _NUMBER.fullmatch(number) is not None
 
@@ -95,7 +100,7 @@ class Mailbox:
     @contextlib.contextmanager
     def _locked(self, number: str) -> Iterator[Path]:
         d = self._dir(number)
-        d.mkdir(parents=True, exist_ok=True)
+        _shared_dir(self.root, d)
         fd = os.open(d / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -181,10 +186,16 @@ class Mailbox:
 
     # -- changing ------------------------------------------------------------------------
 
+    def prepare(self) -> None:
+        """The store's root made (mode 0750), so the `pbx` login's read-only SFTP starts
+        there even before the first message."""
+        _shared_dir(self.root)
+
     def recording_path(self, number: str) -> Path:
         """A fresh path for a recording in progress; ``add`` moves it in when it is finished."""
         tmp = self._dir(number) / "tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
+        _shared_dir(self.root, tmp.parent)
+        tmp.mkdir(exist_ok=True)
         return tmp / f"rec-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}.wav"
 
     def sweep_tmp(self, number: str, older_than: float, now: float) -> int:
@@ -224,7 +235,7 @@ class Mailbox:
                 id=message_id, number=number, caller=caller, caller_name=caller_name,
                 received=float(received), seconds=float(seconds), heard=False, wav=target,
             )
-            atomic_write(sidecar, _dump(message))
+            atomic_write(sidecar, _dump(message), mode=SHARED_FILE)
         return message
 
     def mark_heard(self, number: str, message_id: str) -> bool:
@@ -237,7 +248,7 @@ class Mailbox:
             if not message.heard:
                 data = message.sidecar()
                 data["heard"] = True
-                atomic_write(sidecar, json.dumps(data, indent=1) + "\n")
+                atomic_write(sidecar, json.dumps(data, indent=1) + "\n", mode=SHARED_FILE)
         return True
 
     def delete(self, number: str, message_id: str) -> bool:
@@ -273,9 +284,19 @@ def _dump(message: Message) -> str:
     return json.dumps(message.sidecar(), indent=1) + "\n"
 
 
+def _shared_dir(*directories: Path) -> None:
+    """The ``directories`` made (parents first), readable by the daemon's group (the
+    family's `pbx` login copies messages off the box) whatever the umask."""
+    for d in directories:
+        d.mkdir(parents=True, exist_ok=True)
+        if d.stat().st_mode & 0o777 != SHARED_DIR:
+            os.chmod(d, SHARED_DIR)
+
+
 def _move_in(source: Path, target: Path) -> None:
     """Put ``source`` at ``target`` durably: readers see the old file or the whole new one."""
     with open(source, "rb+") as f:
+        os.fchmod(f.fileno(), SHARED_FILE)
         os.fsync(f.fileno())
     try:
         os.replace(source, target)

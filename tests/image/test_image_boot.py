@@ -356,6 +356,22 @@ def test_ssh_pbx_runs_nothing_but_the_tui(vm: VM) -> None:
     assert "uid=" not in screen and "SHELL-ESCAPE-42" not in screen, screen[-3000:]
 
 
+def test_ssh_pbx_reads_the_voice_messages_and_nothing_else(vm: VM) -> None:
+    """`scp 'pbx@box:200/*.wav' .` works: the pbx login's SFTP starts in the answering
+    machine's store, read-only; the config (the SIP passwords) is out of its reach."""
+    need("sshpass", "sftp")
+    pbx_password, _ = first_boot_credentials(vm.console())
+    command = ssh_command(pbx_password)
+    sftp = ["sshpass", "-p", pbx_password, "sftp", "-P", str(SSH_PORT), *command[6:-1], "-b", "-", "pbx@127.0.0.1"]
+    listing = subprocess.run(vm.netns(*sftp), input="pwd\nls -la\n", capture_output=True, text=True, timeout=180)
+    assert listing.returncode == 0, listing.stderr
+    assert "/var/lib/homepbx/voicemail" in listing.stdout, listing.stdout
+    for forbidden in ("mkdir intruder", "get /etc/homepbx/config.toml /dev/null",
+                      "get /var/lib/homepbx/history.sqlite3 /dev/null"):
+        tried = subprocess.run(vm.netns(*sftp), input=forbidden + "\n", capture_output=True, text=True, timeout=180)
+        assert tried.returncode != 0, (forbidden, tried.stdout, tried.stderr)
+
+
 # --------------------------------------------------------------------------- after a clean power-off
 
 

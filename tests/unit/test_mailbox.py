@@ -155,3 +155,22 @@ def test_sweep_tmp_removes_only_old_recordings(tmp_path: Path) -> None:
     kept = box.add("100", recording(box, "100"), "200", "", 1, RECEIVED)
     assert box.sweep_tmp("100", 3600, time.time()) == 1
     assert not old.exists() and fresh.exists() and box.messages("100") == [kept]
+
+
+def test_messages_are_readable_by_the_daemons_group_only_whatever_the_umask(tmp_path: Path) -> None:
+    """The appliance's daemon runs with umask 0077; the family's `pbx` login (its group)
+    copies messages off the box: directories 0750, messages, sidecars, greetings 0640."""
+    old = os.umask(0o077)
+    try:
+        box = Mailbox(tmp_path / "voicemail")
+        message = box.add("200", recording(box, "200"), "100", "Grandpa", 3.0, time.time())
+        box.set_greeting("200", recording(box, "200"))
+        box.mark_heard("200", message.id)
+    finally:
+        os.umask(old)
+    def mode(path: Path) -> int:
+        return path.stat().st_mode & 0o777
+
+    assert mode(tmp_path / "voicemail") == mode(tmp_path / "voicemail" / "200") == 0o750
+    assert mode(message.wav) == mode(message.wav.with_suffix(".json")) == 0o640
+    assert mode(tmp_path / "voicemail" / "200" / "greeting.wav") == 0o640
