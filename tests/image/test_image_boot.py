@@ -362,7 +362,9 @@ def test_ssh_pbx_reads_the_voice_messages_and_nothing_else(vm: VM) -> None:
     need("sshpass", "sftp")
     pbx_password, _ = first_boot_credentials(vm.console())
     command = ssh_command(pbx_password)
-    sftp = ["sshpass", "-p", pbx_password, "sftp", "-P", str(SSH_PORT), *command[6:-1], "-b", "-", "pbx@127.0.0.1"]
+    # sftp -b turns password logins off (BatchMode); the first -o given wins, so on again.
+    sftp = ["sshpass", "-p", pbx_password, "sftp", "-P", str(SSH_PORT), *command[6:-1], "-o", "BatchMode=no",
+            "-b", "-", "pbx@127.0.0.1"]
     listing = subprocess.run(vm.netns(*sftp), input="pwd\nls -la\n", capture_output=True, text=True, timeout=180)
     assert listing.returncode == 0, listing.stderr
     assert "/var/lib/homepbx/voicemail" in listing.stdout, listing.stdout
