@@ -141,10 +141,23 @@ def total_power(wav_path: PathLike | Signal, *, skip: float = DEFAULT_SKIP) -> f
     return math.fsum(x * x for x in sig.samples) / len(sig.samples)
 
 
+POWER_WINDOW = 0.1
+"""Seconds per Goertzel window in `tone_power` (10 Hz bins, Hann: tones 60 Hz apart stay apart)."""
+
+
 def tone_power(wav_path: PathLike | Signal, freq: float, *, skip: float = DEFAULT_SKIP) -> float:
-    """Absolute mean-square power at `freq` (0.5 = full-scale sine)."""
+    """Absolute mean-square power at `freq` (0.5 = full-scale sine): the mean of its power
+    in each `POWER_WINDOW`, not one Goertzel over the whole file. A whole-file bin is a
+    fraction of a hertz wide, so one 10-ms frame slipped between two media clocks (a
+    phase jump nobody hears) split the tone across it and cost it ~5 dB; per window the
+    slip touches one window only."""
     sig = _signal(wav_path, skip)
-    return goertzel_power(sig.samples, sig.rate, freq)
+    size = int(POWER_WINDOW * sig.rate)
+    samples = sig.samples
+    if size < 2 or len(samples) < 2 * size:
+        return goertzel_power(samples, sig.rate, freq)
+    starts = range(0, len(samples) - size + 1, size)
+    return math.fsum(goertzel_power(samples[i:i + size], sig.rate, freq) for i in starts) / len(starts)
 
 
 def _ratio_db(part: float, whole: float) -> float:
