@@ -60,6 +60,10 @@ class TimerWheel:
         self._default_fire = fire
         self._manual = manual
         self._heap: list[tuple[float, int, Timed, Fire]] = []
+        # id(obj) -> the earliest time it has an entry in the heap: re-arming an object that
+        # is already due as early adds nothing (a fork is re-armed after every message it
+        # sees, and each entry used to stay in the heap, holding it, until its time came).
+        self._armed: dict[int, float] = {}
         self._seq = itertools.count()
         self._handle: asyncio.TimerHandle | None = None
         self._handle_at: float | None = None
@@ -72,11 +76,18 @@ class TimerWheel:
         deadline = obj.next_deadline()
         if deadline is None:
             return
+        armed = self._armed.get(id(obj))
+        if armed is not None and armed <= deadline:
+            return  # its entry fires first; then it is re-armed for what it says next
         action = fire or self._default_fire
         assert action is not None, "arm() needs a fire callback (none given to the wheel)"
-        heapq.heappush(self._heap, (deadline, next(self._seq), obj, action))
+        self._push(deadline, obj, action)
         if not self._manual and (self._handle_at is None or deadline < self._handle_at):
             self._schedule(deadline)
+
+    def _push(self, deadline: float, obj: Timed, fire: Fire) -> None:
+        heapq.heappush(self._heap, (deadline, next(self._seq), obj, fire))
+        self._armed[id(obj)] = deadline
 
     def call_at(self, when: float, fn: Callable[[float], None]) -> Deadline:
         """Run `fn(now)` once at `when` (our clock)."""
@@ -102,10 +113,14 @@ class TimerWheel:
         due: list[tuple[Timed, Fire]] = []
         seen: set[int] = set()
         heap = self._heap
+        armed = self._armed
         while heap and heap[0][0] <= now:
-            _, _, obj, fire = heapq.heappop(heap)
-            if id(obj) not in seen:
-                seen.add(id(obj))
+            when, _, obj, fire = heapq.heappop(heap)
+            key = id(obj)
+            if armed.get(key) == when:
+                del armed[key]  # no entry of it is left in the heap as early
+            if key not in seen:
+                seen.add(key)
                 due.append((obj, fire))
         for obj, fire in due:
             deadline = obj.next_deadline()
@@ -113,12 +128,20 @@ class TimerWheel:
                 fire(obj, now)
             deadline = obj.next_deadline()
             if deadline is not None:
-                heapq.heappush(heap, (deadline, next(self._seq), obj, fire))
+                previous = armed.get(id(obj))
+                if previous is None or deadline < previous:
+                    self._push(deadline, obj, fire)
 
     def advance_to(self, now: float) -> None:
         """Manual mode (tests): fire everything due up to `now`, earliest first."""
         while self._heap and self._heap[0][0] <= now:
             self.run_due(self._heap[0][0])
+
+    def compact(self) -> None:
+        """After a burst: the tables again at the size of what is armed now (a dict and a
+        list keep the room they grew to)."""
+        self._armed = dict(self._armed)
+        self._heap = list(self._heap)  # a copy of a heap is a heap
 
     # -- the asyncio driver ------------------------------------------------------------------
     def _schedule(self, deadline: float) -> None:
@@ -153,3 +176,4 @@ class TimerWheel:
             self._handle = None
             self._handle_at = None
         self._heap.clear()
+        self._armed.clear()

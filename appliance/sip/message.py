@@ -74,6 +74,7 @@ def canonical_name(name: str) -> str:
 DIALOG_HEADERS = frozenset({"Via", "From", "To", "Call-ID", "CSeq", "Contact", "Route"})
 """What a finished transaction or dialog still needs of its request or answer: to answer a
 retransmission, ACK or CANCEL a branch, BYE a party (never the body, SDP or credentials)."""
+_ANSWER_HEADERS = DIALOG_HEADERS - {"Via"}
 
 
 class Message:
@@ -197,8 +198,9 @@ class Response(Message):
         return f"SIP/2.0 {self.status} {self.reason}"
 
     def skeleton(self) -> Response:
-        """The dialog headers of a finished answer (its To tag and Contact), no body."""
-        return Response(self.status, self.reason, self.dialog_headers())
+        """The dialog headers of a finished answer (its To tag and Contact), no body and
+        no Via (a response's Vias name the hops it took back, nothing a dialog needs)."""
+        return Response(self.status, self.reason, [h for h in self.headers if h[0] in _ANSWER_HEADERS])
 
     def __repr__(self) -> str:
         return f"<Response {self.status} {self.reason}>"
