@@ -138,7 +138,7 @@ class Daemon:
                                      messages=voicemail, history=self.history) if config_path is not None else None
         self._edits: set[asyncio.Task[None]] = set()
         self._housekeeping: Deadline | None = None
-        self._dialog_peak = 0
+        self._dialog_peak = self._nonce_peak = 0
         self._next_nonce_sweep = 0.0
 
     @property
@@ -212,16 +212,23 @@ class Daemon:
 
     def _give_memory_back(self, now: float) -> None:
         """After a burst of calls: without this the process keeps its high-water RSS for
-        good (the router's dicts keep the tables they grew to; glibc keeps freed pages)."""
-        count = self.calls.dialog_count
-        self._dialog_peak = max(self._dialog_peak, count)
-        if self._dialog_peak < TRIM_AFTER_DIALOGS or count > self._dialog_peak // 8:
+        good (the router's dicts keep the tables they grew to; glibc keeps freed pages).
+
+        Twice: when the calls' dialogs are gone (32 s after), and when the nonces they used
+        are (300 s): one used nonce per call, made among the call's objects, keeps Python's
+        allocator pages of the burst in use until then."""
+        dialogs, nonces = self.calls.dialog_count, len(self.nonces)
+        self._dialog_peak = max(self._dialog_peak, dialogs)
+        self._nonce_peak = max(self._nonce_peak, nonces)
+        if self._dialog_peak >= TRIM_AFTER_DIALOGS and dialogs <= self._dialog_peak // 8:
+            self._dialog_peak = dialogs
+        elif self._nonce_peak >= TRIM_AFTER_DIALOGS and nonces <= self._nonce_peak // 8:
+            self._nonce_peak = nonces
+        else:
             return
-        self._dialog_peak = count
-        gc.collect()  # the burst's garbage first: the copies below then fill the pages kept
+        gc.collect()
         self.calls.compact(now)
         self.timers.compact()
-        self.nonces.compact()
         if _malloc_trim is not None:
             _malloc_trim(0)
 

@@ -351,23 +351,6 @@ class NonceManager:
         while order and _key_issued(order[0]) < horizon:
             del seen[order.popleft()]
 
-    def compact(self) -> None:
-        """After a burst of calls: the tracked nonces again, in new objects and tables.
-
-        Their keys were made among the calls' own objects, one here and there on every page
-        of the allocator; once the calls are freed those few keep every page (tens of MB
-        after 10,000 calls) for the nonces' lifetime. Copies made now are packed together,
-        and the pages of the burst go back to the system.
-        """
-        seen = self._seen
-        fresh_seen: dict[int, int] = {}
-        fresh_order: deque[int] = deque()
-        for key in self._order:
-            copy = int.from_bytes(key.to_bytes((key.bit_length() + 7) // 8, "big"), "big")
-            fresh_seen[copy] = seen[key]
-            fresh_order.append(copy)
-        self._seen, self._order = fresh_seen, fresh_order
-
     def __len__(self) -> int:
         return len(self._seen)
 
