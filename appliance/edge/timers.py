@@ -20,6 +20,11 @@ import itertools
 from collections.abc import Callable
 from typing import Protocol
 
+TIMER_SLACK = 0.002
+"""After a run, the next is at least this much later: under load the heap's entries fall
+due one after the other (stale ones too), and each used to wake the loop on its own.
+SIP's shortest timer is T1 = 500 ms; 2 ms late changes nothing."""
+
 
 class Timed(Protocol):
     def next_deadline(self) -> float | None: ...
@@ -67,6 +72,7 @@ class TimerWheel:
         self._seq = itertools.count()
         self._handle: asyncio.TimerHandle | None = None
         self._handle_at: float | None = None
+        self._running = False  # inside `_run`: what is armed meanwhile is scheduled once, after
 
     def now(self) -> float:
         return self._clock()
@@ -82,7 +88,7 @@ class TimerWheel:
         action = fire or self._default_fire
         assert action is not None, "arm() needs a fire callback (none given to the wheel)"
         self._push(deadline, obj, action)
-        if not self._manual and (self._handle_at is None or deadline < self._handle_at):
+        if not self._manual and not self._running and (self._handle_at is None or deadline < self._handle_at):
             self._schedule(deadline)
 
     def _push(self, deadline: float, obj: Timed, fire: Fire) -> None:
@@ -156,7 +162,11 @@ class TimerWheel:
     def _run(self) -> None:
         self._handle = None
         self._handle_at = None
-        self.run_due(self._clock())
+        self._running = True
+        try:
+            self.run_due(self._clock())
+        finally:
+            self._running = False
         self._rearm()
 
     def _rearm(self) -> None:
@@ -168,7 +178,7 @@ class TimerWheel:
         `TypeError: None object expected; got float` whenever a ringing call ended.
         """
         if self._heap and (self._handle_at is None or self._heap[0][0] < self._handle_at):
-            self._schedule(self._heap[0][0])
+            self._schedule(max(self._heap[0][0], self._clock() + TIMER_SLACK))
 
     def cancel(self) -> None:
         if self._handle is not None:
