@@ -139,6 +139,7 @@ class Daemon:
         self._edits: set[asyncio.Task[None]] = set()
         self._housekeeping: Deadline | None = None
         self._dialog_peak = self._nonce_peak = 0
+        self._trim_again = False
         self._next_nonce_sweep = 0.0
 
     @property
@@ -222,6 +223,9 @@ class Daemon:
         self._nonce_peak = max(self._nonce_peak, nonces)
         if self._dialog_peak >= TRIM_AFTER_DIALOGS and dialogs <= self._dialog_peak // 8:
             self._dialog_peak = dialogs
+            self._trim_again = dialogs > 0  # and once more when the last of them are gone
+        elif self._trim_again and dialogs == 0:
+            self._trim_again = False
         elif self._nonce_peak >= TRIM_AFTER_DIALOGS and nonces <= self._nonce_peak // 8:
             self._nonce_peak = nonces
         else:
