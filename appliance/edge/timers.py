@@ -134,7 +134,7 @@ class TimerWheel:
                 fire(obj, now)
             deadline = obj.next_deadline()
             if deadline is not None:
-                previous = armed.get(id(obj))
+                previous = self._armed.get(id(obj))  # not `armed`: a callback may compact the wheel
                 if previous is None or deadline < previous:
                     self._push(deadline, obj, fire)
 

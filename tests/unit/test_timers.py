@@ -93,3 +93,20 @@ def test_rearming_for_a_deadline_already_armed_adds_no_entry_and_still_fires_eac
     wheel.advance_to(100.0)
     assert fired == [5.0, 32.0, 40.0]
     assert not wheel._heap and not wheel._armed
+
+
+def test_a_callback_that_compacts_the_wheel_keeps_every_timer_running() -> None:
+    """The daemon's housekeeping (itself a timer) compacts the wheel after a burst."""
+    now = [0.0]
+    wheel = TimerWheel(lambda: now[0], manual=True)
+    ticks: list[float] = []
+    other: list[float] = []
+
+    def housekeep(at: float) -> None:
+        ticks.append(at)
+        wheel.compact()
+
+    wheel.every(1.0, housekeep)
+    wheel.call_at(2.5, other.append)
+    wheel.advance_to(5.0)
+    assert ticks == [1.0, 2.0, 3.0, 4.0, 5.0] and other == [2.5]
