@@ -11,6 +11,8 @@ and the garbage collector's settings. The map of it all is docs/architecture.md.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import gc
 import logging
 import os
@@ -52,7 +54,25 @@ from appliance.voicemail.mailbox import Mailbox
 
 log = logging.getLogger("homepbx")
 
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim: hands freed heap pages back to the system (None elsewhere: musl)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+_malloc_trim = _load_malloc_trim()
+
 HOUSEKEEPING_INTERVAL = 1.0
+TRIM_AFTER_DIALOGS = 500
+"""Once this many dialogs were followed at once and seven eighths of them are gone (a
+burst of calls over, their 32-s linger too), the housekeeping gives the memory back."""
 """Registrations expire, server transactions are forgotten, throttle entries swept."""
 NONCE_SWEEP_INTERVAL = 60.0
 """The nonce table drops expired entries as it goes; the full O(n) sweep is only a backstop."""
@@ -119,6 +139,8 @@ class Daemon:
                                      messages=voicemail, history=self.history) if config_path is not None else None
         self._edits: set[asyncio.Task[None]] = set()
         self._housekeeping: Deadline | None = None
+        self._dialog_peak = self._nonce_peak = 0
+        self._trim_again = False
         self._next_nonce_sweep = 0.0
 
     @property
@@ -188,6 +210,32 @@ class Daemon:
         if now >= self._next_nonce_sweep:
             self.nonces.sweep(now)
             self._next_nonce_sweep = now + NONCE_SWEEP_INTERVAL
+        self._give_memory_back(now)
+
+    def _give_memory_back(self, now: float) -> None:
+        """After a burst of calls: without this the process keeps its high-water RSS for
+        good (the router's dicts keep the tables they grew to; glibc keeps freed pages).
+
+        Twice: when the calls' dialogs are gone (32 s after), and when the nonces they used
+        are (300 s): one used nonce per call, made among the call's objects, keeps Python's
+        allocator pages of the burst in use until then."""
+        dialogs, nonces = self.calls.dialog_count, len(self.nonces)
+        self._dialog_peak = max(self._dialog_peak, dialogs)
+        self._nonce_peak = max(self._nonce_peak, nonces)
+        if self._dialog_peak >= TRIM_AFTER_DIALOGS and dialogs <= self._dialog_peak // 8:
+            self._dialog_peak = dialogs
+            self._trim_again = dialogs > 0  # and once more when the last of them are gone
+        elif self._trim_again and dialogs == 0:
+            self._trim_again = False
+        elif self._nonce_peak >= TRIM_AFTER_DIALOGS and nonces <= self._nonce_peak // 8:
+            self._nonce_peak = nonces
+        else:
+            return
+        gc.collect()
+        self.calls.compact(now)
+        self.timers.compact()
+        if _malloc_trim is not None:
+            _malloc_trim(0)
 
     def _note_abandoned(self, now: float) -> None:
         """Devices that gave up on a SHA-256 challenge: said once, offered MD5 from now on."""

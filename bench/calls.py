@@ -22,7 +22,12 @@ gives its own ceiling (1 s / that).
 
     .venv/bin/python bench/calls.py [--seconds 10] [--light-seconds 3] [--callers 1] [--callees 1]
                                     [--window 4] [--numbers 20] [--devices 3] [--answer one|all]
-                                    [--profile out.txt]
+                                    [--profile out.txt] [--calls N] [--linger S]
+
+RSS after 10,000 calls at full rate (idle, right after, and once the finished calls'
+32 s linger is over):
+
+    .venv/bin/python bench/calls.py --calls 10000 --light-seconds 0 --linger 35
 """
 
 from __future__ import annotations
@@ -241,7 +246,8 @@ class Call:
 
 
 def caller(port: int, numbers: list[str], targets: list[str], seconds: float, window: int, phase: str,
-           out: mp.Queue) -> None:  # type: ignore[type-arg]
+           out: mp.Queue, limit: int = 0) -> None:  # type: ignore[type-arg]
+    """`limit` > 0: start that many calls, then stop once they are all over (`seconds` caps it)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     sock.bind((HOST, 0))
@@ -266,6 +272,8 @@ def caller(port: int, numbers: list[str], targets: list[str], seconds: float, wi
 
     def new_call(now: float) -> None:
         nonlocal seq
+        if limit and seq >= limit:
+            return
         seq += 1
         number = numbers[seq % len(numbers)]
         target = targets[seq % len(targets)]
@@ -333,7 +341,7 @@ def caller(port: int, numbers: list[str], targets: list[str], seconds: float, wi
         new_call(start)
     while True:
         now = time.monotonic()
-        if now >= end:
+        if now >= end or (limit and not calls):
             break
         if now - last_sweep > 0.5:
             last_sweep = now
@@ -377,11 +385,13 @@ class Phase:
 
 
 def run_phase(port: int, callers: list[str], numbers: list[str], processes: int, seconds: float, window: int,
-              phase: str, daemon: int, profile: str | None = None) -> Phase:
+              phase: str, daemon: int, profile: str | None = None, calls: int = 0) -> Phase:
     out: mp.Queue = mp.Queue()  # type: ignore[type-arg]
     cpu_before = cpu_seconds(daemon)
     wall = time.monotonic()
-    procs = [mp.Process(target=caller, args=(port, callers[i::processes], numbers, seconds, window, phase, out))
+    shares = [calls // processes + (i < calls % processes) for i in range(processes)]
+    procs = [mp.Process(target=caller, args=(port, callers[i::processes], numbers, seconds, window, phase, out,
+                                             shares[i]))
              for i in range(processes)]
     for p in procs:
         p.start()
@@ -389,7 +399,7 @@ def run_phase(port: int, callers: list[str], numbers: list[str], processes: int,
     if profile:
         time.sleep(min(1.0, seconds / 4))
         spy = subprocess.Popen(
-            [str(REPO / ".venv/bin/py-spy"), "record", "-p", str(daemon), "-f", "raw", "-o", profile,
+            [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(daemon), "-f", "raw", "-o", profile,
              "-d", str(max(1, int(min(5, seconds - 2))))],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
@@ -433,6 +443,9 @@ def report(name: str, result: Phase, arrivals: dict[str, list[float]], devices: 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=10.0, help="the throughput phase")
+    parser.add_argument("--calls", type=int, default=0, metavar="N",
+                        help="the throughput phase places N calls (as fast as they go), then ends; "
+                             "--seconds then only caps it. With --linger: the RSS after 10,000 calls")
     parser.add_argument("--light-seconds", type=float, default=3.0,
                         help="first a light phase (one call in flight) for latency without queueing; 0: skip")
     parser.add_argument("--callers", type=int, default=1, help="caller processes")
@@ -473,15 +486,22 @@ def main() -> None:
             registered = sum(ready.get(timeout=30) for _ in callee_procs)
             print(f"{registered} devices registered ({args.numbers} numbers x {args.devices}, one_number), "
                   f"answer={args.answer}")
+            idle_kib = rss_kib(proc.pid)
+            print(f"daemon RSS idle (devices registered): {idle_kib / 1024:.1f} MB")
             light = None
             if args.light_seconds > 0:
                 light = run_phase(port, callers, numbers, 1, args.light_seconds, 1, "L", proc.pid)
-            load = run_phase(port, callers, numbers, args.callers, args.seconds, args.window, "T", proc.pid,
-                             args.profile)
-            print(f"daemon RSS after load: {rss_kib(proc.pid) / 1024:.1f} MB")
+            seconds = args.seconds if not args.calls or "--seconds" in sys.argv else 300.0
+            load = run_phase(port, callers, numbers, args.callers, seconds, args.window, "T", proc.pid,
+                             args.profile, args.calls)
+            after_kib = rss_kib(proc.pid)
+            print(f"daemon RSS after load: {after_kib / 1024:.1f} MB ({after_kib / idle_kib:.2f}x idle; "
+                  f"{load.done + load.failed} calls)")
             if args.linger > 0:
                 time.sleep(args.linger)
-                print(f"daemon RSS {args.linger:.0f} s after the load: {rss_kib(proc.pid) / 1024:.1f} MB")
+                later_kib = rss_kib(proc.pid)
+                print(f"daemon RSS {args.linger:.0f} s after the load: {later_kib / 1024:.1f} MB "
+                      f"({later_kib / idle_kib:.2f}x idle)")
             stop.set()
             arrivals: dict[str, list[float]] = {}
             answered = cleaned = cancelled = repeated = 0

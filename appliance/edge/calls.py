@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -45,7 +46,7 @@ from appliance.config import LiveConfig, TrunkConfig, device_id
 from appliance.edge.auth_gate import AuthGate
 from appliance.edge.relay import STATELESS_PREFIX, StatelessRelay
 from appliance.edge.seams import Bindings, CallEvents, MediaAnchor, Network, TrunkLookup, UserSettings
-from appliance.edge.timers import Timed, TimerWheel
+from appliance.edge.timers import Deadline, Timed, TimerWheel
 from appliance.edge.transport import format_host_port
 from appliance.logs import fields
 from appliance.media.protocol import (
@@ -164,6 +165,10 @@ class CallRouter:
         self._calls: dict[str, Dialog] = {}  # token -> the call's first dialog (A, or DIRECT)
         self.outgoing: dict[str, int] = {}  # number -> calls placed now
         self.relay = StatelessRelay(network, self._is_worker, address_for=self._address_for)
+        # Finished dialogs, in the order they ended (every linger is as long): one timer for
+        # the first, not a timer and a closure each (thousands linger under a burst).
+        self._lingering: deque[tuple[float, Dialog]] = deque()
+        self._linger_timer: Deadline | None = None
 
     # -- requests ----------------------------------------------------------------------------
     def on_request(self, request: Request, flow: Flow, dest: Flow, now: float) -> bool:
@@ -749,7 +754,7 @@ class CallRouter:
 
     def _targets(self, decision: RingNumber) -> list[Target[Flow]]:
         chosen = set(decision.devices)
-        return [Target(b.id, str(b.name_addr.uri), b.flow, b.flow.transport == "tcp")
+        return [Target(b.id, b.target_uri, b.flow, b.flow.transport == "tcp")
                 for b in self.bindings.bindings(decision.number) if b.id in chosen]
 
     def _start_fork(self, dialog: Dialog, dest: Flow, key: str | None, targets: list[Target[Flow]],
@@ -944,7 +949,9 @@ class CallRouter:
         if dialog.answer is not None:
             dialog.answer = dialog.answer.skeleton()
         # Keep the dialog a while (64*T1) so a retransmitted BYE still finds its way.
-        self.timers.call_later(DIALOG_LINGER, lambda _now: self._forget_dialog(dialog))
+        self._lingering.append((self.timers.now() + DIALOG_LINGER, dialog))
+        if self._linger_timer is None:
+            self._linger_timer = self.timers.call_at(self._lingering[0][0], self._forget_lingering)
         if dialog.role is Role.B:
             a_leg = self._calls.get(dialog.token)
             if a_leg is not None and not a_leg.ended and dialog.answered_by:
@@ -1025,6 +1032,29 @@ class CallRouter:
             ("Reason", 'SIP;cause=500;text="Media server failure"'),
         ])
         self._send_request(bye, dest, dest.transport == "tcp")
+
+    @property
+    def dialog_count(self) -> int:
+        """Dialogs the router follows, the lingering ones too (what its memory grows with)."""
+        return len(self._dialogs)
+
+    def compact(self, now: float) -> None:
+        """After a burst: a dict keeps the table it grew to when its entries leave; copies
+        of the per-call tables are the size of what is left (the housekeeping calls this).
+        The relay's expired records go now, not when the next call comes."""
+        self.relay.expire(now)
+        self.client_tx.compact()
+        self._forks = dict(self._forks)
+        self._branches = dict(self._branches)
+        self._dialogs = dict(self._dialogs)
+        self._by_fork = dict(self._by_fork)
+        self._calls = dict(self._calls)
+
+    def _forget_lingering(self, now: float) -> None:
+        queue = self._lingering
+        while queue and queue[0][0] <= now:
+            self._forget_dialog(queue.popleft()[1])
+        self._linger_timer = self.timers.call_at(queue[0][0], self._forget_lingering) if queue else None
 
     def _forget_dialog(self, dialog: Dialog) -> None:
         if self._dialogs.get(dialog.call_id) is dialog:

@@ -145,6 +145,11 @@ class StatelessRelay:
         while len(self._returns) > self.max_records:
             self._returns.popitem(last=False)
 
+    def expire(self, now: float) -> None:
+        """Drop the records whose time is over (also done on each relayed message)."""
+        self._expire(now)
+        self._returns = OrderedDict(self._returns)  # the table it grew to goes too
+
     def _expire(self, now: float) -> None:
         # Every record lives equally long and is moved to the end when written: the
         # oldest is first, so expiry stops at the first one still alive.

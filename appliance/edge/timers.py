@@ -20,6 +20,11 @@ import itertools
 from collections.abc import Callable
 from typing import Protocol
 
+TIMER_SLACK = 0.002
+"""After a run, the next is at least this much later: under load the heap's entries fall
+due one after the other (stale ones too), and each used to wake the loop on its own.
+SIP's shortest timer is T1 = 500 ms; 2 ms late changes nothing."""
+
 
 class Timed(Protocol):
     def next_deadline(self) -> float | None: ...
@@ -60,9 +65,14 @@ class TimerWheel:
         self._default_fire = fire
         self._manual = manual
         self._heap: list[tuple[float, int, Timed, Fire]] = []
+        # id(obj) -> the earliest time it has an entry in the heap: re-arming an object that
+        # is already due as early adds nothing (a fork is re-armed after every message it
+        # sees, and each entry used to stay in the heap, holding it, until its time came).
+        self._armed: dict[int, float] = {}
         self._seq = itertools.count()
         self._handle: asyncio.TimerHandle | None = None
         self._handle_at: float | None = None
+        self._running = False  # inside `_run`: what is armed meanwhile is scheduled once, after
 
     def now(self) -> float:
         return self._clock()
@@ -72,11 +82,18 @@ class TimerWheel:
         deadline = obj.next_deadline()
         if deadline is None:
             return
+        armed = self._armed.get(id(obj))
+        if armed is not None and armed <= deadline:
+            return  # its entry fires first; then it is re-armed for what it says next
         action = fire or self._default_fire
         assert action is not None, "arm() needs a fire callback (none given to the wheel)"
-        heapq.heappush(self._heap, (deadline, next(self._seq), obj, action))
-        if not self._manual and (self._handle_at is None or deadline < self._handle_at):
+        self._push(deadline, obj, action)
+        if not self._manual and not self._running and (self._handle_at is None or deadline < self._handle_at):
             self._schedule(deadline)
+
+    def _push(self, deadline: float, obj: Timed, fire: Fire) -> None:
+        heapq.heappush(self._heap, (deadline, next(self._seq), obj, fire))
+        self._armed[id(obj)] = deadline
 
     def call_at(self, when: float, fn: Callable[[float], None]) -> Deadline:
         """Run `fn(now)` once at `when` (our clock)."""
@@ -102,10 +119,14 @@ class TimerWheel:
         due: list[tuple[Timed, Fire]] = []
         seen: set[int] = set()
         heap = self._heap
+        armed = self._armed
         while heap and heap[0][0] <= now:
-            _, _, obj, fire = heapq.heappop(heap)
-            if id(obj) not in seen:
-                seen.add(id(obj))
+            when, _, obj, fire = heapq.heappop(heap)
+            key = id(obj)
+            if armed.get(key) == when:
+                del armed[key]  # no entry of it is left in the heap as early
+            if key not in seen:
+                seen.add(key)
                 due.append((obj, fire))
         for obj, fire in due:
             deadline = obj.next_deadline()
@@ -113,12 +134,20 @@ class TimerWheel:
                 fire(obj, now)
             deadline = obj.next_deadline()
             if deadline is not None:
-                heapq.heappush(heap, (deadline, next(self._seq), obj, fire))
+                previous = self._armed.get(id(obj))  # not `armed`: a callback may compact the wheel
+                if previous is None or deadline < previous:
+                    self._push(deadline, obj, fire)
 
     def advance_to(self, now: float) -> None:
         """Manual mode (tests): fire everything due up to `now`, earliest first."""
         while self._heap and self._heap[0][0] <= now:
             self.run_due(self._heap[0][0])
+
+    def compact(self) -> None:
+        """After a burst: the tables again at the size of what is armed now (a dict and a
+        list keep the room they grew to)."""
+        self._armed = dict(self._armed)
+        self._heap = list(self._heap)  # a copy of a heap is a heap
 
     # -- the asyncio driver ------------------------------------------------------------------
     def _schedule(self, deadline: float) -> None:
@@ -133,7 +162,11 @@ class TimerWheel:
     def _run(self) -> None:
         self._handle = None
         self._handle_at = None
-        self.run_due(self._clock())
+        self._running = True
+        try:
+            self.run_due(self._clock())
+        finally:
+            self._running = False
         self._rearm()
 
     def _rearm(self) -> None:
@@ -145,7 +178,7 @@ class TimerWheel:
         `TypeError: None object expected; got float` whenever a ringing call ended.
         """
         if self._heap and (self._handle_at is None or self._heap[0][0] < self._handle_at):
-            self._schedule(self._heap[0][0])
+            self._schedule(max(self._heap[0][0], self._clock() + TIMER_SLACK))
 
     def cancel(self) -> None:
         if self._handle is not None:
@@ -153,3 +186,4 @@ class TimerWheel:
             self._handle = None
             self._handle_at = None
         self._heap.clear()
+        self._armed.clear()

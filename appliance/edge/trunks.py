@@ -195,6 +195,8 @@ class TrunkRegistrar:
         """The trunk whose provider sent what came on `flow`: its source address is one the
         box resolved for that trunk's server (host and port for UDP; host for TCP, whose
         source port is the provider's ephemeral one). None for anyone else."""
+        if not self._resolved:
+            return None  # no provider (asked for every call and every Via we write)
         host = _canonical(flow.host)
         for name, addresses in self._resolved.items():
             for transport, address, port in addresses:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import os
 import re
 import struct
 from collections import deque
@@ -29,6 +28,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
 from functools import lru_cache
+
+from appliance.sip.message import RANDOM
 
 __all__ = [
     "ALGORITHMS",
@@ -234,7 +235,7 @@ class NonceManager:
 
     def issue(self, user: str, now: float) -> str:
         """Return a fresh nonce for ``user`` (printable base64url, no padding)."""
-        head = _TS.pack(now) + os.urandom(_RAND_LEN)
+        head = _TS.pack(now) + RANDOM.take(_RAND_LEN)
         raw = head + self._mac(head, user)
         return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 

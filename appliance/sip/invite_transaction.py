@@ -53,14 +53,16 @@ class TimedOut:
 Action = Send[Dest] | PassUp | TimedOut
 
 
-def ack_for(request: Request, response: Response) -> Request:
-    """The ACK a client transaction sends for a non-2xx final response (§17.1.1.3)."""
+def ack_for(request: Request, response: Response | str) -> Request:
+    """The ACK a client transaction sends for a non-2xx final response (§17.1.1.3);
+    `response` may be given as just its To value, the one thing the ACK takes from it."""
     headers: list[tuple[str, str]] = []
     for name in ("Via", "From", "Call-ID"):
         value = request.get(name)  # only the top Via: ours
         if value is not None:
             headers.append((name, value))
-    headers.append(("To", response.get("To") or request.get("To") or ""))
+    to = response if isinstance(response, str) else response.get("To")
+    headers.append(("To", to or request.get("To") or ""))
     seq = request.cseq[0]
     headers.append(("CSeq", f"{seq} ACK"))
     headers.extend(("Route", r) for r in request.get_all("Route"))
@@ -80,7 +82,9 @@ class InviteClient(Generic[Dest]):
         self._interval = T1
         self._retransmit_at: float | None = None if reliable else now + T1
         self._deadline: float | None = now + TIMER_B
-        self._ack: bytes | None = None
+        # The To of the non-2xx final (with its tag): the ACK is rebuilt from it for each
+        # retransmitted final (rare), not kept as bytes for the 32 s of Timer D.
+        self._ack_to: str | None = None
 
     def start(self) -> list[Action[Dest]]:
         return [Send(self.data, self.dest)]
@@ -101,13 +105,13 @@ class InviteClient(Generic[Dest]):
                 return [PassUp(response)]
             self.state = State.COMPLETED
             self._retransmit_at = None
-            self._ack = ack_for(self.request, response).to_bytes()
+            self._ack_to = response.get("To") or ""
             self._deadline = now + (0.0 if self.reliable else TIMER_D_UDP)
-            return [Send(self._ack, self.dest), PassUp(response)]
+            return [Send(ack_for(self.request, self._ack_to).to_bytes(), self.dest), PassUp(response)]
         if self.state is State.ACCEPTED and 200 <= status < 300:
             return [PassUp(response)]  # retransmitted 2xx: the proxy forwards it again
-        if self.state is State.COMPLETED and status >= 300 and self._ack is not None:
-            return [Send(self._ack, self.dest)]
+        if self.state is State.COMPLETED and status >= 300 and self._ack_to is not None:
+            return [Send(ack_for(self.request, self._ack_to).to_bytes(), self.dest)]
         return []
 
     def cancel_sent(self, now: float) -> None:

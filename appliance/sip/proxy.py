@@ -52,8 +52,7 @@ class BranchState(Enum):
 class Branch(Generic[Dest]):
     """One forked INVITE: the device it rings and how far it got."""
 
-    __slots__ = ("answer", "authorized", "cancel_wanted", "cancelled", "final", "loser_ack", "state", "target",
-                 "tx")
+    __slots__ = ("answer", "authorized", "cancel_wanted", "cancelled", "loser_ack", "state", "target", "tx")
 
     def __init__(self, target: Target[Dest], tx: InviteClient[Dest]) -> None:
         self.target = target
@@ -61,7 +60,6 @@ class Branch(Generic[Dest]):
         self.state = BranchState.TRYING
         self.cancel_wanted: str | None = None  # Reason to send once a provisional arrives
         self.cancelled = False
-        self.final: Response | None = None
         self.answer: Response | None = None  # the 2xx that won: its Contact and To-tag name the dialog
         self.loser_ack: bytes | None = None  # the ACK of a 2xx that lost the race, resent per retransmission
         self.authorized = False  # this INVITE already carries credentials: a new challenge is a refusal
@@ -150,14 +148,15 @@ class Fork(Generic[Dest]):
         """§16.6: a copy with the device's Contact as Request-URI, our Via, Record-Route."""
         src = self.request
         headers: list[tuple[str, str]] = [("Via", self._via_for(target, branch_id))]
-        for name, value in src.headers:
+        for entry in src.headers:
+            name = entry[0]
             if name in ("Proxy-Authorization", "Route") or name.startswith(INTERNAL_PREFIX):
                 # Our credentials are consumed here, the Route pointed at us, and internal
                 # headers are ours to set: never relayed from outside.
                 continue
             if name == "Max-Forwards":
-                value = str(max(0, int(value) - 1))
-            headers.append((name, value))
+                entry = (name, str(max(0, int(entry[1]) - 1)))
+            headers.append(entry)  # the caller's own tuple: the branches' skeletons share them
         if src.get("Max-Forwards") is None:
             headers.append(("Max-Forwards", "69"))
         if self._record_route is not None:
@@ -232,7 +231,6 @@ class Fork(Generic[Dest]):
                                  if n not in ("WWW-Authenticate", "Proxy-Authenticate")], b"")
         was_ringing = branch.state is BranchState.RINGING
         branch.state = BranchState.FAILED
-        branch.final = response
         if was_ringing or not branch.cancelled:
             actions.append(ForkEvent("stopped", binding))
         if branch.cancelled and status == 487:
@@ -259,7 +257,6 @@ class Fork(Generic[Dest]):
         if credentials is None:
             return None
         branch.state = BranchState.FAILED
-        branch.final = challenge
         branch_id = "z9hG4bK" + new_tag() + new_tag()
         headers: list[tuple[str, str]] = []
         via_done = False
@@ -418,9 +415,11 @@ class Fork(Generic[Dest]):
         branch's whole INVITE and every failure response: a burst of calls stays small."""
         self.request = self.request.skeleton()
         self._responses.clear()
+        self._extra = []
+        self._record_route = None  # no branch starts after the final: these only made them
+        self._authorize = None
         for branch in self.branches.values():
             branch.tx.request = branch.tx.request.skeleton()
-            branch.final = None
 
     def _cancel_others(self, keep: Branch[Dest] | None, reason: str | None, now: float) -> list[ForkAction[Dest]]:
         actions: list[ForkAction[Dest]] = []

@@ -65,6 +65,7 @@ class Binding:
     unreachable_reason: str = ""
     """Why the last qualify of an unreachable device failed (`no_answer`, `tcp_connect_failed`)."""
     _uri: NameAddr | None = field(default=None, repr=False, compare=False)
+    _uri_text: str | None = field(default=None, repr=False, compare=False)
 
     @property
     def device_key(self) -> str:
@@ -75,6 +76,14 @@ class Binding:
         if self._uri is None:
             self._uri = parse_name_addr(self.contact)
         return self._uri
+
+    @property
+    def target_uri(self) -> str:
+        """The Contact's URI as the Request-URI of an INVITE to the device: made once, the
+        same string for every call (a finished call's branches keep it 32 s)."""
+        if self._uri_text is None:
+            self._uri_text = str(self.name_addr.uri)
+        return self._uri_text
 
     def expires_in(self, now: float) -> int:
         return max(0, round(self.expires_at - now))
@@ -200,6 +209,7 @@ class Registrar:
             if binding is not None:
                 binding.contact = change.contact_text
                 binding._uri = change.contact
+                binding._uri_text = None
                 binding.instance = _instance(change.contact) or binding.instance
                 binding.call_id, binding.cseq = call_id, cseq
                 binding.expires_at = now + change.expires

@@ -1,0 +1,143 @@
+"""What a finished call costs while it lingers (32 s, so late retransmissions still find
+their way), and that nothing of it is left after: measured in-process on the fake clock.
+
+Each call is what bench/calls.py plays over sockets: INVITE, 407, INVITE with credentials,
+a fork to three devices of one number, 180 from each, 200 with SDP from one, CANCEL
+(200 + 487) to the others, ACK and BYE through the Record-Route, 200 to the BYE.
+Under a burst of 10,000 calls a second-long linger is 10,000 of these records at once:
+every byte of one is 10 kB of RSS at the high-water mark.
+"""
+
+from __future__ import annotations
+
+import gc
+import tracemalloc
+import types
+
+from appliance.sip.message import Request, Response
+from appliance.sip.registrar import Flow
+from tests.unit import test_edge_fake_clock as fake
+from tests.unit.test_edge_fake_clock import PHONE_100, House, requests, statuses
+
+SDP = ("v=0\no=- 1 1 IN IP4 192.0.2.10\ns=-\nc=IN IP4 192.0.2.10\nt=0 0\nm=audio 4000 RTP/AVP 8 0 101\n"
+       "a=rtpmap:8 PCMA/8000\na=rtpmap:0 PCMU/8000\na=rtpmap:101 telephone-event/8000\na=fmtp:101 0-16\n"
+       "a=sendrecv\n")
+DEVICES = [Flow("udp", "192.0.2.20", 5062 + k, "127.0.0.1:5060") for k in range(3)]
+
+
+def house_with_three_devices() -> House:
+    config = fake.CONFIG
+    fake.CONFIG = config.replace('password = "pw200"', 'password = "pw200"\none_number = true')
+    try:
+        house = House()
+    finally:
+        fake.CONFIG = config
+    for k, device in enumerate(DEVICES):
+        assert statuses(house.authenticated("REGISTER", "200", "pw200", "200", device, f"reg200{k}")) == [200]
+    return house
+
+
+def _answer(request: Request, status: int, reason: str, tag: str, extra: str = "", body: str = "") -> str:
+    to = request.get("To") or ""
+    if ";tag=" not in to:
+        to = f"{to};tag={tag}"
+    head = "".join(f"Via: {v}\n" for v in request.get_all("Via"))
+    head += "".join(f"Record-Route: {r}\n" for r in request.get_all("Record-Route")) if 100 < status < 300 else ""
+    length = len(body.replace("\n", "\r\n"))
+    return (f"SIP/2.0 {status} {reason}\n{head}From: {request.get('From')}\nTo: {to}\n"
+            f"Call-ID: {request.call_id}\nCSeq: {request.get('CSeq')}\n{extra}Content-Length: {length}\n\n{body}")
+
+
+def place_call(house: House, i: int) -> None:
+    """One whole call (answered by the first device, the others cancelled), then hung up."""
+    call_id = f"linger{i}"
+    sent = house.authenticated("INVITE", "100", "pw100", "200", PHONE_100, call_id,
+                               extra="Content-Type: application/sdp\nUser-Agent: Probe/1.0\n")
+    invites = requests(sent, "INVITE")
+    assert len(invites) == 3, sent
+    for k, (invite, flow) in enumerate(invites):
+        house.receive(_answer(invite, 180, "Ringing", f"d{k}x{i}",
+                              f"Contact: <sip:200@{flow.host}:{flow.port}>\n"), flow)
+    invite, flow = invites[0]
+    tag = f"d0x{i}"
+    answered = house.receive(_answer(invite, 200, "OK", tag, f"Contact: <sip:200@{flow.host}:{flow.port}>\n"
+                                     "Content-Type: application/sdp\n", SDP), flow)
+    assert [m.status for m, _ in answered if isinstance(m, Response)] == [200]
+    for cancel, to in requests(answered, "CANCEL"):
+        house.receive(_answer(cancel, 200, "OK", "c"), to)
+        [(lost, _)] = [(m, f) for m, f in invites if f == to]
+        house.receive(_answer(lost, 487, "Request Terminated", f"d{to.port}x{i}"), to)
+    dialog = (f"From: <sip:100@home.arpa>;tag=f{call_id}\nTo: <sip:200@home.arpa>;tag={tag}\n"
+              f"Call-ID: {call_id}\n")
+    route = "Route: <sip:127.0.0.1:5060;lr>\n"
+    house.receive(f"ACK sip:200@{flow.host}:{flow.port} SIP/2.0\nVia: SIP/2.0/UDP 192.0.2.10:5062;"
+                  f"branch=z9hG4bKack{i};rport\nMax-Forwards: 70\n{route}{dialog}CSeq: 2 ACK\n"
+                  "Content-Length: 0\n\n", PHONE_100)
+    [(bye, to)] = requests(house.receive(
+        f"BYE sip:200@{flow.host}:{flow.port} SIP/2.0\nVia: SIP/2.0/UDP 192.0.2.10:5062;branch=z9hG4bKbye{i};"
+        f"rport\nMax-Forwards: 70\n{route}{dialog}CSeq: 3 BYE\nContent-Length: 0\n\n", PHONE_100), "BYE")
+    assert statuses(house.receive(_answer(bye, 200, "OK", tag), to)) == [200]
+    house.network.take()
+    house.advance(0.001)
+
+
+def _traced(fn: object) -> int:
+    gc.collect()
+    return tracemalloc.get_traced_memory()[0]
+
+
+def test_a_finished_call_lingers_in_little_memory_and_leaves_nothing() -> None:
+    house = house_with_three_devices()
+    for i in range(30):  # warm up: caches, interned names, dicts at their working size
+        place_call(house, i)
+    house.advance(60)
+    calls = 400
+    tracemalloc.start()
+    try:
+        before = _traced(None)
+        for i in range(1000, 1000 + calls):
+            place_call(house, i)
+        lingering = (_traced(None) - before) / calls
+        house.advance(60)  # every linger is over
+        house.edge.calls.compact(house.now)  # as the daemon's housekeeping does after a burst
+        house.timers.compact()
+        left = (_traced(None) - before) / calls
+    finally:
+        tracemalloc.stop()
+    router = house.edge.calls
+    assert not router._dialogs and not router._forks and not router._branches and not len(router.client_tx)
+    # Was 14.2 kB: every re-arm of a fork left a heap entry, the losers' 487s and ACK bytes,
+    # per-branch copies of header tuples, a timer and a closure per dialog. Now ~7 kB: the
+    # fork's transactions themselves (Timer L and D, 32 s).
+    assert lingering < 8000, f"{lingering:.0f} bytes per lingering call"
+    assert left < 150, f"{left:.0f} bytes per call after the linger"  # the used nonce (kept 300 s)
+
+
+def _reachable(root: object) -> list[object]:
+    """Every object the router holds (not through functions, classes or modules: the code)."""
+    seen = {id(root)}
+    todo, found = [root], []
+    while todo:
+        obj = todo.pop()
+        found.append(obj)
+        for ref in gc.get_referents(obj):
+            if id(ref) in seen or isinstance(ref, type | types.ModuleType | types.FunctionType):
+                continue
+            seen.add(id(ref))
+            todo.append(ref)
+    return found
+
+
+def test_a_lingering_call_keeps_no_body_and_no_credentials() -> None:
+    house = house_with_three_devices()
+    place_call(house, 1)
+    router = house.edge.calls
+    [dialog] = router._dialogs.values()
+    held = [o for o in _reachable(router) if isinstance(o, Request | Response)]
+    assert len(held) >= 2, "the dialog's INVITE and answer, the fork's requests"
+    # One answer is kept (the dialog's: its To tag and Contact); not the losers' 487s.
+    assert [m.status for m in held if isinstance(m, Response)] == [200]
+    for message in held:
+        assert message.body == b"", message
+        assert message.get("Proxy-Authorization") is None and message.get("Content-Type") is None, message
+    assert dialog.ended
