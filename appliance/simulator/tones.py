@@ -141,8 +141,8 @@ def total_power(wav_path: PathLike | Signal, *, skip: float = DEFAULT_SKIP) -> f
     return math.fsum(x * x for x in sig.samples) / len(sig.samples)
 
 
-POWER_WINDOW = 0.1
-"""Seconds per Goertzel window in `tone_power` (10 Hz bins, Hann: tones 60 Hz apart stay apart)."""
+POWER_WINDOW = 0.5
+"""Seconds per Goertzel window in `tone_power`: 2-Hz bins, so 425, 440 and 450 Hz (dial tones) stay apart."""
 
 
 def tone_power(wav_path: PathLike | Signal, freq: float, *, skip: float = DEFAULT_SKIP) -> float:

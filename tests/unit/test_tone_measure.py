@@ -26,7 +26,7 @@ def test_a_frame_slipped_between_two_media_clocks_costs_the_tone_nothing() -> No
     first = sine(440, 0.75)
     second = sine(440, 0.75, phase=2 * math.pi * 440 * 0.01 + math.pi / 2)  # 10 ms skipped, and then some
     sig = Signal(RATE, tuple(first + second))
-    assert tones.tone_level_db(sig, 440, skip=0) > -1.0
+    assert tones.tone_level_db(sig, 440, skip=0) > -2.0  # a whole-file bin: -7 dB
 
 
 def test_two_tones_are_told_apart() -> None:
