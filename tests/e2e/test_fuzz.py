@@ -24,7 +24,7 @@ def _show(report: Report, kinds: dict[str, int]) -> str:
 
 
 def test_fuzzed_udp_and_tcp_leave_the_daemon_well() -> None:
-    report = fuzz(seconds=50, count=None, seed=SEED, tcp_share=0.4, say=lambda _: None)
+    report = fuzz(seconds=25, count=None, seed=SEED, tcp_share=0.4, say=lambda _: None)  # bench/fuzz.py runs longer
     summary = "\n".join(report.lines())
     assert report.udp_sent > 1000 and report.tcp_sent > 1000, summary
     assert not report.crashed, summary
