@@ -581,25 +581,37 @@ class Worker(PjHost):
         else:
             self.start_session(leg, token, msg)
 
-    def start_session(self, a: Leg, token: str, msg: Request) -> None:
+    def free_for(self, leg: Leg, token: str) -> bool:
+        """A new call may start here: else refused, 486 while one is up, 400 without a token."""
         if self.session is not None:
-            self.refuse(a, 486, "Busy Here")
-            return
+            self.refuse(leg, 486, "Busy Here")
+            return False
         if not token:
-            self.refuse(a, 400, f"Missing {P.HDR_TOKEN}")
-            return
-        dialled = msg.uri.split(":", 1)[-1].split("@", 1)[0] if "@" in msg.uri else ""
-        target = (msg.get(P.HDR_TARGET) or "").strip() or f"sip:{dialled}@{self.args.edge}"
-        caller = (msg.get(P.HDR_CALLER) or "").strip() or strip_tag(msg.get("From") or "")
+            self.refuse(leg, 400, f"Missing {P.HDR_TOKEN}")
+            return False
+        return True
+
+    def begin_session(self, a: Leg, token: str, msg: Request, caller: str, target: str,
+                      shown_target: str | None = None) -> Session:
+        """`a`'s call becomes this worker's one session: its A-leg, its offer's codecs first,
+        told to the edge (`call_started`; `shown_target` names a call with no B-leg)."""
         a.name = P.LEG_A
         a.remote = strip_tag(msg.get("From") or "")
         session = Session(token=token, caller=caller, target=target, a=a)
         a.session = session
         self.session = session
         self.set_codec_order(offered_codecs(msg.body.decode("utf-8", "replace")))
-        self.out.emit(
-            P.EV_CALL_STARTED, token=token, call_id=msg.get("Call-ID"), caller=caller, target=target
-        )
+        self.out.emit(P.EV_CALL_STARTED, token=token, call_id=msg.get("Call-ID"), caller=caller,
+                      target=target if shown_target is None else shown_target)
+        return session
+
+    def start_session(self, a: Leg, token: str, msg: Request) -> None:
+        if not self.free_for(a, token):
+            return
+        dialled = msg.uri.split(":", 1)[-1].split("@", 1)[0] if "@" in msg.uri else ""
+        target = (msg.get(P.HDR_TARGET) or "").strip() or f"sip:{dialled}@{self.args.edge}"
+        caller = (msg.get(P.HDR_CALLER) or "").strip() or strip_tag(msg.get("From") or "")
+        session = self.begin_session(a, token, msg, caller, target)
         assert self.acc is not None
         b = Leg(self, self.acc)
         b.name = P.LEG_B
@@ -623,19 +635,9 @@ class Worker(PjHost):
     # -- confirmation beeps (a feature code applied) ------------------------------------------
     def play_confirm(self, leg: Leg, token: str, msg: Request) -> None:
         """Answer, beep CONFIRM_BEEPS times, hang up: the handset hears its code was applied."""
-        if self.session is not None:
-            self.refuse(leg, 486, "Busy Here")
+        if not self.free_for(leg, token):
             return
-        if not token:
-            self.refuse(leg, 400, f"Missing {P.HDR_TOKEN}")
-            return
-        leg.name = P.LEG_A
-        leg.remote = strip_tag(msg.get("From") or "")
-        session = Session(token=token, caller="", target="", a=leg)
-        leg.session = session
-        self.session = session
-        self.set_codec_order(offered_codecs(msg.body.decode("utf-8", "replace")))
-        self.out.emit(P.EV_CALL_STARTED, token=token, call_id=msg.get("Call-ID"), caller="", target="confirm")
+        self.begin_session(leg, token, msg, "", "", shown_target="confirm")
         self.answer(leg, 200, headers={P.HDR_TOKEN: token})
         self.after(0.1, lambda: self.confirm_beeps(leg, 30))
 
@@ -923,19 +925,14 @@ class Worker(PjHost):
         if not token or not number.isdigit() or not self.args.voicemail_dir:
             self.refuse(leg, 400 if not token else 404, "No Mailbox Here")
             return
-        leg.name = P.LEG_A
-        leg.remote = strip_tag(msg.get("From") or "")
-        session = Session(token=token, caller="", target="", a=leg)
         try:
-            session.machine = answering.MailboxMenu(self, Path(self.args.voicemail_dir), number, leg)
+            menu = answering.MailboxMenu(self, Path(self.args.voicemail_dir), number, leg)
         except Exception as exc:
             self.out.emit(P.EV_ERROR, where="mailbox", message=str(exc))
             self.refuse(leg, 500, "Mailbox Unreadable")
             return
-        leg.session = session
-        self.session = session
-        self.set_codec_order(offered_codecs(msg.body.decode("utf-8", "replace")))
-        self.out.emit(P.EV_CALL_STARTED, token=token, call_id=msg.get("Call-ID"), caller="", target="mailbox")
+        session = self.begin_session(leg, token, msg, "", "", shown_target="mailbox")
+        session.machine = menu
         session.answered = True
         session.answered_at = time.monotonic()
         self.answer(leg, 200, headers={P.HDR_TOKEN: token})
