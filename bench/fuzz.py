@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from appliance.ports import free_port  # noqa: E402
-from appliance.sip.errors import SipParseError  # noqa: E402
+from appliance.sip.message import SipParseError  # noqa: E402
 from bench.register import rss_kib  # noqa: E402
 from tests.support.pbx import Daemon, user_block, write_config  # noqa: E402
 from tests.support.rawsip import RawClient  # noqa: E402

@@ -22,9 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import sipmessage
 
-from appliance.sip.errors import SipParseError
 from appliance.sip.headers import parse_name_addr, parse_via
-from appliance.sip.message import Request, Response, make_response, parse_message
+from appliance.sip.message import Request, Response, SipParseError, make_response, parse_message
 
 
 def crlf(*lines: str, body: str = "") -> bytes:

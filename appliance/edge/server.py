@@ -19,9 +19,9 @@ from appliance.edge.auth_gate import AuthGate
 from appliance.edge.seams import Network, PublishDeviceEvents
 from appliance.logs import PerSourceLimit, fields, log_limited
 from appliance.sip.authenticator import Outcome
-from appliance.sip.errors import SipParseError, SipSyntaxError
+from appliance.sip.errors import SipSyntaxError
 from appliance.sip.headers import parse_name_addr, parse_via
-from appliance.sip.message import Request, Response, make_response, parse_message
+from appliance.sip.message import Request, Response, SipParseError, make_response, parse_message
 from appliance.sip.registrar import DevicePolicy, Flow, Registrar
 from appliance.sip.throttle import FailureThrottle
 from appliance.sip.transaction import ServerTransactions, server_key

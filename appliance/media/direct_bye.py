@@ -29,9 +29,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from appliance.sip.errors import SipParseError, SipSyntaxError
+from appliance.sip.errors import SipSyntaxError
 from appliance.sip.headers import parse_cseq, parse_name_addr, parse_via
-from appliance.sip.message import Request, Response, new_tag, parse_message
+from appliance.sip.message import Request, Response, SipParseError, new_tag, parse_message
 
 T1 = 0.5
 """RFC 3261 round-trip estimate: the first retransmission interval."""

@@ -72,8 +72,7 @@ from appliance.media import answering, direct_bye
 from appliance.media import protocol as P
 from appliance.pjerrors import pj_error_text
 from appliance.pjhost import STDIN_CLOSED, LogWriter, PjHost, block_signals, set_g722_pcm_shift
-from appliance.sip.errors import SipParseError
-from appliance.sip.message import Request, Response, parse_message
+from appliance.sip.message import Request, Response, SipParseError, parse_message
 
 SHUTDOWN_PUMP_S = 2.0
 """How long shutdown waits for BYE/CANCEL transactions before destroying the library."""

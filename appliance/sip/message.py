@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterable
 from functools import lru_cache
 
-from appliance.sip.errors import SipParseError, SipSyntaxError
+from appliance.sip.errors import SipSyntaxError
 from appliance.sip.headers import parse_cseq
 from appliance.sip.uri import split_quoted
 
@@ -57,6 +57,22 @@ REASON_PHRASES = {
     505: "Version Not Supported", 513: "Message Too Large", 600: "Busy Everywhere",
     603: "Decline", 604: "Does Not Exist Anywhere", 606: "Not Acceptable",
 }
+
+
+class SipParseError(ValueError):
+    """A message that cannot be accepted.
+
+    `request` is set when enough of a request was read to answer it (Via, From, To,
+    Call-ID and CSeq); the caller then sends `status` with `reason` as the phrase, which
+    names the fault. Without it the message is dropped, as RFC 3261 §16.3 and §18 allow.
+    """
+
+    def __init__(self, reason: str, *, status: int = 400, request: Request | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+        self.request = request
+
 
 
 @lru_cache(maxsize=1024)

@@ -9,13 +9,14 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from appliance.sip.errors import SipParseError, SipSyntaxError
+from appliance.sip.errors import SipSyntaxError
 from appliance.sip.headers import parse_cseq, parse_name_addr, parse_via
 from appliance.sip.message import (
     _LIST_HEADERS,
     _TOKEN_CHARS,
     Request,
     Response,
+    SipParseError,
     canonical_name,
     make_response,
     parse_message,

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.sip.errors import SipParseError, SipSyntaxError
+from appliance.sip.errors import SipSyntaxError
 from appliance.sip.headers import parse_cseq, parse_name_addr, parse_via, unquote
 from appliance.sip.message import (
     Request,
     Response,
+    SipParseError,
     canonical_name,
     make_response,
     parse_message,
