@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parent
 # Everything a SIP message goes through between the socket and the reply.
 NATIVE_MODULES = sorted(
     [str(p.relative_to(ROOT)) for p in (ROOT / "appliance" / "sip").glob("*.py") if p.name != "__init__.py"]
-    + [f"appliance/edge/{name}.py" for name in ("server", "transport", "calls", "relay", "timers", "media_link",
-                                                 "auth_gate", "device_events")]
+    + [f"appliance/edge/{name}.py" for name in ("server", "transport", "calls", "dialogs", "routing", "transfers",
+                                                 "forwarding", "pickup", "feature_codes", "relay", "timers",
+                                                 "media_link", "auth_gate", "device_events")]
     + ["appliance/call_policy.py"]
 )
 
