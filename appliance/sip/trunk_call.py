@@ -62,9 +62,12 @@ def g711_only(body: bytes) -> bytes:
             break
     if audio < 0:
         return body
+    # The audio section runs to the next m= line: another stream's rtpmap (video, a T.140
+    # text stream) names payload types of its own and stays.
+    end = next((i for i in range(audio + 1, len(lines)) if lines[i].startswith("m=")), len(lines))
     out = []
     for i, line in enumerate(lines):
-        if i > audio and line.startswith(("a=rtpmap:", "a=fmtp:")):
+        if audio < i < end and line.startswith(("a=rtpmap:", "a=fmtp:")):
             pt = line.split(":", 1)[1].split(" ", 1)[0]
             if pt not in kept:
                 continue

@@ -106,3 +106,17 @@ def test_the_offer_to_the_provider_is_g711_only() -> None:
     assert "G722" not in body and "a=fmtp:101 0-16" in body and body.endswith("a=sendrecv\r\n")
     only_g722 = SDP.replace(b"RTP/AVP 9 0 8 101", b"RTP/AVP 9")
     assert g711_only(only_g722) == only_g722  # nothing we could keep: left to the provider to refuse
+
+
+def test_only_the_audio_section_is_cut() -> None:
+    """A text (T.140) or video stream after the audio keeps its own rtpmap lines: a dynamic
+    payload type without one is a malformed offer (a handset answers 400 Bad SDP)."""
+    sdp = ("v=0\r\no=- 1 1 IN IP4 192.0.2.1\r\ns=-\r\nc=IN IP4 192.0.2.1\r\nt=0 0\r\n"
+           "m=audio 4000 RTP/AVP 9 8 0 101 98\r\na=rtpmap:9 G722/8000\r\na=rtpmap:101 telephone-event/8000\r\n"
+           "a=fmtp:101 0-16\r\na=rtpmap:98 opus/48000/2\r\n"
+           "m=text 4002 RTP/AVP 98 100\r\na=rtpmap:98 t140/1000\r\na=rtpmap:100 red/1000\r\na=fmtp:100 98/98/98\r\n")
+    body = g711_only(sdp.encode()).decode()
+    audio, text = body.split("m=text")
+    assert "m=audio 4000 RTP/AVP 8 0 101\r\n" in audio
+    assert "G722" not in audio and "opus" not in audio and "a=rtpmap:101 telephone-event/8000" in audio
+    assert text == " 4002 RTP/AVP 98 100\r\na=rtpmap:98 t140/1000\r\na=rtpmap:100 red/1000\r\na=fmtp:100 98/98/98\r\n"
