@@ -351,9 +351,13 @@ def calls_allowed(wanted: int, limit: int) -> int:
     return max(1, min(wanted, limit // PJSUA_CALLS_PER_CALL))
 
 
+_PROBE_ENDPOINTS: list[Any] = []
+
+
 def probe_calls(wanted: int) -> int:
     """How many calls a worker of this build would take: a throw-away ``libInit`` asking
-    for `wanted` calls' worth (run in a child process: see :func:`zygote_main`)."""
+    for `wanted` calls' worth, in a process that then exits with ``os._exit`` (a child:
+    see :func:`probe_in_child`)."""
     ep = create_library()
     cfg = pj.EpConfig()
     cfg.uaConfig.threadCnt = 0
@@ -364,6 +368,7 @@ def probe_calls(wanted: int) -> int:
     cfg.medConfig.threadCnt = 0
     cfg.medConfig.hasIoqueue = False
     ep.libInit(cfg)
+    _PROBE_ENDPOINTS.append(ep)  # never destroyed: ~Endpoint would take a second in libDestroy
     return calls_allowed(wanted, build_call_limit())
 
 
