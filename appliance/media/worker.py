@@ -130,7 +130,8 @@ def offered_codecs(sdp: str) -> list[str]:
         elif in_audio and line.startswith("a=rtpmap:"):
             pt, _, encoding = line[len("a=rtpmap:") :].partition(" ")
             name, _, rate = encoding.partition("/")
-            rtpmap[pt] = f"{name.upper()}/{rate.split('/')[0]}"
+            # G.722 is "G722/8000" in SDP (RFC 3551's historic RTP clock), 16 kHz audio.
+            rtpmap[pt] = "G722/16000" if name.upper() == "G722" else f"{name.upper()}/{rate.split('/')[0]}"
     ours = {c.upper(): c for c in P.CODECS}
     result: list[str] = []
     for pt in payloads:
@@ -293,6 +294,8 @@ class Session:
     code: int = 0
     machine: answering.AnsweringMachine | answering.MailboxMenu | None = None
     """The answering machine or the mailbox menu this session is (no B-leg)."""
+    codecs: list[str] = field(default_factory=list)
+    """The A-leg offer's codecs, in its order: what this call's own offers lead with."""
 
     def legs(self) -> list[Leg]:
         return [leg for leg in (self.a, self.b, *self.joiners, self.transfer) if leg is not None]
@@ -677,10 +680,11 @@ class Worker(PjHost):
         told to the edge (`call_started`; `shown_target` names a call with no B-leg)."""
         a.name = P.LEG_A
         a.remote = strip_tag(msg.get("From") or "")
-        session = Session(token=token, caller=caller, target=target, a=a)
+        session = Session(token=token, caller=caller, target=target, a=a,
+                          codecs=offered_codecs(msg.body.decode("utf-8", "replace")))
         a.session = session
         self.sessions[token] = session
-        self.set_codec_order(offered_codecs(msg.body.decode("utf-8", "replace")))
+        self.set_codec_order(session.codecs)
         self.out.emit(P.EV_CALL_STARTED, token=token, call_id=msg.get("Call-ID"), caller=caller,
                       target=target if shown_target is None else shown_target)
         return session
@@ -1055,6 +1059,10 @@ class Worker(PjHost):
             prm.statusCode = 491  # one transfer at a time
             return
         assert self.acc is not None
+        # The codec order is the endpoint's, last set by whichever call began last: the
+        # transfer INVITE pjsua sends after this callback leads with this call's codecs.
+        # (Only the codec manager's priorities change here, no call or dialog.)
+        self.set_codec_order(s.codecs)
         s.transfer_seq += 1
         t = Leg(self, self.acc)
         t.name = f"{P.TRANSFER_LEG_PREFIX}{s.transfer_seq}"

@@ -310,3 +310,28 @@ def test_a_burst_loses_no_call_with_calls_packed(pbx_factory: DaemonFactory, tmp
     assert pbx.log_matches(r"event=media_pool_capacity calls_per_worker=16")
     pids = {m for line in pbx.log_matches(r"event=media_worker_call") for m in re.findall(r"pid=(\d+)", line)}
     assert len(pids) <= 8, pids  # 60 in flight: 4 workers hold them (one process a call: 60)
+
+
+def test_a_transfer_offers_its_own_calls_codecs(pbx_factory: DaemonFactory, handset_factory: HandsetFactory) -> None:
+    """The codec order is the worker's, set by the call that began last; a transfer
+    INVITE (made by pjsua from the REFER) must still lead with its own call's codec."""
+    pbx = pbx_factory([user_block(n) for n in ("100", "200", "300", "400", "500")], extra=media(4))
+    wide = ["G722", "PCMU"]
+    phones = {"100": handset_factory("p100", codecs=["G722"]), "200": handset_factory("p200", codecs=wide),
+              "300": handset_factory("p300", codecs=["PCMU"]), "400": handset_factory("p400"),
+              "500": handset_factory("p500", codecs=wide, trace=True)}
+    for number, phone in phones.items():
+        assert phone.register(pbx.registrar, number, "secret")["code"] == 200
+    call1 = connect(phones["100"], phones["200"], "200")  # G.722 only: the B-leg leads with it
+    call2 = connect(phones["300"], phones["400"], "400")  # PCMU only, and it began last
+    assert worker_of(pbx, "100")[1] == worker_of(pbx, "300")[1]
+    phones["200"].send("transfer", call=call1[1], uri="sip:500@home.arpa")
+    target = str(phones["500"].wait_incoming(timeout=5)["call"])
+    invite = phones["500"].wait_sip("rx", "INVITE ")
+    m_audio = next(line for line in invite.split("\r\n") if line.startswith("m=audio"))
+    assert m_audio.split()[3] == "9", m_audio  # G.722 leads, as in call 1's offer
+    phones["500"].answer(target, 200)
+    assert phones["200"].wait_for("transfer_status", call=call1[1], final=True, timeout=5)["code"] == 200
+    phones["100"].hangup(call1[0])
+    phones["300"].hangup(call2[0])
+    phones["500"].wait_state(target, "DISCONNECTED")
