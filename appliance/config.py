@@ -185,6 +185,9 @@ class MediaConfig:
     min_idle: int = 1
     rtp_port_low: int = 10000
     rtp_port_high: int = 10999
+    calls_per_worker: int = 0
+    """Calls one media worker process takes at once; 0 = as many as the pjsua2 build
+    allows (at most 16); 1 = a process per call."""
 
 
 @dataclass(frozen=True)
@@ -564,7 +567,7 @@ class _Validator:
             )
         )
         control = self.control(top.section("control", ("socket", "group")))
-        media = self.media(top.section("media", ("max_calls", "min_idle", "rtp_ports")))
+        media = self.media(top.section("media", ("max_calls", "min_idle", "rtp_ports", "calls_per_worker")))
         history = self.history(top.section("history", ("max_days", "max_rows")))
         emergency = tuple(top.get_unique_list("emergency_numbers", list(DEFAULT_EMERGENCY_NUMBERS),
                                               _parse_emergency, "number"))
@@ -652,7 +655,9 @@ class _Validator:
         low, high = (int(match[1]), int(match[2])) if match else (0, 0)
         if not 1024 <= low < high <= 65535:
             raise t.error("rtp_ports", f'{ports!r}: must be "LOW-HIGH" with 1024 <= LOW < HIGH <= 65535')
-        return MediaConfig(max_calls=max_calls, min_idle=min_idle, rtp_port_low=low, rtp_port_high=high)
+        calls_per_worker = t.get_int("calls_per_worker", d.calls_per_worker, 0, 16)
+        return MediaConfig(max_calls=max_calls, min_idle=min_idle, rtp_port_low=low, rtp_port_high=high,
+                           calls_per_worker=calls_per_worker)
 
     def history(self, t: _Table) -> HistoryConfig:
         d = HistoryConfig()

@@ -22,7 +22,7 @@ installed is skipped with a note (Asterisk: `../shared/anchors/asterisk/make_sid
 as root, once; Kamailio: Debian's `kamailio`).
 
     .venv/bin/python bench/media_vs_asterisk.py [--calls 1000] [--seconds 10]
-        [--only homepbx,asterisk,edge,kamailio] [--no-cpu] [--no-burst]
+        [--only homepbx,asterisk,edge,kamailio] [--no-cpu] [--no-burst] [--calls-per-worker N]
 """
 
 from __future__ import annotations
@@ -244,7 +244,7 @@ class Target:
     figures: dict[str, object] = field(default_factory=dict)
 
 
-def homepbx(workdir: Path, max_calls: int) -> Target:
+def homepbx(workdir: Path, max_calls: int, calls_per_worker: int | None = None) -> Target:
     port = free_port()
     rtp = 30000 + (os.getpid() % 100) * 100  # 64 + 2 slices of 8 ports... give it 1000
     config = workdir / f"homepbx-{max_calls}" / "config.toml"
@@ -253,7 +253,8 @@ def homepbx(workdir: Path, max_calls: int) -> Target:
         f'[server]\nlisten = ["{HOST}:{port}"]\nrealm = "home.arpa"\nstate_dir = "state"\n'
         '# SIPp answers MD5 only (as the anchors offer)\ndigest_algorithms = ["MD5"]\n\n'
         "[registration]\nqualify_interval = 0\n\n"
-        f'[media]\nmax_calls = {max_calls}\nmin_idle = {min(max_calls, 1)}\nrtp_ports = "{rtp}-{rtp + 1199}"\n\n'
+        f'[media]\nmax_calls = {max_calls}\nmin_idle = {min(max_calls, 1)}\nrtp_ports = "{rtp}-{rtp + 1199}"\n'
+        + (f"calls_per_worker = {calls_per_worker}\n" if calls_per_worker is not None else "") + "\n"
         f'[[users]]\nnumber = "{CALLER}"\npassword = "{CALLER_PW}"\n\n'
         f'[[users]]\nnumber = "{CALLEE}"\npassword = "{CALLEE_PW}"\none_number = true\nmax_devices = 3\n'
     )
@@ -561,6 +562,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="which of homepbx,asterisk,edge,kamailio to run (default all)")
     parser.add_argument("--no-cpu", action="store_true", help="skip CPU per call and memory")
     parser.add_argument("--no-burst", action="store_true", help="skip calls/s and setup latency")
+    parser.add_argument("--calls-per-worker", type=int, default=None,
+                        help="homepbx's [media] calls_per_worker (default: the config's default, as many as the"
+                             " pjsua2 build allows)")
     args = parser.parse_args(argv)
     if shutil.which("sipp") is None:
         print("skipped: sipp is not installed (Debian's sip-tester)")
@@ -572,7 +576,7 @@ def main(argv: list[str] | None = None) -> None:
         sipp = Sipp(workdir)
         made: list[Target | str] = []
         if "homepbx" in wanted:
-            made.append(homepbx(workdir, 64))
+            made.append(homepbx(workdir, 64, args.calls_per_worker))
         if "asterisk" in wanted:
             made.append(asterisk())
         if "edge" in wanted:

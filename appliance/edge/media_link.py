@@ -60,9 +60,10 @@ class MediaLink:
         self._pool = WorkerPool(
             media.min_idle, media.max_calls, (media.rtp_port_low, media.rtp_port_high),
             self._address, rtp_address=P.rtp_address(edge_host), on_event=self._on_event, worker_died=self._died,
-            # One call at a time uses at most ~8 of pjlib's 64 socket slots, which come back
-            # 500 ms after a call; a short rest is enough to never run out.
-            cooldown=0.1,
+            # A call uses at most ~8 of pjlib's socket slots (64 in the PyPI wheel, one call
+            # a process), which come back 500 ms after the call; a short rest of the call's
+            # slot is enough to never run out.
+            cooldown=0.1, calls_per_worker=media.calls_per_worker,
             worker_args=["--voicemail-dir", str(store.resolve())] if store is not None else [],
         )
         await self._pool.start()

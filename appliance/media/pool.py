@@ -1,24 +1,32 @@
 """The media worker pool: spawns, hands out, health-checks and replaces worker processes.
 
 asyncio only, and never imports pjsua2: a worker is a child process spoken to in JSON
-lines (see :mod:`.protocol`).  One worker carries one call, so ``max_calls`` is also the
-most worker processes alive at once.  A worker takes ~100 ms to start (more on a busy box),
+lines (see :mod:`.protocol`).  A worker is a set of call slots: it carries up to
+``capacity`` calls at once (``calls_per_worker``, cut to what the pjsua2 build holds: one
+with the PyPI wheel, learnt before the first worker starts, see :meth:`WorkerPool.start`).
+``max_calls`` is the most calls in all.  A new call takes a free slot of the busiest worker
+that has one, so calls are packed and idle workers can retire.  Everything below counts
+slots (calls), not processes.  A worker takes ~100 ms to start (more on a busy box),
 far more than the call-setup budget, so the pool keeps workers warm ahead of demand: at
 least ``min_idle``, and as many as the recent arrival rate would use up while one starts
 (:func:`warm_target`).  A call that still finds none idle waits for one (``acquire`` is
 bounded by ``acquire_timeout``); only ``max_calls`` calls in progress refuse it.  At most
 ``max_starting`` workers start at once, so a burst does not starve the box's few cores.
 
-Life of a worker: STARTING -> IDLE -> BUSY (acquired) -> COOLING (its ``call_ended``) ->
-IDLE ... -> RETIRING (recycled after ``recycle_after`` calls, or the pool stops) -> DEAD.  A worker
-that exits on its own, or stops answering pings and is killed, is reported through
-``worker_died(worker, tokens)`` (so the edge can BYE the parties it still can) and
-replaced.  Each worker owns a fixed slice of the RTP range, so workers never collide on
-a port, not even a new one starting while a dead one's sockets linger.
+Life of a worker: STARTING -> running -> RETIRING (recycled after ``recycle_after`` calls
+once its last call ended, idle too long, or the pool stops) -> DEAD.  While running its
+state says what its slots do: BUSY (a call held), COOLING (none held, one resting after
+its ``call_ended``), IDLE.  A worker that exits on its own, or stops answering pings and
+is killed, is reported through ``worker_died(worker, tokens)`` with the tokens of every
+call it held (so the edge can BYE their parties) and replaced; the other workers' calls
+go on.  Each worker owns a fixed slice of the RTP range, ``capacity`` times a call's
+ports, so workers never collide on a port, not even a new one starting while a dead
+one's sockets linger.
 
-COOLING exists because pjlib frees a closed socket's ioqueue slot only 500 ms later
-(PJ_IOQUEUE_KEY_FREE_DELAY) out of 64: a worker given ~16 short calls inside half a
-second aborts on an assertion.  After a call it rests ``cooldown`` seconds.
+Cooling exists because pjlib frees a closed socket's ioqueue slot only 500 ms later
+(PJ_IOQUEUE_KEY_FREE_DELAY) out of a fixed number (64 in the PyPI wheel): a worker given
+~16 short calls inside half a second aborts on an assertion.  After a call its slot rests
+``cooldown`` seconds.
 """
 
 from __future__ import annotations
@@ -36,18 +44,22 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Final
 
 from appliance.media import protocol as P
 
-__all__ = ["Worker", "WorkerPool", "WorkerState", "arrival_rate", "warm_target"]
+__all__ = ["CallSlot", "Worker", "WorkerPool", "WorkerState", "arrival_rate", "pick_worker", "warm_target"]
 
 log = logging.getLogger("homepbx.media")
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 SPARE_SLOTS: Final = 2
-"""Port slices beyond max_calls: room for replacements while old workers exit."""
+"""Port slices beyond what max_calls needs: room for replacements while old workers exit."""
+AUTO_CALLS_CAP: Final = 16
+"""calls_per_worker = 0 (auto): as many as the build allows, at most this many (a worker's
+crash ends its calls, so one process never holds more than a few dozen parties)."""
 CRASH_WINDOW: Final = 5.0
 """A worker dying within this many seconds of its start counts as a crash loop."""
 MAX_BACKOFF: Final = 30.0
@@ -100,22 +112,48 @@ class WorkerState(enum.Enum):
     DEAD = "dead"
 
 
-class Worker:
-    """The pool's handle on one worker process."""
+@dataclass(eq=False)
+class CallSlot:
+    """One call a worker is acquired for (by the edge) or reports (call_started)."""
 
-    def __init__(self, wid: int, slot: int, ports: tuple[int, int]) -> None:
+    token: str | None
+    in_call: bool = False
+    """The worker reported call_started for it (and not yet call_ended)."""
+
+
+def pick_worker(workers: Sequence[Worker]) -> Worker | None:
+    """The worker a new call goes to: the busiest one with a free slot (calls packed, so
+    the others go idle and can retire); the first such in the list on a tie."""
+    best: Worker | None = None
+    for worker in workers:
+        if worker.free > 0 and (best is None or len(worker.held) > len(best.held)):
+            best = worker
+    return best
+
+
+class Worker:
+    """The pool's handle on one worker process and its call slots."""
+
+    def __init__(self, wid: int, slot: int, ports: tuple[int, int], capacity: int = 1) -> None:
         self.id = wid
         self.slot = slot
+        """Its slice of the RTP range (an index into WorkerPool.slots)."""
         self.rtp_ports = ports
-        self.state = WorkerState.STARTING
+        self.capacity = capacity
+        """Calls it takes at once: planned by the pool, then what its `ready` said."""
+        self.life = WorkerState.STARTING
+        """STARTING, IDLE (running: see `state`), RETIRING or DEAD."""
+        self.held: list[CallSlot] = []
+        """Its slots in use: acquired, or reported by call_started."""
+        self.cooling = 0
+        """Slots resting after their call (see the module docstring)."""
+        self.draining = False
+        """recycle_after reached: no new call; retired once its last slot is free."""
         self.proc: asyncio.subprocess.Process | None = None
         """Set when the worker was exec'd; None when forked by the zygote."""
         self.writer: asyncio.StreamWriter | None = None
         self.pid = 0
         self.sip_port = 0
-        self.token: str | None = None
-        """The call this worker is acquired for (or reported by call_started)."""
-        self.in_call = False
         self.calls = 0
         self.idle_since = time.monotonic()
         self.started_at = time.monotonic()
@@ -130,17 +168,53 @@ class Worker:
         self.reader: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
-        return f"Worker(#{self.id} pid={self.pid} port={self.sip_port} {self.state.value} token={self.token})"
+        tokens = ",".join(str(s.token) for s in self.held) or "-"
+        return f"Worker(#{self.id} pid={self.pid} port={self.sip_port} {self.state.value} calls={tokens})"
+
+    @property
+    def state(self) -> WorkerState:
+        """The life stage; while running, what its slots do: BUSY (a call held), COOLING
+        (a slot resting) or IDLE."""
+        if self.life is not WorkerState.IDLE:
+            return self.life
+        if self.held:
+            return WorkerState.BUSY
+        return WorkerState.COOLING if self.cooling else WorkerState.IDLE
+
+    @property
+    def running(self) -> bool:
+        return self.life is WorkerState.IDLE
+
+    @property
+    def free(self) -> int:
+        """Slots a new call may take now (none while starting, draining or retiring)."""
+        if not self.running or self.draining:
+            return 0
+        return max(0, self.capacity - len(self.held) - self.cooling)
+
+    @property
+    def token(self) -> str | None:
+        """The call it holds (the first one, when it holds several)."""
+        return self.held[0].token if self.held else None
+
+    @property
+    def in_call(self) -> bool:
+        return any(s.in_call for s in self.held)
+
+    @property
+    def tokens(self) -> list[str]:
+        return [s.token for s in self.held if s.token]
+
+    def slot_for(self, token: str | None) -> CallSlot | None:
+        """The slot of call `token`; for None, the one slot held if there is exactly one."""
+        if token is None:
+            return self.held[0] if len(self.held) == 1 else None
+        return next((s for s in self.held if s.token == token), None)
 
     @property
     def address(self) -> tuple[str, int]:
         """Where the edge relays the INVITE: (host, SIP UDP port)."""
         return P.LOOPBACK, self.sip_port
-
-    @property
-    def warm(self) -> bool:
-        """Idle, or soon to be: starting, or resting after a call."""
-        return self.state in (WorkerState.IDLE, WorkerState.STARTING, WorkerState.COOLING)
 
     def send(self, cmd: str, **fields: Any) -> bool:
         """Queue one command line; False when the worker can no longer be told."""
@@ -188,6 +262,8 @@ class _Zygote:
         self.reader: asyncio.Task[None] | None = None
         self.workers: dict[int, Worker] = {}
         """Forked workers by id, until the zygote reports their exit."""
+        self.calls = 1
+        """Calls per worker the build allows (its ready's `calls`, when probed)."""
 
     @property
     def pid(self) -> int:
@@ -217,6 +293,7 @@ class WorkerPool:
         cooldown: float = 0.6,
         ready_timeout: float = 10.0,
         acquire_timeout: float = ACQUIRE_TIMEOUT,
+        calls_per_worker: int = 1,
         max_starting: int = 0,
         recycle_after: int = 200,
         idle_retire_after: float = 20.0,
@@ -227,10 +304,18 @@ class WorkerPool:
         zygote: bool | None = None,
         stderr: int | IO[Any] | None = None,
     ) -> None:
-        if max_calls < 1 or min_idle < 0:
-            raise ValueError("need max_calls >= 1 and min_idle >= 0")
+        if max_calls < 1 or min_idle < 0 or calls_per_worker < 0:
+            raise ValueError("need max_calls >= 1, min_idle >= 0 and calls_per_worker >= 0")
         ports = P.parse_port_range(rtp_ports) if isinstance(rtp_ports, str) else rtp_ports
-        self.slots = P.split_port_range(ports, max_calls + SPARE_SLOTS)
+        self.ports = ports
+        self.slots = P.split_port_range(ports, P.workers_needed(max_calls, 1, SPARE_SLOTS))
+        """The RTP range cut into one slice per worker (re-cut by start() for its capacity)."""
+        self.calls_per_worker = calls_per_worker
+        """Asked for: calls a worker takes at once; 0 = as many as the build allows (at
+        most AUTO_CALLS_CAP); 1 = one process per call."""
+        self.capacity = 1
+        """Calls a new worker takes at once: calls_per_worker cut to the build's limit, to
+        max_calls and to what the RTP range holds (known after start())."""
         self.edge = edge_address if isinstance(edge_address, str) else f"{edge_address[0]}:{edge_address[1]}"
         self.rtp_address = rtp_address
         """Where workers bind RTP (`protocol.rtp_address` of the edge's listener)."""
@@ -279,15 +364,55 @@ class WorkerPool:
         """Spawn the warm workers and wait until they are ready (failures are logged and
         retried in the background; start() itself does not fail for them)."""
         self._started = True
-        starting = [self._spawn() for _ in range(self.min_idle)]
+        await self._learn_capacity()
+        starting = [self._spawn() for _ in range(self._workers_for(self.min_idle))]
         spawned = [w for w in starting if w is not None]
         if spawned:
             await asyncio.wait([asyncio.ensure_future(self._wait_ready(w)) for w in spawned])
         self._health = asyncio.get_running_loop().create_task(self._health_loop(), name="media-health")
         self._plan()
 
+    async def _learn_capacity(self) -> None:
+        """Before the first worker: how many calls one takes (the build's limit, asked of
+        the zygote or of a probe process), and the RTP range cut for that many."""
+        wanted = self.calls_per_worker or AUTO_CALLS_CAP
+        wanted = min(wanted, self.max_calls)
+        if wanted > 1:
+            built = await self._probe(wanted)
+            calls = P.fit_calls(self.ports, self.max_calls, min(wanted, built), SPARE_SLOTS)
+            if calls < min(wanted, built):
+                log.warning("event=media_rtp_ports_limit %s", f"calls_per_worker={calls} wanted={min(wanted, built)}"
+                            f" rtp_ports={P.format_port_range(self.ports)}")
+            self.capacity = calls
+        if self.capacity > 1:
+            self.slots = P.split_port_range(self.ports, P.workers_needed(self.max_calls, self.capacity, SPARE_SLOTS),
+                                            self.capacity)
+        log.info("event=media_pool_capacity calls_per_worker=%s asked=%s workers_max=%s", self.capacity,
+                 self.calls_per_worker or "auto", len(self.slots) - SPARE_SLOTS)
+
+    async def _probe(self, wanted: int) -> int:
+        """Calls per worker the build allows (at most `wanted`); 1 when nobody can tell."""
+        if self.use_zygote:
+            zygote = await self._get_zygote(probe=wanted)
+            if zygote is not None:
+                return zygote.calls
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self.worker_command, "--probe-calls", str(wanted), stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=self.stderr, env=self._env(), cwd=str(REPO_ROOT))
+            out, _ = await asyncio.wait_for(proc.communicate(), self.ready_timeout)
+            return max(1, int(P.decode(out.splitlines()[-1])["calls"]))
+        except (OSError, TimeoutError, ValueError, KeyError, IndexError, TypeError) as exc:
+            log.warning("event=media_probe_failed error=%r", exc)
+            return 1
+
+    def _workers_for(self, calls: int) -> int:
+        """Workers that hold `calls` calls at the pool's capacity."""
+        return -(-calls // self.capacity)
+
     async def acquire(self, token: str | None = None) -> Worker | None:
-        """A worker for a new call, marked BUSY.  Returns at once when one is idle, else
+        """A worker for a new call, one of its slots held for `token` (the busiest worker
+        with a free slot).  Returns at once when a slot is free, else
         waits (first come first served) until one is ready, at most `acquire_timeout`
         (FULL_GRACE when max_calls calls are already held or waiting); None when the wait
         runs out (the edge answers 503 with Retry-After).  Cancelling the caller's task
@@ -296,8 +421,8 @@ class WorkerPool:
             return None
         loop = asyncio.get_running_loop()
         self._arrivals.append(time.monotonic())
-        if not self._waiters:
-            worker = next((w for w in self.workers if w.state is WorkerState.IDLE), None)
+        if not self._waiters and self.busy_count < self.max_calls:
+            worker = pick_worker(self.workers)
             if worker is not None:
                 self._assign(worker, token)
                 self._plan()
@@ -329,39 +454,41 @@ class WorkerPool:
             future.set_result(None)
 
     def _assign(self, worker: Worker, token: str | None) -> None:
-        worker.state = WorkerState.BUSY
-        worker.token = token
-        worker.in_call = False
+        worker.held.append(CallSlot(token))
 
-    def _hand_over(self, worker: Worker) -> bool:
-        """An idle worker goes to the first call still waiting; False when none waits."""
-        while self._waiters:
+    def _hand_over(self) -> None:
+        """Free slots go to the calls still waiting, first come first served."""
+        while self._waiters and self.busy_count < self.max_calls:
+            worker = pick_worker(self.workers)
+            if worker is None:
+                return
             token, future = self._waiters.popleft()
             if future.done():
                 continue
             self._assign(worker, token)
             future.set_result(worker)
-            return True
-        return False
 
     def release(self, worker: Worker, token: str | None = None) -> None:
-        """Give back a worker whose call never reached it (or that should be ended);
-        ignored when `token` names another call.  A worker in a call becomes idle on its
-        call_ended; it is told to end the call only if it has not within END_GRACE (the
-        edge releases on the BYE it relays to the worker: an end_all sent at once raced
-        that BYE, and the worker BYEd a caller that had just hung up).  Idempotent."""
-        if worker.state is not WorkerState.BUSY:
+        """Give back the slot of a call that never reached its worker (or that should be
+        ended); ignored when the worker holds no call `token` (None: its one call).  A slot
+        in a call is freed on its call_ended; the worker is told to end that call (``end``)
+        only if it has not within END_GRACE (the edge releases on the BYE it relays to the
+        worker: an end sent at once raced that BYE, and the worker BYEd a caller that had
+        just hung up).  Idempotent."""
+        slot = worker.slot_for(token)
+        if slot is None or not worker.running:
             return
-        if token is not None and worker.token is not None and token != worker.token:
+        if slot.in_call:
+            asyncio.get_running_loop().call_later(END_GRACE, self._end_if_still, worker, slot)
             return
-        if worker.in_call:
-            asyncio.get_running_loop().call_later(END_GRACE, self._end_if_still, worker, worker.token)
-            return
-        self._to_idle(worker, self.cooldown)
+        self._free(worker, slot, self.cooldown)
 
-    def _end_if_still(self, worker: Worker, token: str | None) -> None:
-        if worker.state is WorkerState.BUSY and worker.in_call and worker.token == token:
-            worker.send(P.CMD_END_ALL)
+    def _end_if_still(self, worker: Worker, slot: CallSlot) -> None:
+        if worker.running and slot.in_call and slot in worker.held:
+            if slot.token is not None:
+                worker.send(P.CMD_END, token=slot.token)
+            else:
+                worker.send(P.CMD_END_ALL)
 
     async def stop(self) -> None:
         """Clean shutdown of every worker (each BYEs its call and exits); whatever has not
@@ -376,7 +503,7 @@ class WorkerPool:
                 future.set_result(None)
         for worker in self.workers:
             if worker.state is not WorkerState.DEAD:
-                worker.state = WorkerState.RETIRING
+                worker.life = WorkerState.RETIRING
                 worker.exit_reason = worker.exit_reason or "pool stopped"
                 worker.send(P.CMD_QUIT)
                 worker.close_stdin()
@@ -408,34 +535,33 @@ class WorkerPool:
 
     @property
     def idle_count(self) -> int:
-        return sum(1 for w in self.workers if w.state is WorkerState.IDLE)
+        """Free call slots (with one call per worker: the idle workers)."""
+        return sum(w.free for w in self.workers)
 
     @property
     def busy_count(self) -> int:
-        return sum(1 for w in self.workers if w.state is WorkerState.BUSY)
+        """Calls held (slots acquired or in a call)."""
+        return sum(len(w.held) for w in self.workers if w.running)
 
     def stats(self) -> dict[str, Any]:
-        """For logs and the TUI."""
+        """For logs and the TUI (counts of calls, i.e. slots, except `workers`)."""
         return {
             "idle": self.idle_count,
             "busy": self.busy_count,
-            "starting": sum(1 for w in self.workers if w.state is WorkerState.STARTING),
-            "cooling": sum(1 for w in self.workers if w.state is WorkerState.COOLING),
+            "starting": sum(w.capacity for w in self.workers if w.state is WorkerState.STARTING),
+            "cooling": sum(w.cooling for w in self.workers if w.running),
             "waiting": len(self._waiters),
             "max_calls": self.max_calls,
+            "calls_per_worker": self.capacity,
+            "workers": sum(1 for w in self.workers if w.state is not WorkerState.DEAD),
             "pids": [w.pid for w in self.workers if w.pid],
         }
 
     def worker_for(self, token: str) -> Worker | None:
-        """The busy worker carrying call `token` (for relaying a join)."""
-        return next((w for w in self.workers if w.state is WorkerState.BUSY and w.token == token), None)
+        """The running worker carrying call `token` (for relaying a join)."""
+        return next((w for w in self.workers if w.running and w.slot_for(token) is not None), None)
 
     # -- spawning --------------------------------------------------------------------------
-    def _live_count(self) -> int:
-        """Workers that count against max_calls (retiring ones carry no call)."""
-        live = (WorkerState.STARTING, WorkerState.IDLE, WorkerState.BUSY, WorkerState.COOLING)
-        return sum(1 for w in self.workers if w.state in live)
-
     def _spawn(self) -> Worker | None:
         free = [i for i in range(len(self.slots)) if i not in self._used_slots]
         if not free or self._stopping:
@@ -443,7 +569,7 @@ class WorkerPool:
             return None
         slot = free[0]
         self._used_slots.add(slot)
-        worker = Worker(next(self._ids), slot, self.slots[slot])
+        worker = Worker(next(self._ids), slot, self.slots[slot], self.capacity)
         self.workers.append(worker)
         # Not in self._tasks: stop() must let readers see their worker's clean exit.
         loop = asyncio.get_running_loop()
@@ -464,6 +590,7 @@ class WorkerPool:
             "--rtp-address", self.rtp_address,
             "--edge", self.edge,
             "--log-level", str(self.log_level),
+            *(["--calls", str(worker.capacity)] if worker.capacity > 1 else []),
             *self.worker_args,
         ]  # fmt: skip
 
@@ -542,8 +669,9 @@ class WorkerPool:
             self._on_exit(worker)
 
     # -- zygote ----------------------------------------------------------------------------
-    async def _get_zygote(self) -> _Zygote | None:
-        """The running zygote, started on first use; None (exec instead) if it cannot start."""
+    async def _get_zygote(self, probe: int = 0) -> _Zygote | None:
+        """The running zygote, started on first use; None (exec instead) if it cannot start.
+        `probe` > 1: it also reports how many calls (at most `probe`) a worker takes."""
         async with self._zygote_lock:
             if self._zygote is not None and self._zygote.alive:
                 return self._zygote
@@ -552,7 +680,7 @@ class WorkerPool:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             try:
                 proc = await asyncio.create_subprocess_exec(
-                    *self.worker_command, "--zygote",
+                    *self.worker_command, "--zygote", *(["--probe-calls", str(probe)] if probe > 1 else []),
                     stdin=theirs.fileno(), stdout=asyncio.subprocess.PIPE, stderr=self.stderr,
                     env=self._env(), cwd=str(REPO_ROOT), start_new_session=True,
                 )  # fmt: skip
@@ -587,6 +715,8 @@ class WorkerPool:
                     continue
                 kind = event.get("event")
                 if kind == P.EV_READY and not zygote.ready.done():
+                    with contextlib.suppress(TypeError, ValueError):
+                        zygote.calls = max(1, int(event.get("calls", 1)))
                     zygote.ready.set_result(None)
                 elif kind == "spawned":
                     worker = zygote.workers.get(int(event.get("id", 0)))
@@ -640,17 +770,19 @@ class WorkerPool:
 
             self._task(later(), "media-topup")
             return
-        counts = dict.fromkeys(WorkerState, 0)
-        for w in self.workers:
-            counts[w.state] += 1
-        starting, busy = counts[WorkerState.STARTING], counts[WorkerState.BUSY]
-        warm = starting + counts[WorkerState.IDLE] + counts[WorkerState.COOLING]
-        live = warm + busy
+        # In calls (slots): warm = free, resting or starting; open = every slot of the
+        # workers that may still take calls.
+        starting = [w for w in self.workers if w.state is WorkerState.STARTING]
+        running = [w for w in self.workers if w.running]
+        busy = sum(len(w.held) for w in running)
+        warm = (sum(w.capacity for w in starting)
+                + sum(w.free + w.cooling for w in running if not w.draining))
+        opened = sum(w.capacity for w in starting) + sum(w.capacity for w in running if not w.draining)
         waiting = sum(1 for _, f in self._waiters if not f.done())
         rate = arrival_rate(self._arrivals, time.monotonic())
         want = waiting + warm_target(rate, self.start_seconds, self.min_idle, self.max_calls - busy - waiting)
-        spawn = min(want - warm, self.max_calls - live, self.max_starting - starting,
-                    len(self.slots) - len(self._used_slots))
+        spawn = min(self._workers_for(want - warm), self._workers_for(self.max_calls - opened),
+                    self.max_starting - len(starting), len(self.slots) - len(self._used_slots))
         for _ in range(max(spawn, 0)):
             if self._spawn() is None:
                 break
@@ -666,10 +798,12 @@ class WorkerPool:
             if self._start_failures:
                 log.info("event=media_worker_start_recovered failures=%s", self._start_failures)
                 self._start_failures = 0
+            with contextlib.suppress(TypeError, ValueError):
+                worker.capacity = max(1, int(event.get("calls", 1)))
             if worker.state is WorkerState.STARTING:
-                worker.state = WorkerState.IDLE
+                worker.life = WorkerState.IDLE
                 worker.idle_since = time.monotonic()
-                self._hand_over(worker)
+                self._hand_over()
             if not worker.ready.done():
                 worker.ready.set_result(None)
             log.debug("event=media_worker_ready worker=%s pid=%s port=%s took=%.3f", worker.id, worker.pid,
@@ -681,15 +815,22 @@ class WorkerPool:
                 worker.ping_sent = None
                 worker.last_pong = time.monotonic()
             return
+        token = event.get("token")
+        token = str(token) if token is not None else None
+        slot = worker.slot_for(token) or next((s for s in worker.held if s.token is None), None)
         if kind == P.EV_CALL_STARTED:
-            worker.in_call = True
-            if worker.state in (WorkerState.IDLE, WorkerState.COOLING):  # relayed without acquire()
-                worker.state = WorkerState.BUSY
-            if worker.token is None:
-                worker.token = event.get("token")
+            if slot is None and worker.running:  # relayed without acquire()
+                slot = CallSlot(token)
+                worker.held.append(slot)
+            if slot is not None:
+                slot.in_call = True
+                slot.token = slot.token or token
         elif kind == P.EV_CALL_ENDED:
-            worker.in_call = False
+            if slot is not None:
+                slot.in_call = False
             worker.calls += 1
+            if self.recycle_after and worker.calls >= self.recycle_after:
+                worker.draining = True
         elif kind == P.EV_ERROR:
             log.warning("event=media_worker_error worker=%s pid=%s detail=%r", worker.id, worker.pid, event)
         if self.on_event is not None:
@@ -697,53 +838,62 @@ class WorkerPool:
                 self.on_event(worker, event)
             except Exception:
                 log.exception("event=media_on_event_failed worker=%s", worker.id)
-        if (
-            kind == P.EV_CALL_ENDED
-            and worker.state is WorkerState.BUSY
-            and (worker.token is None or event.get("token") in (None, worker.token))
-        ):
-            self._to_idle(worker, self.cooldown)
+        if kind == P.EV_CALL_ENDED and slot is not None and worker.running:
+            self._free(worker, slot, self.cooldown)
 
-    def _to_idle(self, worker: Worker, cooldown: float = 0.0) -> None:
-        worker.token = None
-        worker.in_call = False
+    def _free(self, worker: Worker, slot: CallSlot, cooldown: float = 0.0) -> None:
+        """A call's slot is given back, after `cooldown` seconds of rest."""
+        if slot not in worker.held:
+            return
+        worker.held.remove(slot)
         if self._stopping:
             return
         if cooldown > 0:
-            worker.state = WorkerState.COOLING
+            worker.cooling += 1
             asyncio.get_running_loop().call_later(cooldown, self._cooled, worker)
             return
-        if self.recycle_after and worker.calls >= self.recycle_after:
-            self._retire(worker, f"recycled after {worker.calls} calls")
-        else:
-            worker.state = WorkerState.IDLE
+        self._slot_back(worker)
+
+    def _cooled(self, worker: Worker) -> None:
+        worker.cooling = max(0, worker.cooling - 1)
+        if worker.running and not self._stopping:
+            self._slot_back(worker)
+
+    def _slot_back(self, worker: Worker) -> None:
+        """A slot is free: a worker left without calls is idle (or recycled); waiting
+        calls get the free slots."""
+        if not worker.held and not worker.cooling:
             worker.idle_since = time.monotonic()
-            self._hand_over(worker)
+            if worker.draining:
+                self._retire(worker, f"recycled after {worker.calls} calls")
+        self._hand_over()
         self._plan()
 
     def _shrink(self, now: float) -> None:
-        """Retire workers idle for `idle_retire_after` beyond the warm_target kept warm: a
-        burst of calls should not hold 8 MB and 0.3 % of a core (pjmedia's thread polls
-        every 10 ms) per idle worker for long; warm_target still covers the recent rate."""
-        idle = sorted((w for w in self.workers if w.state is WorkerState.IDLE), key=lambda w: w.idle_since)
+        """Retire workers idle for `idle_retire_after` beyond the warm_target kept warm (in
+        free slots): a burst of calls should not hold 8 MB and 0.3 % of a core (pjmedia's
+        thread polls every 10 ms) per idle worker for long; warm_target still covers the
+        recent rate.  Calls are packed into the busiest workers, so the others go idle."""
+        idle = sorted((w for w in self.workers if w.state is WorkerState.IDLE and not w.draining),
+                      key=lambda w: w.idle_since)
         keep = warm_target(arrival_rate(self._arrivals, now), self.start_seconds, self.min_idle, self.max_calls)
-        for worker in idle[: max(0, len(idle) - keep)]:
+        free = self.idle_count
+        for worker in idle:
+            if free - worker.free < keep:
+                break
             if now - worker.idle_since >= self.idle_retire_after:
+                free -= worker.free
                 self._retire(worker, f"idle for {now - worker.idle_since:.0f}s")
 
-    def _cooled(self, worker: Worker) -> None:
-        if worker.state is WorkerState.COOLING and not self._stopping:
-            self._to_idle(worker)
-
     def _retire(self, worker: Worker, reason: str) -> None:
-        worker.state = WorkerState.RETIRING
+        worker.life = WorkerState.RETIRING
         worker.exit_reason = reason
         worker.send(P.CMD_QUIT)
         worker.close_stdin()
 
     def _on_exit(self, worker: Worker) -> None:
         previous = worker.state
-        worker.state = WorkerState.DEAD
+        worker.life = WorkerState.DEAD
         self._used_slots.discard(worker.slot)
         if worker in self.workers:
             self.workers.remove(worker)
@@ -755,7 +905,7 @@ class WorkerPool:
             log.debug("event=media_worker_exit worker=%s pid=%s reason=%r", worker.id, worker.pid, worker.exit_reason)
             self._plan()
             return
-        tokens = [worker.token] if worker.token and (previous is WorkerState.BUSY) else []
+        tokens = worker.tokens if previous is WorkerState.BUSY else []
         now = time.monotonic()
         if now - worker.started_at < CRASH_WINDOW:
             self._backoff = min(max(self._backoff * 2, 0.5), MAX_BACKOFF)

@@ -6,22 +6,26 @@ the media library.  Every name here is used by both sides; change them together.
 Process
 -------
 ``python -m appliance.media.worker --sip-port 0 --rtp-ports LOW-HIGH --rtp-address ADDR --edge HOST:PORT
-[--voicemail-dir DIR]``
+[--calls N] [--voicemail-dir DIR]``
 
-The worker binds one UDP SIP transport on 127.0.0.1 (port 0 = ephemeral), RTP/RTCP
-pairs inside LOW-HIGH only on ADDR (:func:`rtp_address`: where the edge listens), and
-takes one call at a time.  Its SDP names ADDR, or 127.0.0.1 when ADDR is the wildcard:
-the edge then puts the box's address as each outside party reaches it in place of
-127.0.0.1 (:mod:`appliance.sip.sdp`, ``StatelessRelay.body_between``).  It writes JSON events to
-stdout, one per line, and reads JSON commands from stdin, one per line.  pjsua logs go
-to stderr.  ``{"cmd": "quit"}``, SIGTERM, SIGINT and SIGHUP mean a clean shutdown:
-BYE/CANCEL/503 every leg, ``libDestroy``, exit status 0.  Stdin EOF without a quit first
-means the edge died: the worker BYEs each answered party straight to its address, not
+The worker binds one UDP SIP transport on 127.0.0.1 (port 0 = ephemeral), RTP/RTCP pairs
+inside LOW-HIGH only on ADDR (:func:`rtp_address`: where the edge listens), and takes up to
+N calls at once (default 1), fewer when its pjsua2 build holds fewer (``PJSUA_MAX_CALLS`` /
+4: one with the PyPI wheel); its ``ready`` says how many.  Each call is named by its token;
+the calls share the process, the conference bridge (a call only ever hears its own legs) and
+the RTP range (``PORTS_PER_CALL`` ports a call).  Its SDP names ADDR, or 127.0.0.1 when ADDR
+is the wildcard: the edge then puts the box's address as each outside party reaches it in
+place of 127.0.0.1 (:mod:`appliance.sip.sdp`, ``StatelessRelay.body_between``).  It writes
+JSON events to stdout, one per line, and reads JSON commands from stdin, one per line.
+pjsua logs go to stderr.  ``{"cmd": "quit"}``, SIGTERM, SIGINT and SIGHUP mean a clean
+shutdown: BYE/CANCEL/503 every leg, ``libDestroy``, exit status 0.  Stdin EOF without a quit
+first means the edge died: the worker BYEs each answered party straight to its address, not
 along the route set through the dead edge (:mod:`.direct_bye`), and exits within ~2 s.
 
 Events (worker -> edge, stdout)
 -------------------------------
-- ``{"event": "ready", "sip_port": N, "pid": P, "rtp_ports": "LOW-HIGH"}``: once, first.
+- ``{"event": "ready", "sip_port": N, "pid": P, "rtp_ports": "LOW-HIGH", "calls": C}``: once,
+  first; C = calls taken at once (absent: 1).
 - ``{"event": "call_started", "token": T, "call_id": ..., "caller": ..., "target": ...}``:
   an A-leg INVITE was accepted and the B-leg INVITE sent.
 - ``{"event": "call_ringing", "token": T, "code": 180}``: first 18x on the B-leg, relayed
@@ -32,7 +36,7 @@ Events (worker -> edge, stdout)
 - ``{"event": "leg_left", "token": T, "leg": "a"|"b"|"j1"..., "code": N}``: a leg that had
   been answered is gone; the call may go on (see "hang-up rules").
 - ``{"event": "call_ended", "token": T, "reason": R, "code": N, "duration": S}``: every leg
-  is gone; the worker is idle again.  R is one of the ``REASON_*`` values.
+  of call T is gone; its place in the worker is free again.  R is one of the ``REASON_*`` values.
 - ``{"event": "transfer", "token": T, "leg": X, "new_leg": "t1", "target": URI}``: a REFER
   (or an INVITE with Replaces, target ``replaces``) was taken; ``{"event": "transferred",
   ...}`` when the new leg took X's place, ``{"event": "transfer_failed", ..., "code": N}``
@@ -42,15 +46,23 @@ Events (worker -> edge, stdout)
   ``tmp/`` the edge moves in with ``Mailbox.add``); none for silence or a hang-up at once.
 - ``{"event": "mailbox_changed", "number": N}``: the mailbox menu marked a message heard,
   deleted one, or saved a greeting.
-- ``{"event": "pong", "seq": N, "busy": bool, "calls": N}``: reply to ``ping`` (calls =
-  calls finished so far).
+- ``{"event": "pong", "seq": N, "busy": bool, "active": A, "calls": N}``: reply to
+  ``ping`` (busy: a call is in progress; A = calls in progress now; calls = calls finished
+  so far).
 - ``{"event": "error", "message": ...}``: a bad command or an unexpected failure (logged,
   never fatal).
 - ``{"event": "bye", "reason": ...}``: last line before a clean exit.
 
 Commands (edge -> worker, stdin)
 --------------------------------
-``{"cmd": "ping", "seq": N}``, ``{"cmd": "end_all"}``, ``{"cmd": "quit"}``.
+``{"cmd": "ping", "seq": N}``; ``{"cmd": "end", "token": T}`` (call T ends: its legs are
+BYEd, CANCELled or refused, ``call_ended`` with reason ``end_all``; the other calls go
+on); ``{"cmd": "end_all"}`` (every call ends); ``{"cmd": "quit"}``.  EOF on stdin (the
+edge died) and a quit cover every call.
+
+Probe (the pool learns the build's limit before starting workers): ``worker --zygote
+--probe-calls N`` adds ``"calls": C`` to the zygote's ``ready``; ``worker --probe-calls N``
+prints ``{"event": "capacity", "calls": C}`` and exits (C <= N).
 
 SIP (edge -> worker)
 --------------------
@@ -58,7 +70,8 @@ SIP (edge -> worker)
   ``X-Homepbx-Token`` (random, names the call), ``X-Homepbx-Target`` (where the B-leg
   goes, ``sip:<number>@<edge host:port>``; default ``sip:<dialled>@<--edge>``) and
   ``X-Homepbx-Caller`` (``"Name" <sip:100@realm>``, the identity the callee sees; default:
-  the A-leg's From).  A second call while one is up gets 486.
+  the A-leg's From).  A call beyond the worker's ``calls`` (or a second INVITE with a
+  token already in progress there) gets 486.
 - B-leg: ``INVITE <X-Homepbx-Target>`` sent straight to the edge, From = X-Homepbx-Caller,
   with ``X-Homepbx-Token``.  B-leg 18x -> 180 to A (once); B-leg 2xx -> 200 to A carrying
   ``P-Asserted-Identity`` (the B-leg 2xx's own P-Asserted-Identity if the edge put one
@@ -121,7 +134,7 @@ SIP (edge -> worker)
   leaves the rest talking as long as A and at least one other leg are up; once A is
   alone it is hung up too.  A cancelling before the answer CANCELs the B-leg.
 - Refusals: 403 when the source host is not the ``--edge`` host, 400 without a token,
-  486 while busy with another call, 503 while shutting down.
+  486 while its ``calls`` calls are up, 503 while shutting down.
 - The B-leg has no credentials: the edge must not challenge it (it trusts the worker by
   source address 127.0.0.1:<sip_port of a pool worker> plus the token).
 - In-dialog requests follow the route set, so the edge must Record-Route both the A-leg
@@ -129,14 +142,16 @@ SIP (edge -> worker)
 
 What the edge does with it
 --------------------------
-``WorkerPool.acquire(token)`` -> relay the INVITE to ``worker.address`` (None: answer
+``WorkerPool.acquire(token)`` -> a free call slot of a worker (the busiest one with
+one), relay the INVITE to ``worker.address`` (None: answer
 ``503`` with ``Retry-After``); fork the B-leg INVITE that comes back with the token;
 optionally put ``P-Asserted-Identity`` naming the answering device on the 2xx it forwards
 to the worker (the worker copies it into its 200 to A); strip ``X-Homepbx-*`` from
 everything that leaves the box; relay joins to ``pool.worker_for(token)``.  The pool
-frees the worker on ``call_ended`` (after a short cool-down); ``release(worker, token)``
-is for an INVITE that never reached it.  ``worker_died(worker, tokens)``: BYE the parties
-of those calls from the dialog state the edge saw.  Workers are forked from a zygote
+frees the call's slot on ``call_ended`` (after a short cool-down); ``release(worker, token)``
+is for an INVITE that never reached it (or a call to end: ``end``).  ``worker_died(worker,
+tokens)``: BYE the parties of every call that worker held from the dialog state the edge
+saw; the other workers' calls go on.  Workers are forked from a zygote
 (``worker --zygote``, see :func:`appliance.media.worker.zygote_main`).
 
 Figures behind the design choices are in ``bench/media.py``.
@@ -193,9 +208,11 @@ MAX_LEGS: Final = 3
 4th INVITE can still be received and refused."""
 PORTS_PER_LEG: Final = 2
 """RTP and RTCP."""
-MIN_PORTS_PER_WORKER: Final = (MAX_LEGS + 1) * PORTS_PER_LEG
-"""Enough for every leg plus a refused 4th join (pjsua creates its media transport
-before we can refuse it)."""
+PORTS_PER_CALL: Final = (MAX_LEGS + 1) * PORTS_PER_LEG
+"""Enough for every leg of a call plus a refused 4th join (pjsua creates its media
+transport before we can refuse it)."""
+MIN_PORTS_PER_WORKER: Final = PORTS_PER_CALL
+"""A worker taking one call."""
 LOOPBACK: Final = "127.0.0.1"
 WILDCARD: Final = "0.0.0.0"
 CODECS: Final = ("PCMU/8000", "PCMA/8000", "G722/16000")
@@ -203,6 +220,7 @@ CODECS: Final = ("PCMU/8000", "PCMA/8000", "G722/16000")
 
 # --- events -----------------------------------------------------------------------------
 EV_READY: Final = "ready"
+EV_CAPACITY: Final = "capacity"
 EV_CALL_STARTED: Final = "call_started"
 EV_CALL_RINGING: Final = "call_ringing"
 EV_CALL_ANSWERED: Final = "call_answered"
@@ -220,6 +238,7 @@ EV_BYE: Final = "bye"
 
 # --- commands ---------------------------------------------------------------------------
 CMD_PING: Final = "ping"
+CMD_END: Final = "end"
 CMD_END_ALL: Final = "end_all"
 CMD_QUIT: Final = "quit"
 
@@ -241,6 +260,7 @@ REASON_CANCELLED: Final = "cancelled"
 REASON_REJECTED: Final = "rejected"
 """The B-leg failed (code = its final status), A got the same code."""
 REASON_END_ALL: Final = "end_all"
+"""The edge ended it (``end`` or ``end_all``)."""
 REASON_SHUTDOWN: Final = "shutdown"
 REASON_ERROR: Final = "error"
 """The worker could not place the B-leg or answer A (code says what A got)."""
@@ -274,23 +294,43 @@ def format_port_range(ports: tuple[int, int]) -> str:
     return f"{ports[0]}-{ports[1]}"
 
 
-def split_port_range(ports: tuple[int, int], slots: int) -> list[tuple[int, int]]:
+def split_port_range(ports: tuple[int, int], slots: int, calls: int = 1) -> list[tuple[int, int]]:
     """Cut a range into `slots` disjoint sub-ranges, each starting on an even port and
     holding an even number of ports (RTP even, RTCP odd), so workers never collide.
 
-    Raises ValueError when a slice would be smaller than MIN_PORTS_PER_WORKER.
+    Raises ValueError when a slice would be smaller than `calls` * PORTS_PER_CALL (a
+    worker taking `calls` calls at once).
     """
     low, high = ports
     if low % 2:
         low += 1
     size = (high - low + 1) // max(slots, 1)
     size -= size % 2
-    if slots < 1 or size < MIN_PORTS_PER_WORKER:
+    need = max(calls, 1) * PORTS_PER_CALL
+    if slots < 1 or size < need:
         raise ValueError(
             f"rtp port range {ports[0]}-{ports[1]} is too small for {slots} media workers"
-            f" ({MIN_PORTS_PER_WORKER} ports each)"
+            f" ({need} ports each)"
         )
     return [(low + i * size, low + (i + 1) * size - 1) for i in range(slots)]
+
+
+def workers_needed(max_calls: int, calls: int, spare: int) -> int:
+    """Port slices for a pool of `max_calls` calls, `calls` to a worker, and `spare`
+    more for replacements starting while old workers exit."""
+    return -(-max_calls // max(calls, 1)) + spare
+
+
+def fit_calls(ports: tuple[int, int], max_calls: int, calls: int, spare: int) -> int:
+    """The most calls per worker, at most `calls`, whose port slices fit in `ports`
+    (1 if even that does not fit: the caller's split_port_range then says why)."""
+    for c in range(max(calls, 1), 1, -1):
+        try:
+            split_port_range(ports, workers_needed(max_calls, c, spare), c)
+        except ValueError:
+            continue
+        return c
+    return 1
 
 
 def rtp_address(listen_host: str) -> str:

@@ -1,7 +1,7 @@
-"""Media worker: a pjsua2 B2BUA that anchors one call at a time in its conference bridge.
+"""Media worker: a pjsua2 B2BUA that anchors up to ``--calls`` calls at once in its conference bridge.
 
 Run as ``python -m appliance.media.worker --sip-port 0 --rtp-ports LOW-HIGH --rtp-address ADDR
---edge HOST:PORT``;
+--edge HOST:PORT [--calls N]``;
 the contract with the edge (headers, events, commands) is in :mod:`.protocol`.
 
 Why it is built this way (figures in ``bench/media.py``):
@@ -46,12 +46,21 @@ Why it is built this way (figures in ``bench/media.py``):
   process exits without pjsua2's teardown, whose BYEs would go to the dead edge.
 - ``--zygote`` turns the module into a fork server (:func:`zygote_main`), so workers
   share the imported bindings.
+- Several calls share one process, one bridge clock and one media thread (``--calls``):
+  each call is a :class:`Session` keyed by its token, and every callback finds its session
+  through its ``Leg``.  How many a process takes is the build's: pjsua keeps
+  ``PJSUA_MAX_CALLS`` call slots (4 in the PyPI wheel), a call may use
+  ``PJSUA_CALLS_PER_CALL`` of them (A, B, a join leg, a transfer leg), and ``libInit``
+  silently cuts ``maxCalls`` to the build's maximum, so the worker asks for
+  ``4 * --calls`` and reads back what it got (``pjsua_call_get_max_count``,
+  :func:`build_call_limit`).  The PyPI wheel thus gives one call per process, as before.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import gc
 import json
 import os
@@ -62,7 +71,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import pjsua2 as pj
 
@@ -71,7 +80,7 @@ from appliance.logs import fields
 from appliance.media import answering, direct_bye
 from appliance.media import protocol as P
 from appliance.pjerrors import pj_error_text
-from appliance.pjhost import STDIN_CLOSED, LogWriter, PjHost, block_signals, set_g722_pcm_shift
+from appliance.pjhost import STDIN_CLOSED, LogWriter, PjHost, block_signals, create_library, set_g722_pcm_shift
 from appliance.sip.message import Request, Response, SipParseError, parse_message
 
 SHUTDOWN_PUMP_S = 2.0
@@ -120,7 +129,8 @@ def offered_codecs(sdp: str) -> list[str]:
         elif in_audio and line.startswith("a=rtpmap:"):
             pt, _, encoding = line[len("a=rtpmap:") :].partition(" ")
             name, _, rate = encoding.partition("/")
-            rtpmap[pt] = f"{name.upper()}/{rate.split('/')[0]}"
+            # G.722 is "G722/8000" in SDP (RFC 3551's historic RTP clock), 16 kHz audio.
+            rtpmap[pt] = "G722/16000" if name.upper() == "G722" else f"{name.upper()}/{rate.split('/')[0]}"
     ours = {c.upper(): c for c in P.CODECS}
     result: list[str] = []
     for pt in payloads:
@@ -283,6 +293,8 @@ class Session:
     code: int = 0
     machine: answering.AnsweringMachine | answering.MailboxMenu | None = None
     """The answering machine or the mailbox menu this session is (no B-leg)."""
+    codecs: list[str] = field(default_factory=list)
+    """The A-leg offer's codecs, in its order: what this call's own offers lead with."""
 
     def legs(self) -> list[Leg]:
         return [leg for leg in (self.a, self.b, *self.joiners, self.transfer) if leg is not None]
@@ -316,9 +328,55 @@ class Session:
 # the worker
 
 
+PJSUA_CALLS_PER_CALL: Final = 4
+"""pjsua call slots one of our calls may use: A, B, a join leg, a transfer leg."""
+
+
+def build_call_limit() -> int:
+    """pjsua's call limit in force (after ``libInit``, which cut ``maxCalls`` to the
+    build's ``PJSUA_MAX_CALLS``).  pjsua2 does not wrap ``pjsua_call_get_max_count``: it
+    is called in the loaded module itself, as for the G.722 level (pjhost)."""
+    module = getattr(pj, "_pjsua2", None)
+    path = getattr(module, "__file__", None)
+    if not path:
+        return PJSUA_CALLS_PER_CALL
+    lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_NOW)
+    get_max = lib.pjsua_call_get_max_count
+    get_max.argtypes = []
+    get_max.restype = ctypes.c_uint
+    return int(get_max())
+
+
+def calls_allowed(wanted: int, limit: int) -> int:
+    """Calls one process takes at once: `wanted`, cut to what `limit` pjsua calls hold
+    (PJSUA_CALLS_PER_CALL each), at least one."""
+    return max(1, min(wanted, limit // PJSUA_CALLS_PER_CALL))
+
+
+_PROBE_ENDPOINTS: list[Any] = []
+
+
+def probe_calls(wanted: int) -> int:
+    """How many calls a worker of this build would take: a throw-away ``libInit`` asking
+    for `wanted` calls' worth, in a process that then exits with ``os._exit`` (a child:
+    see :func:`probe_in_child`)."""
+    ep = create_library()
+    cfg = pj.EpConfig()
+    cfg.uaConfig.threadCnt = 0
+    cfg.uaConfig.mainThreadOnly = True
+    cfg.uaConfig.maxCalls = PJSUA_CALLS_PER_CALL * max(1, wanted)
+    cfg.logConfig.level = 0
+    cfg.logConfig.consoleLevel = 0
+    cfg.medConfig.threadCnt = 0
+    cfg.medConfig.hasIoqueue = False
+    ep.libInit(cfg)
+    _PROBE_ENDPOINTS.append(ep)  # never destroyed: ~Endpoint would take a second in libDestroy
+    return calls_allowed(wanted, build_call_limit())
+
+
 class Worker(PjHost):
-    """Owns the transport, the account, the session and every Leg; the endpoint and the
-    loop are the host's."""
+    """Owns the transport, the account, the sessions (one per call, by token) and every
+    Leg; the endpoint and the loop are the host's."""
 
     def __init__(self, args: argparse.Namespace, out: Emitter) -> None:
         super().__init__(out)
@@ -326,7 +384,10 @@ class Worker(PjHost):
         self.rtp_ports = P.parse_port_range(args.rtp_ports)
         self.edge_host, self.edge_port = P.parse_hostport(args.edge)
         self.legs: list[Leg] = []
-        self.session: Session | None = None
+        self.sessions: dict[str, Session] = {}
+        """The calls in progress, by token."""
+        self.capacity = 1
+        """Calls taken at once (``--calls`` cut to the build's limit, set by start)."""
         self.dirty = False
         self.calls_done = 0
         self.acc: WorkerAccount | None = None
@@ -337,7 +398,9 @@ class Worker(PjHost):
         level = int(self.args.log_level)
         cfg = self.create_endpoint(LogWriter(), level, msg_logging=level >= 4)
         ua = cfg.uaConfig
-        ua.maxCalls = 4  # the wheel's compiled-in maximum
+        # As many pjsua calls as --calls calls may use; libInit cuts it to the build's
+        # PJSUA_MAX_CALLS (4 in the PyPI wheel: one call), read back after it.
+        ua.maxCalls = PJSUA_CALLS_PER_CALL * max(1, int(self.args.calls))
         ua.userAgent = "homepbx-media"
         med = cfg.medConfig
         # RTP on pjmedia's own ioqueue and thread, off the Python loop (see the module
@@ -351,6 +414,7 @@ class Worker(PjHost):
         med.quality = int(self.args.quality)
         med.sndAutoCloseTime = 1
         self.init_endpoint(cfg)
+        self.capacity = calls_allowed(int(self.args.calls), build_call_limit())
         set_g722_pcm_shift()  # G.722 legs at the level every other G.722 end uses
 
         tcfg = pj.TransportConfig()
@@ -401,7 +465,8 @@ class Worker(PjHost):
 
     def ready(self) -> None:
         self.out.emit(
-            P.EV_READY, sip_port=self.sip_port, pid=os.getpid(), rtp_ports=P.format_port_range(self.rtp_ports)
+            P.EV_READY, sip_port=self.sip_port, pid=os.getpid(), rtp_ports=P.format_port_range(self.rtp_ports),
+            calls=self.capacity,
         )
 
     def shutdown(self) -> None:
@@ -415,7 +480,7 @@ class Worker(PjHost):
     def wind_down(self) -> None:
         """End every call, then drop every pjsua2 object (the host destroys the library)."""
         self.end_everything(P.REASON_SHUTDOWN)
-        self.pump(SHUTDOWN_PUMP_S, lambda: not self.legs and self.session is None)
+        self.pump(SHUTDOWN_PUMP_S, lambda: not self.legs and not self.sessions)
         self.drop_objects()
 
     def end_around_edge(self) -> None:
@@ -434,8 +499,8 @@ class Worker(PjHost):
 
     def drop_objects(self) -> None:
         self.jobs.clear()
-        if self.session is not None:
-            self.finish_session()
+        for session in list(self.sessions.values()):
+            self.finish_session(session)
         for leg in self.legs:
             leg.session = None
         self.legs.clear()
@@ -456,9 +521,14 @@ class Worker(PjHost):
     def handle_command(self, cmd: dict[str, Any]) -> None:
         name = cmd.get("cmd")
         if name == P.CMD_PING:
-            self.out.emit(P.EV_PONG, seq=cmd.get("seq"), busy=self.session is not None, calls=self.calls_done)
+            self.out.emit(P.EV_PONG, seq=cmd.get("seq"), busy=bool(self.sessions),
+                          active=len(self.sessions), calls=self.calls_done)
         elif name == P.CMD_END_ALL:
             self.end_everything(P.REASON_END_ALL)
+        elif name == P.CMD_END:
+            session = self.sessions.get(str(cmd.get("token") or ""))
+            if session is not None:
+                self.end_session(session, P.REASON_END_ALL)
         elif name == P.CMD_QUIT:
             self.request_stop(str(cmd.get("reason") or "quit"))
         else:
@@ -476,20 +546,23 @@ class Worker(PjHost):
         if not gone:
             return
         self.legs = [leg for leg in self.legs if not leg.disconnected]
-        session = self.session
+        touched: list[Session] = []
         for leg in gone:
+            session = leg.session
             if session is not None:
                 session.forget(leg)
+                if session not in touched:
+                    touched.append(session)
             leg.session = None
         del gone
-        if session is not None and not session.legs():
-            self.finish_session()
+        for session in touched:
+            if not session.legs():
+                self.finish_session(session)
 
-    def finish_session(self) -> None:
-        session = self.session
-        if session is None:
+    def finish_session(self, session: Session) -> None:
+        if self.sessions.get(session.token) is not session:
             return
-        self.session = None
+        del self.sessions[session.token]
         self.calls_done += 1
         self.close_machine(session)
         duration = time.monotonic() - session.answered_at if session.answered else 0.0
@@ -532,12 +605,21 @@ class Worker(PjHost):
             self.out.emit(P.EV_ERROR, where="hangup", leg=leg.name, message=pj_error_text(exc))
 
     def end_everything(self, reason: str) -> None:
-        session = self.session
-        if session is not None:
+        """Every call ends (end_all, quit): their legs and any stray one."""
+        for session in self.sessions.values():
             session.set_reason(reason)
             session.ending = True
         for leg in list(self.legs):
             self.hangup(leg, 503 if not leg.confirmed else 0, "Service Unavailable")
+        self.dirty = True
+
+    def end_session(self, session: Session, reason: str) -> None:
+        """One call ends (the edge's ``end``); the others go on."""
+        session.set_reason(reason)
+        session.ending = True
+        for leg in list(self.legs):
+            if leg.session is session:
+                self.hangup(leg, 503 if not leg.confirmed else 0, "Service Unavailable")
         self.dirty = True
 
     def refuse(self, leg: Leg, code: int, reason: str) -> None:
@@ -581,8 +663,9 @@ class Worker(PjHost):
             self.start_session(leg, token, msg)
 
     def free_for(self, leg: Leg, token: str) -> bool:
-        """A new call may start here: else refused, 486 while one is up, 400 without a token."""
-        if self.session is not None:
+        """A new call may start here: else refused, 486 while `capacity` calls are up (or
+        one with this token), 400 without a token."""
+        if len(self.sessions) >= self.capacity or token in self.sessions:
             self.refuse(leg, 486, "Busy Here")
             return False
         if not token:
@@ -592,14 +675,15 @@ class Worker(PjHost):
 
     def begin_session(self, a: Leg, token: str, msg: Request, caller: str, target: str,
                       shown_target: str | None = None) -> Session:
-        """`a`'s call becomes this worker's one session: its A-leg, its offer's codecs first,
+        """`a`'s call becomes one of this worker's sessions: its A-leg, its offer's codecs first,
         told to the edge (`call_started`; `shown_target` names a call with no B-leg)."""
         a.name = P.LEG_A
         a.remote = strip_tag(msg.get("From") or "")
-        session = Session(token=token, caller=caller, target=target, a=a)
+        session = Session(token=token, caller=caller, target=target, a=a,
+                          codecs=offered_codecs(msg.body.decode("utf-8", "replace")))
         a.session = session
-        self.session = session
-        self.set_codec_order(offered_codecs(msg.body.decode("utf-8", "replace")))
+        self.sessions[token] = session
+        self.set_codec_order(session.codecs)
         self.out.emit(P.EV_CALL_STARTED, token=token, call_id=msg.get("Call-ID"), caller=caller,
                       target=target if shown_target is None else shown_target)
         return session
@@ -670,8 +754,8 @@ class Worker(PjHost):
         self.after(0.3 * P.CONFIRM_BEEPS + 0.2, done)
 
     def join(self, leg: Leg, token: str, msg: Request) -> None:
-        session = self.session
-        if session is None or not token or token != session.token:
+        session = self.sessions.get(token) if token else None
+        if session is None:
             self.refuse(leg, 481, "No Such Call Here")
             return
         live = [x for x in session.legs() if x.alive()]
@@ -688,8 +772,8 @@ class Worker(PjHost):
     def pickup(self, leg: Leg, token: str, msg: Request) -> None:
         """Another device picks the ringing call up: answer it and A, bridge them (when
         the picker's leg is confirmed, as for a joiner), CANCEL the ringing B-leg."""
-        session = self.session
-        if session is None or not token or token != session.token:
+        session = self.sessions.get(token) if token else None
+        if session is None:
             self.refuse(leg, 481, "No Such Call Here")
             return
         a = session.a
@@ -917,7 +1001,7 @@ class Worker(PjHost):
 
     def open_mailbox(self, leg: Leg, token: str, msg: Request) -> None:
         """The mailbox code: answer at once, then the menu (answering.py)."""
-        if self.session is not None:
+        if len(self.sessions) >= self.capacity or token in self.sessions:
             self.refuse(leg, 486, "Busy Here")
             return
         number = (msg.get(P.HDR_MAILBOX) or "").strip()
@@ -974,6 +1058,10 @@ class Worker(PjHost):
             prm.statusCode = 491  # one transfer at a time
             return
         assert self.acc is not None
+        # The codec order is the endpoint's, last set by whichever call began last: the
+        # transfer INVITE pjsua sends after this callback leads with this call's codecs.
+        # (Only the codec manager's priorities change here, no call or dialog.)
+        self.set_codec_order(s.codecs)
         s.transfer_seq += 1
         t = Leg(self, self.acc)
         t.name = f"{P.TRANSFER_LEG_PREFIX}{s.transfer_seq}"
@@ -1134,6 +1222,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--media-thread", action=argparse.BooleanOptionalAction, default=True,
                         help="RTP on pjmedia's own thread (default); --no-media-thread: on the main loop's ioqueue")
+    parser.add_argument("--calls", type=int, default=1,
+                        help="calls taken at once (cut to what the build's PJSUA_MAX_CALLS holds, 4 pjsua calls each)")
     parser.add_argument("--voicemail-dir", default="",
                         help="the mailbox store's root (<state_dir>/voicemail); empty: no answering machine")
     return parser.parse_args(argv)
@@ -1142,7 +1232,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     raw = sys.argv[1:] if argv is None else argv
     if raw[:1] == ["--zygote"]:
-        return zygote_main()
+        return zygote_main(_probe_arg(raw[1:]))
+    if raw[:1] == ["--probe-calls"]:
+        # Exec'd pools (no zygote): the build's calls per process, one JSON line.
+        wanted = _probe_arg(raw)
+        sys.stdout.write(json.dumps({"event": P.EV_CAPACITY, "calls": probe_in_child(wanted)}) + "\n")
+        sys.stdout.flush()
+        os._exit(0)
     args = parse_args(raw)
     # Blocked in every thread (pjsua's included, they inherit the mask): taken by the
     # host's signal thread only.
@@ -1168,8 +1264,35 @@ def main(argv: list[str] | None = None) -> int:
 # zygote: a fork server, so workers share the ~13 MB of imported pjsua2 bindings
 
 
-def zygote_main() -> int:
-    """``python -m appliance.media.worker --zygote``, stdin a SOCK_SEQPACKET socket.
+def _probe_arg(args: list[str]) -> int:
+    """``--probe-calls N`` -> N (0: not asked)."""
+    if args[:1] == ["--probe-calls"] and len(args) > 1 and args[1].isdigit():
+        return int(args[1])
+    return 0
+
+
+def probe_in_child(wanted: int) -> int:
+    """:func:`probe_calls` in a forked child, so this process creates no pjsua2 endpoint
+    (nor its threads) and stays safe to fork; 1 if the probe fails."""
+    if wanted <= 1:
+        return 1
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_end)
+            os.write(write_end, str(probe_calls(wanted)).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        answer = pipe.read()
+    os.waitpid(pid, 0)
+    return int(answer) if answer.isdigit() else 1
+
+
+def zygote_main(probe: int = 0) -> int:
+    """``python -m appliance.media.worker --zygote [--probe-calls N]``, stdin a SOCK_SEQPACKET socket.
 
     Each message on stdin is ``{"cmd": "spawn", "id": N, "argv": [...]}`` carrying one
     file descriptor (SCM_RIGHTS): the new worker's channel, a stream socket that becomes
@@ -1177,6 +1300,8 @@ def zygote_main() -> int:
     and the zygote reports ``{"event": "spawned", "id": N, "pid": P}`` and, when a child
     exits, ``{"event": "exited", "pid": P, "rc": RC}`` (negative for a signal) on stdout.
     EOF on stdin ends the zygote; its workers live on until their own channels close.
+    With ``--probe-calls N`` its ``ready`` says how many calls (at most N) a worker of
+    this build takes (``calls``, :func:`probe_in_child`), before any worker starts.
 
     Why: a worker exec'd from scratch holds ~14 MB private (most of it the SWIG bindings'
     Python objects); forked from here after ``gc.freeze()`` it shares them, which halves
@@ -1203,7 +1328,10 @@ def zygote_main() -> int:
     sel = selectors.DefaultSelector()
     sel.register(ctl, selectors.EVENT_READ)
     sel.register(wake_r, selectors.EVENT_READ)
-    emit(event=P.EV_READY, pid=os.getpid())
+    if probe:
+        emit(event=P.EV_READY, pid=os.getpid(), calls=probe_in_child(probe))
+    else:
+        emit(event=P.EV_READY, pid=os.getpid())
     while True:
         for key, _ in sel.select():
             if key.fileobj is not ctl:

@@ -164,7 +164,10 @@ def test_pool_exhaustion_gets_503(pbx_factory: DaemonFactory, handset_factory: H
 
 def test_worker_killed_ends_only_its_call(pbx_factory: DaemonFactory, handset_factory: HandsetFactory,
                                           tmp_path: Path) -> None:
-    pbx = pbx_factory([user_block("100"), user_block("200"), user_block("300"), user_block("400")])
+    # A process per call (our pjsua2 build would otherwise pack both calls into one worker:
+    # tests/e2e/test_media_worker_multi.py kills a shared worker).
+    pbx = pbx_factory([user_block("100"), user_block("200"), user_block("300"), user_block("400")],
+                      extra="[media]\ncalls_per_worker = 1\n\n")
     phones = {n: handset_factory(f"p{n}") for n in ("100", "200", "300", "400")}
     for number, phone in phones.items():
         assert phone.register(pbx.registrar, number, "secret")["code"] == 200

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,11 +41,12 @@ HandsetFactory = Callable[..., Handset]
 class WorkerProc:
     """One `python -m appliance.media.worker` child with its JSON events collected."""
 
-    def __init__(self, rtp_ports: str = "21000-21099", log_path: Path | None = None) -> None:
+    def __init__(self, rtp_ports: str = "21000-21099", log_path: Path | None = None,
+                 extra: Sequence[str] = ()) -> None:
         self._log = open(log_path, "ab") if log_path is not None else None  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "appliance.media.worker", "--sip-port", "0",
-             "--rtp-ports", rtp_ports, "--edge", EDGE, "--log-level", "3"],
+             "--rtp-ports", rtp_ports, "--edge", EDGE, "--log-level", "3", *extra],
             cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=self._log if self._log is not None else subprocess.DEVNULL,
         )  # fmt: skip
@@ -53,6 +54,7 @@ class WorkerProc:
         self.reader = EventReader(self.proc.stdout, "worker")
         ready = self.wait_for(P.EV_READY, timeout=10)
         self.port = int(ready["sip_port"])
+        self.calls = int(ready.get("calls", 1))
         self.pid = self.proc.pid
 
     @property

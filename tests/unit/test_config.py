@@ -88,6 +88,7 @@ def test_empty_file_gives_defaults(tmp_path: Path) -> None:
     assert (cfg.control.socket, cfg.control.group) == ("", "")
     media = cfg.media
     assert (media.max_calls, media.min_idle, media.rtp_port_low, media.rtp_port_high) == (8, 1, 10000, 10999)
+    assert media.calls_per_worker == 0  # as many as the pjsua2 build allows
     assert dict(cfg.feature_codes) == {
         "*74": "join", "*72": "forward_always", "*73": "forward_always_off", "*90": "forward_busy",
         "*91": "forward_busy_off", "*52": "forward_no_answer", "*53": "forward_no_answer_off",
@@ -245,6 +246,13 @@ ERROR_CASES = [
         2,
         "media.max_calls",
         "must be an integer, not a boolean",
+    ),
+    (
+        "calls per worker beyond 16",
+        "[media]\nmax_calls = 8\ncalls_per_worker = 17\n",
+        3,
+        "media.calls_per_worker",
+        "between 0 and 16",
     ),
     (
         "float for int",

@@ -24,25 +24,33 @@ pytestmark = pytest.mark.timeout(30)
 FAKE_WORKER = r'''
 import json, os, sys
 args = sys.argv[1:]
-rtp = args[args.index("--rtp-ports") + 1]
 def emit(**ev):
     sys.stdout.write(json.dumps(ev) + "\n"); sys.stdout.flush()
+built = int(os.environ.get("FAKE_BUILD_CALLS", "1"))  # calls per process "the build" holds
+if args[:1] == ["--probe-calls"]:
+    emit(event="capacity", calls=min(built, int(args[1]))); sys.exit(0)
+rtp = args[args.index("--rtp-ports") + 1]
+wanted = int(args[args.index("--calls") + 1]) if "--calls" in args else 1
 if os.environ.get("FAKE_CRASH_AT_START"):
     sys.exit(3)
 if os.path.exists(os.environ.get("FAKE_DELAY_FLAG", "/nonexistent")):
     import time; time.sleep(float(os.environ["FAKE_START_DELAY"]))
-emit(event="ready", sip_port=40000 + os.getpid() % 1000, pid=os.getpid(), rtp_ports=rtp)
-token, hang = None, False
+emit(event="ready", sip_port=40000 + os.getpid() % 1000, pid=os.getpid(), rtp_ports=rtp, calls=min(wanted, built))
+tokens, hang = [], False
 for line in sys.stdin:
     cmd = json.loads(line)
     name = cmd["cmd"]
     if name == "ping" and not hang:
-        emit(event="pong", seq=cmd["seq"], busy=token is not None)
+        emit(event="pong", seq=cmd["seq"], busy=bool(tokens), active=len(tokens))
     elif name == "fake_call":
-        token = cmd["token"]; emit(event="call_started", token=token)
-    elif name in ("fake_end", "end_all") and token:
-        emit(event="call_ended", token=token, reason="end_all" if name == "end_all" else "caller_hangup")
-        token = None
+        tokens.append(cmd["token"]); emit(event="call_started", token=cmd["token"])
+    elif name in ("fake_end", "end") and cmd.get("token") in tokens:
+        tokens.remove(cmd["token"])
+        emit(event="call_ended", token=cmd["token"], reason="end_all" if name == "end" else "caller_hangup")
+    elif name == "end_all":
+        for token in tokens:
+            emit(event="call_ended", token=token, reason="end_all")
+        tokens = []
     elif name == "hang":
         hang = True
     elif name == "crash":
