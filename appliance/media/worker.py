@@ -857,6 +857,14 @@ class Worker(PjHost):
     def b_state(self, s: Session, b: Leg, state: int, code: int, reason: str) -> None:
         a = s.a
         if a is None:
+            if state == pj.PJSIP_INV_STATE_DISCONNECTED and s.transfer is not None and not s.ending:
+                # The caller left for a transfer that still rings, and now the other party
+                # too: nobody is left for the target.
+                s.set_reason(P.REASON_CALLEE_HANGUP)
+                s.ending = True
+                for other in s.legs():
+                    self.hangup(other)
+                return
             self.hangup(b)
             return
         if state == pj.PJSIP_INV_STATE_EARLY:
@@ -1124,6 +1132,7 @@ class Worker(PjHost):
             self.take_place(s, x, t)
             self.out.emit(P.EV_TRANSFERRED, token=s.token, leg=name, new_leg=t.name, remote=t.identity or t.remote)
             self.connect_bridge(s)
+            self.check_alone(s)  # the other party may have hung up as the target answered
             if x is not None:
                 # Weakly: a Leg kept past its reaping could outlive the reuse of its call id.
                 released = weakref.ref(x)

@@ -277,6 +277,26 @@ def test_odd_in_dialog_requests_never_kill_the_worker(pbx_factory: DaemonFactory
     dialog.raw.close()
 
 
+def test_the_other_party_hanging_up_while_the_target_rings_ends_the_call(
+        pbx_factory: DaemonFactory, handset_factory: HandsetFactory) -> None:
+    """The transferring party left right after its REFER's 202; the other party hangs up
+    while the target still rings: nobody is left for the target, so its ringing stops and
+    the call ends (it used to ring on, and be a call with nobody if answered)."""
+    pbx, _, b, c = house(pbx_factory, handset_factory)
+    dialog = raw_call(pbx, b)
+    b_call = str(b.wait_state(str(b.wait_incoming()["call"]), "CONFIRMED")["call"])
+    refer = dialog.send("REFER", [("Refer-To", "<sip:300@home.arpa>")])
+    assert refer is not None and refer.status == 202
+    c_call = str(c.wait_incoming()["call"])
+    bye = dialog.send("BYE")
+    assert bye is not None and bye.status == 200
+    b.hangup(b_call)
+    c.wait_state(c_call, "DISCONNECTED")
+    pbx.wait_log("event=call_ended")
+    assert_no_worker_died(pbx)
+    dialog.raw.close()
+
+
 def test_dead_worker_is_forgotten_at_once(pbx_factory: DaemonFactory, handset_factory: HandsetFactory) -> None:
     pbx, _, b, _ = house(pbx_factory, handset_factory)
     pbx.allow_errors("media_worker")
