@@ -17,6 +17,7 @@ from tests.e2e.test_blf import Watcher
 from tests.support.baresip import Baresip
 from tests.support.control import ControlConn, control_block
 from tests.support.pbx import user_block
+from tests.support.ports import rtp_range
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
@@ -119,7 +120,7 @@ def test_baresip_message_lamp(pbx_factory: DaemonFactory, baresip: Callable[...,
     prints each message-summary it gets: dark, lit with one new message, dark once heard."""
     pbx = pbx_factory([user_block("100")], extra=control_block())
     root = pbx.config.parent / "state" / "voicemail"
-    phone = baresip(tmp_path / "baresip", pbx, "100", "secret", 1000, "44000-44999", mwi=True)
+    phone = baresip(tmp_path / "baresip", pbx, "100", "secret", 1000, rtp_range(), mwi=True)
     phone.wait_for("Messages-Waiting: no")
     start = len(phone.output.lines)
     message_id = leave_message(root, "100", "200")
