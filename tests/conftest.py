@@ -48,16 +48,21 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 # `make test` runs the suite in two pytest-xdist workers (`-n 2 --dist loadgroup
 # --no-loadscope-reorder`). Every file is one group, so its tests stay together on one
 # worker, in their order, with their module fixtures; the groups go out in the order sorted
-# below. The files that load the machine heavily form one group of their own, so they run one
-# after the other and never beside each other; it starts first, the disk image first of all,
-# as it is the longest and the rest of the suite runs beside it.
+# below. The files that load the machine heavily form one group of their own with the files
+# whose point is a measurement such load would spoil: they run one after the other on one
+# worker, never beside each other. That group starts first, the disk image first of all, as
+# it is the longest and the rest of the suite runs beside it.
 LOAD_GROUP = "heavy-load"
 HEAVY = (
     "tests/image/",  # builds a Debian system, then boots it emulated (QEMU TCG, both cores)
     "tests/e2e/test_burst.py",  # 300 calls through SIPp, up to 64 media workers
     "tests/e2e/test_fuzz.py",  # the mutation fuzzer flat out against the daemon
 )
-ORDER = ("tests/image/", *HEAVY, "tests/e2e/", "tests/tui/", "tests/unit/")
+MEASURING = (
+    "tests/e2e/test_levels.py",  # the tone's level the same at both ends within 1 dB
+    "tests/e2e/test_daemon_crash.py",  # both BYEs within 4 s of a kill -9
+)
+ORDER = ("tests/image/", *HEAVY, *MEASURING, "tests/e2e/", "tests/tui/", "tests/unit/")
 
 
 def _file(item: pytest.Item) -> str:
@@ -76,5 +81,5 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("xdist_group") is None:
             path = _file(item)
-            item.add_marker(pytest.mark.xdist_group(LOAD_GROUP if path.startswith(HEAVY) else path))
+            item.add_marker(pytest.mark.xdist_group(LOAD_GROUP if path.startswith(HEAVY + MEASURING) else path))
     items.sort(key=_rank)  # stable: each file's tests keep their order
