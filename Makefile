@@ -47,7 +47,7 @@ demo: venv prompts
 # PARALLEL= on the command line runs in one process.
 PARALLEL ?= -n 2 --dist loadgroup --no-loadscope-reorder
 
-# The whole suite, the disk image build and its boot in QEMU included (about 8 minutes on
+# The whole suite, the disk image build and its boot in QEMU included (about 10 minutes on
 # 2 cores; HOMEPBX_IMAGE_TEST=0 leaves the image out).
 test: venv lint prompts
 	HOMEPBX_IMAGE_TEST=$${HOMEPBX_IMAGE_TEST:-1} $(BIN)/python -m pytest -q $(PARALLEL)
