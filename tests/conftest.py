@@ -41,3 +41,45 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             "(or `make native HOMEPBX_NATIVE=0` for plain Python).",
             returncode=4,
         )
+
+
+# --------------------------------------------------------------------------- parallel runs
+
+# `make test` runs the suite in two pytest-xdist workers (`-n 2 --dist loadgroup
+# --no-loadscope-reorder`). Every file is one group, so its tests stay together on one
+# worker, in their order, with their module fixtures; the groups go out in the order sorted
+# below. The files that load the machine heavily form one group of their own with the files
+# whose point is a measurement such load would spoil: they run one after the other on one
+# worker, never beside each other. That group starts first, the disk image first of all, as
+# it is the longest and the rest of the suite runs beside it.
+LOAD_GROUP = "heavy-load"
+HEAVY = (
+    "tests/image/",  # builds a Debian system, then boots it emulated (QEMU TCG, both cores)
+    "tests/e2e/test_burst.py",  # 300 calls through SIPp, up to 64 media workers
+    "tests/e2e/test_fuzz.py",  # the mutation fuzzer flat out against the daemon
+)
+MEASURING = (
+    "tests/e2e/test_levels.py",  # the tone's level the same at both ends within 1 dB
+    "tests/e2e/test_daemon_crash.py",  # both BYEs within 4 s of a kill -9
+)
+ORDER = ("tests/image/", *HEAVY, *MEASURING, "tests/e2e/", "tests/tui/", "tests/unit/")
+
+
+def _file(item: pytest.Item) -> str:
+    return item.nodeid.split("::", 1)[0]
+
+
+def _rank(item: pytest.Item) -> int:
+    path = _file(item)
+    return next((i for i, prefix in enumerate(ORDER) if path.startswith(prefix)), len(ORDER))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not hasattr(config, "workerinput"):
+        return  # not an xdist worker: the plain order
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            path = _file(item)
+            item.add_marker(pytest.mark.xdist_group(LOAD_GROUP if path.startswith(HEAVY + MEASURING) else path))
+    items.sort(key=_rank)  # stable: each file's tests keep their order

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from appliance.ports import free_port
 from appliance.simulator.handset import Handset
 from tests.support.baresip import baresip  # noqa: F401 - fixture for the e2e tests
 from tests.support.linphone import linphone  # noqa: F401 - fixture for the e2e tests
 from tests.support.pbx import Daemon, write_config
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -19,6 +19,7 @@ from appliance.sip.message import Request, Response, parse_message
 from tests.e2e.conftest import DaemonFactory
 from tests.support.baresip import Baresip
 from tests.support.pbx import Daemon, user_block
+from tests.support.ports import rtp_range
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
@@ -307,7 +308,7 @@ def test_baresip_presence_watcher_sees_busy_and_back(pbx_factory: DaemonFactory,
     and shows it Busy during a call (RPID on-the-phone), Online again after it. (Its
     `/contacts` listing is not flushed to a pipe reliably: the status-change lines are.)"""
     pbx, caller, callee = house(pbx_factory, handset_factory)
-    phone = baresip(tmp_path / "baresip", pbx, "300", "secret", 1000, "44000-44999", watch=("200",))
+    phone = baresip(tmp_path / "baresip", pbx, "300", "secret", 1000, rtp_range(), watch=("200",))
     pbx.wait_log("event=subscribed number=300 resource=200 event=presence", timeout=10)
     start = len(phone.output.lines)
     call = caller.call("sip:200@home.arpa")

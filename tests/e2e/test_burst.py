@@ -5,7 +5,6 @@ the pool must start workers ahead of demand and let an INVITE wait for one, neve
 
 from __future__ import annotations
 
-import random
 import re
 import shutil
 import subprocess
@@ -14,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from appliance.ports import free_port
 from appliance.sip.auth import authorization_value
 from tests.e2e.conftest import DaemonFactory
 from tests.support.pbx import user_block
+from tests.support.ports import free_port, rtp_range
 from tests.support.rawsip import RawClient
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
@@ -25,7 +24,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 SCENARIOS = Path(__file__).resolve().parent / "sipp"
 CALLS = 300
 IN_FLIGHT = 60
-MEDIA = '[media]\nmax_calls = 64\nmin_idle = 1\nrtp_ports = "{low}-{high}"\n\n'
+MEDIA = '[media]\nmax_calls = 64\nmin_idle = 1\nrtp_ports = "{ports}"\n\n'
 
 
 def _sipp(scenario: str, workdir: Path, port: int, pbx_port: int, *args: str) -> subprocess.Popen[str]:
@@ -49,9 +48,8 @@ def test_a_burst_of_anchored_calls_loses_none(pbx_factory: DaemonFactory, tmp_pa
     """hold 0: the caller's BYE right behind its ACK (the edge releases the worker on that
     BYE while the BYE is still on its way to the worker)."""
     assert shutil.which("sipp"), "sipp is not installed: `make deps` installs Debian's sip-tester"
-    low = random.randrange(20000, 50000, 2)  # RTP slices of its own (other tests run beside it)
     pbx = pbx_factory([user_block("200", "pw-200"), user_block("201", "pw-201")],
-                      extra=MEDIA.format(low=low, high=low + 66 * 8 - 1))
+                      extra=MEDIA.format(ports=rtp_range(66 * 8)))  # 64 calls and 2 spare workers
     callee_port = free_port()
     started: list[subprocess.Popen[str]] = []
     try:
@@ -121,8 +119,7 @@ def test_a_call_cancelled_while_waiting_for_a_worker_leaves_it_free(pbx_factory:
     """No worker warm (min_idle = 0): the INVITE waits for one to start; the caller's
     CANCEL meanwhile is answered 200 and the INVITE 487, and the worker started for it is
     not left held: with max_calls = 1 the next call gets it."""
-    low = random.randrange(20000, 50000, 2)
-    media = f'[media]\nmax_calls = 1\nmin_idle = 0\nrtp_ports = "{low}-{low + 63}"\n\n'
+    media = f'[media]\nmax_calls = 1\nmin_idle = 0\nrtp_ports = "{rtp_range(64)}"\n\n'
     pbx = pbx_factory([user_block("200", "pw-200"), user_block("201", "pw-201")], extra=media)
     callee, caller = RawClient(pbx.port), RawClient(pbx.port)
     try:

@@ -22,6 +22,7 @@ from tests.e2e.conftest import DaemonFactory
 from tests.support.baresip import Baresip
 from tests.support.handsets import recorded
 from tests.support.pbx import Daemon, user_block
+from tests.support.ports import rtp_range
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
@@ -40,7 +41,7 @@ def call_in_progress(pbx_factory: DaemonFactory, handset_factory: HandsetFactory
     pbx = pbx_factory([user_block("200", "pw-200"), user_block("201", "pw-201")])
     handset = handset_factory("h201")
     assert handset.register(pbx.registrar, "201", "pw-201")["code"] == 200
-    phone = baresip(tmp_path / "baresip", pbx, "200", "pw-200", BARESIP_TONE, "44000-44999")
+    phone = baresip(tmp_path / "baresip", pbx, "200", "pw-200", BARESIP_TONE, rtp_range())
     phone.wait_for("registered successfully")
     phone.command("d 201")
     call = str(handset.wait_incoming(timeout=10)["call"])

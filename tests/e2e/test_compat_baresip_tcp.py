@@ -18,6 +18,7 @@ from appliance.simulator.handset import Handset
 from tests.e2e.conftest import DaemonFactory
 from tests.support.baresip import Baresip
 from tests.support.pbx import user_block
+from tests.support.ports import rtp_range
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
@@ -31,7 +32,7 @@ def test_baresip_registers_over_tcp_and_calls_a_handset_both_hear_the_other(
     pbx = pbx_factory([user_block("200", "pw-200"), user_block("201", "pw-201")])  # shipped digest settings
     handset = handset_factory("h201")
     assert handset.register(pbx.registrar, "201", "pw-201")["code"] == 200
-    phone = baresip(tmp_path / "baresip", pbx, "200", "pw-200", 440, "43000-43999", transport="tcp")
+    phone = baresip(tmp_path / "baresip", pbx, "200", "pw-200", 440, rtp_range(), transport="tcp")
     phone.wait_for("registered successfully")
     pbx.wait_log(r"event=device_registered number=200 .*flow=tcp:127\.0\.0\.1:\d+ .*ua=\"?baresip")
 

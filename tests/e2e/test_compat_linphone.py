@@ -23,6 +23,7 @@ from tests.e2e.conftest import DaemonFactory
 from tests.support.handsets import recorded
 from tests.support.linphone import Linphone
 from tests.support.pbx import Daemon, user_block
+from tests.support.ports import rtp_range
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
@@ -38,7 +39,7 @@ def house(pbx_factory: DaemonFactory, handset_factory: HandsetFactory, linphone:
           tmp_path: Path, transport: str = "udp") -> tuple[Daemon, Linphone, Handset]:
     """linphone as 200 and a pjsua2 handset as 201, both registered on the shipped settings."""
     pbx = pbx_factory([user_block("200", "pw-200"), user_block("201", "pw-201")])
-    phone = linphone(tmp_path / "linphone", pbx, "200", "pw-200", LINPHONE_TONE, "42000-42999", transport=transport)
+    phone = linphone(tmp_path / "linphone", pbx, "200", "pw-200", LINPHONE_TONE, rtp_range(), transport=transport)
     handset = handset_factory("h201")
     assert handset.register(pbx.registrar, "201", "pw-201")["code"] == 200
     phone.wait_registered()

@@ -17,6 +17,7 @@ from tests.e2e.conftest import DaemonFactory
 from tests.support.baresip import Baresip
 from tests.support.control import ControlConn, control_block
 from tests.support.pbx import Daemon, user_block
+from tests.support.ports import rtp_range
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -202,7 +203,7 @@ def test_a_forwarding_loop_is_refused(pbx_factory: DaemonFactory, handset_factor
 def test_codes_from_baresip(pbx_factory: DaemonFactory, handset_factory: HandsetFactory, baresip: BaresipFactory,
                             tmp_path: Path) -> None:
     pbx = pbx_factory([user_block("200", "pw-200"), user_block("300", "pw-300")])
-    phone = baresip(tmp_path / "baresip", pbx, "200", "pw-200", 440, "44000-44999")
+    phone = baresip(tmp_path / "baresip", pbx, "200", "pw-200", 440, rtp_range())
     phone.wait_for("registered successfully")
     at = phone.command("d *72300")
     pbx.wait_log(r"event=feature_code number=200 .*changes=.forward_always=300", timeout=10)

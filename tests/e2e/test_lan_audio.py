@@ -23,11 +23,11 @@ from pathlib import Path
 
 import pytest
 
-from appliance.ports import free_port
 from appliance.simulator import tones
 from appliance.simulator.handset import Handset
 from tests.e2e.test_join_and_media import FAINT, HEARD, listen
 from tests.support.pbx import Daemon, user_block, write_config
+from tests.support.ports import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 

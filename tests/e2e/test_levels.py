@@ -31,6 +31,7 @@ from tests.e2e.conftest import DaemonFactory
 from tests.e2e.test_join_and_media import _invite_ok, _payloads, connect, house
 from tests.support.baresip import Baresip
 from tests.support.pbx import Daemon, user_block
+from tests.support.ports import rtp_range
 from tests.support.procs import descendants
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
@@ -165,9 +166,9 @@ def test_tone_level_kept_with_another_g722(pbx_factory: DaemonFactory, tmp_path:
     """The outside tester's case: baresip phones, whose G.722 is not pjmedia's."""
     pbx = pbx_factory([user_block("200", "pw-200"), user_block("201", "pw-201")],
                       server_extra='digest_algorithms = ["MD5"]\n')
-    callee = CodecBaresip(tmp_path / "callee", pbx, "201", 1000, "40000-40999", BARESIP_CODEC[callee_codec],
+    callee = CodecBaresip(tmp_path / "callee", pbx, "201", 1000, rtp_range(), BARESIP_CODEC[callee_codec],
                           auto_answer=True)
-    caller = CodecBaresip(tmp_path / "caller", pbx, "200", 440, "41000-41999", BARESIP_CODEC[caller_codec])
+    caller = CodecBaresip(tmp_path / "caller", pbx, "200", 440, rtp_range(), BARESIP_CODEC[caller_codec])
     try:
         for phone in (callee, caller):
             phone.wait_for("registered successfully")

@@ -28,6 +28,7 @@ from appliance.media import protocol as P
 from appliance.media.pool import Worker, WorkerPool
 from appliance.simulator import tones
 from appliance.simulator.handset import Handset
+from tests.support.ports import rtp_range
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
@@ -41,8 +42,9 @@ HandsetFactory = Callable[..., Handset]
 class WorkerProc:
     """One `python -m appliance.media.worker` child with its JSON events collected."""
 
-    def __init__(self, rtp_ports: str = "21000-21099", log_path: Path | None = None,
+    def __init__(self, rtp_ports: str = "", log_path: Path | None = None,
                  extra: Sequence[str] = ()) -> None:
+        rtp_ports = rtp_ports or rtp_range(100)
         self._log = open(log_path, "ab") if log_path is not None else None  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "appliance.media.worker", "--sip-port", "0",
@@ -348,7 +350,7 @@ def pool_thread() -> Iterator[Callable[..., PoolThread]]:
 
     def make(**kw: Any) -> PoolThread:
         kw.setdefault("edge_address", EDGE)
-        kw.setdefault("rtp_ports", "22000-22999")
+        kw.setdefault("rtp_ports", rtp_range(500))
         made.append(PoolThread(**kw))
         return made[-1]
 
@@ -417,7 +419,7 @@ import asyncio, os, sys
 from appliance.media.pool import WorkerPool
 
 async def main():
-    pool = WorkerPool(min_idle=2, max_calls=3, rtp_ports="23000-23999", edge_address="127.0.0.1:5999")
+    pool = WorkerPool(min_idle=2, max_calls=3, rtp_ports="{rtp_ports}", edge_address="127.0.0.1:5999")
     await pool.start()
     await pool.acquire("t")
     print(" ".join(str(p) for p in [pool._zygote.pid, *(w.pid for w in pool.workers)]), flush=True)
@@ -430,7 +432,8 @@ asyncio.run(main())
 def test_edge_killed_leaves_no_worker_behind() -> None:
     """kill -9 of the process running the pool: every worker sees EOF on its channel and
     exits cleanly, and the zygote sees EOF on its spawn socket and exits too."""
-    edge = subprocess.Popen([sys.executable, "-c", EDGE_CRASH_SCRIPT], cwd=REPO, stdout=subprocess.PIPE,
+    script = EDGE_CRASH_SCRIPT.replace("{rtp_ports}", rtp_range(500))
+    edge = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(REPO)))  # fmt: skip
     assert edge.stdout is not None
     pids = [int(p) for p in edge.stdout.readline().split()]

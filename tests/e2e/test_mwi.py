@@ -20,6 +20,7 @@ from tests.e2e.test_blf import Watcher
 from tests.support.baresip import Baresip
 from tests.support.control import ControlConn, control_block
 from tests.support.pbx import user_block
+from tests.support.ports import rtp_range
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
@@ -161,7 +162,7 @@ def test_baresip_message_lamp(pbx_factory: DaemonFactory, baresip: Callable[...,
     root = pbx.config.parent / "state" / "voicemail"
     hop = SlowHop(pbx.port)
     try:
-        phone = baresip(tmp_path / "baresip", pbx, "100", "secret", 1000, "44000-44999", mwi=True,
+        phone = baresip(tmp_path / "baresip", pbx, "100", "secret", 1000, rtp_range(), mwi=True,
                         registrar=f"127.0.0.1:{hop.port}")
         phone.wait_for("Messages-Waiting: no")
         start = len(phone.output.lines)

@@ -1,9 +1,10 @@
-"""The shipped config.toml itself, untouched but for the address it listens on: software
+"""The shipped config.toml itself, untouched but for its addresses and ports: software
 nobody here wrote registers with it (baresip, linphone, sipsak), and linphone is called by
 a pjsua2 handset and heard.
 
 The file is copied as it is; only `listen` becomes a free loopback port (the box's own
-5060 on every interface is not for a test). The passwords are the ones the daemon
+5060 on every interface is not for a test) and `rtp_ports` the test worker's own range (the
+suite runs in two processes at once, tests/support/ports.py). The passwords are the ones the daemon
 generates into it at first start, as on a new box.
 """
 
@@ -18,13 +19,13 @@ from pathlib import Path
 import pytest
 
 from appliance.config import load_config
-from appliance.ports import free_port
 from appliance.simulator import tones
 from appliance.simulator.handset import Handset
 from tests.support.baresip import Baresip
 from tests.support.handsets import recorded
 from tests.support.linphone import Linphone
 from tests.support.pbx import REPO, Daemon
+from tests.support.ports import free_port, media_ports, rtp_range
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
@@ -37,6 +38,8 @@ def shipped(tmp_path: Path) -> Daemon:
     text = (REPO / "config.toml").read_text()
     assert 'listen = ["0.0.0.0:5060"]' in text
     config = tmp_path / "config.toml"
+    assert 'rtp_ports = "10000-10999"' in text
+    text = text.replace('rtp_ports = "10000-10999"', f'rtp_ports = "{media_ports()}"')  # this xdist worker's
     config.write_text(text.replace('listen = ["0.0.0.0:5060"]', f'listen = ["127.0.0.1:{port}"]'))
     return Daemon(config, port)
 
@@ -54,9 +57,9 @@ def test_clients_register_and_linphone_is_called_on_the_shipped_config(
         pytest.skip("sipsak is not installed (`make test` installs Debian's sipsak)")
     pbx = shipped.start()
     try:
-        family = baresip(tmp_path / "baresip", pbx, "200", password(pbx, "200"), 440, "43000-43999")
+        family = baresip(tmp_path / "baresip", pbx, "200", password(pbx, "200"), 440, rtp_range())
         family.wait_for("registered successfully")
-        grandpa = linphone(tmp_path / "linphone", pbx, "100", password(pbx, "100"), 440, "44000-44999")
+        grandpa = linphone(tmp_path / "linphone", pbx, "100", password(pbx, "100"), 440, rtp_range())
         grandpa.wait_registered()
         office = subprocess.run(
             ["sipsak", "-U", "-s", "sip:300@127.0.0.1", "-u", "300", "-a", password(pbx, "300"), "-x", "300",

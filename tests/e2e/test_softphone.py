@@ -19,6 +19,7 @@ from appliance.simulator import tones
 from tests.e2e.conftest import DaemonFactory
 from tests.support.baresip import Baresip
 from tests.support.pbx import user_block
+from tests.support.ports import rtp_range
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
@@ -27,8 +28,8 @@ def test_baresip_calls_baresip_and_both_hear_the_other(
     pbx_factory: DaemonFactory, baresip: Callable[..., Baresip], tmp_path: Path
 ) -> None:
     pbx = pbx_factory([user_block("200", "pw-200"), user_block("201", "pw-201")])  # shipped digest settings
-    callee = baresip(tmp_path / "callee", pbx, "201", "pw-201", 1000, "40000-40999", auto_answer=True)
-    caller = baresip(tmp_path / "caller", pbx, "200", "pw-200", 440, "41000-41999")
+    callee = baresip(tmp_path / "callee", pbx, "201", "pw-201", 1000, rtp_range(), auto_answer=True)
+    caller = baresip(tmp_path / "caller", pbx, "200", "pw-200", 440, rtp_range())
     for phone in (callee, caller):
         phone.wait_for("registered successfully")
     caller.command("d 201")

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance.ports import free_port
 from tests.e2e.conftest import DaemonFactory
 from tests.support.pbx import Daemon, user_block
+from tests.support.ports import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 

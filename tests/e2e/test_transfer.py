@@ -27,6 +27,7 @@ from tests.support.kamailio import DID, OUTSIDE, OUTSIDE_PASSWORD, PASSWORD, Kam
 from tests.support.kamailio import available as kamailio_available
 from tests.support.linphone import Linphone
 from tests.support.pbx import Daemon, user_block
+from tests.support.ports import rtp_range
 from tests.support.rawsip import RawClient
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -404,7 +405,7 @@ def test_blind_transfer_from_baresip(pbx_factory: DaemonFactory, handset_factory
     a, c = handset_factory("p100"), handset_factory("p300")
     assert a.register(pbx.registrar, "100", "secret")["code"] == 200
     assert c.register(pbx.registrar, "300", "secret")["code"] == 200
-    phone = baresip(tmp_path / "baresip", pbx, "200", "pw-200", 1700, "44000-44999", auto_answer=True)
+    phone = baresip(tmp_path / "baresip", pbx, "200", "pw-200", 1700, rtp_range(), auto_answer=True)
     phone.wait_for("registered successfully")
     a_call = a.call("sip:200@home.arpa")
     a.wait_state(a_call, "CONFIRMED", timeout=10)
@@ -479,7 +480,7 @@ def test_attended_transfer_from_linphone(pbx_factory: DaemonFactory, handset_fac
     assert a.register(pbx.registrar, "100", "secret")["code"] == 200
     assert c.register(pbx.registrar, "300", "secret")["code"] == 200
     c.auto_answer("answer")
-    phone = linphone(tmp_path / "linphone", pbx, "200", "pw-200", 1700, "45000-45999")
+    phone = linphone(tmp_path / "linphone", pbx, "200", "pw-200", 1700, rtp_range())
     phone.wait_registered()
     a_call = a.call("sip:200@home.arpa")
     phone.wait_for(r"Receiving new incoming call from .*sip:100@")

@@ -19,6 +19,7 @@ from tests.support.baresip import Baresip
 from tests.support.control import ControlConn, control_block
 from tests.support.kamailio import DID, HOST, OUTSIDE, OUTSIDE_PASSWORD, PASSWORD, Kamailio, available
 from tests.support.pbx import Daemon, user_block
+from tests.support.ports import rtp_range
 from tests.support.rawsip import RawClient
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180),
@@ -225,7 +226,7 @@ def test_baresip_at_the_provider_calls_the_family_and_is_heard(
     """The outside phone is software nobody here wrote: baresip registered at Kamailio dials
     the family's number; 200's handsets ring, one answers, each side hears the other."""
     pbx, phones, _ = family(pbx_factory, handset_factory, provider, devices=2)
-    outside = baresip(tmp_path / "outside", pbx, OUTSIDE, OUTSIDE_PASSWORD, 440, "45000-45999",
+    outside = baresip(tmp_path / "outside", pbx, OUTSIDE, OUTSIDE_PASSWORD, 440, rtp_range(),
                       registrar=provider.server)
     outside.wait_for("registered successfully")
     outside.command(f"d sip:{DID}@{provider.server}")

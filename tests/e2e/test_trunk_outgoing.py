@@ -18,6 +18,7 @@ from tests.support.baresip import Baresip
 from tests.support.control import ControlConn, control_block
 from tests.support.kamailio import DID, OUTSIDE, OUTSIDE_PASSWORD, PASSWORD, Kamailio, available
 from tests.support.pbx import Daemon, user_block
+from tests.support.ports import rtp_range
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180),
               pytest.mark.skipif(not available(), reason="Debian's kamailio package is not installed")]
@@ -155,7 +156,7 @@ def test_call_out_to_baresip_at_the_provider_both_hear_the_other(
         baresip: Callable[..., Baresip], tmp_path: Path) -> None:
     """The outside phone is software nobody here wrote: baresip at Kamailio, answering by itself."""
     pbx, (phone,) = family(pbx_factory, handset_factory, provider)
-    outside = baresip(tmp_path / "outside", pbx, OUTSIDE, OUTSIDE_PASSWORD, 440, "46000-46999",
+    outside = baresip(tmp_path / "outside", pbx, OUTSIDE, OUTSIDE_PASSWORD, 440, rtp_range(),
                       auto_answer=True, registrar=provider.server)
     outside.wait_for("registered successfully")
     call = phone.call(f"sip:0{OUTSIDE}@home.arpa")

@@ -27,6 +27,7 @@ from tests.e2e.test_blf import Watcher
 from tests.e2e.test_mwi import summary
 from tests.support.baresip import Baresip
 from tests.support.pbx import Daemon, user_block
+from tests.support.ports import rtp_range
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
@@ -268,7 +269,7 @@ def test_forwarding_wins_over_the_answering_machine(
 def test_baresip_leaves_a_message(pbx_factory: DaemonFactory, handset_factory: HandsetFactory,
                                   baresip: Callable[..., Baresip], tmp_path: Path) -> None:
     pbx, _ = start(pbx_factory, handset_factory, register=())  # 200 unreachable: at once
-    phone = baresip(tmp_path / "baresip", pbx, "100", "secret", TONE, "44000-44999")
+    phone = baresip(tmp_path / "baresip", pbx, "100", "secret", TONE, rtp_range())
     phone.wait_for("registered successfully")
     at = phone.command("d 200")
     phone.wait_for("Call established", start=at)

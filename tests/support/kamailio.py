@@ -19,7 +19,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from appliance.ports import free_port
+from tests.support.ports import free_port
 
 HOST = "127.0.0.2"
 MODULES = ("kex", "corex", "tm", "sl", "pv", "maxfwd", "usrloc", "registrar", "textops", "siputils", "xlog",

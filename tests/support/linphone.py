@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance.ports import free_port
 from tests.support.console import ConsoleProcess, started
 from tests.support.pbx import Daemon
+from tests.support.ports import free_port
 
 RATE = 8000
 

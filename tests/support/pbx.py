@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from tests.support.output import OutputLines
+from tests.support.ports import media_ports
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,8 +34,16 @@ def write_config(
     qualify_timeout: int = 2, min_expires: int = 60, extra: str = "", server_extra: str = "",
     listen: Iterable[str] | None = None,
 ) -> Path:
+    """A daemon's config.toml in `directory`. Its media workers take RTP ports from this
+    pytest-xdist worker's own range (tests/support/ports.py) unless `extra` names rtp_ports."""
     path = directory / "config.toml"
     listeners = ", ".join(f'"{a}"' for a in (listen or [f"127.0.0.1:{port}"]))
+    rtp = f'rtp_ports = "{media_ports()}"\n'
+    if "[media]\n" in extra:
+        if "rtp_ports" not in extra:
+            extra = extra.replace("[media]\n", "[media]\n" + rtp, 1)
+    else:
+        extra = "[media]\n" + rtp + "\n" + extra
     path.write_text(
         "# test config\n"
         "[server]\n"
@@ -75,6 +84,10 @@ class Daemon:
 
     def start(self, timeout: float = 10.0) -> Daemon:
         env = dict(os.environ, PYTHONUNBUFFERED="1", HOMEPBX_LOG_LEVEL="DEBUG")
+        # Without [control] socket the socket goes to the state dir, never to one shared by
+        # every daemon of the suite ($RUNTIME_DIRECTORY or $XDG_RUNTIME_DIR/homepbx).
+        env.pop("RUNTIME_DIRECTORY", None)
+        env.pop("XDG_RUNTIME_DIR", None)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "appliance", "run", "--config", str(self.config)],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from textual.app import App
 
-from appliance.ports import free_port
 from tests.e2e.conftest import handset_factory  # noqa: F401 - a fixture, re-exported here
 from tests.support.control import control_block
 from tests.support.pbx import Daemon, write_config
+from tests.support.ports import free_port
 
 
 class Pbx(Daemon):

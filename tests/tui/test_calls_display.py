@@ -16,9 +16,9 @@ from textual.pilot import Pilot
 from appliance.config import load_config
 from appliance.control import ControlServer
 from appliance.daemon import Daemon
-from appliance.ports import free_port
 from tests.support.control import control_block
 from tests.support.pbx import write_config
+from tests.support.ports import free_port
 from tests.tui.conftest import wait_screen
 from tests.tui.fixtures import DEVICES, _binding
 from tui.app import HomePbxApp

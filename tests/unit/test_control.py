@@ -21,9 +21,9 @@ from appliance.config import control_socket_path as socket_path
 from appliance.config import load_config
 from appliance.control import ControlServer
 from appliance.daemon import Daemon as InProcessDaemon
-from appliance.ports import free_port
 from tests.support.control import ControlConn, control_block
 from tests.support.pbx import Daemon, user_block, write_config
+from tests.support.ports import free_port
 from tests.support.rawsip import RawClient
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
