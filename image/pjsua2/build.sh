@@ -38,7 +38,7 @@ PJ_VERSION=2.17
 PJ_COMMIT=6852b24
 # Our build number: raise it whenever this script or config_site.h changes what is built.
 # The wheel's version is <pjproject version>+g<commit>.<build number> (pyproject.toml pins it).
-BUILD_NUMBER=1
+BUILD_NUMBER=2
 DIST_NAME=homepbx-pjsua2
 WHEEL_VERSION=$PJ_VERSION+g$PJ_COMMIT.$BUILD_NUMBER
 MIRROR=${HOMEPBX_DEBIAN_MIRROR:-http://deb.debian.org/debian}
@@ -190,6 +190,13 @@ BDIMAD=$SRC/pjmedia/src/pjmedia-audiodev/bdimad_dev.c
 LINKDIR=$WORK/lib
 mkdir -p "$LINKDIR"
 ln -s "/usr/lib/$TRIPLET/libsrtp2.so.1" "$LINKDIR/libsrtp2.so"
+
+# pjproject 2.16 added real-time text (T.140): every call would offer an m=text stream on two
+# more RTP ports. homepbx carries voice only: calls default to PJSUA_DEFAULT_TXT_CNT text
+# streams (config_site.h), an offered one is refused (port 0), as pjsua2 2.15 did.
+CALL_C=$SRC/pjsip/src/pjsua-lib/pjsua_call.c
+[ "$(grep -c '^    opt->txt_cnt = 1;$' "$CALL_C")" = 1 ] || die "pjsua_call.c: the text stream default moved (see build.sh)"
+sed -i 's/^    opt->txt_cnt = 1;$/    opt->txt_cnt = PJSUA_DEFAULT_TXT_CNT;/' "$CALL_C"
 
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-1735689600} # 2025-01-01: nothing dates the build
 FLAGS="-O2 -g0 -fPIC -ffile-prefix-map=$SRC=pjproject -fdebug-prefix-map=$SRC=pjproject"

@@ -31,6 +31,10 @@
 #define PJMEDIA_HAS_WEBRTC_AEC          0
 #define PJMEDIA_HAS_WEBRTC_AEC3         0
 
+/* no real-time text (T.140, new in 2.16): build.sh makes pjsua's default text stream count
+ * this macro, so no call offers or accepts an m=text stream */
+#define PJSUA_DEFAULT_TXT_CNT           0
+
 /* --- codecs: G.711, G.722 (and telephone-event, which pjmedia always has) ---------------- */
 #define PJMEDIA_HAS_G711_CODEC          1
 #define PJMEDIA_HAS_G722_CODEC          1

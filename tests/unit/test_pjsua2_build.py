@@ -76,6 +76,7 @@ def child() -> None:
         "srtp": hasattr(lib, "pjmedia_transport_srtp_create"),
         "libssl3": "/libssl.so.3" in maps,
         "sound_devices": [d.driver for d in ep.audDevManager().enumDev2()],
+        "text_streams": pj.CallSetting(True).textCount,
     }
     ep.libDestroy()
     print(json.dumps(report))
@@ -93,6 +94,7 @@ def test_our_limits_codecs_and_openssl_3() -> None:
     assert report["g722_pcm_shift"] == 0  # appliance/pjhost.py calls it through ctypes
     assert report["tls_transport"] and report["srtp"] and report["libssl3"]
     assert set(report["sound_devices"]) <= {"null", ""}  # no ALSA, no PortAudio
+    assert report["text_streams"] == 0  # no m=text (T.140) in offers: voice only
 
 
 def test_cache_key_follows_every_input(tmp_path: Path) -> None:
