@@ -12,10 +12,10 @@ CONFIG ?= config.toml
 # dosfstools, mtools, fdisk and e2fsprogs for the checks of the systemd units and of the disk image recipe;
 # mmdebstrap, qemu, OVMF, sshpass and ssh to build the disk image and boot it in the test;
 # espeak-ng renders the answering machine's spoken prompts, `make prompts`;
-# g++, make, swig, libssl-dev, libsrtp2-dev and libsamplerate0-dev build our pjsua2, `make pjsua2`).
+# g++, make, patch, swig, libssl-dev, libsrtp2-dev and libsamplerate0-dev build our pjsua2, `make pjsua2`).
 DEB_PACKAGES := python3 python3-venv python3-dev gcc sip-tester baresip-core linphone-cli sipsak kamailio iproute2 tmux procps systemd shellcheck dosfstools mtools fdisk e2fsprogs espeak-ng \
 	mmdebstrap qemu-system-x86 qemu-utils ovmf sshpass openssh-client \
-	g++ make swig libssl-dev libsrtp2-dev libsamplerate0-dev
+	g++ make patch swig libssl-dev libsrtp2-dev libsamplerate0-dev
 
 # HOMEPBX_NATIVE=0 (environment or command line): plain Python, nothing compiled.
 HOMEPBX_NATIVE ?= 1
@@ -102,7 +102,7 @@ PJSUA2_STAMP := build/pjsua2/.built-$(PJSUA2_ARCH)-$(PJSUA2_KEY)
 PJSUA2_INSTALLED := $(VENV)/.pjsua2-$(PJSUA2_KEY)
 pjsua2: $(PJSUA2_STAMP)
 
-$(PJSUA2_STAMP): image/pjsua2/build.sh image/pjsua2/config_site.h image/pjsua2/mkwheel.py | deps
+$(PJSUA2_STAMP): image/pjsua2/build.sh image/pjsua2/config_site.h image/pjsua2/mkwheel.py $(wildcard image/pjsua2/patches/*.patch) | deps
 	ARCH=$(PJSUA2_ARCH) image/pjsua2/build.sh
 	rm -f build/pjsua2/.built-$(PJSUA2_ARCH)-*
 	touch $@

@@ -20,7 +20,7 @@
 #   HOMEPBX_DEBIAN_MIRROR  Debian mirror (default http://deb.debian.org/debian)
 #
 # The build is cached by content: the key hashes this script, config_site.h, mkwheel.py,
-# the pinned tarball's sha256 and the architecture. A cold build takes a few minutes on two
+# patches/*.patch, the pinned tarball's sha256 and the architecture. A cold build takes a few minutes on two
 # cores; with the key's wheel in the cache this script only copies it (well under a second).
 set -euo pipefail
 
@@ -38,7 +38,7 @@ PJ_VERSION=2.17
 PJ_COMMIT=6852b24
 # Our build number: raise it whenever this script or config_site.h changes what is built.
 # The wheel's version is <pjproject version>+g<commit>.<build number> (pyproject.toml pins it).
-BUILD_NUMBER=2
+BUILD_NUMBER=3
 DIST_NAME=homepbx-pjsua2
 WHEEL_VERSION=$PJ_VERSION+g$PJ_COMMIT.$BUILD_NUMBER
 MIRROR=${HOMEPBX_DEBIAN_MIRROR:-http://deb.debian.org/debian}
@@ -97,7 +97,7 @@ WHEEL_TAG=cp311-cp311-$PY_PLATFORM
 
 KEY=$(
     {
-        cat "$HERE/build.sh" "$HERE/config_site.h" "$HERE/mkwheel.py"
+        cat "$HERE/build.sh" "$HERE/config_site.h" "$HERE/mkwheel.py" "$HERE"/patches/*.patch
         echo "$PJ_SHA256 $ARCH"
     } | sha256sum | cut -c1-16
 )
@@ -131,6 +131,7 @@ need "$CC" gcc
 need "$CXX" g++
 need swig swig
 need make make
+need patch patch
 need python3 python3
 for h in openssl/ssl.h srtp2/srtp.h samplerate.h; do
     [ -f "/usr/include/$h" ] || die "/usr/include/$h is missing: make deps (libssl-dev libsrtp2-dev libsamplerate0-dev)"
@@ -194,6 +195,10 @@ ln -s "/usr/lib/$TRIPLET/libsrtp2.so.1" "$LINKDIR/libsrtp2.so"
 # pjproject 2.16 added real-time text (T.140): every call would offer an m=text stream on two
 # more RTP ports. homepbx carries voice only: calls default to PJSUA_DEFAULT_TXT_CNT text
 # streams (config_site.h), an offered one is refused (port 0), as pjsua2 2.15 did.
+for patch in "$HERE"/patches/*.patch; do
+    patch -d "$SRC" -p1 --forward --quiet <"$patch" >"$WORK/patch.log" 2>&1 ||
+        { cat "$WORK/patch.log" >&2; die "$(basename "$patch") does not apply"; }
+done
 CALL_C=$SRC/pjsip/src/pjsua-lib/pjsua_call.c
 [ "$(grep -c '^    opt->txt_cnt = 1;$' "$CALL_C")" = 1 ] || die "pjsua_call.c: the text stream default moved (see build.sh)"
 sed -i 's/^    opt->txt_cnt = 1;$/    opt->txt_cnt = PJSUA_DEFAULT_TXT_CNT;/' "$CALL_C"

@@ -109,7 +109,7 @@ def test_cache_key_follows_every_input(tmp_path: Path) -> None:
     base = key(copy)
     assert re.fullmatch(r"[0-9a-f]{16}", base) and key(PJSUA2) == base
     assert key(copy, ARCH="arm64") != base
-    for name in ("config_site.h", "build.sh", "mkwheel.py"):
+    for name in ("config_site.h", "build.sh", "mkwheel.py", "patches/resample-linear.patch"):
         path = copy / name
         original = path.read_text()
         path.write_text(original + "\n")
