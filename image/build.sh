@@ -32,12 +32,14 @@ APT_CACHE=${HOMEPBX_APT_CACHE-/var/cache/homepbx-image/apt}
 OUTPUT=$REPO/build/image
 CHECK_ONLY=0
 VENV=$REPO/.venv
+PJSUA2_DIR=$REPO/build/pjsua2/$ARCH
 
 # What goes into the image besides Debian's minimal base.
 PACKAGES=(
     systemd systemd-sysv udev dbus systemd-resolved systemd-timesyncd
     systemd-boot linux-image-amd64 initramfs-tools zstd firmware-realtek
     openssh-server python3 python3-venv ca-certificates iproute2 netbase kmod less
+    libssl3 libsrtp2-1 libsamplerate0 # what our pjsua2 wheel links (image/pjsua2/build.sh)
 )
 
 usage() {
@@ -68,6 +70,12 @@ check_requirements() {
         sfdisk=fdisk python3=python3 du=coreutils truncate=coreutils espeak-ng=espeak-ng || ok=0
     if ! [ -x "$VENV/bin/pip" ] || ! [ -x "$VENV/bin/homepbx" ]; then
         echo "build.sh: the project's venv ($VENV) is missing: run \`make venv\` first (or \`make image\`)" >&2
+        ok=0
+    fi
+    # Our pjsua2 wheel, as `make venv` built it for the current inputs (image/pjsua2/build.sh).
+    if [ "$(cat "$PJSUA2_DIR/KEY" 2>/dev/null)" != "$(ARCH=$ARCH "$IMAGE_DIR/pjsua2/build.sh" --key)" ] ||
+        ! compgen -G "$PJSUA2_DIR/homepbx_pjsua2-*.whl" >/dev/null; then
+        echo "build.sh: the pjsua2 wheel in $PJSUA2_DIR is missing or stale: run \`make venv\` first (or \`make image\`)" >&2
         ok=0
     fi
     ((ok))
@@ -108,8 +116,11 @@ tar -C "$REPO" --exclude=./.git --exclude=./.venv --exclude=./build --exclude=./
 # The answering machine's spoken prompts, rendered here (espeak-ng) so the wheel carries them.
 PYTHONPATH="$WORK/src" "$VENV/bin/python" -m appliance.media.render_prompts "$WORK/src/appliance/media/prompts" >/dev/null
 "$VENV/bin/pip" wheel --quiet --no-deps --no-build-isolation --wheel-dir "$WHEELS" "$WORK/src"
+# pjsua2 is our own wheel (image/pjsua2/build.sh), the one the venv was tested with; the
+# homepbx wheel pins it, pip takes it from $WHEELS.
+cp "$PJSUA2_DIR"/homepbx_pjsua2-*.whl "$WHEELS/"
 "$VENV/bin/pip" freeze --exclude-editable --local | grep -v '^homepbx' >"$WORK/constraints.txt"
-"$VENV/bin/pip" download --quiet --only-binary=:all: --python-version 3.11 --platform manylinux2014_x86_64 \
+"$VENV/bin/pip" download --quiet --only-binary=:all: --python-version 3.11 --find-links "$WHEELS" --platform manylinux2014_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --platform linux_x86_64 --platform any \
     --constraint "$WORK/constraints.txt" --dest "$WHEELS" "$WHEELS"/homepbx-"$VERSION"-*.whl
 "$VENV/bin/python" "$IMAGE_DIR/appliance_config.py" "$REPO/config.toml" "$WORK/config.toml"
