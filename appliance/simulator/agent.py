@@ -412,6 +412,9 @@ class Agent(PjHost):
         cfg.uaConfig.userAgent = args.user_agent or f"homepbx-handset/{self.name}"
         cfg.medConfig.noVad = True
         cfg.medConfig.ecTailLen = 0
+        # The linear resampler, as in the media worker (exact for 8 kHz calls on the 16 kHz
+        # bridge): pjsua's default quality takes a sinc filter, most of a handset's CPU.
+        cfg.medConfig.quality = 2
         # RTP on the SIP ioqueue, as in the media worker: pjmedia's own ioqueue thread
         # polls every 10 ms, most of what an idle handset would still cost.
         cfg.medConfig.hasIoqueue = False
@@ -924,6 +927,10 @@ class Agent(PjHost):
                 if not start.startswith("SIP/2.0"):
                     end_request = start.split(" ")[0]
                 reason_header = header(hdrs, "Reason")
+            if end_request is None and info.role == pj.PJSIP_ROLE_UAS and int(info.lastStatusCode) == 487:
+                # Our 487 answered a CANCEL; on a busy machine pjsua may report the call's end
+                # before the CANCEL's own transaction (`on_call_tsx_state`).
+                end_request = "CANCEL"
             fields.update(
                 last_status=int(info.lastStatusCode),
                 last_reason=info.lastReason,
