@@ -38,7 +38,7 @@ PJ_VERSION=2.17
 PJ_COMMIT=6852b24
 # Our build number: raise it whenever this script or config_site.h changes what is built.
 # The wheel's version is <pjproject version>+g<commit>.<build number> (pyproject.toml pins it).
-BUILD_NUMBER=3
+BUILD_NUMBER=4
 DIST_NAME=homepbx-pjsua2
 WHEEL_VERSION=$PJ_VERSION+g$PJ_COMMIT.$BUILD_NUMBER
 MIRROR=${HOMEPBX_DEBIAN_MIRROR:-http://deb.debian.org/debian}

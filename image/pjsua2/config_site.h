@@ -18,9 +18,11 @@
 /* every call, player and recorder on the bridge at once, plus the null device's port 0 */
 #define PJSUA_MAX_CONF_PORTS            (PJSUA_MAX_CALLS + PJSUA_MAX_PLAYERS + PJSUA_MAX_RECORDERS + 8)
 /* ioqueue handles per ioqueue (the SIP one and the media thread's): RTP + RTCP of every
- * call (128), the SIP transports and listeners, doubled for room; select() stays below
- * FD_SETSIZE (1024). */
-#define PJ_IOQUEUE_MAX_HANDLES          256
+ * call (128), the SIP transports and listeners; and a closed socket's handle comes back only
+ * 500 ms later (PJ_IOQUEUE_KEY_FREE_DELAY), so a worker packed with calls under a burst holds
+ * hundreds of them at once: with 256 a burst of 300 calls aborted workers
+ * (pj_ioqueue_register_sock2: free_list empty). 1024 is select()'s FD_SETSIZE. */
+#define PJ_IOQUEUE_MAX_HANDLES          1024
 #define PJSUA_MAX_ACC                   8
 
 /* --- media: audio only, no sound device -------------------------------------------------- */
