@@ -11,9 +11,12 @@ CONFIG ?= config.toml
 # terminal test of the TUI, procps for process checks; systemd, shellcheck,
 # dosfstools, mtools, fdisk and e2fsprogs for the checks of the systemd units and of the disk image recipe;
 # mmdebstrap, qemu, OVMF, sshpass and ssh to build the disk image and boot it in the test;
+# qemu-user-static (the arm64 image's chroot), qemu-system-arm and qemu-efi-aarch64 (AAVMF) to
+# build the arm64 image and boot it;
 # espeak-ng renders the answering machine's spoken prompts, `make prompts`).
 DEB_PACKAGES := python3 python3-venv python3-dev gcc sip-tester baresip-core linphone-cli sipsak kamailio iproute2 tmux procps systemd shellcheck dosfstools mtools fdisk e2fsprogs espeak-ng \
-	mmdebstrap qemu-system-x86 qemu-utils ovmf sshpass openssh-client
+	mmdebstrap qemu-system-x86 qemu-utils ovmf sshpass openssh-client \
+	qemu-user-static qemu-system-arm qemu-efi-aarch64
 
 # HOMEPBX_NATIVE=0 (environment or command line): plain Python, nothing compiled.
 HOMEPBX_NATIVE ?= 1
@@ -73,10 +76,12 @@ bench: venv
 	$(BIN)/python bench/media_vs_asterisk.py
 	$(BIN)/python bench/history.py
 
-# The appliance's disk image, build/image/homepbx-<version>-amd64.img (as root; image/README.md).
+# The appliance's disk image, build/image/homepbx-<version>-$(ARCH).img (as root; image/README.md):
+# `make image` for x86-64 PCs, `make image ARCH=arm64` for UEFI arm64 boards and the Raspberry Pi 4.
+ARCH ?= amd64
 .PHONY: image
 image: venv prompts
-	$$([ "$$(id -u)" = 0 ] || echo sudo) image/build.sh
+	$$([ "$$(id -u)" = 0 ] || echo sudo) image/build.sh --arch $(ARCH)
 
 # Installs missing Debian packages (as root, or through sudo) on a fresh machine.
 deps:
