@@ -85,6 +85,9 @@ case $ARCH in
         SERIAL_CONSOLE=ttyAMA0
         PIP_ARCH=aarch64
         NATIVE=0
+        # The kernel and initramfs are on the FAT partition twice (systemd-boot's entry and
+        # the Pi's copy), about 75 MB each time, and a kernel update holds two versions.
+        ESP_MIB=512
         ;;
     *) usage >&2; die "unknown architecture: $ARCH (amd64 or arm64)" ;;
 esac

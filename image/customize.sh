@@ -136,7 +136,7 @@ if [ "$ARCH" = arm64 ]; then
     # level. raspi-firmware's hook writes them (into the ESP here, through the bind mount
     # the box also has); the Pi's serial console is ttyS1 (the mini UART, enable_uart=1).
     cat >"$ROOT/etc/default/raspi-firmware" <<EOF
-# homepbx: the root partition by its PARTUUID (the Pi's firmware knows no other disk names).
+# homepbx: the root partition by its PARTUUID (mmcblk0p2 on an SD card, sda2 on a USB disk).
 ROOTPART=PARTUUID=$HOMEPBX_ROOT_PARTUUID
 CONSOLES="ttyS1,115200 tty0"
 # No cma= on the command line: built in a chroot the hook cannot tell it is for a Pi 4,
