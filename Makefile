@@ -46,7 +46,8 @@ demo: venv prompts
 	$(BIN)/homepbx demo
 
 # The whole suite, the disk image build and its boot in QEMU included (about 8 minutes;
-# HOMEPBX_IMAGE_TEST=0 leaves the image out).
+# HOMEPBX_IMAGE_TEST=0 leaves the image out; HOMEPBX_IMAGE_TEST_ARM64=1 adds the arm64 image,
+# built under emulation: about half an hour more, image/README.md).
 test: venv lint prompts
 	HOMEPBX_IMAGE_TEST=$${HOMEPBX_IMAGE_TEST:-1} $(BIN)/python -m pytest -q
 
