@@ -63,6 +63,7 @@ while (($#)); do
     esac
 done
 
+case $ARCH in x86_64) ARCH=amd64 ;; aarch64) ARCH=arm64 ;; esac # the kernel's names for them
 # What differs between the architectures: the kernel, the boot loader's file name on the ESP,
 # the root partition's GPT type, the serial console, the wheels pip fetches and whether the
 # hot path is compiled (mypyc builds for the build machine, x86_64, only).
