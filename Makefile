@@ -47,7 +47,7 @@ demo: venv prompts
 
 # The whole suite, the disk image build and its boot in QEMU included (about 8 minutes;
 # HOMEPBX_IMAGE_TEST=0 leaves the image out; HOMEPBX_IMAGE_TEST_ARM64=1 adds the arm64 image,
-# built under emulation: about half an hour more, image/README.md).
+# built under emulation: about 15 minutes more, image/README.md).
 test: venv lint prompts
 	HOMEPBX_IMAGE_TEST=$${HOMEPBX_IMAGE_TEST:-1} $(BIN)/python -m pytest -q
 
