@@ -11,10 +11,13 @@ CONFIG ?= config.toml
 # terminal test of the TUI, procps for process checks; systemd, shellcheck,
 # dosfstools, mtools, fdisk and e2fsprogs for the checks of the systemd units and of the disk image recipe;
 # mmdebstrap, qemu, OVMF, sshpass and ssh to build the disk image and boot it in the test;
+# qemu-user-static (the arm64 image's chroot), qemu-system-arm and qemu-efi-aarch64 (AAVMF) to
+# build the arm64 image and boot it;
 # espeak-ng renders the answering machine's spoken prompts, `make prompts`;
 # g++, make, patch, swig, libssl-dev, libsrtp2-dev and libsamplerate0-dev build our pjsua2, `make pjsua2`).
 DEB_PACKAGES := python3 python3-venv python3-dev gcc sip-tester baresip-core linphone-cli sipsak kamailio iproute2 tmux procps systemd shellcheck dosfstools mtools fdisk e2fsprogs espeak-ng \
 	mmdebstrap qemu-system-x86 qemu-utils ovmf sshpass openssh-client \
+	qemu-user-static qemu-system-arm qemu-efi-aarch64 \
 	g++ make patch swig libssl-dev libsrtp2-dev libsamplerate0-dev
 
 # HOMEPBX_NATIVE=0 (environment or command line): plain Python, nothing compiled.
@@ -50,7 +53,8 @@ demo: venv prompts
 PARALLEL ?= -n 2 --dist loadgroup --no-loadscope-reorder
 
 # The whole suite, the disk image build and its boot in QEMU included (about 10 minutes on
-# 2 cores; HOMEPBX_IMAGE_TEST=0 leaves the image out).
+# 2 cores; HOMEPBX_IMAGE_TEST=0 leaves the image out; HOMEPBX_IMAGE_TEST_ARM64=1 adds the
+# arm64 image, built under emulation: about 15 minutes more, image/README.md).
 test: venv lint prompts
 	HOMEPBX_IMAGE_TEST=$${HOMEPBX_IMAGE_TEST:-1} $(BIN)/python -m pytest -q $(PARALLEL)
 
@@ -80,10 +84,26 @@ bench: venv
 	$(BIN)/python bench/media_vs_asterisk.py
 	$(BIN)/python bench/history.py
 
-# The appliance's disk image, build/image/homepbx-<version>-amd64.img (as root; image/README.md).
+# The appliance's disk image, build/image/homepbx-<version>-$(ARCH).img (as root; image/README.md):
+# `make image` for x86-64 PCs, `make image ARCH=arm64` for UEFI arm64 boards and the Raspberry Pi 4.
+ARCH ?= amd64
 .PHONY: image
-image: venv prompts
-	$$([ "$$(id -u)" = 0 ] || echo sudo) image/build.sh
+image: venv prompts $(if $(filter arm64 aarch64,$(ARCH)),deps-arm64)
+	$$([ "$$(id -u)" = 0 ] || echo sudo) image/build.sh --arch $(ARCH)
+
+# The cross toolchain and arm64 libraries our pjsua2 is cross-compiled with for the arm64
+# image (image/pjsua2/build.sh, ARCH=arm64); `make image ARCH=arm64` installs them.
+DEB_PACKAGES_ARM64 := crossbuild-essential-arm64 libssl-dev:arm64 libsrtp2-1:arm64 libsamplerate0-dev:arm64 \
+	libpython3.11-dev:arm64
+.PHONY: deps-arm64
+deps-arm64: deps
+	@SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	dpkg --print-foreign-architectures | grep -qx arm64 || { $$SUDO dpkg --add-architecture arm64 && $$SUDO apt-get update -qq; }; \
+	missing=$$(for p in $(DEB_PACKAGES_ARM64); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
 
 # Installs missing Debian packages (as root, or through sudo) on a fresh machine.
 deps:

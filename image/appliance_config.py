@@ -7,7 +7,11 @@ Comments and layout are kept (tomlkit). What changes for the appliance:
 - `[control]` puts the socket in `/run/homepbx` (RuntimeDirectory=) for group `homepbx`, the
   group of the `pbx` login.
 
-Usage: python appliance_config.py SOURCE DEST
+With --no-media (an image without pjsua2, the media engine: arm64 without a pjsua2 wheel),
+`[media] max_calls = 0`: the daemon starts no media workers, calls go between the handsets
+without it (no join, no answering machine, no feature-code tones).
+
+Usage: python appliance_config.py [--no-media] SOURCE DEST
 """
 
 from __future__ import annotations
@@ -22,7 +26,10 @@ CONTROL_SOCKET = "/run/homepbx/control.sock"
 CONTROL_GROUP = "homepbx"
 
 
-def appliance_config(text: str) -> str:
+NO_MEDIA_COMMENT = "this image has no pjsua2: no media workers, calls go handset to handset (image/README.md)"
+
+
+def appliance_config(text: str, *, media: bool = True) -> str:
     doc = tomlkit.parse(text)
     server = doc.setdefault("server", tomlkit.table())
     server["state_dir"] = STATE_DIR
@@ -35,15 +42,21 @@ def appliance_config(text: str) -> str:
     control["group"] = CONTROL_GROUP
     for user in doc.get("users", []):
         user["password"] = ""
+    if not media:
+        section = doc.setdefault("media", tomlkit.table())
+        section["max_calls"] = tomlkit.integer(0).comment(NO_MEDIA_COMMENT)
+        section["min_idle"] = 0
     return tomlkit.dumps(doc)
 
 
 def main(argv: list[str]) -> int:
+    media = "--no-media" not in argv
+    argv = [a for a in argv if a != "--no-media"]
     if len(argv) != 2:
         print(__doc__.strip().splitlines()[-1], file=sys.stderr)
         return 2
     source, dest = map(Path, argv)
-    dest.write_text(appliance_config(source.read_text(encoding="utf-8")), encoding="utf-8")
+    dest.write_text(appliance_config(source.read_text(encoding="utf-8"), media=media), encoding="utf-8")
     return 0
 
 

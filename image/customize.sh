@@ -13,6 +13,10 @@ IMAGE_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 for var in HOMEPBX_REPO HOMEPBX_ESP_TREE HOMEPBX_WHEELS HOMEPBX_CONFIG HOMEPBX_VERSION HOMEPBX_ROOT_PARTUUID HOMEPBX_ESP_PARTUUID; do
     [ -n "${!var:-}" ] || die "customize.sh: $var is not set (run image/build.sh, not this script)"
 done
+ARCH=${HOMEPBX_ARCH:-amd64}
+SERIAL_CONSOLE=${HOMEPBX_SERIAL_CONSOLE:-ttyS0}
+NATIVE=${HOMEPBX_NATIVE:-1}
+PJSUA2=${HOMEPBX_PJSUA2:-1}
 SYSTEMD_SRC=$HOMEPBX_REPO/systemd
 ROOTFS_SRC=$IMAGE_DIR/rootfs
 
@@ -35,18 +39,34 @@ install -D -m 0755 "$SYSTEMD_SRC/bin/homepbx-firstboot" "$ROOT/opt/homepbx/bin/h
 install -D -m 0755 "$SYSTEMD_SRC/bin/homepbx_console.py" "$ROOT/opt/homepbx/bin/homepbx-console"
 install -D -m 0644 "$HOMEPBX_REPO/README.md" "$ROOT/opt/homepbx/README.md"
 grep -qx /opt/homepbx/bin/pbx-shell "$ROOT/etc/shells" || echo /opt/homepbx/bin/pbx-shell >>"$ROOT/etc/shells"
+if [ "$ARCH" = arm64 ]; then
+    # systemd-repart grows the root partition of the image's own type.
+    sed -i 's/^Type=root-x86-64$/Type=root-arm64/' "$ROOT/etc/repart.d/50-root.conf"
+fi
 
 log "customize: homepbx $HOMEPBX_VERSION in /opt/homepbx/venv (Debian's python3.11)"
 rm -rf "$ROOT/opt/homepbx/venv" "$ROOT/tmp/wheels"
 cp -r "$HOMEPBX_WHEELS" "$ROOT/tmp/wheels"
 in_root python3 -m venv /opt/homepbx/venv
-in_root /opt/homepbx/venv/bin/pip install --quiet --no-cache-dir --no-index --find-links /tmp/wheels \
-    "homepbx==$HOMEPBX_VERSION"
+if ((PJSUA2)); then
+    in_root /opt/homepbx/venv/bin/pip install --quiet --no-cache-dir --no-index --find-links /tmp/wheels \
+        "homepbx==$HOMEPBX_VERSION"
+    in_root /opt/homepbx/venv/bin/python -c 'import appliance.cli, pjsua2, uvloop, tomlkit'
+else
+    # No pjsua2 wheel for this architecture (build.sh): every other requirement, then
+    # homepbx without its dependency check; its config runs no media workers.
+    in_root /opt/homepbx/venv/bin/pip install --quiet --no-cache-dir --no-index --find-links /tmp/wheels \
+        -r /tmp/wheels/requirements.txt
+    in_root /opt/homepbx/venv/bin/pip install --quiet --no-cache-dir --no-index --find-links /tmp/wheels --no-deps \
+        "homepbx==$HOMEPBX_VERSION"
+    in_root /opt/homepbx/venv/bin/python -c 'import appliance.cli, uvloop, tomlkit'
+fi
 rm -rf "$ROOT/tmp/wheels"
-in_root /opt/homepbx/venv/bin/python -c 'import appliance.cli, pjsua2, uvloop, tomlkit'
-# The compiled hot path must load on Debian's python3.11, not fall back to the sources.
-in_root /opt/homepbx/venv/bin/python -c \
-    'import sys, appliance.sip.message as m, appliance.edge.calls as c; sys.exit(not all(x.__file__.endswith(".so") for x in (m, c)))'
+if ((NATIVE)); then
+    # The compiled hot path must load on Debian's python3.11, not fall back to the sources.
+    in_root /opt/homepbx/venv/bin/python -c \
+        'import sys, appliance.sip.message as m, appliance.edge.calls as c; sys.exit(not all(x.__file__.endswith(".so") for x in (m, c)))'
+fi
 
 log "customize: users, /etc/homepbx, units"
 in_root systemd-sysusers
@@ -68,15 +88,29 @@ rm -rf "$keydir" "$ROOT/run/sshd"
 grep -qx 'forcecommand /opt/homepbx/bin/pbx-shell' <<<"$sshd_pbx" || die "sshd: pbx is not forced into the TUI"
 grep -qx 'allowtcpforwarding no' <<<"$sshd_pbx" || die "sshd: pbx may forward TCP"
 
+if [ -e "$ROOT/usr/sbin/update-initramfs.homepbx" ]; then
+    # build.sh diverted update-initramfs while the packages installed (arm64: it is slow
+    # under emulation); the real one back, and the one initramfs made now.
+    log "customize: initramfs (once)"
+    rm -f "$ROOT/usr/sbin/update-initramfs"
+    in_root dpkg-divert --quiet --local --rename --remove /usr/sbin/update-initramfs
+    in_root update-initramfs -c -k all
+fi
+
 log "customize: boot loader (systemd-boot) and kernel"
 cat >"$ROOT/etc/fstab" <<EOF
 # <file system> <mount point> <type> <options> <dump> <pass>
 PARTUUID=$HOMEPBX_ROOT_PARTUUID / ext4 defaults,errors=remount-ro,x-systemd.growfs 0 1
 PARTUUID=$HOMEPBX_ESP_PARTUUID /boot/efi vfat umask=0077,nofail 0 2
 EOF
+if [ "$ARCH" = arm64 ]; then
+    # The Raspberry Pi's firmware reads the same FAT partition: raspi-firmware's hooks keep
+    # its copy of the kernel, initramfs and DTBs in /boot/firmware up to date.
+    echo "/boot/efi /boot/firmware none bind,nofail,x-systemd.requires-mounts-for=/boot/efi 0 0" >>"$ROOT/etc/fstab"
+fi
 echo homepbx >"$ROOT/etc/kernel/entry-token"
 # The screen (tty0) is the main console; the serial port gets the kernel log and the banner.
-echo "root=PARTUUID=$HOMEPBX_ROOT_PARTUUID ro rootwait console=ttyS0,115200 console=tty0" >"$ROOT/etc/kernel/cmdline"
+echo "root=PARTUUID=$HOMEPBX_ROOT_PARTUUID ro rootwait console=$SERIAL_CONSOLE,115200 console=tty0" >"$ROOT/etc/kernel/cmdline"
 # bootctl and kernel-install want the ESP to be a file system of its own: a tmpfs stands in
 # for it (no loop device), and its contents go to build.sh, which makes the FAT32 ESP of them.
 mountpoint -q "$ROOT/boot/efi" && umount "$ROOT/boot/efi"
@@ -95,6 +129,31 @@ for kernel in "$ROOT"/boot/vmlinuz-*; do
     kver=${kernel##*/vmlinuz-}
     in_root kernel-install add "$kver" "/boot/vmlinuz-$kver" "/boot/initrd.img-$kver"
 done
+
+if [ "$ARCH" = arm64 ]; then
+    # The Raspberry Pi 4 boots from its firmware, not UEFI: start4.elf reads config.txt and
+    # loads the kernel, the initramfs and the board's DTB from the FAT partition's top
+    # level. raspi-firmware's hook writes them (into the ESP here, through the bind mount
+    # the box also has); the Pi's serial console is ttyS1 (the mini UART, enable_uart=1).
+    cat >"$ROOT/etc/default/raspi-firmware" <<EOF
+# homepbx: the root partition by its PARTUUID (mmcblk0p2 on an SD card, sda2 on a USB disk).
+ROOTPART=PARTUUID=$HOMEPBX_ROOT_PARTUUID
+CONSOLES="ttyS1,115200 tty0"
+# No cma= on the command line: built in a chroot the hook cannot tell it is for a Pi 4,
+# whose kernel does not boot with the older models' cma=64M; a PBX needs no video memory.
+CMA=0
+EOF
+    rm -rf "$ROOT/boot/firmware"
+    mkdir -p "$ROOT/boot/firmware"
+    mount --bind "$ROOT/boot/efi" "$ROOT/boot/firmware"
+    trap 'umount "$ROOT/boot/firmware" 2>/dev/null || true; umount "$ROOT/boot/efi" 2>/dev/null || true' EXIT
+    # What the package's postinst does: the firmware files, then its kernel hook.
+    in_root sh -c 'cp /usr/lib/raspi-firmware/* /boot/firmware/ && DEB_MAINT_PARAMS=configure /etc/kernel/postinst.d/z50-raspi-firmware'
+    umount "$ROOT/boot/firmware"
+    for file in start4.elf fixup4.dat config.txt cmdline.txt bcm2711-rpi-4-b.dtb; do
+        [ -f "$ROOT/boot/efi/$file" ] || die "raspi-firmware left no $file on the FAT partition"
+    done
+fi
 
 # systemd-boot's random seed is made on the box (systemd-boot-random-seed), never shipped.
 rm -f "$ROOT/boot/efi/loader/random-seed"

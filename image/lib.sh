@@ -5,6 +5,8 @@
 # GPT partition type GUIDs (UEFI spec; Discoverable Partitions Specification).
 readonly ESP_TYPE=C12A7328-F81F-11D2-BA4B-00A0C93EC93B
 readonly ROOT_X86_64_TYPE=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709
+# shellcheck disable=SC2034 # used by build.sh
+readonly ROOT_ARM64_TYPE=B921B045-1DF0-41C3-AF44-4C6F280D3FAE
 
 die() {
     printf 'build.sh: error: %s\n' "$*" >&2
@@ -77,8 +79,8 @@ make_root() {
 
 # assemble_disk DISK ESP_IMAGE ROOT_IMAGE ESP_PARTUUID ROOT_PARTUUID [DISK_UUID]: a GPT disk
 # with the ESP first (at 1 MiB) and the root partition after it, the two file systems
-# copied in with dd. The root partition has the x86-64 root type, so systemd-repart can grow
-# it to the whole disk at first boot.
+# copied in with dd. The root partition has the x86-64 root type (or $ROOT_PART_TYPE, e.g.
+# the ARM64 one), so systemd-repart can grow it to the whole disk at first boot.
 assemble_disk() {
     local disk=$1 esp=$2 root=$3 esp_uuid=$4 root_uuid=$5 disk_uuid=${6:-$(new_uuid)}
     local esp_mib root_mib total_mib
@@ -94,7 +96,7 @@ unit: sectors
 sector-size: 512
 
 start=2048, size=$((esp_mib * 2048)), type=$ESP_TYPE, uuid=$esp_uuid, name="ESP"
-start=$(((1 + esp_mib) * 2048)), size=$((root_mib * 2048)), type=$ROOT_X86_64_TYPE, uuid=$root_uuid, name="homepbx-root"
+start=$(((1 + esp_mib) * 2048)), size=$((root_mib * 2048)), type=${ROOT_PART_TYPE:-$ROOT_X86_64_TYPE}, uuid=$root_uuid, name="homepbx-root"
 EOF
     dd if="$esp" of="$disk" bs=1M seek=1 conv=notrunc,sparse status=none
     dd if="$root" of="$disk" bs=1M seek=$((1 + esp_mib)) conv=notrunc,sparse status=none

@@ -1,13 +1,19 @@
-"""The disk image, built and booted: QEMU with TCG (no KVM), OVMF (UEFI), user networking.
+"""The disk images, built and booted: QEMU with TCG (no KVM), UEFI firmware, user networking.
 
-Opt-in, as it builds a Debian system and boots it emulated (tens of minutes on 2 cores):
+amd64: qemu-system-x86_64 -machine q35 with OVMF; arm64: qemu-system-aarch64 -M virt -cpu max
+with AAVMF (Debian's qemu-efi-aarch64), the image built on this x86_64 machine through
+qemu-user-static. The same checks run on both. Each is a switch of its own, as each builds a
+Debian system and boots it emulated:
 
-    HOMEPBX_IMAGE_TEST=1 .venv/bin/python -m pytest -s -m image tests/image
+    HOMEPBX_IMAGE_TEST=1 .venv/bin/python -m pytest -s -m image tests/image          # amd64
+    HOMEPBX_IMAGE_TEST_ARM64=1 .venv/bin/python -m pytest -s -m image tests/image    # arm64
 
-As root, with image/build.sh's tools plus qemu-system-x86, ovmf, qemu-utils, sshpass and
-openssh-client. HOMEPBX_IMAGE=path/to/homepbx-*.img boots an image already built instead of
-building one. The guest's network is QEMU's user mode with port forwards, inside a network
-namespace that has nothing but a loopback interface: the guest reaches nothing else.
+As root, with image/build.sh's tools plus qemu-system-x86, ovmf, qemu-system-arm,
+qemu-efi-aarch64, qemu-user-static, qemu-utils, sshpass and openssh-client.
+HOMEPBX_IMAGE=path/to/homepbx-*-amd64.img (HOMEPBX_IMAGE_ARM64=...-arm64.img) boots an image
+already built instead of building one. The guest's network is QEMU's user mode with port
+forwards, inside a network namespace that has nothing but a loopback interface: the guest
+reaches nothing else.
 """
 
 from __future__ import annotations
@@ -32,44 +38,74 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
-OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 READY_TIMEOUT = float(os.environ.get("HOMEPBX_IMAGE_BOOT_TIMEOUT", "1200"))
 READY_LINE = re.compile(r"homepbx\.service: ready \(([^)]*)\)")
 FAILED_LINE = re.compile(r"homepbx\.service: (failed|inactive)|Kernel panic|end Kernel panic")
 
-pytestmark = [
-    pytest.mark.image,
-    pytest.mark.timeout(7200),
-    pytest.mark.skipif(os.environ.get("HOMEPBX_IMAGE_TEST") != "1",
-                       reason="builds and boots the disk image: set HOMEPBX_IMAGE_TEST=1"),
-]
+pytestmark = [pytest.mark.image, pytest.mark.timeout(7200)]
 
 
-def need(*tools: str) -> None:
+@dataclass(frozen=True)
+class Arch:
+    """What differs between the two images and their emulated machines."""
+
+    name: str
+    root_type: str  # the root partition's GPT type (Discoverable Partitions Specification)
+    efi_boot: str  # the removable-media boot loader on the ESP
+    qemu: str
+    firmware_code: Path
+    firmware_vars: Path
+    packages: str  # what to apt-get install for the emulator and its firmware
+    switch: str  # the environment variable that turns this image's test on
+    given: str  # the environment variable naming an image already built
+
+
+AMD64 = Arch("amd64", "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709", "BOOTX64.EFI", "qemu-system-x86_64",
+             Path("/usr/share/OVMF/OVMF_CODE_4M.fd"), Path("/usr/share/OVMF/OVMF_VARS_4M.fd"),
+             "qemu-system-x86 ovmf", "HOMEPBX_IMAGE_TEST", "HOMEPBX_IMAGE")
+ARM64 = Arch("arm64", "B921B045-1DF0-41C3-AF44-4C6F280D3FAE", "BOOTAA64.EFI", "qemu-system-aarch64",
+             Path("/usr/share/AAVMF/AAVMF_CODE.fd"), Path("/usr/share/AAVMF/AAVMF_VARS.fd"),
+             "qemu-system-arm qemu-efi-aarch64 qemu-user-static", "HOMEPBX_IMAGE_TEST_ARM64", "HOMEPBX_IMAGE_ARM64")
+
+
+def arch_param(arch: Arch) -> object:
+    return pytest.param(arch, id=arch.name, marks=pytest.mark.skipif(
+        os.environ.get(arch.switch) != "1", reason=f"builds and boots the {arch.name} disk image: set {arch.switch}=1"))
+
+
+@pytest.fixture(scope="module", params=[arch_param(AMD64), arch_param(ARM64)])
+def arch(request: pytest.FixtureRequest) -> Arch:
+    chosen: Arch = request.param
+    return chosen
+
+
+def need(*tools: str, arch: Arch | None = None) -> None:
     missing = [t for t in tools if shutil.which(t) is None]
     if missing:
-        pytest.fail(f"the image test needs {', '.join(missing)} (apt-get install qemu-system-x86 ovmf "
+        packages = arch.packages if arch else f"{AMD64.packages} {ARM64.packages}"
+        pytest.fail(f"the image test needs {', '.join(missing)} (apt-get install {packages} "
                     "qemu-utils sshpass openssh-client, and image/build.sh --check)")
 
 
 @dataclass
 class Built:
     path: Path
+    arch: Arch
     seconds: float | None
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory: pytest.TempPathFactory) -> Built:
-    given = os.environ.get("HOMEPBX_IMAGE")
-    if given:
-        return Built(Path(given), None)
+def image(arch: Arch, tmp_path_factory: pytest.TempPathFactory) -> Built:
+    given = os.environ.get(arch.given)
+    if given:  # absolute: the VM's overlay names it as its backing file
+        return Built(Path(given).resolve(), arch, None)
     if os.geteuid() != 0:
         pytest.skip("building the image needs root (image/build.sh); run make test as root")
-    out = tmp_path_factory.mktemp("image")
+    out = tmp_path_factory.mktemp(f"image-{arch.name}")
     start = time.monotonic()
-    result = subprocess.run([str(REPO / "image" / "build.sh"), "--output", str(out)], capture_output=True,
-                            text=True, timeout=3600)
+    result = subprocess.run([str(REPO / "image" / "build.sh"), "--arch", arch.name, "--output", str(out)],
+                            capture_output=True, text=True, timeout=3600)
     seconds = time.monotonic() - start
     assert result.returncode == 0, result.stderr[-5000:]
     path = Path(result.stdout.strip().splitlines()[-1])
@@ -77,7 +113,7 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Built:
     print(f"\nimage build: {seconds:.0f} s, {path.name} {size / 2**20:.0f} MiB "
           f"({int(subprocess.run(['du', '-k', path], capture_output=True, text=True).stdout.split()[0]) // 1024}"
           " MiB on disk)")
-    return Built(path, seconds)
+    return Built(path, arch, seconds)
 
 
 # --------------------------------------------------------------------------- the image, not booted
@@ -91,7 +127,7 @@ def partitions(path: Path) -> list[dict[str, object]]:
 
 @pytest.fixture(scope="module")
 def root_fs(image: Built, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = next(p for p in partitions(image.path) if str(p["type"]).upper() == "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709")
+    root = next(p for p in partitions(image.path) if str(p["type"]).upper() == image.arch.root_type)
     out = tmp_path_factory.mktemp("rootfs") / "root.img"
     subprocess.run(["dd", f"if={image.path}", f"of={out}", "bs=512", f"skip={root['start']}",
                     f"count={root['size']}", "conv=sparse", "status=none"], check=True)
@@ -104,9 +140,8 @@ def debugfs(fs: Path, command: str) -> str:
 
 def test_image_is_a_uefi_gpt_disk(image: Built) -> None:
     parts = partitions(image.path)
-    assert [str(p["type"]).upper() for p in parts] == [
-        "C12A7328-F81F-11D2-BA4B-00A0C93EC93B", "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"]
-    assert re.fullmatch(r"homepbx-\d+\.\d+\.\d+.*-amd64\.img", image.path.name)
+    assert [str(p["type"]).upper() for p in parts] == [ESP_TYPE, image.arch.root_type]
+    assert re.fullmatch(rf"homepbx-\d+\.\d+\.\d+.*-{image.arch.name}\.img", image.path.name)
 
 
 def test_nothing_secret_is_baked_in(root_fs: Path) -> None:
@@ -122,16 +157,67 @@ def test_nothing_secret_is_baked_in(root_fs: Path) -> None:
     assert "pbx-password" not in debugfs(root_fs, "ls /var/lib")
 
 
-def test_esp_has_no_random_seed(image: Built, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def esp(image: Built, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    part = partitions(image.path)[0]
+    out = tmp_path_factory.mktemp("esp") / "esp.img"
+    subprocess.run(["dd", f"if={image.path}", f"of={out}", "bs=512", f"skip={part['start']}",
+                    f"count={part['size']}", "status=none"], check=True)
+    return out
+
+
+MTOOLS_ENV = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
+
+
+def test_esp_has_no_random_seed(image: Built, esp: Path) -> None:
     """systemd-boot's seed is made on the box; a shipped one would be the same on every box."""
-    esp = partitions(image.path)[0]
-    out = tmp_path / "esp.img"
-    subprocess.run(["dd", f"if={image.path}", f"of={out}", "bs=512", f"skip={esp['start']}", f"count={esp['size']}",
-                    "status=none"], check=True)
-    listing = subprocess.run(["mdir", "-/", "-b", "-i", str(out), "::/"], capture_output=True, text=True,
-                             env={**os.environ, "MTOOLS_SKIP_CHECK": "1"}, check=True).stdout
-    assert "::/EFI/BOOT/BOOTX64.EFI" in listing
+    listing = subprocess.run(["mdir", "-/", "-b", "-i", str(esp), "::/"], capture_output=True, text=True,
+                             env=MTOOLS_ENV, check=True).stdout
+    assert f"::/EFI/BOOT/{image.arch.efi_boot}" in listing
     assert "random-seed" not in listing
+
+
+def test_fat_partition_boots_a_raspberry_pi_4(image: Built, esp: Path) -> None:
+    """The arm64 image's FAT partition is also the Pi's boot partition: its firmware, the
+    board's DTB, and config.txt/cmdline.txt naming a kernel, an initramfs and the root
+    partition that are there. (Checked on the files only: no Pi was booted.)"""
+    if image.arch is not ARM64:
+        pytest.skip("the Raspberry Pi boot files are in the arm64 image only")
+    listing = subprocess.run(["mdir", "-b", "-i", str(esp), "::/"], capture_output=True, text=True,
+                             env=MTOOLS_ENV, check=True).stdout
+    names = {line.rsplit("/", 1)[-1] for line in listing.split()}
+    assert {"start4.elf", "fixup4.dat", "bcm2711-rpi-4-b.dtb", "config.txt", "cmdline.txt"} <= names, names
+
+    def read(name: str) -> str:
+        return subprocess.run(["mtype", "-i", str(esp), f"::/{name}"], capture_output=True, text=True,
+                              env=MTOOLS_ENV, check=True).stdout
+
+    config = read("config.txt")
+    assert re.search(r"^arm_64bit=1$", config, re.M), config
+    kernel = re.search(r"^kernel=(\S+)$", config, re.M)
+    initramfs = re.search(r"^initramfs (\S+)", config, re.M)
+    assert kernel and initramfs, config
+    assert {kernel.group(1), initramfs.group(1)} <= names
+    root = str(partitions(image.path)[1]["uuid"]).lower()
+    cmdline = read("cmdline.txt")
+    assert f"root=partuuid={root} " in cmdline.lower(), cmdline
+    assert "cma=" not in cmdline, cmdline  # a cma= setting keeps a Pi 4 from booting (raspi-firmware)
+
+
+def test_image_without_pjsua2_runs_no_media_workers(image: Built, root_fs: Path) -> None:
+    """An image without the media engine (arm64 without a pjsua2 wheel) says so in its
+    config: max_calls = 0, so the daemon starts no worker that could only fail."""
+    site = "/opt/homepbx/venv/lib/python3.11/site-packages"
+    names = debugfs(root_fs, f"ls {site}").split()
+    assert "uvloop" in names, names
+    has_pjsua2 = "pjsua2" in names
+    config = debugfs(root_fs, "cat /etc/homepbx/config.toml")
+    max_calls = re.search(r"^max_calls\s*=\s*(\d+)", config, re.M)
+    assert max_calls, config
+    if image.arch is AMD64:
+        assert has_pjsua2
+    assert (int(max_calls.group(1)) > 0) == has_pjsua2, (has_pjsua2, max_calls.group(0))
+    print(f"\n{image.arch.name} image: pjsua2 {'in' if has_pjsua2 else 'NOT in'} the image, {max_calls.group(0)}")
 
 
 def test_no_package_cache_in_the_image(root_fs: Path) -> None:
@@ -199,9 +285,10 @@ SIP_PORT, SSH_PORT = 5060, 2222  # in the VM's own network namespace: nothing el
 
 @pytest.fixture(scope="module")
 def vm(image: Built, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VM]:
-    need("qemu-system-x86_64", "qemu-img", "unshare", "nsenter", "ip")
-    if not OVMF_CODE.exists():
-        pytest.fail(f"{OVMF_CODE} is missing: apt-get install ovmf")
+    arch = image.arch
+    need(arch.qemu, "qemu-img", "unshare", "nsenter", "ip", arch=arch)
+    if not arch.firmware_code.exists():
+        pytest.fail(f"{arch.firmware_code} is missing: apt-get install {arch.packages}")
     if os.geteuid() != 0:
         pytest.fail("the boot test needs root (a network namespace for the guest)")
     work = tmp_path_factory.mktemp("vm")
@@ -210,13 +297,18 @@ def vm(image: Built, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VM]:
     disk = work / "disk.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(image.path), str(disk), "4G"],
                    check=True)
-    shutil.copy(OVMF_VARS, work / "vars.fd")
+    shutil.copy(arch.firmware_vars, work / "vars.fd")
     (work / "serial.log").touch()
+    # The arm64 guest: QEMU's generic "virt" board with the most capable emulated CPU
+    # (pauth-impdef: QEMU's own pointer-authentication hash, much cheaper under TCG than
+    # the architected one; the guest cannot tell).
+    machine_args = (["-machine", "q35"] if arch is AMD64 else
+                    ["-machine", "virt", "-cpu", "max,pauth-impdef=on"])
     qemu = [
-        "qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-m", "1536", "-smp", "2",
+        arch.qemu, *machine_args, "-accel", "tcg", "-m", "1536", "-smp", "2",
         "-display", "none", "-serial", f"file:{work / 'serial.log'}",
         "-monitor", f"unix:{work / 'monitor.sock'},server,nowait",
-        "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+        "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={arch.firmware_code}",
         "-drive", f"if=pflash,format=raw,unit=1,file={work / 'vars.fd'}",
         "-drive", f"if=virtio,format=qcow2,file={disk}",
         "-nic", ("user,model=virtio-net-pci,"
@@ -245,14 +337,15 @@ def vm(image: Built, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VM]:
                 pytest.fail(f"no ready line within {READY_TIMEOUT:.0f} s; serial console:\n" + text[-6000:])
             time.sleep(1)
         time.sleep(2)  # the banner follows the ready line in the same write
-        print(f"\nboot to ready under TCG: {machine.boot_seconds:.0f} s ({machine.status})")
+        print(f"\n{arch.name} boot to ready under TCG: {machine.boot_seconds:.0f} s ({machine.status})")
         yield machine
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
         (REPO / "build").mkdir(exist_ok=True)
-        shutil.copy(work / "serial.log", REPO / "build" / "image-test-serial.log")
+        log_name = "image-test-serial.log" if arch is AMD64 else f"image-test-serial-{arch.name}.log"
+        shutil.copy(work / "serial.log", REPO / "build" / log_name)
 
 
 def first_boot_credentials(console: str) -> tuple[str, dict[str, str]]:

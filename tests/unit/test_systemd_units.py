@@ -367,6 +367,25 @@ def test_appliance_config_blanks_passwords_and_is_valid(tmp_path: Path) -> None:
     assert config.control.group == "homepbx"
     assert config.users and all(user.password == "" for user in config.users)
     assert "# One table per number." in text  # comments kept
+    assert config.media.max_calls > 0
+
+
+def test_appliance_config_without_media_engine(tmp_path: Path) -> None:
+    """An image without pjsua2 (arm64 without a wheel) runs no media workers, and says why."""
+    appliance_config = load_module(IMAGE / "appliance_config.py", "appliance_config")
+    out = tmp_path / "config.toml"
+    out.write_text(appliance_config.appliance_config((REPO / "config.toml").read_text(), media=False))
+    from appliance.config import load_config
+
+    config = load_config(out)
+    assert (config.media.max_calls, config.media.min_idle) == (0, 0)
+    assert re.search(r"^max_calls = 0 # this image has no pjsua2", out.read_text(), re.M)
+
+
+def test_build_sh_rejects_unknown_architectures() -> None:
+    result = run("/bin/bash", IMAGE / "build.sh", "--arch", "sparc64", "--check")
+    assert result.returncode != 0
+    assert "unknown architecture: sparc64" in result.stderr
 
 
 # --------------------------------------------------------------------------- console banner
