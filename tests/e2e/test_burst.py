@@ -15,7 +15,7 @@ import pytest
 
 from appliance.sip.auth import authorization_value
 from tests.e2e.conftest import DaemonFactory
-from tests.support.pbx import user_block
+from tests.support.pbx import Daemon, user_block
 from tests.support.ports import free_port, rtp_range
 from tests.support.rawsip import RawClient
 
@@ -43,13 +43,9 @@ def _failed(workdir: Path) -> tuple[int, int]:
     return int(last[head.index("SuccessfulCall(C)")]), int(last[head.index("FailedCall(C)")])
 
 
-@pytest.mark.parametrize("hold_ms", [500, 0])
-def test_a_burst_of_anchored_calls_loses_none(pbx_factory: DaemonFactory, tmp_path: Path, hold_ms: int) -> None:
-    """hold 0: the caller's BYE right behind its ACK (the edge releases the worker on that
-    BYE while the BYE is still on its way to the worker)."""
-    assert shutil.which("sipp"), "sipp is not installed: `make deps` installs Debian's sip-tester"
-    pbx = pbx_factory([user_block("200", "pw-200"), user_block("201", "pw-201")],
-                      extra=MEDIA.format(ports=rtp_range(66 * 8)))  # 64 calls and 2 spare workers
+def burst(pbx: Daemon, tmp_path: Path, scenario: Path = SCENARIOS / "caller.xml") -> None:
+    """201 registers a SIPp that answers every call; 200 places CALLS calls at it through
+    `pbx`, IN_FLIGHT at once (`scenario`): every one must succeed."""
     callee_port = free_port()
     started: list[subprocess.Popen[str]] = []
     try:
@@ -61,13 +57,9 @@ def test_a_burst_of_anchored_calls_loses_none(pbx_factory: DaemonFactory, tmp_pa
         assert reg.wait(timeout=20) == 0, reg.communicate()[1]
         callee_dir = tmp_path / "callee"
         callee_dir.mkdir()
-        callee = _sipp("callee.xml", callee_dir, callee_port, pbx.port, "-aa", "-m", str(CALLS))
-        started.append(callee)
+        started.append(_sipp("callee.xml", callee_dir, callee_port, pbx.port, "-aa", "-m", str(CALLS)))
         caller_dir = tmp_path / "caller"
         caller_dir.mkdir()
-        scenario = caller_dir / "caller.xml"
-        scenario.write_text((SCENARIOS / "caller.xml").read_text().replace(
-            '<pause milliseconds="500"/>', f'<pause milliseconds="{hold_ms}"/>' if hold_ms else ""))
         caller = _sipp(str(scenario), caller_dir, free_port(), pbx.port, "-s", "201", "-au", "200", "-ap", "pw-200",
                        "-set", "caller", "200", "-m", str(CALLS), "-l", str(IN_FLIGHT), "-r", "300")
         started.append(caller)
@@ -83,6 +75,19 @@ def test_a_burst_of_anchored_calls_loses_none(pbx_factory: DaemonFactory, tmp_pa
                 proc.kill()
             proc.communicate()
     assert not re.search(r"event=media_worker_died", "\n".join(pbx.lines))
+
+
+@pytest.mark.parametrize("hold_ms", [500, 0])
+def test_a_burst_of_anchored_calls_loses_none(pbx_factory: DaemonFactory, tmp_path: Path, hold_ms: int) -> None:
+    """hold 0: the caller's BYE right behind its ACK (the edge releases the worker on that
+    BYE while the BYE is still on its way to the worker)."""
+    assert shutil.which("sipp"), "sipp is not installed: `make deps` installs Debian's sip-tester"
+    pbx = pbx_factory([user_block("200", "pw-200"), user_block("201", "pw-201")],
+                      extra=MEDIA.format(ports=rtp_range(66 * 8)))  # 64 calls and 2 spare workers
+    scenario = tmp_path / "caller.xml"
+    scenario.write_text((SCENARIOS / "caller.xml").read_text().replace(
+        '<pause milliseconds="500"/>', f'<pause milliseconds="{hold_ms}"/>' if hold_ms else ""))
+    burst(pbx, tmp_path, scenario)
 
 
 def _invite_with_auth(client: RawClient, to_number: str, number: str, password: str) -> bytes:

@@ -26,12 +26,12 @@ from appliance.media import protocol as P
 from appliance.simulator import tones
 from appliance.simulator.handset import Handset
 from tests.e2e.conftest import DaemonFactory
-from tests.e2e.test_burst import CALLS, IN_FLIGHT, SCENARIOS, _failed, _sipp
+from tests.e2e.test_burst import burst
 from tests.e2e.test_media_worker import HEARD as HEARD_DBFS
 from tests.e2e.test_media_worker import SILENT, WorkerProc, a_headers, level
-from tests.e2e.test_transfer import raw_call
+from tests.e2e.test_transfer import connect, raw_call
 from tests.support.pbx import Daemon, user_block
-from tests.support.ports import free_port, rtp_range
+from tests.support.ports import rtp_range
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -90,16 +90,6 @@ def phones_for(pbx: Daemon, handset_factory: HandsetFactory, numbers: list[str])
     for number, phone in phones.items():
         assert phone.register(pbx.registrar, number, "secret")["code"] == 200
     return phones
-
-
-def connect(caller: Handset, callee: Handset, number: str) -> tuple[str, str]:
-    call = caller.call(f"sip:{number}@home.arpa")
-    incoming = str(callee.wait_incoming()["call"])
-    callee.answer(incoming, 200)
-    caller.wait_state(call, "CONFIRMED")
-    caller.wait_for("media", call=call, status="active")
-    callee.wait_for("media", call=incoming, status="active")
-    return call, incoming
 
 
 def media(calls_per_worker: int, max_calls: int = 8) -> str:
@@ -278,33 +268,7 @@ def test_a_burst_loses_no_call_with_calls_packed(pbx_factory: DaemonFactory, tmp
     assert shutil.which("sipp"), "sipp is not installed: `make deps` installs Debian's sip-tester"
     extra = '[media]\nmax_calls = 64\nmin_idle = 1\ncalls_per_worker = 16\n\n'
     pbx = pbx_factory([user_block("200", "pw-200"), user_block("201", "pw-201")], extra=extra)
-    callee_port = free_port()
-    started: list[subprocess.Popen[str]] = []
-    try:
-        reg_dir = tmp_path / "reg"
-        reg_dir.mkdir()
-        reg = _sipp("register.xml", reg_dir, callee_port, pbx.port, "-m", "1", "-s", "201", "-au", "201",
-                    "-ap", "pw-201")
-        started.append(reg)
-        assert reg.wait(timeout=20) == 0, reg.communicate()[1]
-        callee_dir = tmp_path / "callee"
-        callee_dir.mkdir()
-        started.append(_sipp("callee.xml", callee_dir, callee_port, pbx.port, "-aa", "-m", str(CALLS)))
-        caller_dir = tmp_path / "caller"
-        caller_dir.mkdir()
-        caller = _sipp(str(SCENARIOS / "caller.xml"), caller_dir, free_port(), pbx.port, "-s", "201", "-au", "200",
-                       "-ap", "pw-200", "-set", "caller", "200", "-m", str(CALLS), "-l", str(IN_FLIGHT), "-r", "300")
-        started.append(caller)
-        caller.communicate(timeout=75)
-        ok, failed = _failed(caller_dir)
-        refused = [line for line in pbx.lines if "no_media_worker" in line]
-        assert (ok, failed) == (CALLS, 0), f"{failed} failed, {len(refused)} refused: {refused[:3]}"
-    finally:
-        for proc in started:
-            if proc.poll() is None:
-                proc.kill()
-            proc.communicate()
-    assert not re.search(r"event=media_worker_died", "\n".join(pbx.lines))
+    burst(pbx, tmp_path)
     assert pbx.log_matches(r"event=media_pool_capacity calls_per_worker=16")
     pids = {m for line in pbx.log_matches(r"event=media_worker_call") for m in re.findall(r"pid=(\d+)", line)}
     assert len(pids) <= 8, pids  # 60 in flight: 4 workers hold them (one process a call: 60)
