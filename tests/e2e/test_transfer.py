@@ -53,6 +53,7 @@ def connect(caller: Handset, callee: Handset, number: str) -> tuple[str, str]:
     incoming = str(callee.wait_incoming()["call"])
     callee.answer(incoming, 200)
     caller.wait_state(call, "CONFIRMED")
+    callee.wait_state(incoming, "CONFIRMED")  # its ACK came: only then can it hold or transfer
     caller.wait_for("media", call=call, status="active")
     callee.wait_for("media", call=incoming, status="active")
     return call, incoming
