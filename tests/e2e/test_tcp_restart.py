@@ -7,6 +7,7 @@ connection that is gone. The box opens a new one to the handset's Contact (RFC 3
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 
@@ -101,5 +102,8 @@ def test_lost_connection_is_reached_again_at_once(pbx_factory: DaemonFactory,
     register_tcp(goes, pbx, "200")
     goes.kill()
     line = pbx.wait_log(r"event=device_unreachable number=200 ", timeout=5)
-    assert "reason=tcp_connect_failed" in line
+    # Within 5 s, not at the next qualify (30 s): the box tried it again at once. Its
+    # reconnect is refused (tcp_connect_failed) or, now and then on loopback, gets through
+    # and the OPTIONS on it goes unanswered within qualify_timeout (no_answer).
+    assert re.search(r"reason=(tcp_connect_failed|no_answer)$", line), line
     assert len(pbx.log_matches("event=device_unreachable")) == 1  # the other one stays reachable
