@@ -860,10 +860,7 @@ class Worker(PjHost):
             if state == pj.PJSIP_INV_STATE_DISCONNECTED and s.transfer is not None and not s.ending:
                 # The caller left for a transfer that still rings, and now the other party
                 # too: nobody is left for the target.
-                s.set_reason(P.REASON_CALLEE_HANGUP)
-                s.ending = True
-                for other in s.legs():
-                    self.hangup(other)
+                self.nobody_left(s)
                 return
             self.hangup(b)
             return
@@ -906,6 +903,13 @@ class Worker(PjHost):
             if b.confirmed:
                 self.out.emit(P.EV_LEG_LEFT, token=s.token, leg=b.name, code=code)
             self.check_alone(s)
+
+    def nobody_left(self, s: Session) -> None:
+        """A transfer's parties are gone: the call ends, every leg still there is hung up."""
+        s.set_reason(P.REASON_CALLEE_HANGUP)
+        s.ending = True
+        for other in s.legs():
+            self.hangup(other)
 
     def check_alone(self, s: Session) -> None:
         """A with nobody else left is hung up: the call is over."""
@@ -1143,10 +1147,7 @@ class Worker(PjHost):
             self.out.emit(P.EV_TRANSFER_FAILED, token=s.token, leg=x.name if x else "", code=code)
             if (x is None or not x.alive()) and not s.ending:
                 # The transferring party is gone too: nobody is left for the other side.
-                s.set_reason(P.REASON_CALLEE_HANGUP)
-                s.ending = True
-                for other in s.legs():
-                    self.hangup(other)
+                self.nobody_left(s)
             else:
                 self.check_alone(s)
 
