@@ -94,7 +94,7 @@ class CallRouter:
         self.auth = auth
         self.live = live
         self.timers = timers
-        self.media = media
+        self._media = media
         self.client_tx: ClientTransactions[Flow] = ClientTransactions()
         self._forks: dict[str, Dialog] = {}  # server transaction key of the INVITE -> its dialog
         self._branches: dict[str, Dialog] = {}  # our branch id -> dialog
@@ -113,6 +113,14 @@ class CallRouter:
         self.pickup = JoinAndPickup(self)
 
     # -- what the features read and ask (`routing.Routing`) ------------------------------------
+
+    @property
+    def media(self) -> MediaAnchor | None:
+        """The media workers, or None when calls are not anchored: `[media] max_calls = 0`,
+        or a media engine that does not load here (then calls go straight to the devices)."""
+        media = self._media
+        return media if media is not None and media.available else None
+
     def now(self) -> float:
         return self.timers.now()
 

@@ -46,6 +46,10 @@ class MediaLink:
         return self._address
 
     @property
+    def available(self) -> bool:
+        return self._pool is None or self._pool.unavailable is None
+
+    @property
     def pool(self) -> WorkerPool:
         assert self._pool is not None, "MediaLink.start() not called"
         return self._pool

@@ -162,6 +162,11 @@ class MediaAnchor(Protocol):
         """`host:port` the workers send their SIP to."""
         ...
 
+    @property
+    def available(self) -> bool:
+        """False once the media engine proved it does not load here (pjsua2 missing)."""
+        ...
+
     def is_worker(self, flow: Flow) -> bool: ...
 
     def anchor(self, token: str, then: Callable[[int | None], None]) -> None:

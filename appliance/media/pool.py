@@ -103,6 +103,10 @@ EventCallback = Callable[["Worker", dict[str, Any]], None]
 DiedCallback = Callable[["Worker", list[str]], None]
 
 
+class MediaUnavailable(RuntimeError):
+    """The media engine does not load here (see WorkerPool.unavailable)."""
+
+
 class WorkerState(enum.Enum):
     STARTING = "starting"
     IDLE = "idle"
@@ -358,6 +362,9 @@ class WorkerPool:
         self.start_seconds = 0.2
         """How long a worker takes to become ready, smoothed over the last starts."""
         self._start_failures = 0
+        self.unavailable: str | None = None
+        """Why the media engine does not load here (a process said EV_UNAVAILABLE): then
+        no worker is started again and acquire() answers None at once."""
 
     # -- public ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -365,10 +372,12 @@ class WorkerPool:
         retried in the background; start() itself does not fail for them)."""
         self._started = True
         await self._learn_capacity()
+        if self.unavailable is not None:
+            return
         starting = [self._spawn() for _ in range(self._workers_for(self.min_idle))]
         spawned = [w for w in starting if w is not None]
-        if spawned:
-            await asyncio.wait([asyncio.ensure_future(self._wait_ready(w)) for w in spawned])
+        if spawned:  # a worker that fails to start is reported by _on_exit, not raised here
+            await asyncio.gather(*(self._wait_ready(w) for w in spawned), return_exceptions=True)
         self._health = asyncio.get_running_loop().create_task(self._health_loop(), name="media-health")
         self._plan()
 
@@ -379,6 +388,8 @@ class WorkerPool:
         wanted = min(wanted, self.max_calls)
         if wanted > 1:
             built = await self._probe(wanted)
+            if self.unavailable is not None:
+                return
             calls = P.fit_calls(self.ports, self.max_calls, min(wanted, built), SPARE_SLOTS)
             if calls < min(wanted, built):
                 log.warning("event=media_rtp_ports_limit %s", f"calls_per_worker={calls} wanted={min(wanted, built)}"
@@ -401,7 +412,11 @@ class WorkerPool:
                 *self.worker_command, "--probe-calls", str(wanted), stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=self.stderr, env=self._env(), cwd=str(REPO_ROOT))
             out, _ = await asyncio.wait_for(proc.communicate(), self.ready_timeout)
-            return max(1, int(P.decode(out.splitlines()[-1])["calls"]))
+            answer = P.decode(out.splitlines()[-1])
+            if answer.get("event") == P.EV_UNAVAILABLE:
+                self._engine_unavailable(answer.get("error"))
+                return 1
+            return max(1, int(answer["calls"]))
         except (OSError, TimeoutError, ValueError, KeyError, IndexError, TypeError) as exc:
             log.warning("event=media_probe_failed error=%r", exc)
             return 1
@@ -417,7 +432,7 @@ class WorkerPool:
         (FULL_GRACE when max_calls calls are already held or waiting); None when the wait
         runs out (the edge answers 503 with Retry-After).  Cancelling the caller's task
         drops the wait (a worker handed over meanwhile goes back to the pool)."""
-        if self._stopping or not self._started:
+        if self._stopping or not self._started or self.unavailable is not None:
             return None
         loop = asyncio.get_running_loop()
         self._arrivals.append(time.monotonic())
@@ -602,6 +617,8 @@ class WorkerPool:
     async def _start_process(self, worker: Worker) -> asyncio.StreamReader:
         """Fork the worker from the zygote (or exec it); returns its event stream."""
         zygote = await self._get_zygote() if self.use_zygote else None
+        if self.unavailable is not None:
+            raise MediaUnavailable(self.unavailable)
         if zygote is not None:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -654,6 +671,8 @@ class WorkerPool:
         except asyncio.CancelledError:
             worker.kill()
             raise
+        except MediaUnavailable:
+            worker.exit_reason = "media engine unavailable"
         except Exception as exc:
             log.error("event=media_worker_error worker=%s error=%r", worker.id, exc)
             worker.kill()
@@ -667,6 +686,15 @@ class WorkerPool:
                     if not worker.exited.done():
                         worker.exited.set_result(rc)
             self._on_exit(worker)
+
+    def _engine_unavailable(self, error: object) -> None:
+        """pjsua2 does not load on this box: said once, as one line; nothing is retried
+        (it will not load on the next try either) and calls go unanchored."""
+        if self.unavailable is not None:
+            return
+        self.unavailable = str(error or "unknown")
+        log.error("event=media_engine_unavailable error=%r action=calls_not_anchored hint=%r", self.unavailable,
+                  "pjsua2 does not load here: reinstall homepbx, or set [media] max_calls = 0")
 
     # -- zygote ----------------------------------------------------------------------------
     async def _get_zygote(self, probe: int = 0) -> _Zygote | None:
@@ -695,7 +723,8 @@ class WorkerPool:
             try:
                 await asyncio.wait_for(asyncio.shield(zygote.ready), self.ready_timeout)
             except (TimeoutError, RuntimeError) as exc:
-                log.error("event=media_zygote_failed error=%r", exc)
+                if self.unavailable is None:  # else start() says why, once
+                    log.error("event=media_zygote_failed error=%r", exc)
                 zygote.close()
                 return None
             if self._stopping:  # stop() ran meanwhile: do not leave it behind
@@ -718,6 +747,8 @@ class WorkerPool:
                     with contextlib.suppress(TypeError, ValueError):
                         zygote.calls = max(1, int(event.get("calls", 1)))
                     zygote.ready.set_result(None)
+                elif kind == P.EV_UNAVAILABLE:
+                    self._engine_unavailable(event.get("error"))
                 elif kind == "spawned":
                     worker = zygote.workers.get(int(event.get("id", 0)))
                     if worker is not None and not worker.pid:
@@ -737,7 +768,7 @@ class WorkerPool:
                 zygote.ready.exception()
             with contextlib.suppress(Exception):
                 await zygote.proc.wait()
-            if not self._stopping:
+            if not self._stopping and self.unavailable is None:
                 log.warning("event=media_zygote_exited rc=%s", zygote.proc.returncode)
 
     async def _wait_ready(self, worker: Worker) -> None:
@@ -757,7 +788,7 @@ class WorkerPool:
     def _plan(self) -> None:
         """Start workers ahead of demand: the calls waiting, plus warm_target() for the
         recent arrival rate, within max_calls, max_starting and the crash backoff."""
-        if self._stopping or not self._started or self._topup_pending:
+        if self._stopping or not self._started or self._topup_pending or self.unavailable is not None:
             return
         delay = max(self._respawn_at - time.monotonic(), 0.0)
         if delay > 0:
@@ -790,6 +821,10 @@ class WorkerPool:
     # -- events ----------------------------------------------------------------------------
     def _on_event(self, worker: Worker, event: dict[str, Any]) -> None:
         kind = event.get("event")
+        if kind == P.EV_UNAVAILABLE:
+            worker.exit_reason = "media engine unavailable"
+            self._engine_unavailable(event.get("error"))
+            return
         if kind == P.EV_READY:
             worker.sip_port = int(event.get("sip_port", 0))
             worker.pid = int(event.get("pid", worker.pid))
@@ -912,7 +947,9 @@ class WorkerPool:
             self._respawn_at = now + self._backoff
         else:
             self._backoff = 0.0
-        if previous is WorkerState.STARTING:
+        if previous is WorkerState.STARTING and self.unavailable is not None:
+            pass  # said once by _engine_unavailable
+        elif previous is WorkerState.STARTING:
             # Reported once until a worker starts again; retried after the backoff.
             self._start_failures += 1
             level = logging.WARNING if self._start_failures == 1 else logging.DEBUG

@@ -235,6 +235,10 @@ EV_MAILBOX_CHANGED: Final = "mailbox_changed"
 EV_PONG: Final = "pong"
 EV_ERROR: Final = "error"
 EV_BYE: Final = "bye"
+EV_UNAVAILABLE: Final = "unavailable"
+"""The media engine (pjsua2) does not load here: one line, then the process exits with
+EXIT_UNAVAILABLE. The pool stops trying and the calls go unanchored."""
+EXIT_UNAVAILABLE: Final = 3
 
 # --- commands ---------------------------------------------------------------------------
 CMD_PING: Final = "ping"

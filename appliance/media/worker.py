@@ -73,7 +73,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-import pjsua2 as pj
+try:
+    import pjsua2 as pj
+except ImportError as missing:  # not installed, or its libraries do not load (another arch)
+    if __name__ != "__main__":
+        raise
+    # Run by the pool: one line it understands (protocol.EV_UNAVAILABLE, EXIT_UNAVAILABLE;
+    # protocol is not imported yet), not a traceback per attempt.
+    os.write(1, json.dumps({"event": "unavailable", "error": str(missing)}).encode() + b"\n")
+    os._exit(3)
 
 from appliance.jsonlines import Emitter, private_stdout
 from appliance.logs import fields

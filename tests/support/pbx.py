@@ -82,8 +82,9 @@ class Daemon:
     def registrar(self) -> str:
         return f"sip:127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 10.0) -> Daemon:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", HOMEPBX_LOG_LEVEL="DEBUG")
+    def start(self, timeout: float = 10.0, env: dict[str, str] | None = None) -> Daemon:
+        """`env`: variables for the daemon alone (its media workers inherit them)."""
+        env = dict(os.environ, PYTHONUNBUFFERED="1", HOMEPBX_LOG_LEVEL="DEBUG", **(env or {}))
         # Without [control] socket the socket goes to the state dir, never to one shared by
         # every daemon of the suite ($RUNTIME_DIRECTORY or $XDG_RUNTIME_DIR/homepbx).
         env.pop("RUNTIME_DIRECTORY", None)

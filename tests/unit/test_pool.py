@@ -27,6 +27,8 @@ args = sys.argv[1:]
 def emit(**ev):
     sys.stdout.write(json.dumps(ev) + "\n"); sys.stdout.flush()
 built = int(os.environ.get("FAKE_BUILD_CALLS", "1"))  # calls per process "the build" holds
+if os.environ.get("FAKE_NO_ENGINE"):  # what worker.py says when pjsua2 does not import
+    emit(event="unavailable", error="libpjsua2.so.2: cannot open shared object file"); os._exit(3)
 if args[:1] == ["--probe-calls"]:
     emit(event="capacity", calls=min(built, int(args[1]))); sys.exit(0)
 rtp = args[args.index("--rtp-ports") + 1]
@@ -269,6 +271,28 @@ def test_crash_loop_backs_off_and_stop_refuses_new_calls(fake: list[str], monkey
 
     monkeypatch.delenv("FAKE_CRASH_AT_START")
     asyncio.run(stopped())
+
+
+@pytest.mark.parametrize("calls_per_worker", [1, 0])  # exec'd worker says it / the capacity probe says it
+def test_an_engine_that_does_not_load_is_said_once_and_not_retried(
+        fake: list[str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        calls_per_worker: int) -> None:
+    monkeypatch.setenv("FAKE_NO_ENGINE", "1")
+    monkeypatch.setenv("FAKE_BUILD_CALLS", "4")
+
+    async def body(pool: WorkerPool, rec: Recorder) -> None:
+        await until(lambda: pool.unavailable is not None)
+        started = time.monotonic()
+        assert await pool.acquire("x") is None
+        assert time.monotonic() - started < 0.1  # answered at once, not after acquire_timeout
+        await asyncio.sleep(1.5)  # a retry loop would spawn (and log) again meanwhile
+        assert not pool.workers
+
+    with caplog.at_level(logging.DEBUG, logger="homepbx.media"):
+        run_pool(fake, body, min_idle=1, max_calls=4, calls_per_worker=calls_per_worker, acquire_timeout=2.0)
+    said = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.getMessage().split()[0] for r in said] == ["event=media_engine_unavailable"]
+    assert "cannot open shared object file" in said[0].getMessage()
 
 
 def test_warm_target_covers_the_arrivals_while_workers_start() -> None:

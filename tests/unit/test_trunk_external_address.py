@@ -76,6 +76,7 @@ class Trunks:
 
 class Media:
     edge_address = "127.0.0.1:5060"
+    available = True
 
     def is_worker(self, flow: Flow) -> bool:
         return flow.host == "127.0.0.1" and flow.port == WORKER_PORT
