@@ -32,6 +32,7 @@ Cooling exists because pjlib frees a closed socket's ioqueue slot only 500 ms la
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import enum
 import itertools
@@ -80,13 +81,11 @@ def arrival_rate(arrivals: Sequence[float], now: float, windows: Sequence[float]
     """Calls per second lately, from the arrival times (oldest first): the highest rate
     over each window ending `now`, so a burst is seen within a second and a steady trickle
     is not forgotten between two calls."""
+    # Found by bisection, not a scan: at 300 calls/s the ten-second window holds 3,000
+    # arrivals, and this runs for every call (a scan was 4 % of the edge's CPU).
     best = 0.0
     for window in windows:
-        count = 0
-        for t in reversed(arrivals):
-            if now - t > window:
-                break
-            count += 1
+        count = len(arrivals) - bisect.bisect_left(arrivals, now - window)
         best = max(best, count / window)
     return best
 
