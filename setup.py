@@ -23,8 +23,9 @@ NATIVE_MODULES = sorted(
     [str(p.relative_to(ROOT)) for p in (ROOT / "appliance" / "sip").glob("*.py") if p.name != "__init__.py"]
     + [f"appliance/edge/{name}.py" for name in ("server", "transport", "calls", "dialogs", "routing", "transfers",
                                                  "forwarding", "pickup", "feature_codes", "relay", "timers",
-                                                 "media_link", "auth_gate", "device_events")]
-    + ["appliance/call_policy.py"]
+                                                 "media_link", "auth_gate", "device_events", "seams",
+                                                 "subscriptions")]
+    + ["appliance/call_policy.py", "appliance/state.py", "appliance/history/recorder.py"]
 )
 
 
