@@ -1,8 +1,8 @@
 """The call history database: SQLite in WAL mode, `synchronous=FULL`, one writer thread.
 
 Rows are written off the event loop: `add` puts a row on a queue and returns at once; the
-writer thread takes what has gathered (up to `batch_rows`, or what came within
-`batch_seconds` of the first row) and commits it in one transaction (group commit). Only
+writer thread takes what has gathered within `batch_seconds` of the first row and commits
+it in transactions of at most `batch_rows` (group commit). Only
 after the commit is a row announced (`on_committed`, called on the event loop), so what
 anyone has been shown is on disk: WAL with synchronous=FULL fsyncs the log at each commit,
 and a power cut or `kill -9` loses at most rows nobody has seen yet.
@@ -204,6 +204,7 @@ class CallHistory:
         self.batch_rows = batch_rows
         self.stats = WriterStats()
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._closing = threading.Event()
         self._thread: threading.Thread | None = None
         self._reader: sqlite3.Connection | None = None
         self._reader_lock = threading.Lock()
@@ -228,6 +229,7 @@ class CallHistory:
     def close(self, timeout: float = 5.0) -> None:
         """Write what is queued, then stop the writer (blocking: call from a thread at shutdown)."""
         if self._thread is not None:
+            self._closing.set()
             self._queue.put(_STOP)
             self._thread.join(timeout)
             self._thread = None
@@ -250,36 +252,43 @@ class CallHistory:
         stopping = False
         while not stopping:
             first = self._queue.get()
-            if first is _STOP:
-                break
-            batch = [first]
-            deadline = time.monotonic() + self.batch_seconds
-            while len(batch) < self.batch_rows:
-                wait = deadline - time.monotonic()
+            stopping = first is _STOP
+            if not stopping:
+                # Let the batch gather while this thread sleeps: rows put meanwhile wake
+                # nobody (a get() with a timeout here was woken by every row, a futex and
+                # a thread switch per call under load). close() cuts the wait short.
+                self._closing.wait(self.batch_seconds)
+            batch = [] if stopping else [first]
+            while True:
                 try:
-                    item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+                    item = self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if item is _STOP:
                     stopping = True
-                    break
-                batch.append(item)
+                else:
+                    batch.append(item)
             records = [r for r in batch if isinstance(r, CallRecord)]
-            try:
-                self._write(conn, records)
-            except sqlite3.Error as err:
-                log.error("event=history_write_failed %s", log_fields(path=self.path, rows=len(records), error=err))
-                continue
-            if self.on_committed is not None:
-                try:
-                    self.on_committed(records)
-                except Exception:
-                    log.exception("event=history_listener_failed")
+            for at in range(0, len(records), self.batch_rows):
+                self._commit(conn, records[at : at + self.batch_rows])
             if time.monotonic() - last_prune >= PRUNE_EVERY:
                 last_prune = time.monotonic()
                 self._prune()
         conn.close()
         self._writer = None
+
+    def _commit(self, conn: sqlite3.Connection, records: list[CallRecord]) -> None:
+        """One transaction for `records`, then they are announced (never before)."""
+        try:
+            self._write(conn, records)
+        except sqlite3.Error as err:
+            log.error("event=history_write_failed %s", log_fields(path=self.path, rows=len(records), error=err))
+            return
+        if self.on_committed is not None:
+            try:
+                self.on_committed(records)
+            except Exception:
+                log.exception("event=history_listener_failed")
 
     def _write(self, conn: sqlite3.Connection, records: list[CallRecord]) -> None:
         conn.execute("BEGIN IMMEDIATE")
