@@ -117,13 +117,15 @@ class CallRouter:
         self._via = self._via_for
         self._body_between = self.relay.body_between
         # What a finished call keeps for its 32 s of retransmissions, as compact records:
-        # a fork whose transactions only linger (`FinishedFork`, by its branch ids and the
-        # INVITE's key) and a dialog after its BYE (`EndedDialog`, by Call-ID); each queue
-        # in the order they were made (their lingers are as long: 64*T1), one timer for the
-        # first of both, not a timer and a closure each (thousands linger under a burst).
+        # a fork whose transactions only linger (`FinishedFork`, by its branches' prefix
+        # and by the INVITE's key) and a dialog after its BYE (`EndedDialog`, by Call-ID);
+        # each queue in the order they were made (their lingers are as long: 64*T1), one
+        # timer for the first of both, not a timer and a closure each (thousands linger
+        # under a burst).
         self._finished: dict[str, FinishedFork[Flow]] = {}
+        self._finished_invites: dict[str, FinishedFork[Flow]] = {}
         self._ended: dict[str, EndedDialog] = {}
-        self._buried: deque[tuple[FinishedFork[Flow], str | None]] = deque()
+        self._buried: deque[FinishedFork[Flow]] = deque()
         self._lingering: deque[EndedDialog] = deque()
         self._linger_timer: Deadline | None = None
         self.transfers = Transfers(self)
@@ -168,7 +170,7 @@ class CallRouter:
                 if dialog.fork is not None:
                     self.apply(dialog, dialog.fork.on_request_retransmission())
                 return True  # still finding a worker: our 100 Trying already went out
-            if key and key in self._finished:
+            if key and key in self._finished_invites:
                 return True  # its fork is finished: Accepted or Confirmed answer no retransmission
             self._new_call(request, flow, dest, key, now)
             return True
@@ -179,14 +181,14 @@ class CallRouter:
             if dialog is not None and dialog.fork is not None:
                 self.apply(dialog, dialog.fork.on_ack(now))
                 return True
-            if invite_key and invite_key in self._finished:
+            if invite_key and invite_key in self._finished_invites:
                 return True  # for a finished fork's final (Confirmed already, or Accepted): nothing to do
             self._relay_in_dialog(request, flow, dest, now)
             return True
         if method == "CANCEL":
             dialog = self._forks.get(invite_key) if invite_key else None
             if dialog is None:
-                if invite_key and invite_key in self._finished:
+                if invite_key and invite_key in self._finished_invites:
                     self.reply(request, dest, 200, "OK")  # too late to cancel: the final is sent
                 else:
                     self.reply(request, dest, 481, "Call/Transaction Does Not Exist")
@@ -633,8 +635,8 @@ class CallRouter:
         if dialog is not None and dialog.fork is not None:
             self.apply(dialog, dialog.fork.on_response(branch, response, now))
             return True
-        finished = self._finished.get(branch)
-        if finished is not None:
+        finished = self._finished.get(branch.rpartition(".")[0])
+        if finished is not None and finished.index(branch) is not None:
             for send in finished.on_response(branch, response):
                 self.network.send(send.data, send.dest)
             return True
@@ -743,15 +745,13 @@ class CallRouter:
 
     def _bury(self, dialog: Dialog, fork: Fork[Flow], finished: FinishedFork[Flow]) -> None:
         """A fork that only lingers: its `FinishedFork` answers for it until its end."""
-        branch_ids = [r.branch_id for r in finished.branches]
-        for branch_id in branch_ids:
-            self._branches.pop(branch_id, None)
-        key = self._forget_fork(dialog)  # `finished()` emptied its branches: those are ours to drop
-        for branch_id in branch_ids:
-            self._finished[branch_id] = finished
-        if key is not None:
-            self._finished[key] = finished
-        self._buried.append((finished, key))
+        for index in range(len(finished.branches)):
+            self._branches.pop(f"{finished.prefix}.{index}", None)
+        finished.key = self._forget_fork(dialog)  # `finished()` emptied its branches: those are ours to drop
+        self._finished[finished.prefix] = finished
+        if finished.key is not None:
+            self._finished_invites[finished.key] = finished
+        self._buried.append(finished)
         self._arm_linger()
 
     def end(self, dialog: Dialog, reason: str) -> None:
@@ -867,6 +867,7 @@ class CallRouter:
         self._by_fork = dict(self._by_fork)
         self._calls = dict(self._calls)
         self._finished = dict(self._finished)
+        self._finished_invites = dict(self._finished_invites)
         self._ended = dict(self._ended)
 
     def _arm_linger(self) -> None:
@@ -877,7 +878,7 @@ class CallRouter:
     def _next_linger(self) -> float | None:
         """When the first linger of either queue is over."""
         ended = self._lingering[0].until if self._lingering else None
-        buried = self._buried[0][0].until if self._buried else None
+        buried = self._buried[0].until if self._buried else None
         if ended is None or buried is None:
             return buried if ended is None else ended
         return min(ended, buried)
@@ -891,14 +892,13 @@ class CallRouter:
             record = ended.popleft()
             if dialogs.get(record.call_id) is record:
                 del dialogs[record.call_id]
-        buried, finished = self._buried, self._finished
-        while buried and buried[0][0].until <= now:
-            fork, key = buried.popleft()
-            for remains in fork.branches:
-                if finished.get(remains.branch_id) is fork:
-                    del finished[remains.branch_id]
-            if key is not None and finished.get(key) is fork:
-                del finished[key]
+        buried, finished, invites = self._buried, self._finished, self._finished_invites
+        while buried and buried[0].until <= now:
+            fork = buried.popleft()
+            if finished.get(fork.prefix) is fork:
+                del finished[fork.prefix]
+            if fork.key is not None and invites.get(fork.key) is fork:
+                del invites[fork.key]
         following = self._next_linger()
         self._linger_timer = self.timers.call_at(following, self._forget_lingering) if following is not None else None
 

@@ -93,7 +93,7 @@ class EndedDialog:
 
     def __init__(self, dialog: Dialog, callee_flow: Flow, until: float) -> None:
         self.call_id = dialog.call_id
-        self.token = dialog.token
+        self.token = dialog.token if dialog.role is not Role.DIRECT else ""  # no worker: none can die
         self.caller_tag = dialog.caller_tag
         self.caller_flow = dialog.caller_flow
         self.callee_flow = callee_flow

@@ -15,6 +15,7 @@ without it bodies pass untouched.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -101,9 +102,9 @@ class ForkSettings:
 class Fork(Generic[Dest]):
     """One INVITE from a caller, forked in parallel to every target."""
 
-    __slots__ = ("_authorize", "_buried", "_extra", "_record_route", "_relay_body", "_responses", "_via_for",
-                 "answered", "branches", "final_sent", "held", "request", "ring_deadline", "server", "settings",
-                 "upstream")
+    __slots__ = ("_authorize", "_buried", "_extra", "_made", "_record_route", "_relay_body", "_responses",
+                 "_via_for", "answered", "branches", "final_sent", "held", "prefix", "request", "ring_deadline",
+                 "server", "settings", "upstream")
 
     def __init__(
         self,
@@ -135,6 +136,10 @@ class Fork(Generic[Dest]):
         self._responses: list[Response] = []
         self.held: Response | None = None
         self._buried = False
+        # Every branch id is this prefix, a dot and the branch's number in the order they
+        # were made: a finished fork is found by its prefix, its branches by their number.
+        self.prefix = "z9hG4bK" + new_tag()
+        self._made = 0
 
     # -- start --------------------------------------------------------------------------------
     def start(self, targets: list[Target[Dest]], now: float) -> list[ForkAction[Dest]]:
@@ -142,12 +147,17 @@ class Fork(Generic[Dest]):
         trying = make_response(self.request, 100, "Trying")
         actions += self._up(self.server.respond(trying, now))
         for target in targets:
-            branch_id = "z9hG4bK" + new_tag() + new_tag()
+            branch_id = self._new_branch_id()
             outgoing = self._branch_request(target, branch_id)
             tx: InviteClient[Dest] = InviteClient(outgoing, target.dest, target.reliable, now)
             self.branches[branch_id] = Branch(target, tx)
             actions += self._up(tx.start())
         return actions
+
+    def _new_branch_id(self) -> str:
+        branch_id = f"{self.prefix}.{self._made}"
+        self._made += 1
+        return branch_id
 
     def _branch_request(self, target: Target[Dest], branch_id: str) -> Request:
         """§16.6: a copy with the device's Contact as Request-URI, our Via, Record-Route."""
@@ -262,7 +272,7 @@ class Fork(Generic[Dest]):
         if credentials is None:
             return None
         branch.state = BranchState.FAILED
-        branch_id = "z9hG4bK" + new_tag() + new_tag()
+        branch_id = self._new_branch_id()
         headers: list[tuple[str, str]] = []
         via_done = False
         for name, value in old.headers:
@@ -307,7 +317,7 @@ class Fork(Generic[Dest]):
         if relay_body is not None:
             self._relay_body = relay_body
         for target in targets:
-            branch_id = "z9hG4bK" + new_tag() + new_tag()
+            branch_id = self._new_branch_id()
             tx: InviteClient[Dest] = InviteClient(self._branch_request(target, branch_id), target.dest,
                                                   target.reliable, now)
             self.branches[branch_id] = Branch(target, tx)
@@ -395,10 +405,10 @@ class Fork(Generic[Dest]):
         request = self.request
         from_, call_id, cseq = request.get("From"), request.get("Call-ID"), request.cseq[0]
         remains: list[Remains[Dest]] = []
-        for branch_id, branch in self.branches.items():
+        for number, (branch_id, branch) in enumerate(self.branches.items()):
             tx = branch.tx
             state = tx.state
-            if state not in _CLIENT_LINGERING:
+            if state not in _CLIENT_LINGERING or branch_id != f"{self.prefix}.{number}":
                 return None
             deadline = tx.next_deadline()
             if deadline is not None and (until is None or deadline > until):
@@ -412,8 +422,8 @@ class Fork(Generic[Dest]):
         self.branches = {}
         self.answered = None
         self.request = _NOTHING
-        self._relay_body = None
-        return FinishedFork(self.upstream, self._relay_body, cseq, from_, call_id, tuple(remains), until)
+        relay_body, self._relay_body = self._relay_body, None
+        return FinishedFork(self.prefix, self.upstream, relay_body, cseq, from_, call_id, tuple(remains), until)
 
     def _remains(self, branch_id: str, branch: Branch[Dest], from_: str | None,
                  call_id: str | None) -> Remains[Dest]:
@@ -421,20 +431,24 @@ class Fork(Generic[Dest]):
         dest = branch.target.dest
         req = tx.request
         if tx.state is State.TERMINATED:
-            return Remains(branch_id, dest, OVER, 0)
+            return Remains(dest, OVER, 0)
         seq = req.cseq[0]
         if tx.state is State.ACCEPTED:
             if branch is self.answered:
-                return Remains(branch_id, dest, WON, seq)
-            return Remains(branch_id, dest, LOST, seq, ack=branch.loser_ack or b"")
+                return Remains(dest, WON, seq)
+            return Remains(dest, LOST, seq, ack=branch.loser_ack or b"")
         # Completed: each retransmission of its final is ACKed again (Timer D), with the
-        # ACK `ack_for` built; from its values, or whole when they are not the fork's.
+        # ACK `ack_for` built; from its values (our Via as a pattern the branch id goes
+        # into: one string for every branch sent the same way), or whole when they are
+        # not the fork's.
         to = tx.final_to or req.get("To") or ""
         via, routes = req.get("Via"), req.get_all("Route")
-        if via is None or routes or req.get("From") != from_ or req.get("Call-ID") != call_id:
-            return Remains(branch_id, dest, FAILED, seq, ack=build_ack(
+        head, found, tail = (via or "").partition(branch_id)
+        if (not found or "\0" in head or "\0" in tail or routes or req.get("From") != from_
+                or req.get("Call-ID") != call_id):
+            return Remains(dest, FAILED, seq, ack=build_ack(
                 req.uri, via, req.get("From"), req.get("Call-ID"), to, seq, routes).to_bytes())
-        return Remains(branch_id, dest, FAILED, seq, req.uri, via, to)
+        return Remains(dest, FAILED, seq, req.uri, sys.intern(f"{head}\0{tail}"), to)
 
     # -- helpers ---------------------------------------------------------------------------------
     def _relayed(self, branch: Branch[Dest], response: Response) -> Response:
@@ -547,12 +561,11 @@ class Remains(NamedTuple, Generic[Dest]):
     """What one branch's transaction still needs for the rest of its linger (RFC 6026's
     Timer L after a 2xx, Timer D after a non-2xx): no request, no response."""
 
-    branch_id: str
     dest: Dest
     kind: int
     cseq: int
     uri: str = ""  # FAILED: the ACK's Request-URI, Via and To (From and Call-ID are the fork's)
-    via: str = ""
+    via: str = ""  # our Via with NUL where the branch id goes
     to: str = ""
     ack: bytes = b""  # LOST: the ACK of its 2xx; FAILED: the whole ACK when its values are not the fork's
 
@@ -565,10 +578,14 @@ class FinishedFork(Generic[Dest]):
     branch is ACKed again, and a 2xx that lost the race too (§13.2.2.4). A retransmitted
     INVITE, its ACK or a CANCEL are absorbed by its owner, who keeps its key until then."""
 
-    __slots__ = ("branches", "call_id", "cseq", "from_", "relay_body", "until", "upstream")
+    __slots__ = ("branches", "call_id", "cseq", "from_", "key", "prefix", "relay_body", "until", "upstream")
 
-    def __init__(self, upstream: Dest, relay_body: RelayBody[Dest] | None, cseq: int, from_: str | None,
-                 call_id: str | None, branches: tuple[Remains[Dest], ...], until: float) -> None:
+    def __init__(self, prefix: str, upstream: Dest, relay_body: RelayBody[Dest] | None, cseq: int,
+                 from_: str | None, call_id: str | None, branches: tuple[Remains[Dest], ...], until: float) -> None:
+        self.prefix = prefix
+        """What every branch id of the fork starts with; a dot and the branch's number follow."""
+        self.key: str | None = None
+        """The owner's: the INVITE's server transaction key, while it absorbs retransmissions."""
         self.upstream = upstream
         self.relay_body = relay_body
         self.cseq = cseq
@@ -577,12 +594,19 @@ class FinishedFork(Generic[Dest]):
         self.branches = branches
         self.until = until
 
+    def index(self, branch_id: str) -> int | None:
+        """The number of one of its branches from its id; None if it is not one of them."""
+        prefix, _, number = branch_id.rpartition(".")
+        if prefix != self.prefix or not number.isascii() or not number.isdigit() or len(number) > 4:
+            return None
+        index = int(number)
+        return index if index < len(self.branches) and str(index) == number else None
+
     def on_response(self, branch_id: str, response: Response) -> list[Send[Dest]]:
-        for remains in self.branches:
-            if remains.branch_id == branch_id:
-                break
-        else:
+        index = self.index(branch_id)
+        if index is None:
             return []
+        remains = self.branches[index]
         try:
             method = response.cseq[1]
         except SipSyntaxError:
@@ -603,8 +627,8 @@ class FinishedFork(Generic[Dest]):
                 return [Send(remains.ack, remains.dest)]
             return []
         if status >= 300 and kind == FAILED:
-            data = remains.ack or build_ack(remains.uri, remains.via, self.from_, self.call_id, remains.to,
-                                            remains.cseq).to_bytes()
+            data = remains.ack or build_ack(remains.uri, remains.via.replace("\0", branch_id), self.from_,
+                                            self.call_id, remains.to, remains.cseq).to_bytes()
             return [Send(data, remains.dest)]
         return []
 

@@ -124,7 +124,8 @@ def test_a_finished_call_lingers_in_little_memory_and_leaves_nothing() -> None:
         tracemalloc.stop()
     router = house.edge.calls
     assert not router._dialogs and not router._forks and not router._branches and not len(router.client_tx)
-    assert not router._finished and not router._ended and not router._buried and not router._lingering
+    assert not router._finished and not router._finished_invites and not router._ended
+    assert not router._buried and not router._lingering
     # Was 14.2 kB: every re-arm of a fork left a heap entry, the losers' 487s and ACK bytes,
     # per-branch copies of header tuples, a timer and a closure per dialog; then ~7 kB: the
     # fork's transactions themselves (Timer L and D, 32 s). Now ~2.2 kB: a `FinishedFork`
@@ -156,7 +157,7 @@ def test_a_lingering_call_keeps_no_message_at_all() -> None:
     place_call(house, 1)
     house.advance(1)  # the emptied Fork the timer wheel held until its entry's time
     router = house.edge.calls
-    assert len(router._ended) == 1 and len(router._finished) == 4  # Call-ID; 3 branches and the INVITE's key
+    assert len(router._ended) == 1 and len(router._finished) == 1 and len(router._finished_invites) == 1
     held = [type(o).__name__ for o in _reachable(router)
             if isinstance(o, Request | Response | Fork | Branch | Dialog | InviteClient | InviteServer)]
     assert held == []
@@ -193,4 +194,5 @@ def test_after_the_call_each_retransmission_is_answered_as_before_from_what_it_k
     for text, flow, _ in record["lost"]:
         assert house.receive(text, flow) == []
     router = house.edge.calls
-    assert not router._finished and not router._ended and router.dialog_count == 0
+    assert not router._finished and not router._finished_invites and not router._ended
+    assert router.dialog_count == 0
