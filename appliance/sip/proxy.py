@@ -5,7 +5,10 @@ provisional responses, forwards the first 2xx and CANCELs the other branches wit
 `Reason: SIP;cause=200;text="Call completed elsewhere"` so their handsets log no missed
 call. A second 2xx that loses the race is ACKed and BYEd here, so no handset is left in
 a ghost call. Without an answer it sends the best final response (§16.7) upstream.
-Timers are data: `next_deadline()` / `on_timer(now)`.
+Timers are data: `next_deadline()` / `on_timer(now)`. Once the final is sent and its
+transactions only wait out their timers (Timer L, D), `finished()` hands over a
+`FinishedFork`: the few values that answer what may still come, for the 32 s a burst of
+calls would otherwise keep every fork whole.
 
 A body crosses the fork in two ways: the INVITE's to every target, and each answer's
 upstream.  `relay_body(message, source, dest)`, when given, decides what body leaves
@@ -487,9 +490,9 @@ class Fork(Generic[Dest]):
         return actions
 
     def _slim(self) -> None:
-        """The final is sent: keep only what the rest needs for the 32 s the transactions
-        linger (answer retransmissions, ACK or CANCEL a branch, BYE a late 2xx), not each
-        branch's whole INVITE and every failure response: a burst of calls stays small."""
+        """The final is sent: keep only what the rest needs until `finished()` (answer
+        retransmissions, ACK or CANCEL a branch, BYE a late 2xx), not each branch's whole
+        INVITE and every failure response."""
         self.request = self.request.skeleton()
         self._responses.clear()
         self._extra = []
