@@ -43,6 +43,7 @@ from appliance.config import LiveConfig, TrunkConfig, device_id
 from appliance.edge.auth_gate import AuthGate
 from appliance.edge.dialogs import (
     Dialog,
+    EndedDialog,
     Role,
     dialled_number,
     display_name,
@@ -72,7 +73,16 @@ from appliance.sip.errors import SipSyntaxError
 from appliance.sip.headers import parse_name_addr, parse_via
 from appliance.sip.invite_transaction import Send
 from appliance.sip.message import Request, Response, make_response, new_tag
-from appliance.sip.proxy import Authorize, Fork, ForkEvent, ForkSettings, RelayBody, SendRequest, Target
+from appliance.sip.proxy import (
+    Authorize,
+    FinishedFork,
+    Fork,
+    ForkEvent,
+    ForkSettings,
+    RelayBody,
+    SendRequest,
+    Target,
+)
 from appliance.sip.registrar import Flow
 from appliance.sip.sdp import is_sdp
 from appliance.sip.transaction import ClientTransactions, Retransmit, server_key
@@ -103,9 +113,20 @@ class CallRouter:
         self._calls: dict[str, Dialog] = {}  # token -> the call's first dialog (A, or DIRECT)
         self.outgoing: dict[str, int] = {}  # number -> calls placed now
         self.relay = StatelessRelay(network, self.is_worker, address_for=self._address_for)
-        # Finished dialogs, in the order they ended (every linger is as long): one timer for
-        # the first, not a timer and a closure each (thousands linger under a burst).
-        self._lingering: deque[tuple[float, Dialog]] = deque()
+        # Each fork is handed these: one bound method each for all, not two per call.
+        self._via = self._via_for
+        self._body_between = self.relay.body_between
+        # What a finished call keeps for its 32 s of retransmissions, as compact records:
+        # a fork whose transactions only linger (`FinishedFork`, by its branches' prefix
+        # and by the INVITE's key) and a dialog after its BYE (`EndedDialog`, by Call-ID);
+        # each queue in the order they were made (their lingers are as long: 64*T1), one
+        # timer for the first of both, not a timer and a closure each (thousands linger
+        # under a burst).
+        self._finished: dict[str, FinishedFork[Flow]] = {}
+        self._finished_invites: dict[str, FinishedFork[Flow]] = {}
+        self._ended: dict[str, EndedDialog] = {}
+        self._buried: deque[FinishedFork[Flow]] = deque()
+        self._lingering: deque[EndedDialog] = deque()
         self._linger_timer: Deadline | None = None
         self.transfers = Transfers(self)
         self.forwarding = Forwarding(self)
@@ -157,6 +178,8 @@ class CallRouter:
                 if dialog.fork is not None:
                     self.apply(dialog, dialog.fork.on_request_retransmission())
                 return True  # still finding a worker: our 100 Trying already went out
+            if key and key in self._finished_invites:
+                return True  # its fork is finished: Accepted or Confirmed answer no retransmission
             self._new_call(request, flow, dest, key, now)
             return True
         if method == "ACK":
@@ -166,12 +189,17 @@ class CallRouter:
             if dialog is not None and dialog.fork is not None:
                 self.apply(dialog, dialog.fork.on_ack(now))
                 return True
+            if invite_key and invite_key in self._finished_invites:
+                return True  # for a finished fork's final (Confirmed already, or Accepted): nothing to do
             self._relay_in_dialog(request, flow, dest, now)
             return True
         if method == "CANCEL":
             dialog = self._forks.get(invite_key) if invite_key else None
             if dialog is None:
-                self.reply(request, dest, 481, "Call/Transaction Does Not Exist")
+                if invite_key and invite_key in self._finished_invites:
+                    self.reply(request, dest, 200, "OK")  # too late to cancel: the final is sent
+                else:
+                    self.reply(request, dest, 481, "Call/Transaction Does Not Exist")
                 return True
             self.reply(request, dest, 200, "OK")
             if dialog.fork is not None:
@@ -182,7 +210,7 @@ class CallRouter:
             return True
         if to_tag is not None and method in ("BYE", "INVITE", "UPDATE", "INFO", "PRACK", "NOTIFY", "REFER",
                                              "MESSAGE", "OPTIONS"):
-            if request.call_id not in self._dialogs:
+            if request.call_id not in self._dialogs and request.call_id not in self._ended:
                 self.reply(request, dest, 481, "Call/Transaction Does Not Exist")
                 return True
             self._relay_in_dialog(request, flow, dest, now)
@@ -533,10 +561,10 @@ class CallRouter:
         caller_flow = dialog.caller_flow
         fork: Fork[Flow] = Fork(
             dialog.invite, dest, caller_flow.transport == "tcp", settings, now,
-            via_for=self._via_for,
+            via_for=self._via,
             record_route=(lambda t: self._record_route(caller_flow, t)) if record_route else None,
             extra_headers=extra_headers,
-            relay_body=relay_body or self.relay.body_between,
+            relay_body=relay_body or self._body_between,
             authorize=authorize,
         )
         dialog.fork = fork
@@ -615,10 +643,17 @@ class CallRouter:
         if dialog is not None and dialog.fork is not None:
             self.apply(dialog, dialog.fork.on_response(branch, response, now))
             return True
+        finished = self._finished.get(branch.rpartition(".")[0])
+        if finished is not None and finished.index(branch) is not None:
+            for send in finished.on_response(branch, response):
+                self.network.send(send.data, send.dest)
+            return True
         if branch.startswith(STATELESS_PREFIX):
-            dialog = self._dialogs.get(response.call_id)
-            if dialog is not None and dialog.cseq_delta and not self.is_worker(flow):
-                shift_cseq(response, -dialog.cseq_delta)  # the provider's answer to the worker's request
+            call_id = response.call_id
+            live = self._dialogs.get(call_id)
+            delta = live.cseq_delta if live is not None else (e.cseq_delta if (e := self._ended.get(call_id)) else 0)
+            if delta and not self.is_worker(flow):
+                shift_cseq(response, -delta)  # the provider's answer to the worker's request
             self.relay.backward(response, branch, flow, now)
             return True
         return False
@@ -632,13 +667,16 @@ class CallRouter:
                 self._send_request(action.request, action.dest, action.reliable)
             else:
                 self._fork_event(dialog, action)
-        if dialog.fork is not None:
-            if dialog.fork.done:
+        fork = dialog.fork
+        if fork is not None:
+            if fork.done:
                 self._forget_fork(dialog)
+            elif (finished := fork.finished()) is not None:
+                self._bury(dialog, fork, finished)
             else:
-                for branch_id in dialog.fork.branches:  # a branch re-sent with credentials is new
+                for branch_id in fork.branches:  # a branch re-sent with credentials is new
                     self._branches.setdefault(branch_id, dialog)
-                self.timers.arm(dialog.fork, self._fire)
+                self.timers.arm(fork, self._fire)
 
     def _fork_event(self, dialog: Dialog, event: ForkEvent) -> None:
         """Turn what the fork saw into live state, by leg: devices ring on the B-leg (or a
@@ -697,30 +735,50 @@ class CallRouter:
         if dialog is not None and dialog.fork is obj:
             self.apply(dialog, dialog.fork.on_timer(now))
 
-    def _forget_fork(self, dialog: Dialog) -> None:
+    def _forget_fork(self, dialog: Dialog) -> str | None:
+        """The fork's tables go; the INVITE's key, if it was held, is returned."""
         fork = dialog.fork
         if fork is None:
-            return
+            return None
         for branch_id in fork.branches:
             self._branches.pop(branch_id, None)
-        for key, other in list(self._forks.items()):
-            if other is dialog:
-                del self._forks[key]
+        key = server_key(dialog.invite)  # the key it was held by (a skeleton keeps the Vias)
+        if key is not None and self._forks.get(key) is dialog:
+            del self._forks[key]
+        else:
+            key = None
         self._by_fork.pop(id(fork), None)
         dialog.fork = None
+        return key
+
+    def _bury(self, dialog: Dialog, fork: Fork[Flow], finished: FinishedFork[Flow]) -> None:
+        """A fork that only lingers: its `FinishedFork` answers for it until its end."""
+        for index in range(len(finished.branches)):
+            self._branches.pop(f"{finished.prefix}.{index}", None)
+        finished.key = self._forget_fork(dialog)  # `finished()` emptied its branches: those are ours to drop
+        self._finished[finished.prefix] = finished
+        if finished.key is not None:
+            self._finished_invites[finished.key] = finished
+        self._buried.append(finished)
+        self._arm_linger()
 
     def end(self, dialog: Dialog, reason: str) -> None:
         """A dialog is over; what that means for the call depends on its leg."""
         if dialog.ended or left_after_transfer(dialog, reason):
             return
         dialog.ended = True
-        dialog.invite = dialog.invite.skeleton()  # lingers with what a late BYE needs, not its SDP
+        dialog.invite = dialog.invite.skeleton()  # its fork may still run a while: not with its SDP
         if dialog.answer is not None:
             dialog.answer = dialog.answer.skeleton()
-        # Keep the dialog a while (64*T1) so a retransmitted BYE still finds its way.
-        self._lingering.append((self.timers.now() + DIALOG_LINGER, dialog))
-        if self._linger_timer is None:
-            self._linger_timer = self.timers.call_at(self._lingering[0][0], self._forget_lingering)
+        call_id = dialog.call_id
+        if self._dialogs.get(call_id) is dialog:
+            del self._dialogs[call_id]
+            if dialog.callee_flow is not None:  # never answered: nothing could follow it (481 either way)
+                # Keep what a retransmitted BYE needs a while (64*T1), not the dialog.
+                ended = EndedDialog(dialog, dialog.callee_flow, self.timers.now() + DIALOG_LINGER)
+                self._ended[call_id] = ended
+                self._lingering.append(ended)
+                self._arm_linger()
         if dialog.role is Role.B:
             a_leg = self._calls.get(dialog.token)
             if a_leg is not None and not a_leg.ended and dialog.answered_by:
@@ -764,6 +822,8 @@ class CallRouter:
             self.end(a_leg, "media_worker_died")
         for dialog in [c for c in self._dialogs.values() if c.token == token]:
             self._forget_dialog(dialog)
+        for ended in [e for e in self._ended.values() if e.token == token]:
+            del self._ended[ended.call_id]
 
     def _bye_party(self, dialog: Dialog) -> None:
         """BYE, in the worker's place, to the device or caller on the far side of a dialog."""
@@ -801,7 +861,7 @@ class CallRouter:
     @property
     def dialog_count(self) -> int:
         """Dialogs the router follows, the lingering ones too (what its memory grows with)."""
-        return len(self._dialogs)
+        return len(self._dialogs) + len(self._ended)
 
     def compact(self, now: float) -> None:
         """After a burst: a dict keeps the table it grew to when its entries leave; copies
@@ -814,12 +874,41 @@ class CallRouter:
         self._dialogs = dict(self._dialogs)
         self._by_fork = dict(self._by_fork)
         self._calls = dict(self._calls)
+        self._finished = dict(self._finished)
+        self._finished_invites = dict(self._finished_invites)
+        self._ended = dict(self._ended)
+
+    def _arm_linger(self) -> None:
+        following = self._next_linger()
+        if self._linger_timer is None and following is not None:
+            self._linger_timer = self.timers.call_at(following, self._forget_lingering)
+
+    def _next_linger(self) -> float | None:
+        """When the first linger of either queue is over."""
+        ended = self._lingering[0].until if self._lingering else None
+        buried = self._buried[0].until if self._buried else None
+        if ended is None or buried is None:
+            return buried if ended is None else ended
+        return min(ended, buried)
 
     def _forget_lingering(self, now: float) -> None:
-        queue = self._lingering
-        while queue and queue[0][0] <= now:
-            self._forget_dialog(queue.popleft()[1])
-        self._linger_timer = self.timers.call_at(queue[0][0], self._forget_lingering) if queue else None
+        """The lingers that are over. Each queue is in the order its records were made, and
+        a record waits for those before it: a fork whose transactions ended sooner than
+        64*T1 after its burial (Confirmed over TCP: at once) is forgotten with them."""
+        ended, dialogs = self._lingering, self._ended
+        while ended and ended[0].until <= now:
+            record = ended.popleft()
+            if dialogs.get(record.call_id) is record:
+                del dialogs[record.call_id]
+        buried, finished, invites = self._buried, self._finished, self._finished_invites
+        while buried and buried[0].until <= now:
+            fork = buried.popleft()
+            if finished.get(fork.prefix) is fork:
+                del finished[fork.prefix]
+            if fork.key is not None and invites.get(fork.key) is fork:
+                del invites[fork.key]
+        following = self._next_linger()
+        self._linger_timer = self.timers.call_at(following, self._forget_lingering) if following is not None else None
 
     def _forget_dialog(self, dialog: Dialog) -> None:
         if self._dialogs.get(dialog.call_id) is dialog:
@@ -832,24 +921,46 @@ class CallRouter:
         `reply_to` is where the edge sends this request's responses: the relay remembers
         it, and sends the responses there and nowhere else.  `flow` is where it came from.
         """
+        method = request.method
         dialog = self._dialogs.get(request.call_id)
-        if dialog is None or dialog.callee_flow is None or (dialog.ended and request.method not in ("BYE", "ACK")):
-            if request.method != "ACK":
+        if dialog is None or dialog.callee_flow is None or (dialog.ended and method not in ("BYE", "ACK")):
+            ended = self._ended.get(request.call_id) if dialog is None else None
+            if ended is not None and method in ("BYE", "ACK"):
+                # After the call: a retransmitted BYE, or the ACK of a retransmitted 2xx.
+                towards_callee = tag_of(request.get("From")) == ended.caller_tag
+                if towards_callee and ended.cseq_delta:
+                    shift_cseq(request, ended.cseq_delta)
+                self._relay(request, flow, reply_to, now, ended.callee_flow if towards_callee else ended.caller_flow,
+                            ended.caller_flow, ended.callee_flow)
+            elif method != "ACK":
                 self.reply(request, reply_to, 481, "Call/Transaction Does Not Exist")
             return
         towards_callee = tag_of(request.get("From")) == dialog.caller_tag
         dest = dialog.callee_flow if towards_callee else dialog.caller_flow
         if towards_callee and dialog.cseq_delta:
             shift_cseq(request, dialog.cseq_delta)  # the worker's request, in the provider's CSeq space
-        if request.method == "REFER" and self.is_worker(dest) and not self.transfers.refer_to_worker(
+        if method == "REFER" and self.is_worker(dest) and not self.transfers.refer_to_worker(
                 request, dialog, towards_callee, reply_to):
             return
+        if not self._relay(request, flow, reply_to, now, dest, dialog.caller_flow, dialog.callee_flow):
+            return
+        if method == "BYE":
+            self.end(dialog, "bye_from_caller" if towards_callee else "bye_from_callee")
+
+    def _relay(self, request: Request, flow: Flow, reply_to: Flow, now: float, dest: Flow, caller_flow: Flow,
+               callee_flow: Flow) -> bool:
+        """Relay a request of a dialog (live or ended) to `dest`; False (answered 483) if not."""
+        # Where its answers go is kept 64*T1: as the dialog's own flow when it is that one
+        # (the same value), not as one more copy made for this datagram.
+        if reply_to == caller_flow:
+            reply_to = caller_flow
+        elif reply_to == callee_flow:
+            reply_to = callee_flow
         if not self.relay.forward(request, dest, None if request.method == "ACK" else reply_to, now, flow):
             if request.method != "ACK":
                 self.reply(request, reply_to, 483, "Too Many Hops")
-            return
-        if request.method == "BYE":
-            self.end(dialog, "bye_from_caller" if towards_callee else "bye_from_callee")
+            return False
+        return True
 
     def is_worker(self, flow: Flow) -> bool:
         return self.media is not None and self.media.is_worker(flow)

@@ -36,7 +36,7 @@ class Role(Enum):
 
 
 
-@dataclass
+@dataclass(slots=True)
 class Dialog:
     """One dialog as the edge follows it, from INVITE to BYE; the dialogs of one call
     (A and B legs, a joining device) share a token, the call's id."""
@@ -81,6 +81,24 @@ class Dialog:
     @property
     def call_id(self) -> str:
         return self.invite.call_id
+
+
+class EndedDialog:
+    """A dialog after its end, for the 32 s (64*T1) a retransmitted BYE, or the ACK of a
+    late 2xx, is still relayed to the other party; anything else in it gets 481. Only what
+    that takes: which way a request goes (the caller's tag), the two flows, the CSeq step
+    towards a provider, and the call's token (a dead worker's dialogs are forgotten at once)."""
+
+    __slots__ = ("call_id", "callee_flow", "caller_flow", "caller_tag", "cseq_delta", "token", "until")
+
+    def __init__(self, dialog: Dialog, callee_flow: Flow, until: float) -> None:
+        self.call_id = dialog.call_id
+        self.token = dialog.token if dialog.role is not Role.DIRECT else ""  # no worker: none can die
+        self.caller_tag = dialog.caller_tag
+        self.caller_flow = dialog.caller_flow
+        self.callee_flow = callee_flow
+        self.cseq_delta = dialog.cseq_delta
+        self.until = until
 
 
 def tag_of(value: str | None) -> str | None:

@@ -56,22 +56,31 @@ Action = Send[Dest] | PassUp | TimedOut
 def ack_for(request: Request, response: Response | str) -> Request:
     """The ACK a client transaction sends for a non-2xx final response (§17.1.1.3);
     `response` may be given as just its To value, the one thing the ACK takes from it."""
+    to = response if isinstance(response, str) else response.get("To")
+    return build_ack(request.uri, request.get("Via"), request.get("From"), request.get("Call-ID"),  # top Via: ours
+                     to or request.get("To") or "", request.cseq[0], request.get_all("Route"))
+
+
+def build_ack(uri: str, via: str | None, from_: str | None, call_id: str | None, to: str, seq: int,
+              routes: list[str] | tuple[str, ...] = ()) -> Request:
+    """`ack_for` from the few values it takes: what a finished fork keeps of a branch to
+    ACK its retransmitted final response (`proxy.FinishedFork`), byte for byte the same."""
     headers: list[tuple[str, str]] = []
-    for name in ("Via", "From", "Call-ID"):
-        value = request.get(name)  # only the top Via: ours
+    for name, value in (("Via", via), ("From", from_), ("Call-ID", call_id)):
         if value is not None:
             headers.append((name, value))
-    to = response if isinstance(response, str) else response.get("To")
-    headers.append(("To", to or request.get("To") or ""))
-    seq = request.cseq[0]
+    headers.append(("To", to))
     headers.append(("CSeq", f"{seq} ACK"))
-    headers.extend(("Route", r) for r in request.get_all("Route"))
+    headers.extend(("Route", r) for r in routes)
     headers.append(("Max-Forwards", "70"))
-    return Request("ACK", request.uri, headers)
+    return Request("ACK", uri, headers)
 
 
 class InviteClient(Generic[Dest]):
     """An INVITE sent by us (a forked branch), retransmitted over UDP until answered."""
+
+    __slots__ = ("_ack_to", "_deadline", "_interval", "_retransmit_at", "data", "dest", "reliable", "request",
+                 "state")
 
     def __init__(self, request: Request, dest: Dest, reliable: bool, now: float) -> None:
         self.request = request
@@ -114,6 +123,11 @@ class InviteClient(Generic[Dest]):
             return [Send(ack_for(self.request, self._ack_to).to_bytes(), self.dest)]
         return []
 
+    @property
+    def final_to(self) -> str | None:
+        """The To (with its tag) of the non-2xx final this transaction ACKed (Completed)."""
+        return self._ack_to
+
     def cancel_sent(self, now: float) -> None:
         """A CANCEL went out for this INVITE: end it if no final response comes in 64*T1 (§9.1)."""
         if self.state is State.PROCEEDING:
@@ -145,6 +159,9 @@ class InviteClient(Generic[Dest]):
 
 class InviteServer(Generic[Dest]):
     """An INVITE received by us: answers retransmissions, retransmits non-2xx finals."""
+
+    __slots__ = ("_deadline", "_interval", "_retransmit_at", "dest", "final_status", "last_response", "reliable",
+                 "state")
 
     def __init__(self, dest: Dest, reliable: bool) -> None:
         self.dest = dest

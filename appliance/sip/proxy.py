@@ -5,7 +5,10 @@ provisional responses, forwards the first 2xx and CANCELs the other branches wit
 `Reason: SIP;cause=200;text="Call completed elsewhere"` so their handsets log no missed
 call. A second 2xx that loses the race is ACKed and BYEd here, so no handset is left in
 a ghost call. Without an answer it sends the best final response (§16.7) upstream.
-Timers are data: `next_deadline()` / `on_timer(now)`.
+Timers are data: `next_deadline()` / `on_timer(now)`. Once the final is sent and its
+transactions only wait out their timers (Timer L, D), `finished()` hands over a
+`FinishedFork`: the few values that answer what may still come, for the 32 s a burst of
+calls would otherwise keep every fork whole.
 
 A body crosses the fork in two ways: the INVITE's to every target, and each answer's
 upstream.  `relay_body(message, source, dest)`, when given, decides what body leaves
@@ -15,6 +18,7 @@ without it bodies pass untouched.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -22,7 +26,7 @@ from typing import Generic, NamedTuple, TypeVar
 
 from appliance.sip.errors import SipSyntaxError
 from appliance.sip.headers import parse_name_addr
-from appliance.sip.invite_transaction import InviteClient, InviteServer, PassUp, Send, TimedOut
+from appliance.sip.invite_transaction import InviteClient, InviteServer, PassUp, Send, State, TimedOut, build_ack
 from appliance.sip.message import Request, Response, make_response, new_tag
 
 Dest = TypeVar("Dest")
@@ -101,6 +105,10 @@ class ForkSettings:
 class Fork(Generic[Dest]):
     """One INVITE from a caller, forked in parallel to every target."""
 
+    __slots__ = ("_authorize", "_buried", "_extra", "_made", "_record_route", "_relay_body", "_responses",
+                 "_via_for", "answered", "branches", "final_sent", "held", "prefix", "request", "ring_deadline",
+                 "server", "settings", "upstream")
+
     def __init__(
         self,
         request: Request,
@@ -130,6 +138,11 @@ class Fork(Generic[Dest]):
         self.final_sent = False
         self._responses: list[Response] = []
         self.held: Response | None = None
+        self._buried = False
+        # Every branch id is this prefix, a dot and the branch's number in the order they
+        # were made: a finished fork is found by its prefix, its branches by their number.
+        self.prefix = "z9hG4bK" + new_tag()
+        self._made = 0
 
     # -- start --------------------------------------------------------------------------------
     def start(self, targets: list[Target[Dest]], now: float) -> list[ForkAction[Dest]]:
@@ -137,12 +150,17 @@ class Fork(Generic[Dest]):
         trying = make_response(self.request, 100, "Trying")
         actions += self._up(self.server.respond(trying, now))
         for target in targets:
-            branch_id = "z9hG4bK" + new_tag() + new_tag()
+            branch_id = self._new_branch_id()
             outgoing = self._branch_request(target, branch_id)
             tx: InviteClient[Dest] = InviteClient(outgoing, target.dest, target.reliable, now)
             self.branches[branch_id] = Branch(target, tx)
             actions += self._up(tx.start())
         return actions
+
+    def _new_branch_id(self) -> str:
+        branch_id = f"{self.prefix}.{self._made}"
+        self._made += 1
+        return branch_id
 
     def _branch_request(self, target: Target[Dest], branch_id: str) -> Request:
         """§16.6: a copy with the device's Contact as Request-URI, our Via, Record-Route."""
@@ -257,7 +275,7 @@ class Fork(Generic[Dest]):
         if credentials is None:
             return None
         branch.state = BranchState.FAILED
-        branch_id = "z9hG4bK" + new_tag() + new_tag()
+        branch_id = self._new_branch_id()
         headers: list[tuple[str, str]] = []
         via_done = False
         for name, value in old.headers:
@@ -302,7 +320,7 @@ class Fork(Generic[Dest]):
         if relay_body is not None:
             self._relay_body = relay_body
         for target in targets:
-            branch_id = "z9hG4bK" + new_tag() + new_tag()
+            branch_id = self._new_branch_id()
             tx: InviteClient[Dest] = InviteClient(self._branch_request(target, branch_id), target.dest,
                                                   target.reliable, now)
             self.branches[branch_id] = Branch(target, tx)
@@ -328,6 +346,8 @@ class Fork(Generic[Dest]):
 
     # -- timers ---------------------------------------------------------------------------------
     def next_deadline(self) -> float | None:
+        if self._buried:
+            return None  # a `FinishedFork` took over: nothing of this one runs again
         times = [t for t in (self.ring_deadline, self.server.next_deadline()) if t is not None]
         times += [t for b in self.branches.values() if (t := b.tx.next_deadline()) is not None]
         return min(times) if times else None
@@ -370,8 +390,68 @@ class Fork(Generic[Dest]):
     @property
     def done(self) -> bool:
         """Nothing left to do: final sent and every transaction has ended."""
-        return (self.final_sent and self.server.done and self.ring_deadline is None
-                and all(b.tx.done for b in self.branches.values()))
+        return self._buried or (self.final_sent and self.server.done and self.ring_deadline is None
+                                and all(b.tx.done for b in self.branches.values()))
+
+    def finished(self) -> FinishedFork[Dest] | None:
+        """The final is sent and no transaction has anything left to send by itself (the
+        server transaction Accepted or Confirmed, each branch's Accepted or Completed): the
+        few values the rest of their linger needs, as a `FinishedFork`, and this fork lets
+        go of everything. None while anything still runs (a retransmitted final upstream,
+        a branch that has not answered its CANCEL, a held final)."""
+        if self._buried or not self.final_sent or self.ring_deadline is not None:
+            return None
+        server = self.server
+        if server.state not in _SERVER_LINGERING:
+            return None
+        until = server.next_deadline()
+        request = self.request
+        from_, call_id, cseq = request.get("From"), request.get("Call-ID"), request.cseq[0]
+        remains: list[Remains[Dest]] = []
+        for number, (branch_id, branch) in enumerate(self.branches.items()):
+            tx = branch.tx
+            state = tx.state
+            if state not in _CLIENT_LINGERING or branch_id != f"{self.prefix}.{number}":
+                return None
+            deadline = tx.next_deadline()
+            if deadline is not None and (until is None or deadline > until):
+                until = deadline
+            remains.append(self._remains(branch_id, branch, from_, call_id))
+        if until is None:
+            return None  # everything is over: `done`
+        # What is left of this one waits in the timer wheel only until its next entry there
+        # falls due (a retransmission time, <= 0.5 s): empty.
+        self._buried = True
+        self.branches = {}
+        self.answered = None
+        self.request = _NOTHING
+        relay_body, self._relay_body = self._relay_body, None
+        return FinishedFork(self.prefix, self.upstream, relay_body, cseq, from_, call_id, tuple(remains), until)
+
+    def _remains(self, branch_id: str, branch: Branch[Dest], from_: str | None,
+                 call_id: str | None) -> Remains[Dest]:
+        tx = branch.tx
+        dest = branch.target.dest
+        req = tx.request
+        if tx.state is State.TERMINATED:
+            return Remains(dest, OVER, 0)
+        seq = req.cseq[0]
+        if tx.state is State.ACCEPTED:
+            if branch is self.answered:
+                return Remains(dest, WON, seq)
+            return Remains(dest, LOST, seq, ack=branch.loser_ack or b"")
+        # Completed: each retransmission of its final is ACKed again (Timer D), with the
+        # ACK `ack_for` built; from its values (our Via as a pattern the branch id goes
+        # into: one string for every branch sent the same way), or whole when they are
+        # not the fork's.
+        to = tx.final_to or req.get("To") or ""
+        via, routes = req.get("Via"), req.get_all("Route")
+        head, found, tail = (via or "").partition(branch_id)
+        if (not found or "\0" in head or "\0" in tail or routes or req.get("From") != from_
+                or req.get("Call-ID") != call_id):
+            return Remains(dest, FAILED, seq, ack=build_ack(
+                req.uri, via, req.get("From"), req.get("Call-ID"), to, seq, routes).to_bytes())
+        return Remains(dest, FAILED, seq, req.uri, sys.intern(f"{head}\0{tail}"), to)
 
     # -- helpers ---------------------------------------------------------------------------------
     def _relayed(self, branch: Branch[Dest], response: Response) -> Response:
@@ -410,9 +490,9 @@ class Fork(Generic[Dest]):
         return actions
 
     def _slim(self) -> None:
-        """The final is sent: keep only what the rest needs for the 32 s the transactions
-        linger (answer retransmissions, ACK or CANCEL a branch, BYE a late 2xx), not each
-        branch's whole INVITE and every failure response: a burst of calls stays small."""
+        """The final is sent: keep only what the rest needs until `finished()` (answer
+        retransmissions, ACK or CANCEL a branch, BYE a late 2xx), not each branch's whole
+        INVITE and every failure response."""
         self.request = self.request.skeleton()
         self._responses.clear()
         self._extra = []
@@ -470,6 +550,90 @@ class Fork(Generic[Dest]):
 
     def _up(self, actions: list[Send[Dest] | PassUp | TimedOut]) -> list[ForkAction[Dest]]:
         return [a for a in actions if isinstance(a, Send)]
+
+
+_NOTHING = Request("INVITE", "", [])
+WON, LOST, FAILED, OVER = 0, 1, 2, 3
+"""What a branch of a finished fork was: the answer (its 2xx again goes upstream), a 2xx
+that lost the race (ACKed again), a failure (its final ACKed again), or over."""
+_SERVER_LINGERING = frozenset({State.ACCEPTED, State.CONFIRMED, State.TERMINATED})  # Completed retransmits
+_CLIENT_LINGERING = frozenset({State.ACCEPTED, State.COMPLETED, State.TERMINATED})
+
+
+class Remains(NamedTuple, Generic[Dest]):
+    """What one branch's transaction still needs for the rest of its linger (RFC 6026's
+    Timer L after a 2xx, Timer D after a non-2xx): no request, no response."""
+
+    dest: Dest
+    kind: int
+    cseq: int
+    uri: str = ""  # FAILED: the ACK's Request-URI, Via and To (From and Call-ID are the fork's)
+    via: str = ""  # our Via with NUL where the branch id goes
+    to: str = ""
+    ack: bytes = b""  # LOST: the ACK of its 2xx; FAILED: the whole ACK when its values are not the fork's
+
+
+class FinishedFork(Generic[Dest]):
+    """A fork whose final answer is sent and whose transactions only linger (until
+    `until`, 64*T1 after the last of them ended): it answers what may still come exactly as
+    the `Fork` would have, from a few values. A retransmitted 2xx of the answering branch
+    goes upstream again (RFC 6026 Accepted); a retransmitted final of a cancelled or failed
+    branch is ACKed again, and a 2xx that lost the race too (§13.2.2.4). A retransmitted
+    INVITE, its ACK or a CANCEL are absorbed by its owner, who keeps its key until then."""
+
+    __slots__ = ("branches", "call_id", "cseq", "from_", "key", "prefix", "relay_body", "until", "upstream")
+
+    def __init__(self, prefix: str, upstream: Dest, relay_body: RelayBody[Dest] | None, cseq: int,
+                 from_: str | None, call_id: str | None, branches: tuple[Remains[Dest], ...], until: float) -> None:
+        self.prefix = prefix
+        """What every branch id of the fork starts with; a dot and the branch's number follow."""
+        self.key: str | None = None
+        """The owner's: the INVITE's server transaction key, while it absorbs retransmissions."""
+        self.upstream = upstream
+        self.relay_body = relay_body
+        self.cseq = cseq
+        self.from_ = from_
+        self.call_id = call_id
+        self.branches = branches
+        self.until = until
+
+    def index(self, branch_id: str) -> int | None:
+        """The number of one of its branches from its id; None if it is not one of them."""
+        prefix, _, number = branch_id.rpartition(".")
+        if prefix != self.prefix or not number.isascii() or not number.isdigit() or len(number) > 4:
+            return None
+        index = int(number)
+        return index if index < len(self.branches) and str(index) == number else None
+
+    def on_response(self, branch_id: str, response: Response) -> list[Send[Dest]]:
+        index = self.index(branch_id)
+        if index is None:
+            return []
+        remains = self.branches[index]
+        try:
+            method = response.cseq[1]
+        except SipSyntaxError:
+            return []
+        if method != "INVITE":
+            return []  # the 200 to our CANCEL shares the INVITE's branch
+        status = response.status
+        kind = remains.kind
+        if 200 <= status < 300:
+            if kind == WON:
+                relayed = _upstream(response)
+                if remains.cseq != self.cseq:
+                    relayed.set("CSeq", f"{self.cseq} INVITE")
+                if self.relay_body is not None:
+                    relayed.body = self.relay_body(response, remains.dest, self.upstream)
+                return [Send(relayed.to_bytes(), self.upstream)]
+            if kind == LOST and remains.ack:
+                return [Send(remains.ack, remains.dest)]
+            return []
+        if status >= 300 and kind == FAILED:
+            data = remains.ack or build_ack(remains.uri, remains.via.replace("\0", branch_id), self.from_,
+                                            self.call_id, remains.to, remains.cseq).to_bytes()
+            return [Send(data, remains.dest)]
+        return []
 
 
 def _upstream(response: Response) -> Response:

@@ -11,6 +11,9 @@ from appliance.sip.invite_transaction import TIMER_B, Send
 from appliance.sip.message import Request, Response, make_response, parse_message
 from appliance.sip.proxy import (
     ANSWERED_ELSEWHERE,
+    FAILED,
+    LOST,
+    WON,
     Branch,
     BranchState,
     Fork,
@@ -734,6 +737,90 @@ def test_a_branch_cancelled_before_it_rang_gets_its_cancel_from_what_the_fork_ke
     invite_via = h.branch("dev2")[1].tx.request.get("Via")
     assert cancel.get_all("Via") == [invite_via] and cancel.get("CSeq") == "2 CANCEL"
     assert cancel.get("Reason") == ANSWERED_ELSEWHERE
+# -- a finished fork: what it keeps for its linger --------------------------------------------
+
+
+def wire(h: Harness, dest: str, status: int, tag: str | None = None) -> tuple[str, bytes]:
+    """A device's response to its branch, as bytes (sent again later: a retransmission)."""
+    branch_id, branch = h.branch(dest)
+    headers = [("Contact", f"<sip:200@{dest}.example:5060>")] if status < 300 else []
+    return branch_id, make_response(branch.tx.request, status, to_tag=tag or f"tag-{dest}", headers=headers).to_bytes()
+
+
+def answer_all(h: Harness, data: tuple[str, bytes], now: float) -> list[tuple[bytes, str]]:
+    response = parse_message(data[1])
+    assert isinstance(response, Response)
+    return [(a.data, a.dest) for a in h.fork.on_response(data[0], response, now) if isinstance(a, Send)]
+
+
+def test_a_finished_fork_answers_every_retransmission_exactly_as_the_fork_did() -> None:
+    """The answer's 2xx again goes upstream, a cancelled device's 487 and a losing 2xx are
+    ACKed again: the same bytes to the same place, from what the `FinishedFork` kept."""
+    h = Harness(4)
+    h.ring_all()
+    won, lost = wire(h, "dev1", 200), wire(h, "dev2", 200)
+    failed = [wire(h, dest, 487) for dest in ("dev3", "dev4")]
+    late = [wire(h, "dev3", 200)]  # a 2xx for a branch already Completed: nothing
+    for data in (won, lost, *failed):
+        answer_all(h, data, T0 + 1)
+    cancel_ok = parse_message(make_response(h.branch("dev3")[1].tx.request, 200).to_bytes()
+                              .replace(b"INVITE", b"CANCEL"))
+    assert isinstance(cancel_ok, Response)
+    live = [answer_all(h, data, T0 + 2) for data in (won, lost, *failed, *late)]
+    assert [len(sends) for sends in live] == [1, 1, 1, 1, 0]
+    assert live[0][0][1] == CALLER and live[1][0][1] == "dev2" and live[2][0][1] == "dev3"
+    assert h.fork.on_response(failed[0][0], cancel_ok, T0 + 2) == []
+
+    finished = h.fork.finished()
+    assert finished is not None
+    assert h.fork.branches == {} and h.fork.next_deadline() is None and h.fork.done
+    assert sorted(r.kind for r in finished.branches) == [WON, LOST, FAILED, FAILED]
+    assert finished.until == T0 + 1 + 32  # the last of Timer L and Timer D
+    buried = []
+    for data in (won, lost, *failed, *late):
+        response = parse_message(data[1])
+        assert isinstance(response, Response)
+        buried.append([(a.data, a.dest) for a in finished.on_response(data[0], response)])
+    assert buried == live
+    assert finished.on_response(failed[0][0], cancel_ok) == []  # the 200 to our CANCEL
+    assert finished.on_response("z9hG4bKnotours", parse_message(won[1])) == []  # type: ignore[arg-type]
+
+
+def test_a_finished_fork_keeps_no_message_and_no_body() -> None:
+    h = Harness(3)
+    h.ring_all()
+    h.reply("dev1", 200, now=T0 + 1)
+    h.reply("dev2", 487, now=T0 + 1.1)
+    h.reply("dev3", 487, now=T0 + 1.1)
+    finished = h.fork.finished()
+    assert finished is not None
+    kept = [finished.upstream, finished.relay_body, finished.cseq, finished.from_, finished.call_id,
+            finished.until, *[value for r in finished.branches for value in r]]
+    assert not [v for v in kept if isinstance(v, Request | Response)]
+    assert not [v for v in kept if isinstance(v, bytes) and v]  # the ACKs are made again when needed
+
+
+def test_a_fork_is_not_finished_while_a_transaction_still_has_work() -> None:
+    h = Harness(2)
+    h.ring_all()
+    h.reply("dev1", 200, now=T0 + 1)
+    assert h.fork.finished() is None  # dev2 was CANCELled and has not answered it
+    h.reply("dev2", 487, now=T0 + 1.1)
+    assert h.fork.finished() is not None
+
+    h = Harness(1)
+    h.ring_all()
+    h.reply("dev1", 486, now=T0 + 1)
+    assert h.fork.finished() is None  # the 486 upstream is retransmitted until its ACK
+    h.fork.on_ack(T0 + 1.2)
+    finished = h.fork.finished()
+    assert finished is not None and [r.kind for r in finished.branches] == [FAILED]
+
+    h = Harness(1)
+    h.ring_all()
+    assert h.fork.finished() is None  # still ringing
+
+
 # -- call forwarding: the final held, the same transaction re-targeted ------------------------
 
 
