@@ -112,6 +112,9 @@ def image(arch: Arch, tmp_path_factory: pytest.TempPathFactory) -> Built:
     result = subprocess.run([str(REPO / "image" / "build.sh"), "--arch", arch.name, "--output", str(out)],
                             capture_output=True, text=True, timeout=3600)
     seconds = time.monotonic() - start
+    # The build's log (its table of steps and seconds at the end) stays, as the serial log does.
+    (REPO / "build").mkdir(exist_ok=True)
+    (REPO / "build" / f"image-test-build-{arch.name}.log").write_text(result.stderr)
     assert result.returncode == 0, result.stderr[-5000:]
     path = Path(result.stdout.strip().splitlines()[-1])
     size = path.stat().st_size
@@ -402,6 +405,9 @@ def vm(image: Built, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VM]:
             time.sleep(1)
         time.sleep(2)  # the banner follows the ready line in the same write
         print(f"\n{arch.name} boot to ready under TCG: {machine.boot_seconds:.0f} s ({machine.status})")
+        (REPO / "build").mkdir(exist_ok=True)
+        with open(REPO / "build" / f"image-test-build-{arch.name}.log", "a") as log:
+            log.write(f"boot to ready under TCG: {machine.boot_seconds:.0f} s\n")
         yield machine
     finally:
         if process.poll() is None:
