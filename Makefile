@@ -48,15 +48,20 @@ demo: venv prompts
 	$(BIN)/homepbx demo
 
 # pytest in two processes (pytest-xdist), each file's tests on one of them, the files in the
-# order tests/conftest.py gives them (the disk image first, beside everything else);
+# order tests/conftest.py gives them (the disk images first: the arm64 one on one worker,
+# then the heavy files; the amd64 one on the other, then the rest);
 # PARALLEL= on the command line runs in one process.
 PARALLEL ?= -n 2 --dist loadgroup --no-loadscope-reorder
 
-# The whole suite, the disk image build and its boot in QEMU included (about 10 minutes on
-# 2 cores; HOMEPBX_IMAGE_TEST=0 leaves the image out; HOMEPBX_IMAGE_TEST_ARM64=1 adds the
-# arm64 image, built under emulation: about 15 minutes more, image/README.md).
-test: venv lint prompts
-	HOMEPBX_IMAGE_TEST=$${HOMEPBX_IMAGE_TEST:-1} $(BIN)/python -m pytest -q $(PARALLEL)
+# The whole suite, the two disk images' builds and their boots in QEMU included (amd64 and
+# arm64, the arm64 one with our pjsua2 cross-compiled: `make deps-arm64` installs its
+# toolchain; image/README.md). HOMEPBX_IMAGE_TEST=0 leaves both images out,
+# HOMEPBX_IMAGE_TEST_ARM64=0 the arm64 one.
+HOMEPBX_IMAGE_TEST ?= 1
+HOMEPBX_IMAGE_TEST_ARM64 ?= $(HOMEPBX_IMAGE_TEST)
+test: venv lint prompts $(if $(filter 1,$(HOMEPBX_IMAGE_TEST_ARM64)),deps-arm64)
+	HOMEPBX_IMAGE_TEST=$(HOMEPBX_IMAGE_TEST) HOMEPBX_IMAGE_TEST_ARM64=$(HOMEPBX_IMAGE_TEST_ARM64) \
+	  $(BIN)/python -m pytest -q $(PARALLEL)
 
 lint: venv
 	$(BIN)/ruff check appliance tui tests bench

@@ -161,6 +161,10 @@ cleanup() {
 }
 trap cleanup EXIT
 START=$SECONDS
+# Every log line (customize.sh's too) goes into this file with its time: the table of the
+# steps and what each took ends the build's log.
+export HOMEPBX_PHASE_LOG=$WORK/phases
+: >"$HOMEPBX_PHASE_LOG"
 
 # 1. The application: a wheel of this repository (its hot path compiled by mypyc, setup.py;
 #    plain Python for arm64) plus its dependencies, exactly the versions installed in the
@@ -256,6 +260,11 @@ if [ -n "$APT_CACHE" ]; then
         --customize-hook="sync-out /var/cache/apt/archives $(printf %q "$APT_CACHE")"
     )
 fi
+# The steps inside mmdebstrap, into the table of phases (the hooks run with sh, no log()).
+# shellcheck disable=SC2016 # expanded by the hook's sh
+phase_hook() {
+    printf 'echo "$(date +%%s) %s" >>"$HOMEPBX_PHASE_LOG"' "$1"
+}
 arch_hooks=()
 if [ "$ARCH" = arm64 ]; then
     # Under qemu-user, one initramfs takes minutes (mkinitramfs runs a modinfo for each of
@@ -276,8 +285,12 @@ mmdebstrap --mode=root --variant=minbase --architectures="$ARCH" \
     --dpkgopt='path-include=/usr/share/doc/*/copyright' \
     --dpkgopt='path-exclude=/usr/share/locale/*' \
     --dpkgopt='path-include=/usr/share/locale/locale.alias' \
+    --setup-hook="$(phase_hook "root tree: download the packages, unpack the Essential ones")" \
+    --extract-hook="$(phase_hook "root tree: configure the Essential packages")" \
     "${cache_hooks[@]}" "${arch_hooks[@]}" \
+    --essential-hook="$(phase_hook "root tree: unpack and configure the other packages")" \
     --customize-hook="$(printf %q "$IMAGE_DIR/customize.sh") \"\$1\"" \
+    --customize-hook="$(phase_hook "root tree: mmdebstrap's clean-up")" \
     "$SUITE" "$ROOTFS" \
     "deb $MIRROR $SUITE main non-free-firmware" \
     "deb $MIRROR $SUITE-updates main non-free-firmware" \
@@ -306,4 +319,6 @@ mv "$WORK/image.tmp" "$IMAGE"
 (cd "$OUTPUT" && sha256sum "$(basename "$IMAGE")" >"$(basename "$IMAGE").sha256")
 
 log "done in $((SECONDS - START)) s: $IMAGE ($(du -h --apparent-size "$IMAGE" | cut -f1), sha256 in $(basename "$IMAGE").sha256)"
+printf 'build.sh: the steps and their seconds:\n' >&2
+phase_table "$HOMEPBX_PHASE_LOG" >&2
 echo "$IMAGE"

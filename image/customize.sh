@@ -42,6 +42,9 @@ grep -qx /opt/homepbx/bin/pbx-shell "$ROOT/etc/shells" || echo /opt/homepbx/bin/
 if [ "$ARCH" = arm64 ]; then
     # systemd-repart grows the root partition of the image's own type.
     sed -i 's/^Type=root-x86-64$/Type=root-arm64/' "$ROOT/etc/repart.d/50-root.conf"
+    # The initramfs with the storage modules of the boards the image is for, not every
+    # module (MODULES=most): see image/README.md, "The initramfs".
+    cp -a --no-preserve=ownership "$IMAGE_DIR/rootfs-arm64/." "$ROOT/"
 fi
 
 log "customize: homepbx $HOMEPBX_VERSION in /opt/homepbx/venv (Debian's python3.11)"

@@ -13,8 +13,19 @@ die() {
     exit 1
 }
 
+# log MESSAGE: a line on stderr with the time; with HOMEPBX_PHASE_LOG set (build.sh), also
+# "EPOCH MESSAGE" into that file, from which phase_table tells how long each step took.
 log() {
     printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2
+    if [ -n "${HOMEPBX_PHASE_LOG:-}" ]; then
+        printf '%(%s)T %s\n' -1 "$*" >>"$HOMEPBX_PHASE_LOG"
+    fi
+}
+
+# phase_table FILE: the steps logged in FILE with the seconds each took (until the next line).
+phase_table() {
+    awk '{ t[NR] = $1; $1 = ""; m[NR] = substr($0, 2) }
+         END { for (i = 1; i < NR; i++) printf "%6d s  %s\n", t[i + 1] - t[i], m[i] }' "$1"
 }
 
 # need_tools TOOL=PACKAGE...: every missing command is named with the Debian package that

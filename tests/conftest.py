@@ -9,7 +9,10 @@ here and says what to run.
 
 from __future__ import annotations
 
+import fcntl
 import importlib.machinery
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -50,11 +53,20 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 # worker, in their order, with their module fixtures; the groups go out in the order sorted
 # below. The files that load the machine heavily form one group of their own with the files
 # whose point is a measurement such load would spoil: they run one after the other on one
-# worker, never beside each other. That group starts first, the disk image first of all, as
-# it is the longest and the rest of the suite runs beside it.
+# worker, never beside each other. That group starts first, a disk image first of all, as
+# the images take longest and the rest of the suite runs beside them.
+#
+# With both images on (`make test`), the arm64 image heads that group (its build under
+# emulation is the longest task of all) and the amd64 image is a group of its own, the
+# first on the other worker, so the two run side by side rather than one after the other.
+# The heavy and measuring files then never run beside an image either: each holds the lock
+# below exclusively, each image test holds it shared, so a heavy file waits for an image
+# still running on the other worker (the amd64 image ends minutes before the arm64 one, so
+# in practice nobody waits).
 LOAD_GROUP = "heavy-load"
+IMAGES = "tests/image/"  # builds a Debian system, then boots it emulated (QEMU TCG, both cores)
 HEAVY = (
-    "tests/image/",  # builds a Debian system, then boots it emulated (QEMU TCG, both cores)
+    IMAGES,
     "tests/e2e/test_burst.py",  # 300 calls through SIPp, up to 64 media workers
     "tests/e2e/test_fuzz.py",  # the mutation fuzzer flat out against the daemon
 )
@@ -62,16 +74,36 @@ MEASURING = (
     "tests/e2e/test_levels.py",  # the tone's level the same at both ends within 1 dB
     "tests/e2e/test_daemon_crash.py",  # both BYEs within 4 s of a kill -9
 )
-ORDER = ("tests/image/", *HEAVY, *MEASURING, "tests/e2e/", "tests/tui/", "tests/unit/")
+ORDER = (IMAGES, *HEAVY, *MEASURING, "tests/e2e/", "tests/tui/", "tests/unit/")
 
 
 def _file(item: pytest.Item) -> str:
     return item.nodeid.split("::", 1)[0]
 
 
-def _rank(item: pytest.Item) -> int:
+def _image_arch(item: pytest.Item) -> str | None:
+    """"amd64" or "arm64" for a test of the disk images (tests/image: every test takes the
+    module's `arch` parameter), else None."""
+    callspec = getattr(item, "callspec", None)
+    arch = callspec.params.get("arch") if callspec is not None else None
+    return getattr(arch, "name", None) if _file(item).startswith(IMAGES) else None
+
+
+def both_images() -> bool:
+    return os.environ.get("HOMEPBX_IMAGE_TEST") == "1" and os.environ.get("HOMEPBX_IMAGE_TEST_ARM64") == "1"
+
+
+def _rank(item: pytest.Item) -> tuple[int, int]:
     path = _file(item)
-    return next((i for i, prefix in enumerate(ORDER) if path.startswith(prefix)), len(ORDER))
+    rank = next((i for i, prefix in enumerate(ORDER) if path.startswith(prefix)), len(ORDER))
+    return rank, (0 if _image_arch(item) == "arm64" else 1)  # the arm64 image first
+
+
+def _group(item: pytest.Item) -> str:
+    path = _file(item)
+    if both_images() and _image_arch(item) == "amd64":
+        return f"{IMAGES}amd64"
+    return LOAD_GROUP if path.startswith(HEAVY + MEASURING) else path
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
@@ -80,6 +112,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return  # not an xdist worker: the plain order
     for item in items:
         if item.get_closest_marker("xdist_group") is None:
-            path = _file(item)
-            item.add_marker(pytest.mark.xdist_group(LOAD_GROUP if path.startswith(HEAVY + MEASURING) else path))
+            item.add_marker(pytest.mark.xdist_group(_group(item)))
     items.sort(key=_rank)  # stable: each file's tests keep their order
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _heavy_files_alone(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Under xdist, a heavy or measuring file runs only when no image test runs on another
+    worker (a lock file shared by the run's workers: exclusive for those files, shared for
+    the images). Nothing to do in one process, or for the other files."""
+    path = str(request.path.relative_to(REPO)) if request.path.is_relative_to(REPO) else ""
+    if not hasattr(request.config, "workerinput") or not path.startswith(HEAVY + MEASURING):
+        yield
+        return
+    lock = tmp_path_factory.getbasetemp().parent / "heavy-load.lock"  # the run's, shared by its workers
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_SH if path.startswith(IMAGES) else fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -3,10 +3,14 @@
 amd64: qemu-system-x86_64 -machine q35 with OVMF; arm64: qemu-system-aarch64 -M virt -cpu max
 with AAVMF (Debian's qemu-efi-aarch64), the image built on this x86_64 machine through
 qemu-user-static. The same checks run on both. Each is a switch of its own, as each builds a
-Debian system and boots it emulated:
+Debian system and boots it emulated; `make test` turns both on (HOMEPBX_IMAGE_TEST=0 there
+leaves both out, HOMEPBX_IMAGE_TEST_ARM64=0 the arm64 one), a bare pytest neither:
 
     HOMEPBX_IMAGE_TEST=1 .venv/bin/python -m pytest -s -m image tests/image          # amd64
     HOMEPBX_IMAGE_TEST_ARM64=1 .venv/bin/python -m pytest -s -m image tests/image    # arm64
+
+Under `make test` (pytest-xdist) the two run side by side on the two workers
+(tests/conftest.py).
 
 As root, with image/build.sh's tools plus qemu-system-x86, ovmf, qemu-system-arm,
 qemu-efi-aarch64, qemu-user-static, qemu-utils, sshpass and openssh-client.
@@ -19,6 +23,7 @@ reaches nothing else.
 from __future__ import annotations
 
 import fcntl
+import gzip
 import json
 import os
 import re
@@ -107,12 +112,17 @@ def image(arch: Arch, tmp_path_factory: pytest.TempPathFactory) -> Built:
     result = subprocess.run([str(REPO / "image" / "build.sh"), "--arch", arch.name, "--output", str(out)],
                             capture_output=True, text=True, timeout=3600)
     seconds = time.monotonic() - start
+    # The build's log (its table of steps and seconds at the end) stays, as the serial log does.
+    (REPO / "build").mkdir(exist_ok=True)
+    (REPO / "build" / f"image-test-build-{arch.name}.log").write_text(result.stderr)
     assert result.returncode == 0, result.stderr[-5000:]
     path = Path(result.stdout.strip().splitlines()[-1])
     size = path.stat().st_size
     print(f"\nimage build: {seconds:.0f} s, {path.name} {size / 2**20:.0f} MiB "
           f"({int(subprocess.run(['du', '-k', path], capture_output=True, text=True).stdout.split()[0]) // 1024}"
           " MiB on disk)")
+    steps = result.stderr.rpartition("build.sh: the steps and their seconds:\n")[2]
+    print(steps.rstrip())
     return Built(path, arch, seconds)
 
 
@@ -202,6 +212,63 @@ def test_fat_partition_boots_a_raspberry_pi_4(image: Built, esp: Path) -> None:
     cmdline = read("cmdline.txt")
     assert f"root=partuuid={root} " in cmdline.lower(), cmdline
     assert "cma=" not in cmdline, cmdline  # a cma= setting keeps a Pi 4 from booting (raspi-firmware)
+
+
+def initramfs_files(data: bytes) -> list[str]:
+    """The paths in an initramfs: newc cpio archives, each compressed (zstd, lz4, gzip) or
+    not, one after the other."""
+    names: list[str] = []
+    while data:
+        if data[:4] == b"\x28\xb5\x2f\xfd" or data[:4] == b"\x02\x21\x4c\x18":  # zstd, lz4 (legacy)
+            tool = "zstd" if data[0] == 0x28 else "lz4"
+            data = subprocess.run([tool, "-dc"], input=data, capture_output=True, check=True).stdout
+            continue
+        if data[:2] == b"\x1f\x8b":
+            data = gzip.decompress(data)
+            continue
+        assert data[:6] == b"070701", data[:16]
+        offset = 0
+        while True:
+            header = data[offset:offset + 110]
+            size, name_size = int(header[54:62], 16), int(header[94:102], 16)
+            name = data[offset + 110:offset + 110 + name_size - 1].decode()
+            offset = (offset + 110 + name_size + 3) & ~3
+            offset = (offset + size + 3) & ~3
+            if name == "TRAILER!!!":
+                break
+            names.append(name)
+        data = data[offset:].lstrip(b"\0")
+    return names
+
+
+# What the arm64 initramfs must hold for the boards the image is for (image/README.md):
+# ext4; QEMU's virtio disk; the Pi 4's SD card host with its regulators and its USB (xHCI
+# behind PCIe, its reset line); USB disks; NVMe and SATA drives of UEFI boards.
+ARM64_INITRAMFS_MODULES = (
+    "ext4", "virtio_pci", "virtio_blk", "sdhci-iproc", "bcm2835", "fixed", "gpio-regulator", "reset-raspberrypi",
+    "xhci-pci", "xhci-plat-hcd", "dwc2", "dwc3", "usb-storage", "uas", "sd_mod", "nvme", "ahci",
+    "ahci_platform", "usbhid",
+)
+
+
+def test_initramfs_has_the_boards_storage_modules_only(image: Built, esp: Path) -> None:
+    """The arm64 initramfs (MODULES=list and image/rootfs-arm64's hook) holds the storage
+    modules of QEMU's virt machine, the Pi 4 and UEFI boards, and not every module of the
+    kernel (no network drivers: no network root)."""
+    if image.arch is not ARM64:
+        pytest.skip("the amd64 image's initramfs is Debian's MODULES=most")
+    config = subprocess.run(["mtype", "-i", str(esp), "::/config.txt"], capture_output=True, text=True,
+                            env=MTOOLS_ENV, check=True).stdout
+    initramfs = re.search(r"^initramfs (\S+)", config, re.M)
+    assert initramfs, config
+    data = subprocess.run(["mtype", "-i", str(esp), f"::/{initramfs.group(1)}"], capture_output=True,
+                          env=MTOOLS_ENV, check=True).stdout
+    modules = {Path(name).name.split(".ko")[0]: name for name in initramfs_files(data) if ".ko" in name}
+    missing = [m for m in ARM64_INITRAMFS_MODULES if m not in modules]
+    assert not missing, (missing, sorted(modules))
+    network = sorted(n for n in modules.values() if "/kernel/drivers/net/" in n)
+    assert not network, network
+    print(f"\narm64 initramfs: {len(data) / 2**20:.1f} MiB, {len(modules)} modules")
 
 
 def test_image_without_pjsua2_runs_no_media_workers(image: Built, root_fs: Path) -> None:
@@ -338,6 +405,9 @@ def vm(image: Built, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VM]:
             time.sleep(1)
         time.sleep(2)  # the banner follows the ready line in the same write
         print(f"\n{arch.name} boot to ready under TCG: {machine.boot_seconds:.0f} s ({machine.status})")
+        (REPO / "build").mkdir(exist_ok=True)
+        with open(REPO / "build" / f"image-test-build-{arch.name}.log", "a") as log:
+            log.write(f"boot to ready under TCG: {machine.boot_seconds:.0f} s\n")
         yield machine
     finally:
         if process.poll() is None:
