@@ -87,6 +87,7 @@ bench: venv
 	$(BIN)/python bench/trunk.py
 	$(BIN)/python bench/lamps.py
 	$(BIN)/python bench/media_vs_asterisk.py
+	$(BIN)/python bench/cpu_by_process.py
 	$(BIN)/python bench/history.py
 
 # The appliance's disk image, build/image/homepbx-<version>-$(ARCH).img (as root; image/README.md):
