@@ -455,13 +455,8 @@ class Fork(Generic[Dest]):
 
     # -- helpers ---------------------------------------------------------------------------------
     def _relayed(self, branch: Branch[Dest], response: Response) -> Response:
-        """A branch's provisional or 2xx response as it goes upstream (§16.7 step 9)."""
-        relayed = _upstream(response)
-        if branch.tx.request.cseq[0] != self.request.cseq[0]:
-            relayed.set("CSeq", f"{self.request.cseq[0]} INVITE")  # re-sent with credentials: the caller's CSeq
-        if self._relay_body is not None:
-            relayed.body = self._relay_body(response, branch.target.dest, self.upstream)
-        return relayed
+        return relay_upstream(response, branch.tx.request.cseq[0], self.request.cseq[0], self._relay_body,
+                        branch.target.dest, self.upstream)
 
     def _maybe_finish(self, now: float) -> list[ForkAction[Dest]]:
         if self.final_sent or any(
@@ -620,12 +615,9 @@ class FinishedFork(Generic[Dest]):
         kind = remains.kind
         if 200 <= status < 300:
             if kind == WON:
-                relayed = _upstream(response)
-                if remains.cseq != self.cseq:
-                    relayed.set("CSeq", f"{self.cseq} INVITE")
-                if self.relay_body is not None:
-                    relayed.body = self.relay_body(response, remains.dest, self.upstream)
-                return [Send(relayed.to_bytes(), self.upstream)]
+                upstream = self.upstream
+                relayed = relay_upstream(response, remains.cseq, self.cseq, self.relay_body, remains.dest, upstream)
+                return [Send(relayed.to_bytes(), upstream)]
             if kind == LOST and remains.ack:
                 return [Send(remains.ack, remains.dest)]
             return []
@@ -634,6 +626,19 @@ class FinishedFork(Generic[Dest]):
                                             self.call_id, remains.to, remains.cseq).to_bytes()
             return [Send(data, remains.dest)]
         return []
+
+
+def relay_upstream(response: Response, sent_cseq: int, caller_cseq: int, relay_body: RelayBody[Dest] | None,
+                   source: Dest, upstream: Dest) -> Response:
+    """A branch's provisional or 2xx response as it goes upstream (§16.7 step 9), from a
+    live fork or a finished one: a branch re-sent with credentials had its own CSeq, and
+    the caller gets its own back."""
+    relayed = _upstream(response)
+    if sent_cseq != caller_cseq:
+        relayed.set("CSeq", f"{caller_cseq} INVITE")
+    if relay_body is not None:
+        relayed.body = relay_body(response, source, upstream)
+    return relayed
 
 
 def _upstream(response: Response) -> Response:
