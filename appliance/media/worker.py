@@ -73,20 +73,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from appliance.media import protocol as P
+
 try:
     import pjsua2 as pj
 except ImportError as missing:  # not installed, or its libraries do not load (another arch)
     if __name__ != "__main__":
         raise
-    # Run by the pool: one line it understands (protocol.EV_UNAVAILABLE, EXIT_UNAVAILABLE;
-    # protocol is not imported yet), not a traceback per attempt.
-    os.write(1, json.dumps({"event": "unavailable", "error": str(missing)}).encode() + b"\n")
-    os._exit(3)
+    # Run by the pool: one line it understands, not a traceback per attempt.
+    os.write(1, P.encode("event", P.EV_UNAVAILABLE, error=str(missing)))
+    os._exit(P.EXIT_UNAVAILABLE)
 
 from appliance.jsonlines import Emitter, private_stdout
 from appliance.logs import fields
 from appliance.media import answering, direct_bye
-from appliance.media import protocol as P
 from appliance.pjerrors import pj_error_text
 from appliance.pjhost import STDIN_CLOSED, LogWriter, PjHost, block_signals, create_library, set_g722_pcm_shift
 from appliance.sip.message import Request, Response, SipParseError, parse_message
