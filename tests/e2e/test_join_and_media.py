@@ -15,6 +15,7 @@ import pytest
 from appliance.simulator import tones
 from appliance.simulator.handset import Handset
 from tests.e2e.conftest import DaemonFactory
+from tests.support.handsets import listen
 from tests.support.pbx import Daemon, user_block
 from tests.support.procs import descendants
 
@@ -47,15 +48,6 @@ def connect(caller: Handset, phones: list[Handset], answering: int = 0) -> tuple
     caller.wait_for("media", call=call, status="active")
     phones[answering].wait_for("media", call=incoming[answering], status="active")
     return call, incoming[answering]
-
-
-def listen(parties: list[tuple[Handset, str, int]], tmp: Path, seconds: float = 2.0) -> dict[int, str]:
-    """Every party plays its tone and records; returns {tone: recording of that party}."""
-    for phone, call, freq in parties:
-        phone.play_tone(call, freq)
-        phone.record(call, tmp / f"{phone.name}-{freq}.wav")
-    time.sleep(seconds)
-    return {freq: str(phone.stop_media(call)["path"]) for phone, call, freq in parties}
 
 
 def test_two_party_call_each_hears_the_other(pbx_factory: DaemonFactory, handset_factory: HandsetFactory,

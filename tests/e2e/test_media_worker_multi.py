@@ -30,6 +30,7 @@ from tests.e2e.test_burst import burst
 from tests.e2e.test_media_worker import HEARD as HEARD_DBFS
 from tests.e2e.test_media_worker import SILENT, WorkerProc, a_headers, level
 from tests.e2e.test_transfer import connect, raw_call
+from tests.support.handsets import listen
 from tests.support.pbx import Daemon, user_block
 from tests.support.ports import rtp_range
 
@@ -54,15 +55,6 @@ def _several_calls_per_worker() -> None:
     if build_calls() < 2:
         pytest.skip("the loaded pjsua2 allows only 1 call per worker (the PyPI wheel, PJSUA_MAX_CALLS = 4):"
                     " these tests need our own build (issue 17)")
-
-
-def listen(parties: list[tuple[Handset, str, int]], tmp: Path, seconds: float = 2.0) -> dict[int, str]:
-    """Every party plays its tone and records; returns {tone: recording of that party}."""
-    for phone, call, freq in parties:
-        phone.play_tone(call, freq)
-        phone.record(call, tmp / f"{phone.name}-{freq}-{time.monotonic_ns()}.wav")
-    time.sleep(seconds)
-    return {freq: str(phone.stop_media(call)["path"]) for phone, call, freq in parties}
 
 
 def assert_heard(heard: dict[int, str], calls: list[list[int]]) -> None:

@@ -23,6 +23,7 @@ from appliance.sip.message import Response
 from tests.e2e.conftest import DaemonFactory
 from tests.support.baresip import Baresip
 from tests.support.control import ControlConn, control_block
+from tests.support.handsets import listen
 from tests.support.kamailio import DID, OUTSIDE, OUTSIDE_PASSWORD, PASSWORD, Kamailio
 from tests.support.kamailio import available as kamailio_available
 from tests.support.linphone import Linphone
@@ -59,16 +60,8 @@ def connect(caller: Handset, callee: Handset, number: str) -> tuple[str, str]:
     return call, incoming
 
 
-def listen(parties: list[tuple[Handset, str, int]], tmp: Path, seconds: float = 1.5) -> dict[int, str]:
-    for phone, call, freq in parties:
-        phone.play_tone(call, freq)
-        phone.record(call, tmp / f"{phone.name}-{freq}-{time.monotonic_ns()}.wav")
-    time.sleep(seconds)
-    return {freq: str(phone.stop_media(call)["path"]) for phone, call, freq in parties}
-
-
 def hear_each_other(a: tuple[Handset, str], c: tuple[Handset, str], tmp: Path) -> None:
-    heard = listen([(a[0], a[1], 440), (c[0], c[1], 1000)], tmp)
+    heard = listen([(a[0], a[1], 440), (c[0], c[1], 1000)], tmp, 1.5)
     assert tones.tone_level_db(heard[440], 1000) > HEARD
     assert tones.tone_level_db(heard[1000], 440) > HEARD
 

@@ -15,3 +15,12 @@ def recorded(handset: Handset, call: str, path: Path, tone: int, seconds: float 
     heard = str(handset.stop_media(call)["path"])
     handset.play_tone(call, tone)
     return heard
+
+
+def listen(parties: list[tuple[Handset, str, int]], tmp: Path, seconds: float = 2.0) -> dict[int, str]:
+    """Every party plays its tone and records; returns {tone: recording of that party}."""
+    for phone, call, freq in parties:
+        phone.play_tone(call, freq)
+        phone.record(call, tmp / f"{phone.name}-{freq}-{time.monotonic_ns()}.wav")
+    time.sleep(seconds)
+    return {freq: str(phone.stop_media(call)["path"]) for phone, call, freq in parties}
