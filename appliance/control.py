@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Final, Protocol
 
 from appliance.config import Config, ConfigError, LiveConfig, UserConfig, control_socket_path, update_user
-from appliance.history.store import CallHistory
+from appliance.history.service import CallHistory
 from appliance.logs import fields
 from appliance.state import Event, LiveState, forwarding_json
 from appliance.voicemail.mailbox import Message, valid_id

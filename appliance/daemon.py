@@ -40,8 +40,8 @@ from appliance.edge.transport import Transports
 from appliance.edge.trunks import TrunkRegistrar
 from appliance.edge.voicemail import Voicemail
 from appliance.history.recorder import HistoryRecorder
+from appliance.history.service import CallHistory
 from appliance.history.store import FILE_NAME as HISTORY_FILE
-from appliance.history.store import CallHistory, CallRecord
 from appliance.logs import fields
 from appliance.sip.auth import NonceManager
 from appliance.sip.authenticator import Authenticator
@@ -125,7 +125,6 @@ class Daemon:
         self.history = CallHistory(state_dir / HISTORY_FILE, max_days=config.history.max_days,
                                    max_rows=config.history.max_rows, on_committed=self._history_committed, wall=wall)
         self.history_recorder = HistoryRecorder(settings, registrar, self.history, wall=wall)
-        self._loop: asyncio.AbstractEventLoop | None = None
         events = CallEventsFanOut(state, self.subscriptions, self.history_recorder)
         self.calls = router = CallRouter(settings, network, registrar, auth, events, timers, self.media, trunks,
                                          user_settings=self)
@@ -153,9 +152,9 @@ class Daemon:
 
     # -- life cycle ------------------------------------------------------------------------
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
         try:
             await asyncio.to_thread(self.history.open)
+            await self.history.start()
         except (sqlite3.Error, OSError, RuntimeError) as err:  # the calls go on; only their rows are missing
             log.error("event=history_unavailable %s", fields(path=self.history.path, error=err,
                                                              action="running_without_history"))
@@ -189,18 +188,11 @@ class Daemon:
         self.timers.cancel()
         self.store.flush_now()
         await self.transports.close()
-        await asyncio.to_thread(self.history.close)
+        await self.history.close()
 
-    def _history_committed(self, records: list[CallRecord]) -> None:
-        """The writer thread committed rows: only now are they shown (the TUI re-reads its History view)."""
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        calls = [r.call_id for r in records]
-        try:
-            loop.call_soon_threadsafe(lambda: self.state.emit({"event": "history_changed", "calls": calls}))
-        except RuntimeError:  # the loop closed meanwhile (shutdown)
-            pass
+    def _history_committed(self, calls: list[str]) -> None:
+        """The writer committed rows: only now are they shown (the TUI re-reads its History view)."""
+        self.state.emit({"event": "history_changed", "calls": calls})
 
     def _housekeep(self, now: float) -> None:
         self.device_events.publish(self.registrar.expire(self.wall()))

@@ -36,6 +36,8 @@ def role(pid: int, target: Target, edge: int | None) -> str:
     command = cmdline(pid)
     if pid == edge:
         return "edge (daemon)"
+    if "appliance.history.writer" in command:
+        return "history writer"
     if "appliance.media.worker" in command or (edge is not None and pid in pbx_tree(edge).pids):
         return "media workers"
     if command.startswith("sipp"):

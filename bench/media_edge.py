@@ -111,15 +111,18 @@ def loadavg() -> str:
 
 @dataclass
 class Tree:
-    """The PBX's processes: the daemon (edge), the zygote and the workers."""
+    """The PBX's processes: the daemon (edge), the zygote, the media workers and the
+    history writer."""
 
     edge: int
     zygote: int | None = None
     workers: list[int] = field(default_factory=list)
+    writer: int | None = None
 
     @property
     def pids(self) -> list[int]:
-        return [self.edge, *([self.zygote] if self.zygote else []), *self.workers]
+        helpers = [pid for pid in (self.zygote, self.writer) if pid is not None]
+        return [self.edge, *helpers, *self.workers]
 
 
 def pbx_tree(daemon: int) -> Tree:
@@ -137,6 +140,8 @@ def pbx_tree(daemon: int) -> Tree:
         # Forked workers share the zygote's command line: the zygote is the daemon's child.
         if tree.zygote is None and "--zygote" in cmdline(pid) and pid in children.get(daemon, []):
             tree.zygote = pid
+        elif "appliance.history.writer" in cmdline(pid):
+            tree.writer = pid
         else:
             tree.workers.append(pid)
     return tree

@@ -1,5 +1,6 @@
 """The call history: one row per call in SQLite (state_dir/history.sqlite3).
 
-`store.CallHistory` owns the database (schema and migrations, one writer thread, readers);
+`service.CallHistory` owns the file (migrations at open, the writer process `writer.py`, readers);
+`store` is the database itself (schema, migrations, insert, prune, query);
 `recorder.HistoryRecorder` is a `CallEvents` sink that turns the router's events into rows.
 """

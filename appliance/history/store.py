@@ -1,14 +1,9 @@
-"""The call history database: SQLite in WAL mode, `synchronous=FULL`, one writer thread.
+"""The call history database: SQLite in WAL mode, `synchronous=FULL`.
 
-Rows are written off the event loop: `add` puts a row on a queue and returns at once; the
-writer thread takes what has gathered within `batch_seconds` of the first row and commits
-it in transactions of at most `batch_rows` (group commit). Only
-after the commit is a row announced (`on_committed`, called on the event loop), so what
-anyone has been shown is on disk: WAL with synchronous=FULL fsyncs the log at each commit,
-and a power cut or `kill -9` loses at most rows nobody has seen yet.
-
-Readers (`query`) use their own connection, from a thread (`asyncio.to_thread`): WAL lets
-them read while the writer writes.
+Schema, migrations, writing, pruning and reading, as plain functions on a connection.  One
+process writes (`writer.py`, started by `service.CallHistory`); readers use their own
+connections (WAL lets them read while the writer writes).  WAL with synchronous=FULL fsyncs
+the log at each commit, so a row announced as committed survives a power cut or `kill -9`.
 
 The schema evolves by `MIGRATIONS`: step i takes a database from `user_version` i to
 i + 1, each step in its own transaction, so a file of any earlier version opens.
@@ -16,19 +11,11 @@ i + 1, each step in its own transaction, so a file of any earlier version opens.
 
 from __future__ import annotations
 
-import logging
-import queue
 import sqlite3
-import threading
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Final
-
-from appliance.logs import fields as log_fields
-
-log = logging.getLogger("homepbx.history")
 
 FILE_NAME: Final = "history.sqlite3"
 
@@ -67,8 +54,6 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
-BATCH_SECONDS: Final = 0.05
-BATCH_ROWS: Final = 256
 PRUNE_EVERY: Final = 60.0
 """Seconds between prunes by age and count (and once at start)."""
 
@@ -174,165 +159,18 @@ def query(conn: sqlite3.Connection, *, limit: int = 100, before: float | None = 
     return [dict(zip(names, row, strict=True)) for row in conn.execute(sql, args)]
 
 
-@dataclass
-class WriterStats:
-    """What the writer did (bench/history.py, tests)."""
-
-    rows: int = 0
-    commits: int = 0
-    statements: int = 0
-    pruned: int = 0
-
-
-Committed = Callable[[list[CallRecord]], None]
-
-_STOP: Final = object()
+def insert(conn: sqlite3.Connection, rows: Sequence[Sequence[object]]) -> None:
+    """Add `rows` (values in `COLUMNS` order) in one transaction: all of them or none."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.executemany(_INSERT, rows)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
-class CallHistory:
-    """The history database of one box: rows added from the event loop, written by a thread."""
-
-    def __init__(self, path: Path, *, max_days: int = 365, max_rows: int = 100_000,
-                 on_committed: Committed | None = None, wall: Callable[[], float] = time.time,
-                 batch_seconds: float = BATCH_SECONDS, batch_rows: int = BATCH_ROWS) -> None:
-        self.path = path
-        self.max_days = max_days
-        self.max_rows = max_rows
-        self.on_committed = on_committed
-        self.wall = wall
-        self.batch_seconds = batch_seconds
-        self.batch_rows = batch_rows
-        self.stats = WriterStats()
-        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._closing = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._reader: sqlite3.Connection | None = None
-        self._reader_lock = threading.Lock()
-        self._writer: sqlite3.Connection | None = None
-
-    # -- life cycle ----------------------------------------------------------------------------
-    def open(self) -> None:
-        """Create or migrate the file and start the writer thread (blocking: call at start-up)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = connect(self.path)
-        before, after = migrate(conn)
-        if before != after:
-            log.info("event=history_migrated %s", log_fields(path=self.path, from_version=before, to_version=after))
-        if after > SCHEMA_VERSION:
-            conn.close()
-            raise RuntimeError(f"{self.path}: schema version {after} is newer than this homepbx ({SCHEMA_VERSION})")
-        self._writer = conn
-        self._prune()
-        self._thread = threading.Thread(target=self._run, name="history-writer", daemon=True)
-        self._thread.start()
-
-    def close(self, timeout: float = 5.0) -> None:
-        """Write what is queued, then stop the writer (blocking: call from a thread at shutdown)."""
-        if self._thread is not None:
-            self._closing.set()
-            self._queue.put(_STOP)
-            self._thread.join(timeout)
-            self._thread = None
-        with self._reader_lock:
-            if self._reader is not None:
-                self._reader.close()
-                self._reader = None
-
-    # -- writing -------------------------------------------------------------------------------
-    def add(self, record: CallRecord) -> None:
-        """Queue a finished call; never blocks (the writer thread commits it within ~50 ms).
-        Without a writer (never opened, or the file could not be opened) the row is dropped."""
-        if self._thread is not None:
-            self._queue.put(record)
-
-    def _run(self) -> None:
-        conn = self._writer
-        assert conn is not None
-        last_prune = time.monotonic()
-        stopping = False
-        while not stopping:
-            first = self._queue.get()
-            stopping = first is _STOP
-            if not stopping:
-                # Let the batch gather while this thread sleeps: rows put meanwhile wake
-                # nobody (a get() with a timeout here was woken by every row, a futex and
-                # a thread switch per call under load). close() cuts the wait short.
-                self._closing.wait(self.batch_seconds)
-            batch = [] if stopping else [first]
-            while True:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    stopping = True
-                else:
-                    batch.append(item)
-            records = [r for r in batch if isinstance(r, CallRecord)]
-            for at in range(0, len(records), self.batch_rows):
-                self._commit(conn, records[at : at + self.batch_rows])
-            if time.monotonic() - last_prune >= PRUNE_EVERY:
-                last_prune = time.monotonic()
-                self._prune()
-        conn.close()
-        self._writer = None
-
-    def _commit(self, conn: sqlite3.Connection, records: list[CallRecord]) -> None:
-        """One transaction for `records`, then they are announced (never before)."""
-        try:
-            self._write(conn, records)
-        except sqlite3.Error as err:
-            log.error("event=history_write_failed %s", log_fields(path=self.path, rows=len(records), error=err))
-            return
-        if self.on_committed is not None:
-            try:
-                self.on_committed(records)
-            except Exception:
-                log.exception("event=history_listener_failed")
-
-    def _write(self, conn: sqlite3.Connection, records: list[CallRecord]) -> None:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            conn.executemany(_INSERT, [tuple(getattr(r, c) for c in COLUMNS) for r in records])
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        self.stats.rows += len(records)
-        self.stats.commits += 1
-        self.stats.statements += 2 + len(records)  # BEGIN, an INSERT per row, COMMIT
-
-    def _prune(self) -> None:
-        conn = self._writer
-        if conn is None or (self.max_days <= 0 and self.max_rows <= 0):
-            return
-        try:
-            deleted = prune(conn, self.wall(), self.max_days, self.max_rows)
-        except sqlite3.Error as err:
-            log.warning("event=history_prune_failed %s", log_fields(path=self.path, error=err))
-            return
-        self.stats.pruned += deleted
-        if deleted:
-            log.info("event=history_pruned %s", log_fields(rows=deleted, max_days=self.max_days,
-                                                           max_rows=self.max_rows))
-
-    def configure(self, max_days: int, max_rows: int) -> None:
-        """New bounds (a reload); applied at the next prune."""
-        self.max_days, self.max_rows = max_days, max_rows
-
-    # -- reading -------------------------------------------------------------------------------
-    def query(self, *, limit: int = 100, before: float | None = None,
-              missed_only: bool = False) -> list[dict[str, Any]]:
-        """Rows, newest first (blocking: call from a thread, e.g. `asyncio.to_thread`)."""
-        with self._reader_lock:
-            if self._reader is None:
-                self._reader = connect(self.path, readonly=True)
-            return query(self._reader, limit=limit, before=before, missed_only=missed_only)
-
-    def counts(self) -> Mapping[str, int]:
-        """Rows by outcome (blocking)."""
-        with self._reader_lock:
-            if self._reader is None:
-                self._reader = connect(self.path, readonly=True)
-            return dict(self._reader.execute("SELECT outcome, count(*) FROM calls GROUP BY outcome").fetchall())
+def as_row(record: CallRecord) -> list[object]:
+    """A record's values in `COLUMNS` order (as `insert` and the writer's protocol take them)."""
+    return [getattr(record, name) for name in COLUMNS]

@@ -1,23 +1,37 @@
 """The call history store and recorder: migrations, pruning, outcomes from the router's
-events, group commit off the caller's thread, and durability of committed rows."""
+events, group commit in the writer process, and durability of committed rows."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from appliance.config import LiveConfig, parse_config
 from appliance.edge.seams import CallEventsFanOut
 from appliance.history.recorder import HistoryRecorder, outcome_of
-from appliance.history.store import MIGRATIONS, SCHEMA_VERSION, CallHistory, CallRecord, connect, migrate, prune, query
+from appliance.history.service import CallHistory
+from appliance.history.store import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    CallRecord,
+    as_row,
+    connect,
+    insert,
+    migrate,
+    prune,
+    query,
+)
 from appliance.sip.registrar import Binding, Flow
 
 CONFIG = """
@@ -69,14 +83,11 @@ def test_migration_from_v1_keeps_its_rows(tmp_path: Path) -> None:
     conn.close()
     history = CallHistory(path, wall=lambda: 100.0)  # pruned by age at open: the row is young
     history.open()
-    try:
-        rows = history.query()
-        assert [(r["call_id"], r["duration"], r["forwarded_to"], r["trunk"]) for r in rows] == [("old", 8, "", "")]
-        conn = connect(path)
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-        assert "calls_outcome_started" in {r[1] for r in conn.execute("PRAGMA index_list(calls)")}
-    finally:
-        history.close()
+    rows = history.query()
+    assert [(r["call_id"], r["duration"], r["forwarded_to"], r["trunk"]) for r in rows] == [("old", 8, "", "")]
+    conn = connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert "calls_outcome_started" in {r[1] for r in conn.execute("PRAGMA index_list(calls)")}
 
 
 def test_a_failed_migration_step_leaves_the_previous_version(tmp_path: Path) -> None:
@@ -94,11 +105,7 @@ def test_prune_by_age_and_by_count(tmp_path: Path) -> None:
     migrate(conn)
     day = 86400.0
     now = 100 * day
-    history = CallHistory(tmp_path / "unused")
-    rows = [record(i, started=now - (50 - i) * day) for i in range(50)]  # one a day, the newest today
-    conn.executemany(f"INSERT INTO calls ({', '.join(r for r in rows[0].to_json())}) VALUES "
-                     f"({', '.join('?' * len(rows[0].to_json()))})", [tuple(r.to_json().values()) for r in rows])
-    del history
+    insert(conn, [as_row(record(i, started=now - (50 - i) * day)) for i in range(50)])  # one a day, the newest today
     assert prune(conn, now, max_days=30, max_rows=0) == 20  # older than 30 days
     assert prune(conn, now, max_days=30, max_rows=10) == 20
     left = query(conn, limit=100)
@@ -108,84 +115,139 @@ def test_prune_by_age_and_by_count(tmp_path: Path) -> None:
 
 def test_store_prunes_at_open(tmp_path: Path) -> None:
     path = tmp_path / "h.sqlite3"
+    conn = connect(path)
+    migrate(conn)
+    insert(conn, [as_row(record(i)) for i in range(5)])
     history = CallHistory(path, max_rows=3, wall=lambda: 2000.0)
     history.open()
-    for i in range(5):
-        history.add(record(i))
-    history.close()
-    reopened = CallHistory(path, max_rows=3, wall=lambda: 2000.0)
-    reopened.open()
-    try:
-        assert [r["call_id"] for r in reopened.query()] == ["c4", "c3", "c2"]
-    finally:
-        reopened.close()
+    assert [r["call_id"] for r in history.query()] == ["c4", "c3", "c2"]
+    assert history.stats.pruned == 2
 
 
-# -- writing -----------------------------------------------------------------------------------
-def test_group_commit_off_the_callers_thread_then_announced(tmp_path: Path) -> None:
-    committed: list[tuple[list[str], str]] = []
-    history = CallHistory(tmp_path / "h.sqlite3", batch_seconds=0.2,
-                          on_committed=lambda rs: committed.append(([r.call_id for r in rs],
-                                                                    threading.current_thread().name)))
-    history.open()
-    try:
-        started = time.perf_counter()
-        for i in range(100):
-            history.add(record(i))
-        assert time.perf_counter() - started < 0.05  # add never waits for the disk
-        assert committed == []  # nothing announced before it is committed
-        deadline = time.monotonic() + 5
-        while sum(len(c[0]) for c in committed) < 100 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert sum(len(c[0]) for c in committed) == 100
-        assert len(committed) <= 2  # one commit for the burst (two if it straddled a batch)
-        assert {name for _, name in committed} == {"history-writer"}
-        assert history.stats.commits == len(committed)
-        # What was announced is there for another connection (the control socket's reader).
-        assert len(history.query(limit=1000)) == 100
-    finally:
-        history.close()
+# -- writing: the writer process ----------------------------------------------------------------
+async def started(path: Path, **kwargs: Any) -> tuple[CallHistory, list[list[str]]]:
+    committed: list[list[str]] = []
+    history = CallHistory(path, on_committed=committed.append, **kwargs)
+    await asyncio.to_thread(history.open)
+    await history.start()
+    return history, committed
 
 
-def test_close_writes_what_is_queued(tmp_path: Path) -> None:
-    history = CallHistory(tmp_path / "h.sqlite3", batch_seconds=10.0)
-    history.open()
-    history.add(record(1))
-    history.close()
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def test_group_commit_in_the_writer_process_then_announced(tmp_path: Path) -> None:
+    async def main() -> None:
+        history, committed = await started(tmp_path / "h.sqlite3", batch_seconds=0.2)
+        try:
+            begun = time.perf_counter()
+            for i in range(100):
+                history.add(record(i))
+            assert time.perf_counter() - begun < 0.05  # add never waits for the disk
+            assert committed == []  # nothing announced before it is committed
+            await until(lambda: sum(map(len, committed)) >= 100)
+            assert sorted(c for batch in committed for c in batch) == sorted(f"c{i}" for i in range(100))
+            assert len(committed) == 1  # one line to the writer, one transaction, one announcement
+            assert history.stats.commits == 1 and history.stats.rows == 100
+            # What was announced is there for another connection (the control socket's reader).
+            assert len(await asyncio.to_thread(history.query, limit=1000)) == 100
+        finally:
+            await history.close()
+    asyncio.run(main())
+
+
+def test_close_writes_what_is_pending(tmp_path: Path) -> None:
+    async def main() -> None:
+        history, _ = await started(tmp_path / "h.sqlite3", batch_seconds=10.0)
+        await until(lambda: history._proc is not None)
+        history.add(record(1))
+        await history.close()
+    asyncio.run(main())
     conn = connect(tmp_path / "h.sqlite3")
     assert conn.execute("SELECT count(*) FROM calls").fetchone()[0] == 1
 
 
-WRITER = """
-import sys, time
-from pathlib import Path
-from appliance.history.store import CallHistory, CallRecord
-history = CallHistory(Path(sys.argv[1]))
-history.open()
-history.on_committed = lambda rows: print(" ".join(r.call_id for r in rows), flush=True)
-n = 0
-while True:
-    history.add(CallRecord(call_id=f"c{n}", started=n, ended=n + 1, caller="100", callee="200",
-                           direction="internal", outcome="answered"))
-    n += 1
-    time.sleep(0.001)
-"""
+def test_a_writer_that_dies_is_started_again_and_rows_wait_for_it(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        history, committed = await started(tmp_path / "h.sqlite3", batch_seconds=0.01)
+        try:
+            await until(lambda: history._proc is not None)
+            first = history._proc
+            assert first is not None
+            first.kill()
+            await until(lambda: history._proc is None)
+            history.add(record(7))  # no writer now: the row waits
+            await until(lambda: history._proc is not None and history._proc is not first)
+            await until(lambda: committed == [["c7"]])
+        finally:
+            await history.close()
+    asyncio.run(main())
+    assert "event=history_writer_exited" in caplog.text
+
+
+def run_writer(path: Path, *args: str) -> subprocess.Popen[str]:
+    conn = connect(path)
+    migrate(conn)
+    conn.close()
+    return subprocess.Popen([sys.executable, "-m", "appliance.history.writer", str(path), "0", "0", *args],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[2])
+
+
+def rows_line(*numbers: int) -> str:
+    return json.dumps({"rows": [as_row(record(n)) for n in numbers]}) + "\n"
+
+
+def test_writer_commits_what_it_read_when_the_daemon_is_gone(tmp_path: Path) -> None:
+    """The daemon killed: the writer reads to the end of the pipe, commits, exits cleanly."""
+    proc = run_writer(tmp_path / "h.sqlite3")
+    assert proc.stdin is not None
+    proc.stdin.write(rows_line(1, 2) + rows_line(3) + '{"rows": [["half a li')  # cut mid-line
+    proc.stdin.close()
+    assert proc.wait(10) == 0
+    assert proc.stderr is not None and "Traceback" not in proc.stderr.read()
+    conn = connect(tmp_path / "h.sqlite3")
+    assert sorted(r[0] for r in conn.execute("SELECT call_id FROM calls")) == ["c1", "c2", "c3"]
+
+
+def test_writer_answers_bad_input_with_one_error_and_goes_on(tmp_path: Path) -> None:
+    proc = run_writer(tmp_path / "h.sqlite3")
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    proc.stdin.write("not json\n" + '{"nothing": 1}\n' + '{"rows": [[1, 2]]}\n')  # a short row is skipped
+    proc.stdin.flush()
+    proc.stdin.write(rows_line(5))
+    proc.stdin.close()
+    assert json.loads(proc.stdout.readline()) == {"committed": ["c5"]}
+    assert proc.wait(10) == 0
+    errors = proc.stderr.read()
+    assert errors.count("event=history_bad_input") == 2 and "Traceback" not in errors
 
 
 def test_committed_rows_survive_kill_9(tmp_path: Path) -> None:
-    """A writer killed mid-burst: every row it announced is in the file, which is sound."""
+    """The writer killed mid-burst: every row it announced is in the file, which is sound."""
     path = tmp_path / "h.sqlite3"
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parents[2])
-    assert proc.stdout is not None
+    proc = run_writer(path)
+    assert proc.stdin is not None and proc.stdout is not None
     announced: list[str] = []
+    n = 0
     while len(announced) < 300:
-        line = proc.stdout.readline()
-        assert line, "the writer died"
-        announced.extend(line.split())
+        proc.stdin.write(rows_line(*range(n, n + 7)))
+        proc.stdin.flush()
+        n += 7
+        announced.extend(json.loads(proc.stdout.readline())["committed"])
+    for _ in range(20):  # more in flight as it dies
+        proc.stdin.write(rows_line(*range(n, n + 7)))
+        n += 7
+    proc.stdin.flush()
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    announced.extend(proc.stdout.read().split())  # lines it printed before dying
+    for line in proc.stdout.read().splitlines():  # lines it printed before dying
+        announced.extend(json.loads(line)["committed"])
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     stored = {row[0] for row in conn.execute("SELECT call_id FROM calls")}
