@@ -109,6 +109,8 @@ class CallHistory:
             except TimeoutError:
                 log.warning("event=history_writer_slow_to_stop %s", fields(pid=proc.pid, action="killed"))
                 proc.kill()
+        if self._pending:
+            log.warning("event=history_rows_lost %s", fields(rows=len(self._pending), reason="no_writer_at_stop"))
         if self._watcher is not None:
             await asyncio.gather(self._watcher, return_exceptions=True)
             self._watcher = None
@@ -164,13 +166,15 @@ class CallHistory:
                     sys.executable, "-m", "appliance.history.writer", str(self.path), str(self.max_days),
                     str(self.max_rows), logging.getLevelName(logging.getLogger().getEffectiveLevel()),
                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=self.stderr,
-                    cwd=str(REPO_ROOT), start_new_session=True, limit=1 << 20)
+                    cwd=str(REPO_ROOT), start_new_session=True, limit=1 << 24)
             except OSError as err:
                 log.error("event=history_writer_failed %s", fields(error=err, retry_in=RESPAWN_DELAY))
                 await asyncio.sleep(RESPAWN_DELAY)
                 continue
+            assert proc.stdin is not None and proc.stdout is not None
+            if self._closing:  # close() came while it started: it has nothing to write
+                proc.stdin.close()
             self._flush()  # what gathered while no writer ran
-            assert proc.stdout is not None
             while line := await proc.stdout.readline():
                 self._committed(line)
             code = await proc.wait()

@@ -500,9 +500,9 @@ class Worker(PjHost):
         legs = [leg for leg in self.legs if leg.established and not leg.disconnected]
         dialogs = [leg.dialog for leg in legs if leg.dialog is not None and leg.dialog.ready()]
         results = direct_bye.send_byes(dialogs)
-        sys.stderr.write("event=media_edge_lost " + fields(
-            answered=len(legs), byes=len(dialogs), acked=sum(1 for r in results if r >= 200),
-            ms=round((time.monotonic() - started) * 1000)) + "\n")
+        lost = fields(answered=len(legs), byes=len(dialogs), acked=sum(1 for r in results if r >= 200),
+                      ms=round((time.monotonic() - started) * 1000))
+        sys.stderr.write(f"event=media_edge_lost {lost}\n")
         sys.stderr.flush()
 
     def drop_objects(self) -> None:

@@ -10,9 +10,9 @@ from appliance.logs import PerSourceLimit, fields, log_limited
 
 
 def test_fields_escape_what_could_forge_a_line() -> None:
-    assert fields(ua="x\r\nERROR fake") == 'ua="x\\r\\nERROR fake"'
-    assert fields(host="ünï") == "host=\\xfcn\\xef"
-    assert fields(a="b c", d="") == 'a="b c" d=""'
+    assert str(fields(ua="x\r\nERROR fake")) == 'ua="x\\r\\nERROR fake"'
+    assert str(fields(host="ünï")) == "host=\\xfcn\\xef"
+    assert str(fields(a="b c", d="")) == 'a="b c" d=""'
 
 
 def test_one_line_per_source_per_interval_and_the_held_back_count() -> None:
