@@ -54,6 +54,20 @@ class CallView:
     started_at: float = 0.0
     answered_at: float | None = None
 
+    def __init__(self, id: str, caller: str, callee: str, caller_device: str | None, *,
+                 started_at: float = 0.0) -> None:
+        # Written out (one per call): mypyc compiles this one, not the dataclass's.
+        self.id = id
+        self.caller = caller
+        self.callee = callee
+        self.caller_device = caller_device
+        self.phase = CallPhase.RINGING
+        self.ringing = set()
+        self.answered_by = None
+        self.joined = []
+        self.started_at = started_at
+        self.answered_at = None
+
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id, "caller": self.caller, "callee": self.callee,

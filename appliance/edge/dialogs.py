@@ -75,8 +75,34 @@ class Dialog:
     caller_tag: str = field(init=False)
     """The From tag of the INVITE: which way an in-dialog request goes (read once, not per request)."""
 
-    def __post_init__(self) -> None:
-        self.caller_tag = tag_of(self.invite.get("From")) or ""
+    def __init__(self, token: str, role: Role, invite: Request, caller: str, callee: str, caller_flow: Flow,
+                 caller_device: str | None, *, counts_outgoing: bool = False, trunk: str | None = None,
+                 outgoing_trunk: str | None = None) -> None:
+        # Written out (a few per call): mypyc compiles this one, a dataclass's generated
+        # __init__ runs interpreted.  The fields above keep the dataclass's eq and repr.
+        self.token = token
+        self.role = role
+        self.invite = invite
+        self.caller = caller
+        self.callee = callee
+        self.caller_flow = caller_flow
+        self.caller_device = caller_device
+        self.counts_outgoing = counts_outgoing
+        self.trunk = trunk
+        self.outgoing_trunk = outgoing_trunk
+        self.cseq_delta = 0
+        self.worker_port = None
+        self.fork = None
+        self.callee_flow = None
+        self.answer = None
+        self.answered_by = None
+        self.ended = False
+        self.joined = 0
+        self.counted_as_joined = False
+        self.hops = ()
+        self.charged = []
+        self.transferring = False
+        self.caller_tag = tag_of(invite.get("From")) or ""
 
     @property
     def call_id(self) -> str:

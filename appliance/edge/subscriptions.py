@@ -85,6 +85,17 @@ class _Call:
     """The number whose device answered: the callee, or whoever picked it up."""
     joined: set[str] = field(default_factory=set)
 
+    def __init__(self, token: str, caller: str, callee: str, caller_is_extension: bool) -> None:
+        # Written out (one per call): mypyc compiles this one, not the dataclass's.
+        self.token = token
+        self.caller = caller
+        self.callee = callee
+        self.caller_is_extension = caller_is_extension
+        self.rang = False
+        self.answered = False
+        self.answerer = None
+        self.joined = set()
+
 
 class Subscriptions:
     def __init__(self, settings: LiveConfig, network: Network, auth: AuthGate, devices: DeviceLookup,

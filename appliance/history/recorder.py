@@ -41,6 +41,24 @@ class _Call:
     condition: str = ""
     voicemail: bool = False
 
+    def __init__(self, call_id: str, caller: str, callee: str, caller_device: str | None, trunk: str,
+                 caller_name: str, started: float) -> None:
+        # Written out (one per call): mypyc compiles this one, not the dataclass's.
+        self.call_id = call_id
+        self.caller = caller
+        self.callee = callee
+        self.caller_device = caller_device
+        self.trunk = trunk
+        self.caller_name = caller_name
+        self.started = started
+        self.rang = False
+        self.answered = None
+        self.answered_by = ""
+        self.answered_number = ""
+        self.forwarded_to = ""
+        self.condition = ""
+        self.voicemail = False
+
 
 def status_of(reason: str) -> int | None:
     """The SIP status a `status_NNN` end reason carries."""

@@ -24,6 +24,14 @@ class Via:
     port: int | None
     params: dict[str, str | None] = field(default_factory=dict)
 
+    def __init__(self, transport: str, host: str, port: int | None,
+                 params: dict[str, str | None] | None = None) -> None:
+        # Written out: mypyc compiles this one, the dataclass's generated __init__ runs interpreted.
+        self.transport = transport
+        self.host = host
+        self.port = port
+        self.params = {} if params is None else params
+
     @property
     def branch(self) -> str | None:
         return self.params.get("branch")
@@ -65,6 +73,11 @@ class NameAddr:
     uri: SipUri
     display: str = ""
     params: dict[str, str | None] = field(default_factory=dict)
+
+    def __init__(self, uri: SipUri, display: str = "", params: dict[str, str | None] | None = None) -> None:
+        self.uri = uri  # written out, as Via's
+        self.display = display
+        self.params = {} if params is None else params
 
     @property
     def tag(self) -> str | None:

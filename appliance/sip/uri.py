@@ -88,6 +88,18 @@ class SipUri:
     params: dict[str, str | None] = field(default_factory=dict)
     headers: str = ""
 
+    def __init__(self, scheme: str, user: str | None, host: str, port: int | None = None,
+                 password: str | None = None, params: dict[str, str | None] | None = None,
+                 headers: str = "") -> None:
+        # Written out: mypyc compiles this one, the dataclass's generated __init__ runs interpreted.
+        self.scheme = scheme
+        self.user = user
+        self.host = host
+        self.port = port
+        self.password = password
+        self.params = {} if params is None else params
+        self.headers = headers
+
     def __str__(self) -> str:
         userinfo = ""
         if self.user is not None:
