@@ -231,6 +231,8 @@ class LiveState:
         self._call_changed("call_transferred", call, device=binding_id)
 
     def _call_changed(self, kind: str, call: CallView, **extra: Any) -> None:
+        if not self._listeners:
+            return  # nobody watching: don't build the event (a few per call)
         event: Event = {"event": kind, "call": call.to_json(), **extra}
         self.emit(event)
 

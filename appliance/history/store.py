@@ -58,7 +58,7 @@ PRUNE_EVERY: Final = 60.0
 """Seconds between prunes by age and count (and once at start)."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class CallRecord:
     """One finished call, as stored."""
 

@@ -18,7 +18,7 @@ half-supported.
 
 from __future__ import annotations
 
-import base64
+import binascii
 import hashlib
 import hmac
 import re
@@ -174,6 +174,8 @@ _NONCE_DOMAIN = b"homepbx-sip-nonce-v1\x00"
 # Canonical spelling: 43 base64url characters, the last of which carries two padding
 # bits that must be zero (so only every fourth letter of the alphabet may end a nonce).
 _NONCE_RE = re.compile(f"[A-Za-z0-9_-]{{{_NONCE_LEN - 1}}}[AEIMQUYcgkosw048]")
+_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
+_FROM_URLSAFE = str.maketrans("-_", "+/")
 _HMAC_BLOCK = 64  # SHA-256 block size
 # Tolerated clock skew for a nonce that seems issued in the future (e.g. the
 # caller's monotonic clock restarted); beyond it the nonce is treated as stale.
@@ -237,7 +239,7 @@ class NonceManager:
         """Return a fresh nonce for ``user`` (printable base64url, no padding)."""
         head = _TS.pack(now) + RANDOM.take(_RAND_LEN)
         raw = head + self._mac(head, user)
-        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+        return binascii.b2a_base64(raw, newline=False).translate(_TO_URLSAFE).rstrip(b"=").decode("ascii")
 
     @staticmethod
     def _decode(nonce: str) -> bytes | None:
@@ -245,7 +247,7 @@ class NonceManager:
         # nonce cannot be re-spelled to dodge replay tracking.
         if _NONCE_RE.fullmatch(nonce) is None:
             return None
-        return base64.urlsafe_b64decode(nonce + "=")
+        return binascii.a2b_base64((nonce + "=").translate(_FROM_URLSAFE))  # base64.urlsafe_b64decode, in C
 
     def _open(self, nonce: str, user: str) -> tuple[float, int] | None:
         """(issue time, table key) of a genuine nonce for ``user``; None if it is not one."""

@@ -101,6 +101,12 @@ class ForkSettings:
     """Every branch failed or the ring timeout passed: keep the final response and say
     "exhausted"; the owner then `retarget`s the fork (call forwarding) or `finish`es it."""
 
+    def __init__(self, ring_timeout: float, decline_all: bool = False, hold_final: bool = False) -> None:
+        # Written out (one per call): mypyc compiles this one, not the dataclass's.
+        self.ring_timeout = ring_timeout
+        self.decline_all = decline_all
+        self.hold_final = hold_final
+
 
 class Fork(Generic[Dest]):
     """One INVITE from a caller, forked in parallel to every target."""
