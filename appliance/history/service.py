@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Final
 
-from appliance.history.store import SCHEMA_VERSION, CallRecord, as_row, connect, migrate, prune, query
+from appliance.history.sql import connect, prune
+from appliance.history.store import SCHEMA_VERSION, CallRecord, as_row, migrate, query
 from appliance.logs import fields
 
 log = logging.getLogger("homepbx.history")

@@ -14,8 +14,9 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any, Final
+
+from appliance.history.sql import COLUMNS
 
 FILE_NAME: Final = "history.sqlite3"
 
@@ -54,8 +55,6 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
-PRUNE_EVERY: Final = 60.0
-"""Seconds between prunes by age and count (and once at start)."""
 
 
 @dataclass(slots=True)
@@ -88,21 +87,8 @@ class CallRecord:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-COLUMNS: Final = tuple(f.name for f in fields(CallRecord))
-_INSERT: Final = f"INSERT INTO calls ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+assert tuple(f.name for f in fields(CallRecord)) == COLUMNS, "sql.COLUMNS is CallRecord's fields, in order"
 _SELECT: Final = f"SELECT id, {', '.join(COLUMNS)} FROM calls"
-
-
-def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
-    """A connection with the box's settings: WAL, synchronous=FULL, a busy timeout."""
-    if readonly:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False,
-                               timeout=5.0)
-    else:
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
-        conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
-    return conn
 
 
 def migrate(conn: sqlite3.Connection, steps: Sequence[Sequence[str]] = MIGRATIONS) -> tuple[int, int]:
@@ -124,25 +110,6 @@ def migrate(conn: sqlite3.Connection, steps: Sequence[Sequence[str]] = MIGRATION
     return before, version
 
 
-def prune(conn: sqlite3.Connection, now: float, max_days: int, max_rows: int) -> int:
-    """Delete rows older than `max_days` and all but the newest `max_rows` (0: no bound);
-    the number of rows deleted."""
-    deleted = 0
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        if max_days > 0:
-            deleted += conn.execute("DELETE FROM calls WHERE started < ?", (now - max_days * 86400.0,)).rowcount
-        if max_rows > 0:
-            row = conn.execute("SELECT id FROM calls ORDER BY id DESC LIMIT 1 OFFSET ?", (max_rows,)).fetchone()
-            if row is not None:
-                deleted += conn.execute("DELETE FROM calls WHERE id <= ?", (row[0],)).rowcount
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    return deleted
-
-
 def query(conn: sqlite3.Connection, *, limit: int = 100, before: float | None = None,
           missed_only: bool = False) -> list[dict[str, Any]]:
     """The newest calls first (started before `before` when given); only missed ones on request."""
@@ -157,18 +124,6 @@ def query(conn: sqlite3.Connection, *, limit: int = 100, before: float | None = 
     args.append(limit)
     names = ("id", *COLUMNS)
     return [dict(zip(names, row, strict=True)) for row in conn.execute(sql, args)]
-
-
-def insert(conn: sqlite3.Connection, rows: Sequence[Sequence[object]]) -> None:
-    """Add `rows` (values in `COLUMNS` order) in one transaction: all of them or none."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        conn.executemany(_INSERT, rows)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
 
 
 def as_row(record: CallRecord) -> list[object]:

@@ -27,12 +27,14 @@ import signal
 import sqlite3
 import sys
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import IO
 
-from appliance.history.store import COLUMNS, PRUNE_EVERY, connect, insert, prune
+from appliance.history.sql import COLUMNS, PRUNE_EVERY, connect, insert, prune
 from appliance.logs import fields, setup_logging
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # not imported at run time: this process stays small (see history/sql.py)
+    from collections.abc import Callable, Iterator
+    from typing import IO
 
 log = logging.getLogger("homepbx.history")
 
@@ -104,7 +106,7 @@ class Writer:
 def main(argv: list[str]) -> int:
     setup_logging(argv[3] if len(argv) > 3 else "INFO")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a ^C is the daemon's; this ends at end of input
-    conn = connect(Path(argv[0]))
+    conn = connect(argv[0])
     writer = Writer(conn, sys.stdout, int(argv[1]), int(argv[2]))
     try:
         for lines in batches(sys.stdin.fileno()):

@@ -21,17 +21,8 @@ from appliance.config import LiveConfig, parse_config
 from appliance.edge.seams import CallEventsFanOut
 from appliance.history.recorder import HistoryRecorder, outcome_of
 from appliance.history.service import CallHistory
-from appliance.history.store import (
-    MIGRATIONS,
-    SCHEMA_VERSION,
-    CallRecord,
-    as_row,
-    connect,
-    insert,
-    migrate,
-    prune,
-    query,
-)
+from appliance.history.sql import connect, insert, prune
+from appliance.history.store import MIGRATIONS, SCHEMA_VERSION, CallRecord, as_row, migrate, query
 from appliance.sip.registrar import Binding, Flow
 
 CONFIG = """
