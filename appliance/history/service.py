@@ -164,7 +164,7 @@ class CallHistory:
         while not self._closing:
             try:
                 proc = self._proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "appliance.history.writer", str(self.path), str(self.max_days),
+                    sys.executable, "-S", "-m", "appliance.history.writer", str(self.path), str(self.max_days),
                     str(self.max_rows), logging.getLevelName(logging.getLogger().getEffectiveLevel()),
                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=self.stderr,
                     cwd=str(REPO_ROOT), start_new_session=True, limit=1 << 24)

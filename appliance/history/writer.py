@@ -1,6 +1,8 @@
 """The history writer: the one process that writes the call history database.
 
-    python -m appliance.history.writer PATH MAX_DAYS MAX_ROWS [LOG_LEVEL]
+    python -S -m appliance.history.writer PATH MAX_DAYS MAX_ROWS [LOG_LEVEL]
+
+(-S: no site-packages, it needs none; run from the directory that holds `appliance`.)
 
 Why a process and not a thread of the daemon: a writer thread had to win the GIL back from
 the busy event loop after every SQLite call, and while it waited, every turn of the loop
@@ -21,7 +23,6 @@ A batch that fails is logged and dropped; the writer goes on with the next.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import sqlite3
@@ -29,14 +30,11 @@ import sys
 import time
 
 from appliance.history.sql import COLUMNS, PRUNE_EVERY, connect, insert, prune
-from appliance.logs import fields, setup_logging
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # not imported at run time: this process stays small (see history/sql.py)
     from collections.abc import Callable, Iterator
     from typing import IO
-
-log = logging.getLogger("homepbx.history")
 
 READ_SIZE = 1 << 20
 
@@ -54,12 +52,27 @@ class Writer:
     """Commits batches of rows and prunes by age and count."""
 
     def __init__(self, conn: sqlite3.Connection, out: IO[str] | None, max_days: int, max_rows: int, *,
-                 wall: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic) -> None:
+                 log_level: str = "INFO", wall: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.conn = conn
+        self.log_level = log_level
+        self.logging_set_up = False
         self.out = out
         self.max_days, self.max_rows = max_days, max_rows
         self.wall, self.monotonic = wall, monotonic
         self.last_prune = monotonic()
+
+    def log(self, level: str, event: str, **values: object) -> None:
+        """One log line as the daemon writes them.  `logging` is imported at the first line,
+        not at start: most writers never log, and it is a megabyte in a process that stays up."""
+        import logging
+
+        from appliance.logs import fields, setup_logging
+
+        if not self.logging_set_up:
+            setup_logging(self.log_level)
+            self.logging_set_up = True
+        logging.getLogger("homepbx.history").log(logging.getLevelName(level), "event=%s %s", event, fields(**values))
 
     def handle(self, lines: list[bytes]) -> None:
         """One read's lines: new bounds apply at once, all rows go in one transaction."""
@@ -72,7 +85,7 @@ class Writer:
                 else:
                     rows.extend(row for row in message["rows"] if len(row) == len(COLUMNS))
             except (ValueError, TypeError, KeyError) as err:
-                log.error("event=history_bad_input %s", fields(error=err, line=line[:80]))
+                self.log("ERROR", "history_bad_input", error=err, line=line[:80])
         if rows:
             self.commit(rows)
         if self.monotonic() - self.last_prune >= PRUNE_EVERY:
@@ -83,7 +96,7 @@ class Writer:
         try:
             insert(self.conn, rows)
         except sqlite3.Error as err:
-            log.error("event=history_write_failed %s", fields(rows=len(rows), error=err))
+            self.log("ERROR", "history_write_failed", rows=len(rows), error=err)
             return
         if self.out is None:
             return
@@ -97,17 +110,16 @@ class Writer:
         try:
             deleted = prune(self.conn, self.wall(), self.max_days, self.max_rows)
         except sqlite3.Error as err:
-            log.warning("event=history_prune_failed %s", fields(error=err))
+            self.log("WARNING", "history_prune_failed", error=err)
             return
         if deleted:
-            log.info("event=history_pruned %s", fields(rows=deleted, max_days=self.max_days, max_rows=self.max_rows))
+            self.log("INFO", "history_pruned", rows=deleted, max_days=self.max_days, max_rows=self.max_rows)
 
 
 def main(argv: list[str]) -> int:
-    setup_logging(argv[3] if len(argv) > 3 else "INFO")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a ^C is the daemon's; this ends at end of input
     conn = connect(argv[0])
-    writer = Writer(conn, sys.stdout, int(argv[1]), int(argv[2]))
+    writer = Writer(conn, sys.stdout, int(argv[1]), int(argv[2]), log_level=argv[3] if len(argv) > 3 else "INFO")
     try:
         for lines in batches(sys.stdin.fileno()):
             writer.handle(lines)

@@ -185,13 +185,22 @@ def run_writer(path: Path, *args: str) -> subprocess.Popen[str]:
     conn = connect(path)
     migrate(conn)
     conn.close()
-    return subprocess.Popen([sys.executable, "-m", "appliance.history.writer", str(path), "0", "0", *args],
+    return subprocess.Popen([sys.executable, "-S", "-m", "appliance.history.writer", str(path), "0", "0", *args],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=Path(__file__).resolve().parents[2])
 
 
 def rows_line(*numbers: int) -> str:
     return json.dumps({"rows": [as_row(record(n)) for n in numbers]}) + "\n"
+
+
+def test_the_writer_process_stays_lean() -> None:
+    """It runs as long as the daemon: none of the heavier modules at start (a few MB each time)."""
+    heavy = ("logging", "dataclasses", "pathlib", "typing", "asyncio")
+    probe = f"import sys, appliance.history.writer; print([m for m in {heavy!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-S", "-c", probe], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2]).stdout
+    assert out.strip() == "[]"
 
 
 def test_writer_commits_what_it_read_when_the_daemon_is_gone(tmp_path: Path) -> None:
