@@ -88,18 +88,27 @@ class MediaLink:
         """Find a worker for call `token` and continue with its SIP port (None: max_calls
         calls in progress, or none ready within the pool's acquire_timeout).  The call
         waits for a worker to start rather than being refused while capacity is free."""
+        worker = self.pool.try_acquire(token)
+        if worker is not None:  # a warm worker: on at once, no task
+            self._got(token, worker)
+            then(worker.sip_port)
+            return
+
         async def acquire() -> None:
-            worker = await self.pool.acquire(token)
+            worker = await self.pool.wait_for_worker(token)
             self._finding.pop(token, None)
             if worker is not None:
-                self._by_token[token] = worker
-                log.info("event=media_worker_call %s", fields(token=token, pid=worker.pid, port=worker.sip_port))
+                self._got(token, worker)
             then(worker.sip_port if worker is not None else None)
 
         task = asyncio.get_running_loop().create_task(acquire())
         self._finding[token] = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _got(self, token: str, worker: Worker) -> None:
+        self._by_token[token] = worker
+        log.info("event=media_worker_call %s", fields(token=token, pid=worker.pid, port=worker.sip_port))
 
     def call_over(self, token: str) -> None:
         """The edge is done with a call: a wait for its worker is dropped (the caller

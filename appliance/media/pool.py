@@ -431,9 +431,16 @@ class WorkerPool:
         (FULL_GRACE when max_calls calls are already held or waiting); None when the wait
         runs out (the edge answers 503 with Retry-After).  Cancelling the caller's task
         drops the wait (a worker handed over meanwhile goes back to the pool)."""
+        worker = self.try_acquire(token)
+        if worker is not None:
+            return worker
+        return await self.wait_for_worker(token)
+
+    def try_acquire(self, token: str | None = None) -> Worker | None:
+        """A slot held for `token` in a worker ready now, or None: then `wait_for_worker`.
+        The edge's usual case (a worker is warm) needs no task and no turn of the loop."""
         if self._stopping or not self._started or self.unavailable is not None:
             return None
-        loop = asyncio.get_running_loop()
         self._arrivals.append(time.monotonic())
         if not self._waiters and self.busy_count < self.max_calls:
             worker = pick_worker(self.workers)
@@ -441,6 +448,13 @@ class WorkerPool:
                 self._assign(worker, token)
                 self._plan()
                 return worker
+        return None
+
+    async def wait_for_worker(self, token: str | None = None) -> Worker | None:
+        """Wait for a slot after `try_acquire` found none (see `acquire`)."""
+        if self._stopping or not self._started or self.unavailable is not None:
+            return None
+        loop = asyncio.get_running_loop()
         full = self.busy_count + len(self._waiters) >= self.max_calls
         future: asyncio.Future[Worker | None] = loop.create_future()
         entry = (token, future)
