@@ -67,6 +67,7 @@ class CallHistory:
         self.stderr = stderr
         self.stats = WriterStats()
         self._pending: list[list[object]] = []
+        self._dropping = False
         self._flush_handle: asyncio.TimerHandle | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -134,6 +135,9 @@ class CallHistory:
         self._pending.append(as_row(record))
         if len(self._pending) > MAX_PENDING:
             del self._pending[0]
+            if not self._dropping:  # once per stretch: the journal of a small box stays readable
+                log.warning("event=history_rows_dropped %s", fields(waiting=MAX_PENDING, reason="writer_behind"))
+            self._dropping = True
             self.stats.dropped += 1
         if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_later(self.batch_seconds, self._flush)
@@ -147,6 +151,7 @@ class CallHistory:
         self._flush_handle = None
         if self._pending and self._send({"rows": self._pending}):
             self._pending = []
+            self._dropping = False
         if self._pending and not self._closing:  # no writer now, or it is behind: try again
             self._flush_handle = asyncio.get_running_loop().call_later(self.batch_seconds, self._flush)
 

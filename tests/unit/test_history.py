@@ -20,7 +20,7 @@ import pytest
 from appliance.config import LiveConfig, parse_config
 from appliance.edge.seams import CallEventsFanOut
 from appliance.history.recorder import HistoryRecorder, outcome_of
-from appliance.history.service import CallHistory
+from appliance.history.service import MAX_PENDING, CallHistory
 from appliance.history.sql import connect, insert, prune
 from appliance.history.store import MIGRATIONS, SCHEMA_VERSION, CallRecord, as_row, migrate, query
 from appliance.sip.registrar import Binding, Flow
@@ -179,6 +179,22 @@ def test_a_writer_that_dies_is_started_again_and_rows_wait_for_it(tmp_path: Path
             await history.close()
     asyncio.run(main())
     assert "event=history_writer_exited" in caplog.text
+
+
+def test_rows_wait_for_a_writer_bounded_and_the_drop_is_logged_once(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        history = CallHistory(tmp_path / "h.sqlite3", batch_seconds=0.01)
+        history.open()  # no writer started: every row waits
+        for i in range(MAX_PENDING + 5):
+            history.add(record(i))
+        await asyncio.sleep(0.05)  # flushes find no writer and try again later
+        assert history.waiting == MAX_PENDING
+        assert history.stats.dropped == 5
+        await history.close()
+    asyncio.run(main())
+    assert caplog.text.count("event=history_rows_dropped") == 1
+    assert "event=history_rows_lost" in caplog.text  # what still waited at stop is said
 
 
 def run_writer(path: Path, *args: str) -> subprocess.Popen[str]:
