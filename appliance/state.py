@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
@@ -39,7 +39,7 @@ class CallPhase(Enum):
     ENDED = "ended"
 
 
-@dataclass
+@dataclass(init=False)
 class CallView:
     """What a person wants to know about one call."""
 
@@ -47,12 +47,12 @@ class CallView:
     caller: str  # number of the caller
     callee: str  # dialled number
     caller_device: str | None  # binding id of the calling handset, if one of ours
-    phase: CallPhase = CallPhase.RINGING
-    ringing: set[str] = field(default_factory=set)  # binding ids ringing now
-    answered_by: str | None = None
-    joined: list[str] = field(default_factory=list)
-    started_at: float = 0.0
-    answered_at: float | None = None
+    phase: CallPhase
+    ringing: set[str]
+    answered_by: str | None
+    joined: list[str]
+    started_at: float
+    answered_at: float | None
 
     def __init__(self, id: str, caller: str, callee: str, caller_device: str | None, *,
                  started_at: float = 0.0) -> None:

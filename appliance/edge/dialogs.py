@@ -9,7 +9,7 @@ off a request, or edit one, the same way wherever the router and its features ne
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 from appliance.call_policy import RouteToTrunk
@@ -36,7 +36,7 @@ class Role(Enum):
 
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Dialog:
     """One dialog as the edge follows it, from INVITE to BYE; the dialogs of one call
     (A and B legs, a joining device) share a token, the call's id."""
@@ -48,31 +48,31 @@ class Dialog:
     callee: str
     caller_flow: Flow
     caller_device: str | None
-    counts_outgoing: bool = False
-    trunk: str | None = None
+    counts_outgoing: bool
+    trunk: str | None
     """The trunk a call from outside came in on; `caller` is then the outside number."""
-    outgoing_trunk: str | None = None
+    outgoing_trunk: str | None
     """The trunk a call out leaves by; `callee` is then the outside number."""
-    cseq_delta: int = 0
+    cseq_delta: int
     """The provider's leg re-sent with credentials: what its CSeq is ahead of the worker's."""
-    worker_port: int | None = None
-    fork: Fork[Flow] | None = None
-    callee_flow: Flow | None = None
-    answer: Response | None = None
-    answered_by: str | None = None
-    ended: bool = False
-    joined: int = 0
+    worker_port: int | None
+    fork: Fork[Flow] | None
+    callee_flow: Flow | None
+    answer: Response | None
+    answered_by: str | None
+    ended: bool
+    joined: int
     """On a call's first dialog: devices that joined it (`*74`) and are talking now."""
-    counted_as_joined: bool = False
+    counted_as_joined: bool
     """On a JOIN dialog: it is counted in its call's `joined`."""
-    hops: tuple[tuple[str, str], ...] = ()
+    hops: tuple[tuple[str, str], ...]
     """On a call's first dialog: the diversions the call took (number, condition), first first."""
-    charged: list[str] = field(default_factory=list)
+    charged: list[str]
     """On a call's first dialog: numbers whose outgoing count a forward out through a trunk holds."""
-    transferring: bool = False
+    transferring: bool
     """On a call's first dialog: a transfer (or Replaces) has run in it, so a party may leave
     while the call goes on in its worker; the worker's `call_ended` ends the call."""
-    caller_tag: str = field(init=False)
+    caller_tag: str
     """The From tag of the INVITE: which way an in-dialog request goes (read once, not per request)."""
 
     def __init__(self, token: str, role: Role, invite: Request, caller: str, callee: str, caller_flow: Flow,

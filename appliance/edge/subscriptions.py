@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from appliance.config import LiveConfig
 from appliance.edge.auth_gate import AuthGate
@@ -71,7 +71,7 @@ def no_mailbox(_number: str) -> tuple[int, int]:
     return 0, 0
 
 
-@dataclass
+@dataclass(init=False)
 class _Call:
     """A call as the lamps see it (told by the router through CallEvents)."""
 
@@ -79,11 +79,11 @@ class _Call:
     caller: str
     callee: str
     caller_is_extension: bool
-    rang: bool = False
-    answered: bool = False
-    answerer: str | None = None
+    rang: bool
+    answered: bool
+    answerer: str | None
     """The number whose device answered: the callee, or whoever picked it up."""
-    joined: set[str] = field(default_factory=set)
+    joined: set[str]
 
     def __init__(self, token: str, caller: str, callee: str, caller_is_extension: bool) -> None:
         # Written out (one per call): mypyc compiles this one, not the dataclass's.

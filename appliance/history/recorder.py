@@ -24,7 +24,7 @@ class Devices(Protocol):
     def get(self, binding_id: str) -> Binding | None: ...
 
 
-@dataclass
+@dataclass(init=False)
 class _Call:
     call_id: str
     caller: str
@@ -33,13 +33,13 @@ class _Call:
     trunk: str
     caller_name: str
     started: float
-    rang: bool = False
-    answered: float | None = None
-    answered_by: str = ""
-    answered_number: str = ""
-    forwarded_to: str = ""
-    condition: str = ""
-    voicemail: bool = False
+    rang: bool
+    answered: float | None
+    answered_by: str
+    answered_number: str
+    forwarded_to: str
+    condition: str
+    voicemail: bool
 
     def __init__(self, call_id: str, caller: str, callee: str, caller_device: str | None, trunk: str,
                  caller_name: str, started: float) -> None:

@@ -7,7 +7,7 @@ a proxy that just relays a header never pays for parsing it.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from appliance.sip.errors import SipSyntaxError
 from appliance.sip.uri import SipUri, format_params, parse_host_port, parse_params, parse_uri
@@ -15,14 +15,14 @@ from appliance.sip.uri import SipUri, format_params, parse_host_port, parse_para
 MAGIC_COOKIE = "z9hG4bK"  # RFC 3261 §8.1.1.7: branch prefix of RFC 3261 compliant elements
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Via:
     """One Via entry: 'SIP/2.0/UDP host:port;branch=...;rport'."""
 
     transport: str
     host: str
     port: int | None
-    params: dict[str, str | None] = field(default_factory=dict)
+    params: dict[str, str | None]
 
     def __init__(self, transport: str, host: str, port: int | None,
                  params: dict[str, str | None] | None = None) -> None:
@@ -63,7 +63,7 @@ def parse_via(value: str) -> Via:
     return Via(transport.upper(), host, port, params)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class NameAddr:
     """From, To, Contact, Route, Record-Route: an optional display name, a URI, parameters.
 
@@ -71,8 +71,8 @@ class NameAddr:
     """
 
     uri: SipUri
-    display: str = ""
-    params: dict[str, str | None] = field(default_factory=dict)
+    display: str
+    params: dict[str, str | None]
 
     def __init__(self, uri: SipUri, display: str = "", params: dict[str, str | None] | None = None) -> None:
         self.uri = uri  # written out, as Via's

@@ -93,11 +93,11 @@ Authorize = Callable[[Request, Response], tuple[str, str] | None]
 """(a branch's INVITE, the 401/407 it got) -> the credentials header to re-send it with, or None."""
 
 
-@dataclass
+@dataclass(init=False)
 class ForkSettings:
     ring_timeout: float
-    decline_all: bool = False
-    hold_final: bool = False
+    decline_all: bool
+    hold_final: bool
     """Every branch failed or the ring timeout passed: keep the final response and say
     "exhausted"; the owner then `retarget`s the fork (call forwarding) or `finish`es it."""
 

@@ -6,7 +6,7 @@ URI comparison follows §19.1.4 exactly rather than comparing strings.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -76,17 +76,17 @@ def format_params(params: dict[str, str | None]) -> str:
     return "".join([f";{k}" if v is None else f";{k}={v}" for k, v in params.items()])
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class SipUri:
     """A sip: or sips: URI. Host is kept lower-case; user part is case-sensitive."""
 
     scheme: str
     user: str | None
     host: str
-    port: int | None = None
-    password: str | None = None
-    params: dict[str, str | None] = field(default_factory=dict)
-    headers: str = ""
+    port: int | None
+    password: str | None
+    params: dict[str, str | None]
+    headers: str
 
     def __init__(self, scheme: str, user: str | None, host: str, port: int | None = None,
                  password: str | None = None, params: dict[str, str | None] | None = None,
