@@ -27,6 +27,7 @@ from typing import IO, Any, Final
 from appliance.history.sql import connect, prune
 from appliance.history.store import SCHEMA_VERSION, CallRecord, as_row, migrate, query
 from appliance.logs import fields
+from appliance.source import REPO_ROOT
 
 log = logging.getLogger("homepbx.history")
 
@@ -36,7 +37,6 @@ MAX_PENDING: Final = 10_000
 """Rows kept while no writer runs (or it is behind); beyond, the oldest are dropped (and counted)."""
 MAX_UNREAD: Final = 1 << 20
 """Bytes waiting in the pipe to the writer past which rows wait here instead."""
-REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 
 Committed = Callable[[list[str]], None]
 

@@ -46,16 +46,15 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO, Any, Final
 
 from appliance.media import protocol as P
+from appliance.source import REPO_ROOT
 
 __all__ = ["CallSlot", "Worker", "WorkerPool", "WorkerState", "arrival_rate", "pick_worker", "warm_target"]
 
 log = logging.getLogger("homepbx.media")
 
-REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 SPARE_SLOTS: Final = 2
 """Port slices beyond what max_calls needs: room for replacements while old workers exit."""
 AUTO_CALLS_CAP: Final = 16

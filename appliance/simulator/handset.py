@@ -26,11 +26,11 @@ from types import TracebackType
 from typing import IO, Any, Final
 
 from appliance.jsonlines import Event, EventReader, StreamEnded, matches
+from appliance.source import REPO_ROOT
 
 __all__ = ["Handset", "HandsetError", "HandsetGone", "close_all", "handsets"]
 
 
-REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 READY_TIMEOUT: Final = 10.0
 CLOSE_TIMEOUT: Final = 5.0
 
