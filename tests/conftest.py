@@ -73,6 +73,11 @@ HEAVY = (
 MEASURING = (
     "tests/e2e/test_levels.py",  # the tone's level the same at both ends within 1 dB
     "tests/e2e/test_daemon_crash.py",  # both BYEs within 4 s of a kill -9
+    # Other people's phones (baresip, linphone) measured by tone: starved of CPU beside an
+    # emulated image build, they slip frames, and a clean tone reads -10 dB (two CI flakes).
+    "tests/e2e/test_compat_baresip_features.py",
+    "tests/e2e/test_compat_baresip_tcp.py",
+    "tests/e2e/test_compat_linphone.py",
 )
 ORDER = (IMAGES, *HEAVY, *MEASURING, "tests/e2e/", "tests/tui/", "tests/unit/")
 

@@ -860,17 +860,15 @@ class Worker(PjHost):
         elif state == pj.PJSIP_INV_STATE_DISCONNECTED:
             if leg.confirmed:
                 self.out.emit(P.EV_LEG_LEFT, token=s.token, leg=leg.name, code=code)
-            self.check_alone(s)
+            self.party_left(s)
 
     def b_state(self, s: Session, b: Leg, state: int, code: int, reason: str) -> None:
         a = s.a
         if a is None:
-            if state == pj.PJSIP_INV_STATE_DISCONNECTED and s.transfer is not None and not s.ending:
-                # The caller left for a transfer that still rings, and now the other party
-                # too: nobody is left for the target.
-                self.nobody_left(s)
-                return
-            self.hangup(b)
+            if state == pj.PJSIP_INV_STATE_DISCONNECTED:
+                self.party_left(s)
+            else:
+                self.hangup(b)
             return
         if state == pj.PJSIP_INV_STATE_EARLY:
             if not s.ringing_sent and a.alive() and not s.ending:
@@ -910,6 +908,16 @@ class Worker(PjHost):
                 return
             if b.confirmed:
                 self.out.emit(P.EV_LEG_LEFT, token=s.token, leg=b.name, code=code)
+            self.party_left(s)
+
+    def party_left(self, s: Session) -> None:
+        """A party hung up.  With only a ringing transfer target left (the caller left for
+        it, maybe not reaped yet when both hang-ups came in one poll) the call ends;
+        with the caller alone, too."""
+        t = s.transfer
+        if t is not None and not s.ending and not any(leg.alive() for leg in s.legs() if leg is not t):
+            self.nobody_left(s)
+        else:
             self.check_alone(s)
 
     def nobody_left(self, s: Session) -> None:

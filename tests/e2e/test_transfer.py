@@ -292,6 +292,32 @@ def test_the_other_party_hanging_up_while_the_target_rings_ends_the_call(
     dialog.raw.close()
 
 
+def test_both_parties_hanging_up_at_once_while_the_target_rings_ends_the_call(
+        pbx_factory: DaemonFactory, handset_factory: HandsetFactory) -> None:
+    """As above, but both hang-ups reach the worker in one poll (a busy machine: the CI
+    flake), so the other party's leaves before the transferring party's leg is reaped."""
+    pbx, _, b, c = house(pbx_factory, handset_factory)
+    dialog = raw_call(pbx, b)
+    b_call = str(b.wait_state(str(b.wait_incoming()["call"]), "CONFIRMED")["call"])
+    refer = dialog.send("REFER", [("Refer-To", "<sip:300@home.arpa>")])
+    assert refer is not None and refer.status == 202
+    c_call = str(c.wait_incoming()["call"])
+    (pid,) = worker_pids(pbx)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        dialog.raw.send(dialog.request("BYE"))
+        b.hangup(b_call)
+        time.sleep(0.3)  # both BYEs wait in the stopped worker's socket
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    c.wait_state(c_call, "DISCONNECTED")
+    b.wait_state(b_call, "DISCONNECTED")
+    pbx.wait_log("event=call_ended")
+    assert_alive({pid})
+    assert_no_worker_died(pbx)
+    dialog.raw.close()
+
+
 def test_dead_worker_is_forgotten_at_once(pbx_factory: DaemonFactory, handset_factory: HandsetFactory) -> None:
     pbx, _, b, _ = house(pbx_factory, handset_factory)
     pbx.allow_errors("media_worker")
