@@ -18,28 +18,47 @@ from typing import IO, Any, TextIO
 
 
 class Emitter:
-    """JSON events on the private stdout descriptor, one per line (thread-safe)."""
+    """JSON events on the private stdout descriptor, one per line (thread-safe).
 
-    def __init__(self, stream: TextIO) -> None:
+    A batched emitter holds what its owning thread emits until :meth:`flush` (a media
+    worker flushes once per pass of its loop): the few events of a pass go out in one
+    write, and its parent wakes once for them.  Other threads' events go out at once."""
+
+    def __init__(self, stream: TextIO, *, batched: bool = False) -> None:
         self._stream = stream
         self._lock = threading.Lock()
+        self._owner = threading.get_ident() if batched else None
+        self._held: list[str] = []
 
     def emit(self, event: str, **fields: Any) -> None:
         line = json.dumps({"event": event, **fields}, default=str)
+        if self._owner is not None and threading.get_ident() == self._owner:
+            self._held.append(line)
+        else:
+            self._write(line + "\n")
+
+    def flush(self) -> None:
+        """Write what the owning thread held back (a no-op when nothing is)."""
+        if self._held:
+            text = "\n".join(self._held) + "\n"
+            self._held.clear()
+            self._write(text)
+
+    def _write(self, text: str) -> None:
         with self._lock:
             try:
-                self._stream.write(line + "\n")
+                self._stream.write(text)
                 self._stream.flush()
             except (OSError, ValueError):
                 pass  # parent gone: stdin EOF ends us shortly
 
 
-def private_stdout() -> Emitter:
+def private_stdout(*, batched: bool = False) -> Emitter:
     """Keep fd 1 for JSON only; anything else printed goes to stderr."""
     json_fd = os.dup(1)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    return Emitter(os.fdopen(json_fd, "w", encoding="utf-8", buffering=1))
+    return Emitter(os.fdopen(json_fd, "w", encoding="utf-8", buffering=1), batched=batched)
 
 
 Event = dict[str, Any]

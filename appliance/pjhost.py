@@ -272,6 +272,7 @@ class PjHost:
         if signals_blocked():
             threading.Thread(target=self.wait_signals, name="signals", daemon=True).start()
         self.ready()
+        self.out.flush()
         while self.stop_reason is None:
             self.ep.libHandleEvents(self.wait_ms())
             self.passes += 1
@@ -279,6 +280,7 @@ class PjHost:
             self.run_jobs()
             self.run_timers()
             self.after_events()
+            self.out.flush()
         self.shutdown()
         return 0
 
@@ -349,6 +351,7 @@ class PjHost:
             self.passes += 1
             self.run_jobs()
             self.after_events()
+            self.out.flush()
 
     def shutdown(self) -> None:
         """End everything (:meth:`wind_down`), destroy the library, say bye."""
@@ -361,3 +364,4 @@ class PjHost:
         except Exception as exc:
             self.report_error("shutdown", exc)
         self.out.emit("bye", reason=self.stop_reason)
+        self.out.flush()

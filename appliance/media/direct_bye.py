@@ -64,6 +64,8 @@ class Dialog:
     host: str
     port: int
     transport: str = "UDP"
+    local_tagged: bool = True
+    """Our tag is in `local` (a leg we answered learns it later: :func:`learn_local_tag`)."""
 
     def ready(self) -> bool:
         """Both tags known and the party reachable over UDP."""
@@ -117,7 +119,8 @@ def incoming(invite: Request) -> Dialog | None:
     rport = via.params.get("rport")
     host = (received or via.host).strip("[]")
     port = int(rport) if rport and rport.isdigit() else (via.port or 5060)
-    return Dialog(invite.call_id, to, caller, target, UAS_CSEQ_FLOOR + CSEQ_STEP, host, port, via.transport)
+    return Dialog(invite.call_id, to, caller, target, UAS_CSEQ_FLOOR + CSEQ_STEP, host, port, via.transport,
+                  local_tagged=False)
 
 
 def learn_local_tag(dialog: Dialog, message: Request | Response) -> None:
@@ -128,6 +131,7 @@ def learn_local_tag(dialog: Dialog, message: Request | Response) -> None:
     to = message.get("To")
     if to and _has_tag(to) and message.call_id == dialog.call_id:
         dialog.local = to
+        dialog.local_tagged = True
 
 
 def outgoing(ok: Response) -> Dialog | None:

@@ -197,6 +197,9 @@ class Leg(pj.Call):  # type: ignore[misc]
         self.established = False
         """A 2xx went either way (CONNECTING or CONFIRMED): the dialog can take a BYE."""
         self.media_active = False
+        self.port: Any = None
+        """The active audio stream's bridge port as of the last media state (None: none)."""
+        self.port_id = -1
         self.code = 0
         self.reason = ""
         self.identity = ""
@@ -400,6 +403,10 @@ class Worker(PjHost):
         self.calls_done = 0
         self.acc: WorkerAccount | None = None
         self.sip_port = 0
+        self.null_sink: Any = None
+        """The null sound device's bridge port (port 0), once a stream was connected to it."""
+        self.codec_ranking: list[str] = []
+        """The codec order last given to pjsua (see set_codec_order)."""
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -464,6 +471,9 @@ class Worker(PjHost):
         """Enable only our codecs, `order` first: the B-leg offer then leads with the
         A-leg's codec, so the common case needs no transcoding."""
         ranked = order + [c for c in P.CODECS if c not in order]
+        if ranked == self.codec_ranking:
+            return  # as set for the last call (the common case: every call offers the same)
+        self.codec_ranking = ranked
         for info in self.ep.codecEnum2():
             cid = str(info.codecId)
             base = cid.rsplit("/", 1)[0] if cid.count("/") == 2 else cid
@@ -516,6 +526,7 @@ class Worker(PjHost):
             with contextlib.suppress(pj.Error):
                 self.acc.shutdown()
         self.acc = None
+        self.null_sink = None
 
     # -- main-loop chores ------------------------------------------------------------------
     def handle_line(self, line: bytes) -> None:
@@ -806,7 +817,8 @@ class Worker(PjHost):
         state = info.state
         code = int(info.lastStatusCode)
         reason = str(info.lastReason)
-        if state in (pj.PJSIP_INV_STATE_EARLY, pj.PJSIP_INV_STATE_CONNECTING, pj.PJSIP_INV_STATE_CONFIRMED):
+        if state in (pj.PJSIP_INV_STATE_EARLY, pj.PJSIP_INV_STATE_CONNECTING,
+                     pj.PJSIP_INV_STATE_CONFIRMED) and self.dialog_incomplete(leg):
             self.note_dialog(leg, rx_message(prm.e) or tx_message(prm.e))
         if state in (pj.PJSIP_INV_STATE_CONNECTING, pj.PJSIP_INV_STATE_CONFIRMED):
             leg.established = True
@@ -814,6 +826,7 @@ class Worker(PjHost):
             self.note_voicemail(leg, rx_message(prm.e))
         if state == pj.PJSIP_INV_STATE_DISCONNECTED:
             leg.disconnected = True
+            leg.port = None  # pjsua destroys the stream
             leg.code = code
             leg.reason = reason
             self.dirty = True
@@ -823,10 +836,21 @@ class Worker(PjHost):
         if session is not None:
             self.later(lambda: self.leg_state(session, leg, state, code, reason))
 
+    @staticmethod
+    def placed_by_us(leg: Leg) -> bool:
+        return leg.name == P.LEG_B or leg.name.startswith(P.TRANSFER_LEG_PREFIX)
+
+    def dialog_incomplete(self, leg: Leg) -> bool:
+        """:meth:`note_dialog` has something left to learn (else the message is not parsed:
+        a leg changes state four times, and a parse is a good part of a state's cost)."""
+        if self.placed_by_us(leg):
+            return not leg.identity or leg.dialog is None
+        return leg.dialog is not None and not leg.dialog.local_tagged
+
     def note_dialog(self, leg: Leg, msg: Request | Response | None) -> None:
         """Keep what a direct BYE needs: the B-leg's 2xx (tags, the callee's Contact);
         on a leg we answered, our tag from the 18x/2xx we sent or the ACK we got."""
-        if leg.name == P.LEG_B or leg.name.startswith(P.TRANSFER_LEG_PREFIX):
+        if self.placed_by_us(leg):
             if isinstance(msg, Response) and 200 <= msg.status < 300:
                 if not leg.identity:
                     leg.identity = msg.get(P.HDR_PAI) or strip_tag(msg.get("To") or "")
@@ -935,7 +959,9 @@ class Worker(PjHost):
             self.hangup(s.a)
 
     def on_call_media_state(self, leg: Leg) -> None:
-        leg.media_active = leg.audio_media() is not None
+        leg.port = leg.audio_media()
+        leg.port_id = leg.port.getPortId() if leg.port is not None else -1
+        leg.media_active = leg.port is not None
         session = leg.session
         if session is not None:
             # A re-INVITE may have re-created the stream (and its bridge port, maybe
@@ -949,27 +975,25 @@ class Worker(PjHost):
     def connect_bridge(self, s: Session) -> None:
         """Everyone hears everyone else (not themselves): both directions of every pair
         of answered legs with active audio.  Re-running it is harmless."""
-        ports = []
-        for leg in s.legs():
-            if leg.alive() and (leg.confirmed or (leg is s.a and s.answered)):
-                port = leg.audio_media()
-                if port is not None:
-                    ports.append((leg.name, port))
-        for src_name, src in ports:
-            for dst_name, dst in ports:
-                key = (src_name, src.getPortId(), dst_name, dst.getPortId())
-                if src_name != dst_name and key not in s.links:
-                    src.startTransmit(dst)
+        ports = [leg for leg in s.legs()
+                 if leg.port is not None and leg.alive() and (leg.confirmed or (leg is s.a and s.answered))]
+        for source in ports:
+            src_name, src = source.name, source.port
+            for listener in ports:
+                key = (src_name, source.port_id, listener.name, listener.port_id)
+                if listener is not source and key not in s.links:
+                    src.startTransmit(listener.port)
                     s.links.add(key)
             # Every stream also feeds the null sound device (port 0), so the bridge reads
             # it on every tick even while nobody else listens (the other party on hold).
             # The bridge skips a port without listeners: its jitter buffer would fill
             # with what its party keeps sending, and after the resume play that backlog
             # late, shedding frames for seconds (a tone heard at -20 dB).
-            sink = self.ep.audDevManager().getPlaybackDevMedia()
-            key = (src_name, src.getPortId(), NULL_SINK, sink.getPortId())
+            if self.null_sink is None:
+                self.null_sink = self.ep.audDevManager().getPlaybackDevMedia()
+            key = (src_name, source.port_id, NULL_SINK, 0)
             if key not in s.links:
-                src.startTransmit(sink)
+                src.startTransmit(self.null_sink)
                 s.links.add(key)
 
     def on_dtmf(self, leg: Leg, digit: str) -> None:
@@ -1271,13 +1295,14 @@ def main(argv: list[str] | None = None) -> int:
     block_signals()
     gc.disable()
     # Keep fd 1 for JSON only: anything native code prints goes to stderr.
-    out = private_stdout()
+    out = private_stdout(batched=True)  # flushed once per pass of the loop (PjHost.run)
     worker = Worker(args, out)
     try:
         worker.start()
     except Exception as exc:
         out.emit(P.EV_ERROR, where="start", message=pj_error_text(exc))
         out.emit(P.EV_BYE, reason="start failed")
+        out.flush()
         sys.stderr.flush()
         os._exit(1)
     code = worker.run()

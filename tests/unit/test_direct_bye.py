@@ -35,9 +35,10 @@ def test_incoming_reaches_the_caller_where_the_edge_saw_it() -> None:
     assert (dialog.host, dialog.port) == ("192.0.2.9", 40001)
     assert dialog.target == "sip:100@10.0.0.7:5062;ob"
     assert not dialog.ready()  # our tag is not known before we answer
+    assert not dialog.local_tagged  # so the worker still parses what the leg sends or gets
     ok = Response(200, "OK", [("To", "<sip:200@home.arpa>;tag=worker9"), ("Call-ID", CALL_ID)])
     direct_bye.learn_local_tag(dialog, ok)
-    assert dialog.ready()
+    assert dialog.ready() and dialog.local_tagged
     bye = parse_message(dialog.bye("127.0.0.1", 4000, "x1"))
     assert isinstance(bye, Request)
     assert bye.method == "BYE" and bye.uri == "sip:100@10.0.0.7:5062;ob"

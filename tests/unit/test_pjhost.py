@@ -8,11 +8,13 @@ global state and threads, which the test process must stay free of.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,7 +85,7 @@ class ProbeHost(PjHost):
 
 def child_main(transport: str, watchdog: float) -> None:
     block_signals()
-    out = private_stdout()
+    out = private_stdout(batched=True)  # as a media worker: the loop flushes once per pass
     host = ProbeHost(out, transport, watchdog)
     host.start()
     code = host.run()
@@ -240,3 +242,25 @@ def test_timers_run_in_deadline_order_and_one_set_for_now_waits_a_pass() -> None
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--child"]:
     child_main(sys.argv[2], float(sys.argv[3]))
+
+
+def test_a_batched_emitter_holds_its_threads_events_until_flushed() -> None:
+    """One write per pass of a worker's loop, in order; another thread's event (a log line
+    from a pjsua thread) is not held back."""
+    stream = io.StringIO()
+    out = Emitter(stream, batched=True)
+    out.emit("call_started", token="t1")
+    out.emit("call_answered", token="t1")
+    assert stream.getvalue() == ""
+    other = threading.Thread(target=lambda: out.emit("log", line="from pjsua"))
+    other.start()
+    other.join()
+    assert [json.loads(x)["event"] for x in stream.getvalue().splitlines()] == ["log"]
+    out.flush()
+    events = [json.loads(x)["event"] for x in stream.getvalue().splitlines()]
+    assert events == ["log", "call_started", "call_answered"]
+    out.flush()  # nothing held: nothing written
+    assert len(stream.getvalue().splitlines()) == 3
+    unbatched = io.StringIO()
+    Emitter(unbatched).emit("ready")  # a simulated handset's: every event at once
+    assert json.loads(unbatched.getvalue()) == {"event": "ready"}
