@@ -27,10 +27,6 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-import dns.asyncresolver
-import dns.exception
-import dns.resolver
-
 from appliance.config import LiveConfig, TrunkConfig
 from appliance.edge.seams import Network
 from appliance.edge.timers import Timed, TimerWheel
@@ -56,7 +52,11 @@ DNS_TIMEOUT = 10.0
 DEFAULT_PORT = 5060
 
 Resolver = Callable[[TrunkConfig], Awaitable[list[tuple[str, int]]]]
-"""A trunk's server -> its addresses (host, port), best first; raises OSError/DNSException."""
+"""A trunk's server -> its addresses (host, port), best first; raises OSError."""
+
+
+class LookupFailed(OSError):
+    """The provider's SRV lookup failed (dnspython's DNSException, as the OSError a Resolver raises)."""
 
 
 class TrunkEvents(Protocol):
@@ -102,11 +102,19 @@ async def resolve_rfc3263(trunk: TrunkConfig) -> list[tuple[str, int]]:
         return [(trunk.host, trunk.port or DEFAULT_PORT)]
     if trunk.port is not None:
         return await _addresses(trunk.host, trunk.port)
+    # Imported here, not with the module: dnspython is 5.5 MB of the edge's memory, and
+    # only a provider named by its domain, without a port, needs it.
+    import dns.asyncresolver
+    import dns.exception
+    import dns.resolver
+
     try:
         answer = await dns.asyncresolver.resolve(f"_sip._{trunk.transport}.{trunk.host}", "SRV",
                                                  lifetime=DNS_TIMEOUT)
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
         return await _addresses(trunk.host, DEFAULT_PORT)
+    except dns.exception.DNSException as err:
+        raise LookupFailed(str(err) or type(err).__name__) from err
     records = sorted(answer, key=lambda r: (r.priority, -r.weight))
     out: list[tuple[str, int]] = []
     for record in records:
@@ -317,7 +325,7 @@ class TrunkRegistrar:
     async def _resolve(self, trunk: TrunkConfig, machine: TrunkRegistration) -> None:
         try:
             found = await asyncio.wait_for(self.resolve(trunk), DNS_TIMEOUT)
-        except (OSError, dns.exception.DNSException, TimeoutError) as err:
+        except (OSError, TimeoutError) as err:
             reason = str(err) or type(err).__name__
             if self._current(trunk.name) is machine:
                 self._apply(trunk.name, machine.resolve_failed(reason[:200], self.timers.now()))

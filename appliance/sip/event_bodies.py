@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from xml.sax.saxutils import quoteattr
 
 DIALOG_INFO = "application/dialog-info+xml"
 PIDF = "application/pidf+xml"
@@ -47,22 +46,22 @@ def dialog_info(entity: str, version: int, dialogs: list[DialogView], *, full: b
     parts = [
         '<?xml version="1.0" encoding="UTF-8"?>\n',
         f'<dialog-info xmlns="urn:ietf:params:xml:ns:dialog-info" version="{version}" '
-        f'state="{state}" entity={quoteattr(entity)}>\n',
+        f'state="{state}" entity={_attr(entity)}>\n',
     ]
     for d in dialogs:
         if d.state not in DIALOG_STATES:
             raise ValueError(f"dialog state {d.state!r}")
         if d.direction not in ("initiator", "recipient"):
             raise ValueError(f"dialog direction {d.direction!r}")
-        display = f" display={quoteattr(d.remote_display)}" if d.remote_display else ""
+        display = f" display={_attr(d.remote_display)}" if d.remote_display else ""
         parts.append(
-            f'  <dialog id={quoteattr(d.id)} call-id={quoteattr(d.call_id)} local-tag={quoteattr(d.local_tag)} '
-            f'remote-tag={quoteattr(d.remote_tag)} direction="{d.direction}">\n'
+            f'  <dialog id={_attr(d.id)} call-id={_attr(d.call_id)} local-tag={_attr(d.local_tag)} '
+            f'remote-tag={_attr(d.remote_tag)} direction="{d.direction}">\n'
             f"    <state>{d.state}</state>\n"
             f"    <local><identity>{_text(d.local_identity)}</identity>"
-            f"<target uri={quoteattr(d.local_identity)}/></local>\n"
+            f"<target uri={_attr(d.local_identity)}/></local>\n"
             f"    <remote><identity{display}>{_text(d.remote_identity)}</identity>"
-            f"<target uri={quoteattr(d.remote_identity)}/></remote>\n"
+            f"<target uri={_attr(d.remote_identity)}/></remote>\n"
             "  </dialog>\n"
         )
     parts.append("</dialog-info>\n")
@@ -82,7 +81,7 @@ def pidf(entity: str, basic_open: bool, note: str = "", *, on_the_phone: bool = 
     return (
         '<?xml version="1.0" encoding="UTF-8"?>\n'
         '<presence xmlns="urn:ietf:params:xml:ns:pidf" xmlns:dm="urn:ietf:params:xml:ns:pidf:data-model" '
-        f'xmlns:rpid="urn:ietf:params:xml:ns:pidf:rpid" entity={quoteattr(entity)}>\n'
+        f'xmlns:rpid="urn:ietf:params:xml:ns:pidf:rpid" entity={_attr(entity)}>\n'
         f'  <tuple id="t1"><status><basic>{status}</basic></status>{note_xml}</tuple>\n'
         f"{person}"
         "</presence>\n"
@@ -105,3 +104,14 @@ def message_summary(account: str, waiting: bool = False, new: int = 0, old: int 
 
 def _text(value: str) -> str:
     return value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+_ATTR_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;",
+                               "\n": "&#10;", "\r": "&#13;", "\t": "&#9;"})
+
+
+def _attr(value: str) -> str:
+    """An XML attribute value, quoted (xml.sax.saxutils.quoteattr would do, but importing
+    it brings urllib, http and email: 8 ms and a few MB in the edge)."""
+    return '"' + value.translate(_ATTR_ESCAPES) + '"'
+
