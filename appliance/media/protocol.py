@@ -16,7 +16,8 @@ the calls share the process, the conference bridge (a call only ever hears its o
 the RTP range (``PORTS_PER_CALL`` ports a call).  Its SDP names ADDR, or 127.0.0.1 when ADDR
 is the wildcard: the edge then puts the box's address as each outside party reaches it in
 place of 127.0.0.1 (:mod:`appliance.sip.sdp`, ``StatelessRelay.body_between``).  It writes
-JSON events to stdout, one per line, and reads JSON commands from stdin, one per line.
+JSON events to stdout, one per line (the events of one pass of its loop in one write), and
+reads JSON commands from stdin, one per line.
 pjsua logs go to stderr.  ``{"cmd": "quit"}``, SIGTERM, SIGINT and SIGHUP mean a clean
 shutdown: BYE/CANCEL/503 every leg, ``libDestroy``, exit status 0.  Stdin EOF without a quit
 first means the edge died: the worker BYEs each answered party straight to its address, not

@@ -272,17 +272,23 @@ def test_odd_in_dialog_requests_never_kill_the_worker(pbx_factory: DaemonFactory
     dialog.raw.close()
 
 
-def test_the_other_party_hanging_up_while_the_target_rings_ends_the_call(
-        pbx_factory: DaemonFactory, handset_factory: HandsetFactory) -> None:
-    """The transferring party left right after its REFER's 202; the other party hangs up
-    while the target still rings: nobody is left for the target, so its ringing stops and
-    the call ends (it used to ring on, and be a call with nobody if answered)."""
+def target_ringing(pbx_factory: DaemonFactory, handset_factory: HandsetFactory
+                   ) -> tuple[Daemon, Handset, Handset, RawDialog, str, str]:
+    """A raw caller talks to B and REFERs itself to C: C rings, nobody has hung up yet."""
     pbx, _, b, c = house(pbx_factory, handset_factory)
     dialog = raw_call(pbx, b)
     b_call = str(b.wait_state(str(b.wait_incoming()["call"]), "CONFIRMED")["call"])
     refer = dialog.send("REFER", [("Refer-To", "<sip:300@home.arpa>")])
     assert refer is not None and refer.status == 202
-    c_call = str(c.wait_incoming()["call"])
+    return pbx, b, c, dialog, b_call, str(c.wait_incoming()["call"])
+
+
+def test_the_other_party_hanging_up_while_the_target_rings_ends_the_call(
+        pbx_factory: DaemonFactory, handset_factory: HandsetFactory) -> None:
+    """The transferring party left right after its REFER's 202; the other party hangs up
+    while the target still rings: nobody is left for the target, so its ringing stops and
+    the call ends (it used to ring on, and be a call with nobody if answered)."""
+    pbx, b, c, dialog, b_call, c_call = target_ringing(pbx_factory, handset_factory)
     bye = dialog.send("BYE")
     assert bye is not None and bye.status == 200
     b.hangup(b_call)
@@ -296,12 +302,7 @@ def test_both_parties_hanging_up_at_once_while_the_target_rings_ends_the_call(
         pbx_factory: DaemonFactory, handset_factory: HandsetFactory) -> None:
     """As above, but both hang-ups reach the worker in one poll (a busy machine: the CI
     flake), so the other party's leaves before the transferring party's leg is reaped."""
-    pbx, _, b, c = house(pbx_factory, handset_factory)
-    dialog = raw_call(pbx, b)
-    b_call = str(b.wait_state(str(b.wait_incoming()["call"]), "CONFIRMED")["call"])
-    refer = dialog.send("REFER", [("Refer-To", "<sip:300@home.arpa>")])
-    assert refer is not None and refer.status == 202
-    c_call = str(c.wait_incoming()["call"])
+    pbx, b, c, dialog, b_call, c_call = target_ringing(pbx_factory, handset_factory)
     (pid,) = worker_pids(pbx)
     os.kill(pid, signal.SIGSTOP)
     try:
