@@ -1305,6 +1305,10 @@ def main(argv: list[str] | None = None) -> int:
         out.flush()
         sys.stderr.flush()
         os._exit(1)
+    # What start() made lives as long as the worker: out of the collection each call's end
+    # runs (as the zygote's objects are), which then only walks what calls left behind.
+    gc.collect()
+    gc.freeze()
     code = worker.run()
     sys.stderr.flush()
     # Skip interpreter teardown: SWIG finalisers after libDestroy are not safe.
