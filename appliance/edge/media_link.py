@@ -64,10 +64,15 @@ class MediaLink:
         self._pool = WorkerPool(
             media.min_idle, media.max_calls, (media.rtp_port_low, media.rtp_port_high),
             self._address, rtp_address=P.rtp_address(edge_host), on_event=self._on_event, worker_died=self._died,
-            # A call uses at most ~8 of pjlib's socket slots (64 in the PyPI wheel, one call
-            # a process), which come back 500 ms after the call; a short rest of the call's
-            # slot is enough to never run out.
-            cooldown=0.1, calls_per_worker=media.calls_per_worker,
+            # A call uses at most 8 of pjlib's socket slots (RTP and RTCP of its A and B legs,
+            # a joiner and a transfer), which come back 500 ms after the call. Resting a
+            # call's slot 75 ms keeps what a worker's calls hold within its ioqueue even for
+            # calls that end at once: 16 slots (our build) x 8 x 0.5 s / 0.075 s = 853 of
+            # its 1024 handles, less its live calls' 128 and the SIP transports; 1 slot (the
+            # PyPI wheel) x 8 x 0.5 / 0.075 = 53 of 64. Each slot then takes at most ~13
+            # calls a second: with the 100 ms rest before, max_calls = 64 capped a burst
+            # at ~500 calls/s with the cores half idle.
+            cooldown=0.075, calls_per_worker=media.calls_per_worker,
             worker_args=["--voicemail-dir", str(store.resolve())] if store is not None else [],
         )
         await self._pool.start()

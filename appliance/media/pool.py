@@ -24,9 +24,11 @@ ports, so workers never collide on a port, not even a new one starting while a d
 one's sockets linger.
 
 Cooling exists because pjlib frees a closed socket's ioqueue slot only 500 ms later
-(PJ_IOQUEUE_KEY_FREE_DELAY) out of a fixed number (64 in the PyPI wheel): a worker given
-~16 short calls inside half a second aborts on an assertion.  After a call its slot rests
-``cooldown`` seconds.
+(PJ_IOQUEUE_KEY_FREE_DELAY) out of a fixed number (64 in the PyPI wheel, 1024 in ours): a
+worker given more short calls inside half a second than its ioqueue holds aborts on an
+assertion.  After a call its slot rests ``cooldown`` seconds (the edge's choice and its
+arithmetic: ``edge/media_link.py``).  Resting slots count against ``max_calls``, so the
+rest also bounds a burst: ``max_calls / (call time + cooldown)`` calls a second.
 """
 
 from __future__ import annotations
