@@ -981,7 +981,7 @@ class Worker(PjHost):
             src_name, src = source.name, source.port
             for listener in ports:
                 key = (src_name, source.port_id, listener.name, listener.port_id)
-                if listener is not source and key not in s.links:
+                if listener.name != src_name and key not in s.links:
                     src.startTransmit(listener.port)
                     s.links.add(key)
             # Every stream also feeds the null sound device (port 0), so the bridge reads
