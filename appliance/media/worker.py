@@ -196,9 +196,9 @@ class Leg(pj.Call):  # type: ignore[misc]
         self.confirmed = False
         self.established = False
         """A 2xx went either way (CONNECTING or CONFIRMED): the dialog can take a BYE."""
-        self.media_active = False
         self.port: Any = None
-        """The active audio stream's bridge port as of the last media state (None: none)."""
+        """The active audio stream's bridge port as of the last media state (None: none):
+        read here, not asked of pjsua2 again (:meth:`Worker.on_call_media_state`)."""
         self.port_id = -1
         self.code = 0
         self.reason = ""
@@ -242,6 +242,10 @@ class Leg(pj.Call):  # type: ignore[misc]
 
     def alive(self) -> bool:
         return not self.disconnected
+
+    @property
+    def media_active(self) -> bool:
+        return self.port is not None
 
     @property
     def stands_for(self) -> Leg | None:
@@ -747,7 +751,7 @@ class Worker(PjHost):
         """Once the leg's audio is up (re-checked every 100 ms, `tries` times): the beeps, then BYE."""
         if leg.disconnected:
             return
-        port = leg.audio_media()
+        port = leg.port
         if port is None:
             if tries > 0:
                 self.after(0.1, lambda: self.confirm_beeps(leg, tries - 1))
@@ -961,7 +965,6 @@ class Worker(PjHost):
     def on_call_media_state(self, leg: Leg) -> None:
         leg.port = leg.audio_media()
         leg.port_id = leg.port.getPortId() if leg.port is not None else -1
-        leg.media_active = leg.port is not None
         session = leg.session
         if session is not None:
             # A re-INVITE may have re-created the stream (and its bridge port, maybe
@@ -1078,7 +1081,7 @@ class Worker(PjHost):
         machine = s.machine
         if machine is None or leg.session is not s or leg.disconnected:
             return
-        port = leg.audio_media()
+        port = leg.port
         if port is not None:
             self.guard("machine", machine.media_ready, port)
 
@@ -1211,10 +1214,10 @@ class Worker(PjHost):
         new.confirmed = True
         if x is None:
             return
-        port = x.audio_media()
+        port = x.port
         if port is not None:
             for other in s.legs():
-                theirs = other.audio_media() if other is not x else None
+                theirs = other.port if other is not x else None
                 if theirs is not None:
                     with contextlib.suppress(pj.Error):
                         port.stopTransmit(theirs)
