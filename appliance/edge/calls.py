@@ -395,7 +395,7 @@ class CallRouter:
         dialog.worker_port = port
         target = Target("", f"sip:{dialog.callee}@{LOOPBACK}:{port}", self.worker_flow(port), False)
         self.start_fork(dialog, dest, key, [target], settings, [(HDR_TOKEN, dialog.token), *headers], now,
-                         record_route=True)
+                         record_route=True, trying_sent=True)  # every way here answered 100 first
 
     def worker_flow(self, port: int) -> Flow:
         addresses = self.network.addresses
@@ -557,7 +557,7 @@ class CallRouter:
     def start_fork(self, dialog: Dialog, dest: Flow, key: str | None, targets: list[Target[Flow]],
                     settings: ForkSettings, extra_headers: list[tuple[str, str]], now: float,
                     *, record_route: bool = True, authorize: Authorize | None = None,
-                    relay_body: RelayBody[Flow] | None = None) -> None:
+                    relay_body: RelayBody[Flow] | None = None, trying_sent: bool = False) -> None:
         caller_flow = dialog.caller_flow
         fork: Fork[Flow] = Fork(
             dialog.invite, dest, caller_flow.transport == "tcp", settings, now,
@@ -572,7 +572,7 @@ class CallRouter:
         if key:
             self._forks[key] = dialog
         self._dialogs[dialog.call_id] = dialog
-        actions = fork.start(targets, now)
+        actions = fork.start(targets, now, trying_sent=trying_sent)
         for branch_id in fork.branches:
             self._branches[branch_id] = dialog
         self.apply(dialog, actions)

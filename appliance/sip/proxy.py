@@ -151,10 +151,15 @@ class Fork(Generic[Dest]):
         self._made = 0
 
     # -- start --------------------------------------------------------------------------------
-    def start(self, targets: list[Target[Dest]], now: float) -> list[ForkAction[Dest]]:
+    def start(self, targets: list[Target[Dest]], now: float, *, trying_sent: bool = False) -> list[ForkAction[Dest]]:
+        """Our 100 Trying and the branches' INVITEs.  `trying_sent`: the caller already
+        had a 100 (while a media worker was found), so the transaction only keeps it for
+        the INVITE's retransmissions and it is not sent twice."""
         actions: list[ForkAction[Dest]] = []
         trying = make_response(self.request, 100, "Trying")
-        actions += self._up(self.server.respond(trying, now))
+        sent = self._up(self.server.respond(trying, now))
+        if not trying_sent:
+            actions += sent
         for target in targets:
             branch_id = self._new_branch_id()
             outgoing = self._branch_request(target, branch_id)

@@ -190,6 +190,14 @@ def test_100_trying_goes_upstream_at_once() -> None:
     assert trying.get("To") == "<sip:200@home.arpa>"  # no tag on 100
 
 
+def test_a_100_already_sent_is_not_sent_again_but_answers_retransmissions() -> None:
+    fork: Fork[str] = Fork(caller_invite(), CALLER, False, ForkSettings(30.0), T0, via_for=via_for)
+    actions = fork.start([target(1)], T0, trying_sent=True)
+    assert upstream(actions) == []  # the router's own 100 went out while a worker was found
+    assert [m.method for m in sent_to(actions, "dev1") if isinstance(m, Request)] == ["INVITE"]
+    assert [r.status for r in upstream(fork.on_request_retransmission())] == [100]
+
+
 def test_caller_retransmission_is_answered_with_last_provisional() -> None:
     h = Harness(2)
     assert [r.status for r in upstream(h.fork.on_request_retransmission())] == [100]
