@@ -822,12 +822,12 @@ class Worker(PjHost):
         code = int(info.lastStatusCode)
         reason = str(info.lastReason)
         if state in (pj.PJSIP_INV_STATE_EARLY, pj.PJSIP_INV_STATE_CONNECTING,
-                     pj.PJSIP_INV_STATE_CONFIRMED) and self.dialog_incomplete(leg):
+                     pj.PJSIP_INV_STATE_CONFIRMED) and self.dialog_incomplete(leg, code):
             self.note_dialog(leg, rx_message(prm.e) or tx_message(prm.e))
+        if state == pj.PJSIP_INV_STATE_DISCONNECTED and leg.name == P.LEG_B and not leg.established:
+            self.note_voicemail(leg, rx_message(prm.e))  # only a final answer to the INVITE says so
         if state in (pj.PJSIP_INV_STATE_CONNECTING, pj.PJSIP_INV_STATE_CONFIRMED):
             leg.established = True
-        if state == pj.PJSIP_INV_STATE_DISCONNECTED and leg.name == P.LEG_B:
-            self.note_voicemail(leg, rx_message(prm.e))
         if state == pj.PJSIP_INV_STATE_DISCONNECTED:
             leg.disconnected = True
             leg.port = None  # pjsua destroys the stream
@@ -844,11 +844,12 @@ class Worker(PjHost):
     def placed_by_us(leg: Leg) -> bool:
         return leg.name == P.LEG_B or leg.name.startswith(P.TRANSFER_LEG_PREFIX)
 
-    def dialog_incomplete(self, leg: Leg) -> bool:
-        """:meth:`note_dialog` has something left to learn (else the message is not parsed:
-        a leg changes state four times, and a parse is a good part of a state's cost)."""
+    def dialog_incomplete(self, leg: Leg, code: int) -> bool:
+        """:meth:`note_dialog` has something left to learn from the state's message `code`
+        (else the message is not parsed: a leg changes state four times, and a parse is a
+        good part of a state's cost).  A leg we placed learns only from a 2xx."""
         if self.placed_by_us(leg):
-            return not leg.identity or leg.dialog is None
+            return 200 <= code < 300 and (not leg.identity or leg.dialog is None)
         return leg.dialog is not None and not leg.dialog.local_tagged
 
     def note_dialog(self, leg: Leg, msg: Request | Response | None) -> None:
