@@ -317,6 +317,18 @@ def test_arrival_rate_sees_a_burst_at_once_and_keeps_a_trickle() -> None:
     assert arrival_rate(trickle, 200.0) == 0.0
 
 
+def test_new_calls_spread_over_one_worker_a_core_only_under_a_burst() -> None:
+    async def spread() -> tuple[int, int]:
+        pool = WorkerPool(rtp_ports="10000-10999")
+        pool.cores = 2
+        quiet = pool.spread()  # a household's calls: packed, so idle workers retire
+        now = time.monotonic()
+        pool._arrivals.extend(now - 0.5 + i * 0.02 for i in range(20))  # 20 calls in the last second
+        return quiet, pool.spread()
+
+    assert asyncio.run(spread()) == (1, 2)
+
+
 def test_a_burst_waits_for_workers_instead_of_being_refused(fake: list[str]) -> None:
     """Twelve calls at once with one warm worker: each waits for a worker to start (at
     most max_starting at once), none is refused; a thirteenth beyond max_calls is."""

@@ -72,6 +72,23 @@ def test_a_new_call_goes_to_the_busiest_worker_with_a_free_slot() -> None:
     assert pick_worker([]) is None
 
 
+def test_a_burst_spreads_new_calls_over_the_busiest_workers_one_a_core() -> None:
+    a, b, c = running(4, held=1, wid=1), running(4, held=3, wid=2), running(4, held=4, wid=3)
+    assert pick_worker([a, b, c], spread=2) is a  # of the two busiest with room, the less held
+    a.held += [CallSlot("x"), CallSlot("y")]
+    assert pick_worker([a, b, c], spread=2) is a  # a tie: the first in the list
+    idle1, idle2, idle3 = running(4, wid=4), running(4, wid=5), running(4, wid=6)
+    workers = [idle1, idle2, idle3]
+    taken = []
+    for n in range(4):
+        worker = pick_worker(workers, spread=2)
+        assert worker is not None
+        worker.held.append(CallSlot(f"c{n}"))
+        taken.append(worker.id)
+    assert taken == [4, 5, 4, 5]  # two workers share the burst, the third stays idle
+    assert pick_worker([c], spread=2) is None
+
+
 def test_port_slices_are_sized_by_calls_per_worker() -> None:
     # One call a worker: max_calls + 2 slices (today's cut).
     assert P.workers_needed(64, 1, 2) == 66
