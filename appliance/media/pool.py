@@ -5,7 +5,8 @@ lines (see :mod:`.protocol`).  A worker is a set of call slots: it carries up to
 ``capacity`` calls at once (``calls_per_worker``, cut to what the pjsua2 build holds: one
 with the PyPI wheel, learnt before the first worker starts, see :meth:`WorkerPool.start`).
 ``max_calls`` is the most calls in all.  A new call takes a free slot of the busiest worker
-that has one, so calls are packed and idle workers can retire.  Everything below counts
+that has one, so calls are packed and idle workers can retire (under a burst, of the
+busiest one a core: :func:`pick_worker`).  Everything below counts
 slots (calls), not processes.  A worker takes ~100 ms to start (more on a busy box),
 far more than the call-setup budget, so the pool keeps workers warm ahead of demand: at
 least ``min_idle``, and as many as the recent arrival rate would use up while one starts
