@@ -73,15 +73,17 @@ END_GRACE: Final = 0.5
 FULL_GRACE: Final = 1.0
 """How long a call that finds max_calls held waits for one to end (a worker reports its
 call's end a moment after the BYE went by) before 503."""
-RATE_WINDOWS: Final = (0.25, 1.0, 10.0)
-"""Arrival rate: the highest of the last quarter second's, second's and ten seconds' (see
-arrival_rate).  The quarter second sees a burst while it starts: with the second alone, a
-burst's first 100 ms found no worker warm beyond the first and its calls waited 40-60 ms
-for one; 1,000 calls at 10 in flight went from 459-467 to 480 calls/s."""
+RATE_WINDOWS: Final = ((0.25, 10), (1.0, 1), (10.0, 1))
+"""Arrival rate: the highest of the last quarter second's, second's and ten seconds', each
+window counted from the calls it must hold (see arrival_rate).  The quarter second sees a
+burst while it starts: with the second alone, a burst's first 100 ms found no worker warm
+beyond the first and its calls waited 40-60 ms for one (1,000 calls at 10 in flight went
+from 459-467 to 480 calls/s).  It counts from 10 calls, so a family's few calls at once
+(8 in the CPU bench) do not start a worker that would idle 20 s (8.6 MB of PSS)."""
 WARM_HEADROOM: Final = 2.0
 """Keep warm what arrives in this many worker start times (see warm_target)."""
 SPREAD_RATE: Final = 10.0
-SPREAD_WINDOWS: Final = (1.0,)
+SPREAD_WINDOWS: Final = ((1.0, 1),)
 """Calls in the last second from which new calls are spread over one worker a core
 (pick_worker): more than a household ever places, so only a burst (a few calls within a
 quarter second, which warm_target heeds, are not one).  Packed into one worker, a burst's set-ups queue
@@ -90,16 +92,19 @@ behind each other in that process while the other core idles: at 10 calls in fli
 and spread over two workers 3,000 calls went from 463-467 to 482-485 calls/s."""
 
 
-def arrival_rate(arrivals: Sequence[float], now: float, windows: Sequence[float] = RATE_WINDOWS) -> float:
+def arrival_rate(arrivals: Sequence[float], now: float,
+                 windows: Sequence[tuple[float, int]] = RATE_WINDOWS) -> float:
     """Calls per second lately, from the arrival times (oldest first): the highest rate
-    over each window ending `now`, so a burst is seen within a quarter second and a steady
-    trickle is not forgotten between two calls."""
+    over each window ending `now` (seconds, and the calls it must hold to count), so a
+    burst is seen within a quarter second and a steady trickle is not forgotten between two
+    calls."""
     # Found by bisection, not a scan: at 300 calls/s the ten-second window holds 3,000
     # arrivals, and this runs for every call (a scan was 4 % of the edge's CPU).
     best = 0.0
-    for window in windows:
+    for window, least in windows:
         count = len(arrivals) - bisect.bisect_left(arrivals, now - window)
-        best = max(best, count / window)
+        if count >= least:
+            best = max(best, count / window)
     return best
 
 

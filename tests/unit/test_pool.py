@@ -312,6 +312,8 @@ def test_arrival_rate_sees_a_burst_at_once_and_keeps_a_trickle() -> None:
     burst = [99.8 + i * 0.01 for i in range(20)]  # 20 calls in the last fifth of a second
     assert arrival_rate(burst, 100.0) == 80.0  # the quarter second holds them all
     assert arrival_rate(burst, 100.5) == 20.0  # half a second later: the last second's
+    family = [99.9 + i * 0.01 for i in range(8)]  # a few calls at once are not a burst
+    assert arrival_rate(family, 100.0) == 8.0
     trickle = [91.0, 93.0, 95.0, 97.0, 99.0]  # one every two seconds
     assert arrival_rate(trickle, 100.0) == 1.0  # the last second holds one: max(1/1, 5/10)
     assert arrival_rate(trickle, 100.5) == 0.5  # none in the last second: the 10-s window
