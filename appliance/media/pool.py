@@ -48,7 +48,6 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import IO, Any, Final
 
 from appliance.media import protocol as P
@@ -120,7 +119,7 @@ EventCallback = Callable[["Worker", dict[str, Any]], None]
 DiedCallback = Callable[["Worker", list[str]], None]
 
 
-class MediaUnavailable(RuntimeError):
+class MediaUnavailable(Exception):
     """The media engine does not load here (see WorkerPool.unavailable)."""
 
 
@@ -133,13 +132,17 @@ class WorkerState(enum.Enum):
     DEAD = "dead"
 
 
-@dataclass(eq=False)
 class CallSlot:
-    """One call a worker is acquired for (by the edge) or reports (call_started)."""
+    """One call a worker is acquired for (by the edge) or reports (call_started).  A plain
+    class, not a dataclass: compiled, a dataclass's __init__ stays interpreted."""
 
-    token: str | None
-    in_call: bool = False
-    """The worker reported call_started for it (and not yet call_ended)."""
+    def __init__(self, token: str | None, in_call: bool = False) -> None:
+        self.token = token
+        self.in_call = in_call
+        """The worker reported call_started for it (and not yet call_ended)."""
+
+    def __repr__(self) -> str:
+        return f"CallSlot({self.token!r}, in_call={self.in_call})"
 
 
 def pick_worker(workers: Sequence[Worker], spread: int = 1) -> Worker | None:
@@ -383,6 +386,8 @@ class WorkerPool:
         self._arrivals: deque[float] = deque(maxlen=4096)
         self.cores = len(os.sched_getaffinity(0))
         """Workers a burst spreads over (see spread)."""
+        self.spawned = 0
+        """Workers started so far (a crash loop shows as many)."""
         self.start_seconds = 0.2
         """How long a worker takes to become ready, smoothed over the last starts."""
         self._start_failures = 0
@@ -631,6 +636,7 @@ class WorkerPool:
         self._used_slots.add(slot)
         worker = Worker(next(self._ids), slot, self.slots[slot], self.capacity)
         self.workers.append(worker)
+        self.spawned += 1
         # Not in self._tasks: stop() must let readers see their worker's clean exit.
         loop = asyncio.get_running_loop()
         worker.reader = loop.create_task(self._run(worker), name=f"media-worker-{worker.id}")
