@@ -154,8 +154,8 @@ $(PJSUA2_INSTALLED): $(PJSUA2_STAMP) | $(STAMP)
 	touch $@
 
 # The SIP core and the edge's hot path compiled in place with mypyc (setup.py), again
-# whenever a module of the daemon changes (about two minutes of one core). The old build is removed first, so
-# a failed build leaves plain Python and stops make, never stale code.
+# whenever a module of the daemon changes (about two minutes of one core). The old build
+# is removed first, so a failed build leaves plain Python and stops make, never stale code.
 native: $(NATIVE)
 
 $(NATIVE): $(STAMP) $(NATIVE_SOURCES)

@@ -81,14 +81,15 @@ from 459-467 to 480 calls/s).  It counts from 10 calls, so a family's few calls 
 (8 in the CPU bench) do not start a worker that would idle 20 s (8.6 MB of PSS)."""
 WARM_HEADROOM: Final = 2.0
 """Keep warm what arrives in this many worker start times (see warm_target)."""
-SPREAD_RATE: Final = 10.0
 SPREAD_WINDOWS: Final = ((1.0, 1),)
-"""Calls in the last second from which new calls are spread over one worker a core
-(pick_worker): more than a household ever places, so only a burst (a few calls within a
-quarter second, which warm_target heeds, are not one).  Packed into one worker, a burst's set-ups queue
-behind each other in that process while the other core idles: at 10 calls in flight
-(bench/media_vs_asterisk.py) the worker's share of a call's set-up was 2.5-5 ms a step,
-and spread over two workers 3,000 calls went from 463-467 to 482-485 calls/s."""
+SPREAD_RATE: Final = 10.0
+"""Calls in the last second (SPREAD_WINDOWS) from which new calls are spread over one
+worker a core (pick_worker): more than a household ever places, so only a burst (a few
+calls within a quarter second, which warm_target heeds, are not one).  Packed into one
+worker, a burst's set-ups queue behind each other in that process while the other core
+idles: at 10 calls in flight (bench/media_vs_asterisk.py) the worker's share of a call's
+set-up was 2.5-5 ms a step, and spread over two workers 3,000 calls went from 463-467 to
+482-485 calls/s."""
 
 
 def arrival_rate(arrivals: Sequence[float], now: float,
@@ -154,9 +155,9 @@ def pick_worker(workers: Sequence[Worker], spread: int = 1) -> Worker | None:
     open_workers = [w for w in workers if w.free > 0]
     if not open_workers:
         return None
-    ranked = sorted(open_workers, key=lambda w: -len(w.held))[:max(1, spread)]  # stable: list order on a tie
     if spread <= 1:
-        return ranked[0]
+        return max(open_workers, key=lambda w: len(w.held))  # the first on a tie
+    ranked = sorted(open_workers, key=lambda w: -len(w.held))[:spread]  # stable: list order on a tie
     return min(ranked, key=lambda w: len(w.held))
 
 
