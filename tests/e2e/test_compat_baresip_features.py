@@ -20,7 +20,7 @@ from appliance.simulator import tones
 from appliance.simulator.handset import Handset
 from tests.e2e.conftest import DaemonFactory
 from tests.support.baresip import Baresip
-from tests.support.handsets import recorded
+from tests.support.handsets import recorded, until_heard
 from tests.support.pbx import Daemon, user_block
 from tests.support.ports import rtp_range
 
@@ -56,9 +56,7 @@ def test_baresip_holds_and_resumes_a_call_to_a_handset(
         pbx_factory: DaemonFactory, handset_factory: HandsetFactory, baresip: BaresipFactory,
         tmp_path: Path) -> None:
     pbx, phone, handset, call = call_in_progress(pbx_factory, handset_factory, baresip, tmp_path)
-    # baresip's tone starts with its audio stream, a moment after the handset's media is
-    # active (under load a third of the first second was silence, -11 dB).
-    time.sleep(0.5)
+    until_heard(handset, call, tmp_path, HANDSET_TONE, BARESIP_TONE, HEARD)
     talking = recorded(handset, call, tmp_path / "talking.wav", HANDSET_TONE, 1.0)
 
     at = phone.command("/hold")
@@ -67,7 +65,7 @@ def test_baresip_holds_and_resumes_a_call_to_a_handset(
     paused = recorded(handset, call, tmp_path / "paused.wav", HANDSET_TONE, 1.0)
     at = phone.command("/resume")
     phone.wait_for("call: resume", start=at)
-    time.sleep(0.5)
+    until_heard(handset, call, tmp_path, HANDSET_TONE, BARESIP_TONE, HEARD)
     resumed = recorded(handset, call, tmp_path / "resumed.wav", HANDSET_TONE, 1.5)
 
     phone.command("b")  # hang up
