@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from appliance.config import Config, TrunkConfig, UserConfig
 
@@ -30,8 +31,7 @@ class Refuse:
     why: str
 
 
-@dataclass(frozen=True, slots=True)
-class RingNumber:
+class RingNumber(NamedTuple):
     """Ring these devices of `number` at once (ring-all); the first to answer takes the call."""
 
     number: str

@@ -25,9 +25,9 @@ import re
 import struct
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from enum import Enum
 from functools import lru_cache
+from typing import NamedTuple
 
 from appliance.sip.message import RANDOM
 
@@ -100,8 +100,7 @@ def parse_digest(value: str) -> dict[str, str] | None:
     return params
 
 
-@dataclass(frozen=True, slots=True)
-class Credentials:
+class Credentials(NamedTuple):
     """The fields of an Authorization/Proxy-Authorization Digest value.
 
     ``algorithm`` is upper-cased and defaults to "MD5" when absent (RFC 7616

@@ -7,8 +7,8 @@ answer, after the same work, so a scanner cannot tell which numbers exist.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import Enum
+from typing import NamedTuple
 
 from appliance.sip.auth import ALGORITHMS, NonceManager, Verdict, challenge_values, find_credentials, verify
 from appliance.sip.message import Request, Response, make_response
@@ -21,8 +21,7 @@ class Outcome(Enum):
     REFUSED = "refused"
 
 
-@dataclass(frozen=True, slots=True)
-class AuthResult:
+class AuthResult(NamedTuple):
     outcome: Outcome
     response: Response | None = None
     blocked_for: float | None = None  # set when this failure started a cool-off

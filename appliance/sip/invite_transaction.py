@@ -38,8 +38,7 @@ class Send(NamedTuple, Generic[Dest]):
     dest: Dest
 
 
-@dataclass(frozen=True, slots=True)
-class PassUp:
+class PassUp(NamedTuple):
     """A response the transaction user must see (provisional, 2xx, first final non-2xx)."""
 
     response: Response

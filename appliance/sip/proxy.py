@@ -77,8 +77,7 @@ class SendRequest(NamedTuple, Generic[Dest]):
     reliable: bool
 
 
-@dataclass(frozen=True, slots=True)
-class ForkEvent:
+class ForkEvent(NamedTuple):
     """What a person would see: a device rings, stops, answers; the call fails."""
 
     kind: str  # "ringing" | "stopped" | "answered" | "failed" | "exhausted" (hold_final: no final sent yet)
