@@ -96,11 +96,12 @@ _ANSWER_HEADERS = DIALOG_HEADERS - {"Via"}
 class Message:
     """Headers and body shared by requests and responses."""
 
-    __slots__ = ("body", "headers")
+    __slots__ = ("_cseq", "body", "headers")
 
     def __init__(self, headers: list[tuple[str, str]] | None = None, body: bytes = b"") -> None:
         self.headers: list[tuple[str, str]] = headers if headers is not None else []
         self.body = body
+        self._cseq: tuple[str, tuple[int, str]] | None = None
 
     def get(self, name: str) -> str | None:
         """First value of a header, or None."""
@@ -160,7 +161,15 @@ class Message:
 
     @property
     def cseq(self) -> tuple[int, str]:
-        return parse_cseq(self.get("CSeq") or "")
+        """Parsed once per CSeq value (a message's is asked for a dozen times on its way
+        through); the value is the key, so a CSeq set since is parsed afresh."""
+        value = self.get("CSeq") or ""
+        memo = self._cseq
+        if memo is not None and memo[0] is value:
+            return memo[1]
+        parsed = parse_cseq(value)
+        self._cseq = (value, parsed)
+        return parsed
 
     def dialog_headers(self) -> list[tuple[str, str]]:
         """Only the `DIALOG_HEADERS`, for a `skeleton`."""

@@ -157,6 +157,8 @@ class ClientTransactions(Generic[Dest]):
 
     def receive(self, response: Response) -> str | None:
         """The key of the transaction a final response completes, or None if it is not ours."""
+        if not self._live:  # the usual case (the edge seldom sends a request of its own): no parsing
+            return None
         key = client_key(response)
         if key is None or key not in self._live:
             return None
