@@ -26,9 +26,11 @@ from appliance.sip.uri import uri_equal
 QUALIFY_MISSES_TO_REMOVE = 3
 
 
-@dataclass(frozen=True, slots=True)
-class Flow:
-    """Where a device's requests came from, and so where to reach it."""
+class Flow(NamedTuple):
+    """Where a device's requests came from, and so where to reach it.
+
+    A tuple: compared on every relayed request and a dict key, and a dataclass's generated
+    __eq__ and __hash__ stay interpreted under mypyc."""
 
     transport: str  # "udp" | "tcp"
     host: str
