@@ -190,3 +190,27 @@ def test_record_route_is_doubled_when_the_parties_reach_the_box_at_different_add
                                "call4")
     [(invite, _)] = requests(sent, "INVITE")
     assert invite.get_all("Record-Route") == ["<sip:192.0.2.1:5060;lr>"]  # one network: one entry
+
+
+def test_in_dialog_requests_go_the_other_way_by_the_from_tag_however_the_from_is_written() -> None:
+    """The caller's From as in its INVITE, or respelled with the same tag, goes to the
+    callee; the callee's requests (its own tag in From) go to the caller."""
+    house = House()
+    assert statuses(house.authenticated("REGISTER", "200", "pw200", "200", PHONE_200, "reg200")) == [200]
+    [(invite, _)] = requests(house.authenticated("INVITE", "100", "pw100", "200", PHONE_100, "dir1",
+                                                 extra="Content-Type: application/sdp\n"), "INVITE")
+    ok = (f"SIP/2.0 200 OK\nVia: {invite.get('Via')}\nRecord-Route: {invite.get('Record-Route')}\n"
+          f"From: {invite.get('From')}\nTo: {invite.get('To')};tag=dev\nCall-ID: dir1\n"
+          f"CSeq: {invite.get('CSeq')}\nContact: <sip:200@{PHONE_200.host}:{PHONE_200.port}>\nContent-Length: 0\n\n")
+    assert statuses(house.receive(ok, PHONE_200)) == [200]
+
+    def in_dialog(method: str, cseq: int, from_value: str, to_value: str, flow: Flow) -> list[Flow]:
+        text = (f"{method} sip:x@{flow.host} SIP/2.0\nVia: SIP/2.0/UDP {flow.host}:{flow.port};"
+                f"branch=z9hG4bK{method}{cseq}{flow.port}\nMax-Forwards: 70\nRoute: <sip:127.0.0.1:5060;lr>\n"
+                f"From: {from_value}\nTo: {to_value}\nCall-ID: dir1\nCSeq: {cseq} {method}\nContent-Length: 0\n\n")
+        return [dest for _, dest in requests(house.receive(text, flow), method)]
+
+    caller, callee = "<sip:100@home.arpa>;tag=fdir1", "<sip:200@home.arpa>;tag=dev"
+    assert in_dialog("INFO", 3, caller, callee, PHONE_100) == [PHONE_200]  # as in the INVITE
+    assert in_dialog("INFO", 4, '"Kitchen" <sip:100@home.arpa> ; tag=fdir1', callee, PHONE_100) == [PHONE_200]
+    assert in_dialog("INFO", 1, callee, caller, PHONE_200) == [PHONE_100]  # the callee's
