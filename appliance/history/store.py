@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from appliance.history.sql import COLUMNS
 
@@ -57,9 +56,9 @@ SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 
 
-@dataclass(slots=True)
-class CallRecord:
-    """One finished call, as stored."""
+class CallRecord(NamedTuple):
+    """One finished call, as stored: a tuple in `COLUMNS` order (one is built a call, and
+    a row is then the tuple as it is)."""
 
     call_id: str
     started: float
@@ -84,10 +83,10 @@ class CallRecord:
     """Why the call ended, as the router said (status_486, bye_from_caller, ...)."""
 
     def to_json(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return self._asdict()
 
 
-assert tuple(f.name for f in fields(CallRecord)) == COLUMNS, "sql.COLUMNS is CallRecord's fields, in order"
+assert CallRecord._fields == COLUMNS, "sql.COLUMNS is CallRecord's fields, in order"
 _SELECT: Final = f"SELECT id, {', '.join(COLUMNS)} FROM calls"
 
 
@@ -128,4 +127,4 @@ def query(conn: sqlite3.Connection, *, limit: int = 100, before: float | None = 
 
 def as_row(record: CallRecord) -> list[object]:
     """A record's values in `COLUMNS` order (as `insert` and the writer's protocol take them)."""
-    return [getattr(record, name) for name in COLUMNS]
+    return list(record)
