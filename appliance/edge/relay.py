@@ -70,6 +70,11 @@ class StatelessRelay:
         # our branch -> (where its responses go, when the record expires); oldest first
         self._returns: OrderedDict[str, tuple[Flow, float]] = OrderedDict()
         self._log_limit = PerSourceLimit()
+        # The listeners as last seen, and their ports and hosts: built again only when they
+        # change, not for every Route of every request.
+        self._listeners: list[str] = []
+        self._ports: frozenset[int] = frozenset()
+        self._hosts: frozenset[str] = frozenset()
 
     def forward(self, request: Request, dest: Flow, reply_to: Flow | None, now: float,
                 source: Flow | None = None) -> bool:
@@ -185,8 +190,12 @@ class StatelessRelay:
 
     def is_ours(self, host: str, port: int | None) -> bool:
         addresses = self.network.addresses
-        if (port or 5060) not in {int(a.rsplit(":", 1)[1]) for a in addresses}:
+        if addresses != self._listeners:
+            self._listeners = list(addresses)
+            self._ports = frozenset(int(a.rsplit(":", 1)[1]) for a in addresses)
+            self._hosts = frozenset(a.rsplit(":", 1)[0].strip("[]") for a in addresses)
+        if (port or 5060) not in self._ports:
             return False
         host = host.strip("[]")
-        listening = {a.rsplit(":", 1)[0].strip("[]") for a in addresses}
+        listening = self._hosts
         return host in listening or host in self.network.local_ips() or "0.0.0.0" in listening
