@@ -18,6 +18,7 @@ from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal
+from textual.css.query import NoMatches
 from textual.widgets import DataTable, Footer
 
 from tui.client import CommandFailed, ControlClient
@@ -148,13 +149,17 @@ class HomePbxApp(App[None]):
 
     def tick(self) -> None:
         """Durations and expiry countdowns move every second; nothing is asked of the daemon."""
-        if self.model.loaded:
-            now = self.clock()
+        if not self.model.loaded:
+            return
+        now = self.clock()
+        try:
             self.query_one(StatusBar).show(self.model, now, self.connected)
             self.query_one(DevicesPanel).show(self.model, self.query_one(NumbersTable).selected, now)
             self.query_one(CallsPanel).show(self.model, now)
             self.query_one(TrunkLines).show(self.model, now)
             self.query_one(BlockedLine).show(self.model, now)
+        except NoMatches:
+            pass  # a second's timer can fire while the main screen is not there (seen under load): the next draws
 
     # -- the connection --------------------------------------------------------------------
     @work(exclusive=True, group="control", exit_on_error=False)
