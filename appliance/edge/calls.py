@@ -916,16 +916,6 @@ class CallRouter:
             del self._dialogs[dialog.call_id]
 
     # -- in-dialog relay (stateless, §16.11) -----------------------------------------------------
-    @staticmethod
-    def _from_caller(request: Request, dialog: Dialog) -> bool:
-        """Did the caller send this in-dialog request: its From tag is the INVITE's. A From
-        the same as the INVITE's (the caller's ACK and BYE, as phones send them) needs no parse."""
-        value = request.get("From")
-        if dialog.caller_tag and value == dialog.invite.get("From"):
-            return True
-        return tag_of(value) == dialog.caller_tag
-
-
     def _relay_in_dialog(self, request: Request, flow: Flow, reply_to: Flow, now: float) -> None:
         """Send a request inside a known dialog to the other party, over its flow.
 
@@ -946,7 +936,7 @@ class CallRouter:
             elif method != "ACK":
                 self.reply(request, reply_to, 481, "Call/Transaction Does Not Exist")
             return
-        towards_callee = self._from_caller(request, dialog)
+        towards_callee = dialog.sent_by_caller(request)
         dest = dialog.callee_flow if towards_callee else dialog.caller_flow
         if towards_callee and dialog.cseq_delta:
             shift_cseq(request, dialog.cseq_delta)  # the worker's request, in the provider's CSeq space

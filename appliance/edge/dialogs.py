@@ -108,6 +108,14 @@ class Dialog:
     def call_id(self) -> str:
         return self.invite.call_id
 
+    def sent_by_caller(self, request: Request) -> bool:
+        """Its From tag is the INVITE's. A From the same as the INVITE's (the caller's ACK
+        and BYE, as phones send them) needs no parse."""
+        value = request.get("From")
+        if self.caller_tag and value == self.invite.get("From"):
+            return True
+        return tag_of(value) == self.caller_tag
+
 
 class EndedDialog:
     """A dialog after its end, for the 32 s (64*T1) a retransmitted BYE, or the ACK of a

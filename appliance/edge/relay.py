@@ -197,5 +197,4 @@ class StatelessRelay:
         if (port or 5060) not in self._ports:
             return False
         host = host.strip("[]")
-        listening = self._hosts
-        return host in listening or host in self.network.local_ips() or "0.0.0.0" in listening
+        return host in self._hosts or host in self.network.local_ips() or "0.0.0.0" in self._hosts

@@ -288,7 +288,7 @@ class Subscriptions:
         return views
 
     def _changed(self, *numbers: str | None) -> None:
-        if not self._by_number:  # nobody watches a lamp: four calls a call cost nothing
+        if not self._by_number:  # nobody watches a lamp (a call's four changes need no work)
             return
         for number in {n for n in numbers if n}:
             for sub in list(self._by_number.get(number, ())):

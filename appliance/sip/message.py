@@ -258,8 +258,8 @@ def parse_message(data: bytes) -> Request | Response:
     request = message if isinstance(message, Request) else None
     # A request's headers are checked by name (`_validate_request`): one dict of them. A
     # response needs only its Content-Length: one scan, no dict.
-    first = message.first_values() if request is not None else None
-    length_text = first.get("Content-Length") if first is not None else message.get("Content-Length")
+    first = message.first_values() if request is not None else {}
+    length_text = (first if request is not None else message).get("Content-Length")
     if length_text is not None:
         if not _is_digits(length_text.strip()):
             raise SipParseError("Bad Content-Length", request=_answerable(request))
@@ -268,7 +268,7 @@ def parse_message(data: bytes) -> Request | Response:
             raise SipParseError("Content-Length exceeds body", request=_answerable(request))
         body = body[:length]
     message.body = body
-    if request is not None and first is not None:
+    if request is not None:
         if version != "SIP/2.0":
             raise SipParseError("SIP Version Not Supported", status=505, request=_answerable(request))
         _validate_request(request, first)
